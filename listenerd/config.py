@@ -1,0 +1,205 @@
+"""Load a TOML config into the one validated `Config` model, or a list of `location: problem`.
+
+Before validation the raw tree is walked once: `${VAR}` is expanded from the environment and
+every `<secret>-file` key is replaced by the file's content (systemd credentials), each problem
+recorded at the key that caused it. After validation, cross-object rules (unique ids, each
+listener's integration present, tokens naming known tenants) are checked the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from listenerd.model import SOURCE_TYPES, Config
+
+DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_FILE_SUFFIX = "-file"
+_TAGS = set(SOURCE_TYPES)
+
+
+@dataclass(frozen=True)
+class Problem:
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigError(Exception):
+    """A config that does not validate; `problems` holds every finding, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def default_path() -> str:
+    return os.environ.get("LISTENERD_CONFIG") or DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate; raise ConfigError with every problem found."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read config: {exc.strerror or exc}")]) from None
+    return parse(text, environ, base_dir=Path(path).parent, name=str(path))
+
+
+def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path | None = None,
+          name: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(name, f"not valid TOML: {exc}")]) from None
+    problems: list[Problem] = []
+    expanded = _expand(raw, (), os.environ if environ is None else environ, base_dir or Path("."), problems)
+    if problems:
+        raise ConfigError(problems)
+    return validate(expanded)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+    problems = list(cross_check(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def location(loc: Iterable[Any]) -> str:
+    """('tenants', 0, 'listeners', 1, 'options', 'hash') -> 'tenants[0].listeners[1].options.hash'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = list(prefix) + list(error["loc"])
+        # A discriminated union puts the tag in the location (listeners[0].datasift.options): drop it.
+        loc = [p for i, p in enumerate(loc) if not (p in _TAGS and i > 0 and isinstance(loc[i - 1], int))]
+        kind, message = error["type"], error["msg"]
+        if kind == "missing":
+            message = "required"
+        elif kind == "extra_forbidden":
+            message = "unknown key"
+        elif kind == "union_tag_invalid":
+            loc.append("type")
+            message = f"unknown listener type {error['input'].get('type')!r} (expected one of: " \
+                      f"{', '.join(SOURCE_TYPES)})"
+        elif kind == "union_tag_not_found":
+            loc.append("type")
+            message = "required"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(Problem(location(loc), message))
+    return problems
+
+
+def cross_check(config: Config) -> Iterable[Problem]:
+    tenant_ids = set()
+    for t_index, tenant in enumerate(config.tenants):
+        if tenant.id in tenant_ids:
+            yield Problem(f"tenants[{t_index}].id", f"duplicate tenant id {tenant.id!r}")
+        tenant_ids.add(tenant.id)
+        listener_ids = set()
+        for l_index, listener in enumerate(tenant.listeners):
+            where = f"tenants[{t_index}].listeners[{l_index}]"
+            if listener.id in listener_ids:
+                yield Problem(f"{where}.id", f"duplicate listener id {listener.id!r} in tenant {tenant.id!r}")
+            listener_ids.add(listener.id)
+            if tenant.integrations.get(listener.type) is None:
+                yield Problem(f"{where}.type", f"no {listener.type} integration: add "
+                                               f"[tenants.integrations.{listener.type}] to tenant {tenant.id!r}")
+    names = set()
+    for index, token in enumerate(config.server.tokens):
+        if token.name in names:
+            yield Problem(f"server.tokens[{index}].name", f"duplicate token name {token.name!r}")
+        names.add(token.name)
+        for t_index, tenant_id in enumerate(token.tenants):
+            if tenant_id != "*" and tenant_id not in tenant_ids:
+                yield Problem(f"server.tokens[{index}].tenants[{t_index}]", f"unknown tenant {tenant_id!r}")
+
+
+def _expand(node: Any, loc: tuple[Any, ...], environ: Mapping[str, str], base_dir: Path,
+            problems: list[Problem]) -> Any:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key.endswith(_FILE_SUFFIX) and isinstance(value, str):
+                target = key.removesuffix(_FILE_SUFFIX)
+                where = location(loc + (key,))
+                if target in node:
+                    problems.append(Problem(where, f"give either {target} or {key}, not both"))
+                    continue
+                file_path = Path(_expand(value, loc + (key,), environ, base_dir, problems))
+                file_path = file_path if file_path.is_absolute() else base_dir / file_path
+                try:
+                    out[target] = file_path.read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    problems.append(Problem(where, f"cannot read secret file {str(file_path)!r}: "
+                                                   f"{exc.strerror or exc}"))
+                continue
+            out[key] = _expand(value, loc + (key,), environ, base_dir, problems)
+        return out
+    if isinstance(node, list):
+        return [_expand(item, loc + (i,), environ, base_dir, problems) for i, item in enumerate(node)]
+    if isinstance(node, str) and "$" in node:
+        return _substitute(node, loc, environ, problems)
+    return node
+
+
+def _substitute(text: str, loc: tuple[Any, ...], environ: Mapping[str, str], problems: list[Problem]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        if name not in environ:
+            problems.append(Problem(location(loc), f"environment variable {name} is not set"))
+            return ""
+        return environ[name]
+
+    return _VAR.sub(replace, text)
+
+
+def summary(config: Config) -> str:
+    """What `listenerd check` prints on success."""
+    lines = [f"config ok: {len(config.tenants)} tenant(s), "
+             f"{sum(len(t.listeners) for t in config.tenants)} listener(s), "
+             f"{len(config.server.tokens)} API token(s)",
+             f"  api: http://{config.server.listen}  engine: {config.engine.url}  store: {config.store.path}"]
+    for tenant in config.tenants:
+        kinds = [k for k in SOURCE_TYPES if tenant.integrations.get(k)]
+        lines.append(f"  tenant {tenant.id} ({tenant.name or '-'}): integrations {', '.join(kinds) or 'none'}")
+        for listener in tenant.listeners:
+            state = "enabled" if listener.status else "disabled"
+            lines.append(f"    {listener.id} {listener.type} {state}: {_describe(listener)}"
+                         f", mapping {len(listener.mapping)} field(s)")
+    return "\n".join(lines)
+
+
+def _describe(listener: Any) -> str:
+    options = listener.options
+    match listener.type:
+        case "datasift":
+            return f"stream {options.hash}"
+        case "salesforce":
+            return f"topic {options.topic} (replay {options.replay})"
+        case _:
+            return f"channel {options.channel}"

@@ -1,0 +1,323 @@
+"""The validated shapes of everything listenerd runs: config sections, integrations, listeners.
+
+One model serves the config file, the store and the API, so a listener is validated the same way
+wherever it comes from, and errors carry pydantic locations that `config.format_errors` turns into
+`tenants[0].listeners[1].options.hash: required`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from listenerd.mapping import compile_mapping
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SOURCE_TYPES = ("datasift", "pusher", "salesforce")
+
+
+def _hyphenate(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Model(BaseModel):
+    """Base: hyphenated keys as in the CxEngage API, unknown keys refused."""
+
+    model_config = ConfigDict(alias_generator=_hyphenate, populate_by_name=True, extra="forbid",
+                              frozen=True)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _check_id(value: str) -> str:
+    if not SAFE_ID.match(value):
+        raise ValueError("must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return value
+
+
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+# ---------------------------------------------------------------- daemon sections
+
+
+class Token(Model):
+    name: str = Field(min_length=1)
+    token: str = Field(min_length=8)
+    tenants: list[str] = Field(default_factory=lambda: ["*"])
+
+    def allows(self, tenant_id: str) -> bool:
+        return "*" in self.tenants or tenant_id in self.tenants
+
+
+class Server(Model):
+    listen: str = "127.0.0.1:8088"
+    tokens: list[Token] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    tap_queue: int = Field(default=1000, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8088")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class Engine(Model):
+    url: str = "http://127.0.0.1:9000/1.0/events"
+    token: str | None = None
+    batch_max: int = Field(default=500, ge=1, le=100_000)
+    linger_ms: float = Field(default=20, ge=0)
+    timeout: float = Field(default=10.0, gt=0)
+    retry_initial: float = Field(default=0.5, gt=0)
+    retry_max: float = Field(default=30.0, gt=0)
+    ca_bundle: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class Store(Model):
+    path: str = "/var/lib/listenerd/listenerd.db"
+    synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
+    outbox_max_events: int = Field(default=1_000_000, gt=0)
+    outbox_max_bytes: int = Field(default=1_073_741_824, gt=0)
+
+
+class Supervisor(Model):
+    backoff_initial: float = Field(default=1.0, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+    healthy_after: float = Field(default=60.0, ge=0)
+    stop_timeout: float = Field(default=10.0, gt=0)
+
+
+class Sources(Model):
+    """Protocol tuning shared by the sources; defaults follow each protocol's documented bounds."""
+
+    ca_bundle: str | None = None
+    max_frame_bytes: int = Field(default=1_048_576, gt=0)
+    connect_timeout: float = Field(default=15.0, gt=0)
+    pusher_activity_timeout: float = Field(default=120.0, gt=0)
+    pusher_pong_timeout: float = Field(default=30.0, gt=0)
+    datasift_silence_timeout: float = Field(default=65.0, gt=0)
+    salesforce_poll_margin: float = Field(default=1.2, ge=1.0)
+
+
+class Log(Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+# ---------------------------------------------------------------- integrations
+
+SECRET_MASK = "********"
+
+
+class Integration(Model):
+    """Credentials for one source type of one tenant. `SECRETS` names the fields never shown."""
+
+    TYPE: ClassVar[str] = ""
+    SECRETS: ClassVar[tuple[str, ...]] = ()
+    managed_by: Literal["config", "api"] = Field(default="config", exclude=True)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+    def secret_values(self) -> list[str]:
+        return [v for name in self.SECRETS if (v := getattr(self, name.replace("-", "_")))]
+
+    def redacted(self) -> dict[str, Any]:
+        body = {"id": self.type, "type": self.type, **self.dump()}
+        for name in self.SECRETS:
+            if body.get(name):
+                body[name] = SECRET_MASK
+        body["managed-by"] = self.managed_by
+        return body
+
+
+class DatasiftIntegration(Integration):
+    TYPE: ClassVar[str] = "datasift"
+    SECRETS: ClassVar[tuple[str, ...]] = ("api-key",)
+    username: str = Field(min_length=1)
+    api_key: str = Field(min_length=1)
+    stream_url: str = "wss://websocket.datasift.com/multi"
+
+
+class SalesforceIntegration(Integration):
+    TYPE: ClassVar[str] = "salesforce"
+    SECRETS: ClassVar[tuple[str, ...]] = ("consumer-secret", "password", "secret-token")
+    consumer_key: str = Field(min_length=1)
+    consumer_secret: str = Field(min_length=1)
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1)
+    secret_token: str = ""
+    login_url: str = "https://login.salesforce.com"
+
+
+class PusherIntegration(Integration):
+    TYPE: ClassVar[str] = "pusher"
+    SECRETS: ClassVar[tuple[str, ...]] = ("secret",)
+    key: str = Field(min_length=1)
+    secret: str = Field(min_length=1)
+    app_id: str | None = None
+    cluster: str = "mt1"
+    host: str | None = None
+    port: int | None = Field(default=None, gt=0, le=65535)
+    tls: bool = True
+
+
+INTEGRATION_TYPES: dict[str, type[Integration]] = {
+    "datasift": DatasiftIntegration,
+    "salesforce": SalesforceIntegration,
+    "pusher": PusherIntegration,
+}
+
+
+class Integrations(Model):
+    datasift: DatasiftIntegration | None = None
+    salesforce: SalesforceIntegration | None = None
+    pusher: PusherIntegration | None = None
+
+    def get(self, source_type: str) -> Integration | None:
+        return getattr(self, source_type, None)
+
+
+# ---------------------------------------------------------------- listeners
+
+
+class DatasiftOptions(Model):
+    hash: str = Field(min_length=1, max_length=128)
+
+
+class SalesforceOptions(Model):
+    topic: str = Field(min_length=1)
+    version: str = "58.0"
+    replay: Literal["resume", "new", "all"] = "resume"
+    query: str | None = None
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_path(cls, value: str) -> str:
+        return value if value.startswith("/topic/") else "/topic/" + value.lstrip("/")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not re.match(r"^\d+\.\d$", value):
+            raise ValueError("must look like 58.0")
+        return value
+
+
+class PusherOptions(Model):
+    channel: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_\-=@,.;]+$")
+    event: str | list[str] | None = None
+
+    def wants(self, event_name: str) -> bool:
+        if event_name.startswith(("pusher:", "pusher_internal:")):
+            return False
+        if self.event is None or self.event == "*":
+            return True
+        return event_name in ([self.event] if isinstance(self.event, str) else self.event)
+
+
+class ListenerBase(Model):
+    id: Id
+    name: str = ""
+    description: str = ""
+    status: bool = True
+    mapping: dict[str, str] = Field(default_factory=dict)
+    managed_by: Literal["config", "api"] = "config"
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return _check_id(value)
+
+    @field_validator("mapping")
+    @classmethod
+    def _mapping(cls, value: dict[str, str]) -> dict[str, str]:
+        compile_mapping(value)  # raises ValueError naming the bad field
+        return value
+
+    def definition(self) -> dict[str, Any]:
+        """What a running listener depends on; a change here means a restart."""
+        return {"type": self.type, "options": self.options.dump(), "mapping": self.mapping,  # type: ignore
+                "status": self.status}
+
+
+class DatasiftListener(ListenerBase):
+    type: Literal["datasift"]
+    options: DatasiftOptions
+
+
+class SalesforceListener(ListenerBase):
+    type: Literal["salesforce"]
+    options: SalesforceOptions
+
+
+class PusherListener(ListenerBase):
+    type: Literal["pusher"]
+    options: PusherOptions
+
+
+Listener = Annotated[DatasiftListener | SalesforceListener | PusherListener, Field(discriminator="type")]
+
+
+class Tenant(Model):
+    id: Id
+    name: str = ""
+    integrations: Integrations = Field(default_factory=Integrations)
+    listeners: list[Listener] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return _check_id(value)
+
+
+class Config(Model):
+    server: Server = Field(default_factory=Server)
+    engine: Engine = Field(default_factory=Engine)
+    store: Store = Field(default_factory=Store)
+    supervisor: Supervisor = Field(default_factory=Supervisor)
+    sources: Sources = Field(default_factory=Sources)
+    log: Log = Field(default_factory=Log)
+    tenants: list[Tenant] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Config:
+        if self.supervisor.backoff_max < self.supervisor.backoff_initial:
+            raise ValueError("supervisor.backoff-max must not be below supervisor.backoff-initial")
+        return self
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        return next((t for t in self.tenants if t.id == tenant_id), None)
+
+    def secret_values(self) -> list[str]:
+        values = [t.token for t in self.server.tokens]
+        if self.engine.token:
+            values.append(self.engine.token)
+        for tenant in self.tenants:
+            for source_type in SOURCE_TYPES:
+                integration = tenant.integrations.get(source_type)
+                if integration:
+                    values.extend(integration.secret_values())
+        return values

@@ -1,0 +1,142 @@
+"""Logging and metrics.
+
+Logs: structlog to stderr, JSON lines when stderr is not a terminal (journald), console lines when
+it is. Standard-library logging and `warnings` go through the same chain, so in JSON mode every
+line is JSON. The last processor before rendering removes every known secret value wherever it
+hides (message, field, nested structure, exception text): secrets are registered as config and
+API objects are loaded, and the redactor is the only way out.
+
+Metrics: one prometheus-client registry per daemon, so tests can run several in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import warnings
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REDACTED = "[REDACTED]"
+_MIN_SUBSTRING = 4  # shorter secrets are redacted only where they are a whole value
+
+
+class SecretRedactor:
+    """A structlog processor that replaces every registered secret value."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secrets: frozenset[str] = frozenset()
+
+    def register(self, *values: str | None) -> None:
+        fresh = {v for v in values if v}
+        if not fresh <= self._secrets:
+            with self._lock:
+                self._secrets = self._secrets | fresh
+
+    def scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                if value == secret:
+                    return REDACTED
+                if len(secret) >= _MIN_SUBSTRING and secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set):
+            return [self.scrub(v) for v in value]
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.scrub(str(value))
+
+    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        if not self._secrets:
+            return event_dict
+        return {k: self.scrub(v) for k, v in event_dict.items()}
+
+
+redactor = SecretRedactor()
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
+    """Route structlog, stdlib logging and warnings to `stream` (stderr) in one format."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        redactor,
+    ]
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=getattr(stream, "isatty", lambda: False)()))
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared[:-3],
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared[:-3],
+        processors=[structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiohttp.access", "websockets.client", "websockets.server"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+
+
+class Metrics:
+    """Every metric listenerd exports, on a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        labels = ("tenant", "listener")
+        self.received = Counter("listenerd_events_received", "Events committed to the outbox", labels, registry=r)
+        self.forwarded = Counter("listenerd_events_forwarded", "Events acknowledged by the engine", labels,
+                                 registry=r)
+        self.listener_errors = Counter("listenerd_listener_errors", "Non-fatal problems by kind",
+                                       (*labels, "kind"), registry=r)
+        self.reconnects = Counter("listenerd_reconnects", "Connection attempts after the first", labels,
+                                  registry=r)
+        self.status = Gauge("listenerd_listener_status", "1 for the listener's current status",
+                            (*labels, "status"), registry=r)
+        self.outbox_depth = Gauge("listenerd_outbox_depth", "Events waiting for the engine", registry=r)
+        self.outbox_bytes = Gauge("listenerd_outbox_bytes", "Bytes waiting for the engine", registry=r)
+        self.outbox_oldest_age = Gauge("listenerd_outbox_oldest_age_seconds", "Age of the oldest waiting event",
+                                       registry=r)
+        self.delivered = Counter("listenerd_engine_delivered_events", "Events the engine accepted", registry=r)
+        self.retried = Counter("listenerd_engine_retries", "Engine requests retried", ("reason",), registry=r)
+        self.dead_lettered = Counter("listenerd_dead_lettered_events", "Events the engine refused", registry=r)
+        self.engine_latency = Histogram("listenerd_engine_request_seconds", "Engine POST latency", registry=r)
+        self.backpressure = Counter("listenerd_backpressure_waits", "Times a source waited for outbox room",
+                                    registry=r)
+        self.api_errors = Counter("listenerd_api_errors", "API error answers by status code", ("code",),
+                                  registry=r)
+
+    def forget_listener(self, tenant_id: str, listener_id: str) -> None:
+        for metric in (self.received, self.forwarded, self.reconnects):
+            try:
+                metric.remove(tenant_id, listener_id)
+            except KeyError:
+                pass
+        for state in ("starting", "started", "retrying", "failed", "stopped"):
+            try:
+                self.status.remove(tenant_id, listener_id, state)
+            except KeyError:
+                pass

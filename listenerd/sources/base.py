@@ -1,0 +1,159 @@
+"""What a source is given and what it must do.
+
+A source is one coroutine, `async def run(ctx: SourceContext) -> None`, run as one asyncio task per
+listener by the supervisor. It connects, reports progress with `ctx.starting()`/`ctx.started()`,
+calls `ctx.alive()` on every frame it receives, hands each payload to `ctx.emit()`, and runs until
+cancelled. It ends by raising:
+
+- `ListenerRetry(reason, delay=None)`: a transient failure; the supervisor reports `retrying` and
+  starts it again after `delay` seconds, or after its capped, jittered back-off when `delay` is None;
+- `ListenerFailed(reason)`: given up until the listener's definition changes (bad credentials,
+  unknown topic, a fatal close code);
+- any other exception: treated as transient, logged with its traceback.
+
+The supervisor owns the status; the source only reports. It also enforces the heartbeat bound a
+source declares with `ctx.set_heartbeat_bound()`: a `started` listener silent past it is restarted
+and reported `retrying`, so a status never claims a dead connection is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+import structlog
+
+from listenerd.mapping import CompiledMapping, compile_mapping
+from listenerd.status import ListenerStatus
+
+if TYPE_CHECKING:
+    from listenerd.delivery.outbox import Outbox
+    from listenerd.model import Config, Integration, ListenerBase
+    from listenerd.observability import Metrics
+
+
+class ListenerRetry(Exception):  # noqa: N818 - an outcome, not an error
+    """Transient: try again, after `delay` seconds or the back-off when None. 0 means at once."""
+
+    def __init__(self, reason: str, delay: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class ListenerFailed(Exception):  # noqa: N818
+    """Permanent until the definition changes: reported as `failed` with `reason`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SourceRun(Protocol):
+    def __call__(self, ctx: SourceContext) -> Awaitable[None]: ...
+
+
+class SourceContext:
+    """Everything one listener's source may use, and nothing more."""
+
+    def __init__(self, *, tenant_id: str, listener: ListenerBase, integration: Integration,
+                 config: Config, status: ListenerStatus, outbox: Outbox, metrics: Metrics,
+                 shared: dict[str, Any], tap: Callable[[str, str, dict[str, Any]], None] | None = None):
+        self.tenant_id = tenant_id
+        self.listener = listener
+        self.listener_id = listener.id
+        self.integration = integration
+        self.config = config
+        self.settings = config.sources
+        self.shared = shared  # per-supervisor resources shared across listeners (DataSift sockets)
+        self.log = structlog.get_logger("listenerd.source").bind(
+            tenant=tenant_id, listener=listener.id, source=listener.type)
+        self._status = status
+        self._outbox = outbox
+        self._metrics = metrics
+        self._mapping: CompiledMapping = compile_mapping(listener.mapping)
+        self._tap = tap
+        self.heartbeat_bound: float | None = None
+        self.last_alive = time.monotonic()
+
+    # -- status reporting (the supervisor's record is the single writer)
+
+    def starting(self, message: str) -> None:
+        self._status.set("starting", message)
+
+    def started(self, message: str) -> None:
+        self._status.set("started", message)
+        self.alive()
+
+    @property
+    def status(self) -> ListenerStatus:
+        return self._status
+
+    def alive(self) -> None:
+        """Any frame proves the connection lives; call on every receipt."""
+        self.last_alive = time.monotonic()
+
+    def set_heartbeat_bound(self, seconds: float | None) -> None:
+        """Longest silence this protocol allows; past it the supervisor restarts the listener."""
+        self.heartbeat_bound = seconds
+        self.alive()
+
+    def count(self, kind: str) -> None:
+        """Count a non-fatal problem (unmappable payload, malformed frame, reconnect ...)."""
+        self._metrics.listener_errors.labels(self.tenant_id, self.listener_id, kind).inc()
+
+    def reconnected(self) -> None:
+        self._metrics.reconnects.labels(self.tenant_id, self.listener_id).inc()
+
+    # -- events
+
+    async def emit(self, payload: Any, *, meta: dict[str, Any] | None = None, key: str | None = None,
+                   checkpoint: str | None = None) -> None:
+        """Map `payload`, wrap it in an envelope and queue it for the durable outbox.
+
+        Returns once queued; waits first while the outbox is at its bound (back-pressure: the
+        source stops reading its socket). The event counts as received once committed.
+        `key` is the source's own identity of the event (it makes the envelope id stable);
+        `checkpoint` is the resume point committed in the same transaction as this event.
+        """
+        try:
+            event = self._mapping.apply(payload, meta)
+        except Exception as exc:  # a mapping never raises on data; this is a guard, counted
+            self.count("mapping")
+            self.log.warning("payload could not be mapped", error=str(exc))
+            return
+        await self._outbox.append(self.tenant_id, self.listener_id, self.listener.type, event,
+                                  key=key, checkpoint=checkpoint, on_commit=self._committed,
+                                  on_wait=self._paused)
+
+    async def flush(self) -> None:
+        """Wait until everything this listener emitted is durable."""
+        await self._outbox.flush()
+
+    async def checkpoint(self) -> str | None:
+        return await self._outbox.store.get_checkpoint(self.tenant_id, self.listener_id)
+
+    def _committed(self, envelope: dict[str, Any], count: int = 1) -> None:
+        self._status.received += count
+        self._status.last_event_at = time.time()
+        self._metrics.received.labels(self.tenant_id, self.listener_id).inc(count)
+        if self._tap:
+            self._tap(self.tenant_id, self.listener_id, envelope)
+
+    def _paused(self, paused: bool) -> None:
+        suffix = " (paused: outbox full, waiting for the engine to drain it)"
+        if self._status.status == "started":
+            message = self._status.message.removesuffix(suffix)
+            self._status.set("started", message + suffix if paused else message)
+
+
+def decode_json(raw: str | bytes) -> Any:
+    """orjson with the same error type as json, so sources catch one thing."""
+    return orjson.loads(raw)
+
+
+async def sleep_or_cancel(seconds: float) -> None:
+    await asyncio.sleep(seconds)

@@ -1,0 +1,63 @@
+"""The status record of one listener: the only place a listener's status changes.
+
+The supervisor owns one `ListenerStatus` per listener and hands sources narrow methods to report
+progress; every change is timestamped, logged once, and mirrored into the status gauge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+State = Literal["starting", "started", "retrying", "failed", "stopped"]
+STATES: tuple[State, ...] = ("starting", "started", "retrying", "failed", "stopped")
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class ListenerStatus:
+    tenant_id: str
+    listener_id: str
+    status: State = "stopped"
+    message: str = "Not started"
+    since: float = field(default_factory=time.time)
+    received: int = 0
+    forwarded: int = 0
+    last_event_at: float | None = None
+    last_error: str | None = None
+    attempts: int = 0
+    started_at: float | None = None  # when it last became `started`, for the healthy-period reset
+    on_change: Callable[[ListenerStatus, State], None] | None = field(default=None, repr=False)
+
+    def set(self, status: State, message: str, *, error: str | None = None) -> None:
+        previous = self.status
+        if status == previous and message == self.message and error is None:
+            return
+        self.status, self.message = status, message
+        if status != previous:
+            self.since = time.time()
+            self.started_at = self.since if status == "started" else None
+        if error is not None:
+            self.last_error = error
+        if self.on_change:
+            self.on_change(self, previous)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "message": self.message,
+            "since": rfc3339(self.since),
+            "received": self.received,
+            "forwarded": self.forwarded,
+            "last-event-at": rfc3339(self.last_event_at),
+            "last-error": self.last_error,
+            "attempts": self.attempts,
+        }

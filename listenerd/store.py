@@ -1,0 +1,239 @@
+"""The SQLite store: objects made through the API, checkpoints, the outbox and dead letters.
+
+One connection, used only from one dedicated thread, so the event loop never blocks on disk and
+sqlite3 never sees two threads. WAL mode lets that writer commit while readers (backups, the
+`sqlite3` shell) look on. The schema is versioned with `PRAGMA user_version`; each migration runs
+once, in order, inside a transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    # 1: objects, checkpoints, outbox, dead letters
+    """
+    CREATE TABLE tenants (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL DEFAULT '',
+        managed_by TEXT NOT NULL
+    );
+    CREATE TABLE integrations (
+        tenant_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        fields BLOB NOT NULL,
+        managed_by TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant_id, type)
+    );
+    CREATE TABLE listeners (
+        tenant_id TEXT NOT NULL,
+        id TEXT NOT NULL,
+        spec BLOB NOT NULL,
+        managed_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant_id, id)
+    );
+    CREATE TABLE checkpoints (
+        tenant_id TEXT NOT NULL,
+        listener_id TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant_id, listener_id)
+    );
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant_id TEXT NOT NULL,
+        listener_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        body BLOB NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX outbox_listener ON outbox (tenant_id, listener_id, seq);
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant_id TEXT NOT NULL,
+        listener_id TEXT NOT NULL,
+        status_code INTEGER NOT NULL,
+        response TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        events BLOB NOT NULL
+    );
+    CREATE INDEX dead_letters_tenant ON dead_letters (tenant_id, id);
+    """,
+]
+
+
+class Store:
+    """Async front of one SQLite database. `run(fn)` executes `fn(conn)` on the store thread."""
+
+    def __init__(self, path: str, synchronous: str = "NORMAL"):
+        self.path = path
+        self.synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="listenerd-store")
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        migrate(conn)
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    # -- execution
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the store thread."""
+        return await self._call(lambda: fn(self._require()))
+
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT on the store thread."""
+        return await self._call(lambda: in_transaction(self._require(), fn))
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("store is not open")
+        return self._conn
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- objects
+
+    async def put_object(self, table: str, tenant_id: str, key: str, body: dict[str, Any],
+                         managed_by: str) -> None:
+        now = time.time()
+        blob = orjson.dumps(body)
+        if table == "listeners":
+            sql = ("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO UPDATE SET "
+                   "spec = excluded.spec, managed_by = excluded.managed_by, updated_at = excluded.updated_at")
+            params: tuple[Any, ...] = (tenant_id, key, blob, managed_by, now, now)
+        elif table == "integrations":
+            sql = ("INSERT INTO integrations (tenant_id, type, fields, managed_by, updated_at) "
+                   "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, type) DO UPDATE SET "
+                   "fields = excluded.fields, managed_by = excluded.managed_by, updated_at = excluded.updated_at")
+            params = (tenant_id, key, blob, managed_by, now)
+        else:
+            raise ValueError(table)
+        await self.transaction(lambda c: c.execute(sql, params))
+
+    async def delete_object(self, table: str, tenant_id: str, key: str) -> bool:
+        column = {"listeners": "id", "integrations": "type"}[table]
+        cursor = await self.transaction(
+            lambda c: c.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND {column} = ?", (tenant_id, key)))
+        return cursor.rowcount > 0
+
+    async def objects(self, table: str, managed_by: str | None = None) -> list[tuple[str, str, dict, str]]:
+        """(tenant_id, key, body, managed_by) for every row of `listeners` or `integrations`."""
+        column, blob = {"listeners": ("id", "spec"), "integrations": ("type", "fields")}[table]
+        sql = f"SELECT tenant_id, {column}, {blob}, managed_by FROM {table}"
+        params: tuple[Any, ...] = ()
+        if managed_by:
+            sql += " WHERE managed_by = ?"
+            params = (managed_by,)
+        rows = await self.run(lambda c: c.execute(sql + " ORDER BY rowid", params).fetchall())
+        return [(t, k, orjson.loads(b), m) for t, k, b, m in rows]
+
+    async def sync_config_objects(self, tenants: list[tuple[str, str]],
+                                  integrations: list[tuple[str, str, dict]],
+                                  listeners: list[tuple[str, str, dict]]) -> None:
+        """Make the config-managed rows exactly the config's objects, in one transaction."""
+        now = time.time()
+
+        def sync(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM tenants WHERE managed_by = 'config'")
+            c.executemany("INSERT OR REPLACE INTO tenants (id, name, managed_by) VALUES (?, ?, 'config')", tenants)
+            c.execute("DELETE FROM integrations WHERE managed_by = 'config'")
+            c.executemany("INSERT OR REPLACE INTO integrations (tenant_id, type, fields, managed_by, updated_at) "
+                          "VALUES (?, ?, ?, 'config', ?)",
+                          [(t, k, orjson.dumps(b), now) for t, k, b in integrations])
+            c.execute("DELETE FROM listeners WHERE managed_by = 'config'")
+            c.executemany("INSERT OR REPLACE INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
+                          "VALUES (?, ?, ?, 'config', ?, ?)",
+                          [(t, k, orjson.dumps(b), now, now) for t, k, b in listeners])
+
+        await self.transaction(sync)
+
+    # -- checkpoints
+
+    async def get_checkpoint(self, tenant_id: str, listener_id: str) -> str | None:
+        row = await self.run(lambda c: c.execute(
+            "SELECT value FROM checkpoints WHERE tenant_id = ? AND listener_id = ?",
+            (tenant_id, listener_id)).fetchone())
+        return row[0] if row else None
+
+    async def set_checkpoint(self, tenant_id: str, listener_id: str, value: str | None) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            if value is None:
+                c.execute("DELETE FROM checkpoints WHERE tenant_id = ? AND listener_id = ?", (tenant_id, listener_id))
+            else:
+                put_checkpoint(c, tenant_id, listener_id, value)
+
+        await self.transaction(write)
+
+
+def put_checkpoint(conn: sqlite3.Connection, tenant_id: str, listener_id: str, value: str) -> None:
+    conn.execute("INSERT INTO checkpoints (tenant_id, listener_id, value, updated_at) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT (tenant_id, listener_id) DO UPDATE SET value = excluded.value, "
+                 "updated_at = excluded.updated_at", (tenant_id, listener_id, value, time.time()))
+
+
+def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; returns it. Refuses a database from the future."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise RuntimeError(f"store schema version {version} is newer than this listenerd "
+                           f"(knows up to {len(MIGRATIONS)}); upgrade listenerd")
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return len(MIGRATIONS)

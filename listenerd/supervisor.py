@@ -1,0 +1,268 @@
+"""Desired listeners -> running tasks. Owns every status change and the restart policy.
+
+Each enabled listener runs as one asyncio task (a `Runner`) that calls its source again and again:
+a transient failure is reported `retrying` with the reason and the time of the next attempt, and
+retried after a capped, jittered exponential back-off that resets once a run has been healthy for
+`healthy-after` seconds; a permanent failure is reported `failed` and left alone until the
+listener's definition changes or an operator restarts it. A failing listener never touches the
+others. `reconcile()` compares definitions and restarts only what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from listenerd.backoff import backoff_delay
+from listenerd.model import Config, Integration, ListenerBase
+from listenerd.sources import source_for
+from listenerd.sources.base import ListenerFailed, ListenerRetry, SourceContext
+from listenerd.status import STATES, ListenerStatus, State
+
+log = structlog.get_logger("listenerd.supervisor")
+
+Key = tuple[str, str]  # (tenant id, listener id)
+
+
+@dataclass(frozen=True)
+class Desired:
+    listener: ListenerBase
+    integration: Integration | None
+
+    def fingerprint(self, config: Config) -> bytes:
+        return orjson.dumps({
+            "listener": self.listener.definition(),
+            "integration": self.integration.dump() if self.integration else None,
+            "sources": config.sources.dump(),
+        }, option=orjson.OPT_SORT_KEYS)
+
+
+class Runner:
+    """One listener's task: run the source, classify how it ended, back off, run again."""
+
+    def __init__(self, supervisor: Supervisor, key: Key, desired: Desired, record: ListenerStatus):
+        self.supervisor = supervisor
+        self.key = key
+        self.desired = desired
+        self.fingerprint = desired.fingerprint(supervisor.config)
+        self.record = record
+        self.ctx: SourceContext | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._attempt_task: asyncio.Task[None] | None = None
+        self._kicked: str | None = None
+        self.log = log.bind(tenant=key[0], listener=key[1])
+
+    def start(self) -> None:
+        self.record.attempts = 0
+        self.task = asyncio.create_task(self._loop(), name=f"listener:{self.key[0]}/{self.key[1]}")
+
+    async def stop(self, message: str, timeout: float) -> None:
+        if self.task and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        self.record.set("stopped", message)
+
+    def kick(self, reason: str) -> None:
+        """End the current attempt as a transient failure (used by the heartbeat watchdog)."""
+        if self._attempt_task and not self._attempt_task.done():
+            self._kicked = reason
+            self._attempt_task.cancel()
+
+    async def _loop(self) -> None:
+        settings = self.supervisor.config.supervisor
+        listener = self.desired.listener
+        while True:
+            if self.desired.integration is None:
+                self.record.set("failed", f"No {listener.type} integration for tenant {self.key[0]}: "
+                                          f"set one up before starting this listener",
+                                error="missing integration")
+                return
+            self.record.set("starting", f"Starting {listener.type} listener")
+            self.ctx = self.supervisor.context(self.key, self.desired, self.record)
+            reason, delay = await self._attempt()
+            if reason is None:
+                return  # failed: wait for a definition change
+            healthy_since = self.record.started_at
+            if healthy_since is not None and time.time() - healthy_since >= settings.healthy_after:
+                self.record.attempts = 0
+            self.record.attempts += 1
+            if delay is None:
+                delay = backoff_delay(self.record.attempts, settings.backoff_initial, settings.backoff_max)
+            self.supervisor.metrics.reconnects.labels(*self.key).inc()
+            self.record.set("retrying", f"{reason}; next attempt in {delay:.1f}s", error=reason)
+            self.log.warning("listener will retry", reason=reason, delay=round(delay, 3),
+                             attempt=self.record.attempts)
+            await asyncio.sleep(delay)
+
+    async def _attempt(self) -> tuple[str | None, float | None]:
+        """Run the source once; (reason, delay) to retry, (None, None) once failed."""
+        assert self.ctx is not None
+        self._kicked = None
+        self._attempt_task = asyncio.create_task(source_for(self.desired.listener.type)(self.ctx))
+        try:
+            await asyncio.shield(self._attempt_task)
+            return "Connection ended", None
+        except asyncio.CancelledError:
+            if self._kicked is None or not self._attempt_task.cancelled():
+                self._attempt_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._attempt_task
+                raise
+            return self._kicked, None
+        except ListenerFailed as exc:
+            self.record.set("failed", exc.reason, error=exc.reason)
+            self.log.error("listener failed", reason=exc.reason)
+            return None, None
+        except ListenerRetry as exc:
+            return exc.reason, exc.delay
+        except Exception as exc:  # isolated: one listener's bug never stops the others
+            self.log.exception("listener crashed")
+            return f"Unexpected error: {type(exc).__name__}: {exc}", None
+
+
+class Supervisor:
+    def __init__(self, config: Config, outbox: Any, metrics: Any,
+                 tap: Callable[[str, str, dict[str, Any]], None] | None = None):
+        self.config = config
+        self.outbox = outbox
+        self.metrics = metrics
+        self.tap = tap
+        self.records: dict[Key, ListenerStatus] = {}
+        self.runners: dict[Key, Runner] = {}
+        self.desired: dict[Key, Desired] = {}
+        self.shared: dict[str, Any] = {}
+        self.running = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle
+
+    async def start(self, desired: dict[Key, Desired]) -> None:
+        self.running = True
+        self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="heartbeat-watchdog")
+        await self.reconcile(desired)
+
+    async def stop(self) -> None:
+        """Stop every listener within the stop timeout; statuses end `stopped`."""
+        self.running = False
+        if self._watchdog:
+            self._watchdog.cancel()
+        timeout = self.config.supervisor.stop_timeout
+        await asyncio.gather(*(r.stop("Stopped: listenerd is shutting down", timeout)
+                               for r in self.runners.values()))
+        self.runners.clear()
+
+    # -- reconciliation
+
+    async def reconcile(self, desired: dict[Key, Desired], config: Config | None = None) -> dict[str, list[Key]]:
+        """Bring running listeners in line with `desired`; only changed definitions restart."""
+        async with self._lock:
+            if config is not None:
+                self.config = config
+            changes: dict[str, list[Key]] = {"started": [], "restarted": [], "stopped": [], "removed": [],
+                                              "unchanged": []}
+            timeout = self.config.supervisor.stop_timeout
+            for key in [k for k in self.desired if k not in desired]:
+                runner = self.runners.pop(key, None)
+                if runner:
+                    await runner.stop("Stopped: listener deleted", timeout)
+                self.records.pop(key, None)
+                self.metrics.forget_listener(*key)
+                changes["removed"].append(key)
+            for key, want in desired.items():
+                runner = self.runners.get(key)
+                previous = self.desired.get(key)
+                same = previous is not None and previous.fingerprint(self.config) == want.fingerprint(self.config)
+                if same and (runner is not None or not want.listener.status):
+                    changes["unchanged"].append(key)
+                    continue
+                if runner:
+                    await runner.stop("Restarting with its new definition", timeout)
+                    del self.runners[key]
+                record = self.records.get(key) or self._new_record(key)
+                if not want.listener.status:
+                    record.set("stopped", "Disabled: the listener's status is false")
+                    changes["stopped"].append(key)
+                else:
+                    self._launch(key, want, record)
+                    changes["restarted" if runner else "started"].append(key)
+            self.desired = dict(desired)
+            return changes
+
+    async def restart(self, key: Key) -> bool:
+        """Restart one listener now, also out of `failed`. False when it is unknown."""
+        async with self._lock:
+            want = self.desired.get(key)
+            if want is None:
+                return False
+            runner = self.runners.pop(key, None)
+            if runner:
+                await runner.stop("Restarting on request", self.config.supervisor.stop_timeout)
+            if want.listener.status:
+                self._launch(key, want, self.records[key])
+            return True
+
+    def _launch(self, key: Key, want: Desired, record: ListenerStatus) -> None:
+        runner = Runner(self, key, want, record)
+        self.runners[key] = runner
+        if self.running:
+            runner.start()
+
+    def _new_record(self, key: Key) -> ListenerStatus:
+        record = ListenerStatus(key[0], key[1], on_change=self._status_changed)
+        self.records[key] = record
+        self._status_changed(record, record.status)
+        return record
+
+    def _status_changed(self, record: ListenerStatus, previous: State) -> None:
+        for state in STATES:
+            self.metrics.status.labels(record.tenant_id, record.listener_id, state).set(
+                1 if state == record.status else 0)
+        if record.status != previous:
+            log.info("listener status", tenant=record.tenant_id, listener=record.listener_id,
+                     status=record.status, message=record.message)
+
+    # -- what the others ask
+
+    def context(self, key: Key, want: Desired, record: ListenerStatus) -> SourceContext:
+        assert want.integration is not None
+        return SourceContext(tenant_id=key[0], listener=want.listener, integration=want.integration,
+                             config=self.config, status=record, outbox=self.outbox, metrics=self.metrics,
+                             shared=self.shared, tap=self.tap)
+
+    def status(self, key: Key) -> ListenerStatus | None:
+        return self.records.get(key)
+
+    def forwarded(self, tenant_id: str, listener_id: str, count: int) -> None:
+        record = self.records.get((tenant_id, listener_id))
+        if record:
+            record.forwarded += count
+        self.metrics.forwarded.labels(tenant_id, listener_id).inc(count)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for record in self.records.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no listeners"
+
+    async def _watch_heartbeats(self) -> None:
+        """Restart a `started` listener whose connection has been silent past its protocol's bound."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for runner in list(self.runners.values()):
+                ctx = runner.ctx
+                if (ctx and ctx.heartbeat_bound and runner.record.status == "started"
+                        and now - ctx.last_alive > ctx.heartbeat_bound):
+                    silent = now - ctx.last_alive
+                    runner.record.set("retrying", f"No data or heartbeat for {silent:.0f}s; reconnecting",
+                                      error="heartbeat timeout")
+                    runner.kick(f"No data or heartbeat for {silent:.0f}s (bound {ctx.heartbeat_bound:g}s)")

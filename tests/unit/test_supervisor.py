@@ -1,0 +1,169 @@
+"""The supervisor with scripted sources: isolation, back-off, failed, reconcile, heartbeat bound."""
+
+import asyncio
+import time
+
+from listenerd.model import Config
+from listenerd.sources.base import ListenerFailed, ListenerRetry
+from tests.harness import Harness, desired, integration, listener, wait_for
+
+CREDS = integration("pusher", key="k", secret="s3cr3t-value")
+
+
+def spec(lid, **extra):
+    return listener(id=lid, type="pusher", options={"channel": lid}, **extra)
+
+
+def fast_config(tmp_path, **supervisor):
+    return Config.model_validate({"store": {"path": str(tmp_path / "t.db")},
+                                  "supervisor": {"backoff-initial": 0.05, "backoff-max": 0.4, **supervisor}})
+
+
+async def test_crashing_source_retries_with_growing_delays_while_others_run(tmp_path, scripted_source):
+    attempts: dict[str, list[float]] = {"bad": [], "good": []}
+
+    async def run(ctx):
+        attempts[ctx.listener_id].append(time.monotonic())
+        if ctx.listener_id == "bad":
+            raise RuntimeError("boom")
+        ctx.started(f"Subscribed to channel: {ctx.listener.options.channel}")
+        for i in range(1000):
+            await ctx.emit({"n": i})
+            await asyncio.sleep(0.01)
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "bad"): desired(spec("bad"), CREDS), ("t", "good"): desired(spec("good"), CREDS)})
+        await wait_for(lambda: len(attempts["bad"]) >= 5, what="five attempts")
+        bad = sup.status(("t", "bad"))
+        good = sup.status(("t", "good"))
+        assert bad.status in ("retrying", "starting")
+        assert "RuntimeError: boom" in bad.last_error
+        assert good.status == "started" and good.message == "Subscribed to channel: good"
+        assert len(attempts["good"]) == 1
+        gaps = [b - a for a, b in zip(attempts["bad"], attempts["bad"][1:], strict=False)]
+        assert gaps[-1] > gaps[0]  # back-off grows (0.05 -> 0.4 cap, jitter 20%)
+        await wait_for(lambda: good.received > 3, what="events received")
+        await sup.stop()
+        assert bad.status == "stopped" and good.status == "stopped"
+
+
+async def test_failed_source_is_not_retried_until_its_definition_changes(tmp_path, scripted_source):
+    calls = []
+
+    async def run(ctx):
+        calls.append(ctx.listener.options.channel)
+        if ctx.listener.options.channel == "wrong":
+            raise ListenerFailed("Pusher closed the connection: 4001 application does not exist")
+        ctx.started("Subscribed to channel: right")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        first = listener(id="L", type="pusher", options={"channel": "wrong"})
+        await sup.start({("t", "L"): desired(first, CREDS)})
+        record = sup.status(("t", "L"))
+        await wait_for(lambda: record.status == "failed", what="failed")
+        assert "4001" in record.message
+        changes = await sup.reconcile({("t", "L"): desired(first, CREDS)})
+        assert changes["unchanged"] == [("t", "L")]
+        await asyncio.sleep(0.2)  # a retry would have happened by now at a 0.05 s back-off
+        assert calls == ["wrong"]
+        fixed = listener(id="L", type="pusher", options={"channel": "right"})
+        changes = await sup.reconcile({("t", "L"): desired(fixed, CREDS)})
+        assert changes["restarted"] == [("t", "L")]
+        await wait_for(lambda: record.status == "started", what="started after fix")
+        assert calls == ["wrong", "right"]
+        await sup.stop()
+
+
+async def test_reconcile_restarts_only_the_changed_listener(tmp_path, scripted_source):
+    starts = []
+
+    async def run(ctx):
+        starts.append((ctx.listener_id, ctx.listener.mapping))
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        a, b = spec("A"), spec("B")
+        await sup.start({("t", "A"): desired(a, CREDS), ("t", "B"): desired(b, CREDS)})
+        await wait_for(lambda: len(starts) == 2)
+        b2 = spec("B", mapping={"x": "y"})
+        c = spec("C")
+        changes = await sup.reconcile({("t", "A"): desired(a, CREDS), ("t", "B"): desired(b2, CREDS),
+                                       ("t", "C"): desired(c, CREDS)})
+        assert changes["unchanged"] == [("t", "A")]
+        assert changes["restarted"] == [("t", "B")]
+        assert changes["started"] == [("t", "C")]
+        await wait_for(lambda: len(starts) == 4)
+        assert sorted(s[0] for s in starts[2:]) == ["B", "C"]
+        changes = await sup.reconcile({("t", "C"): desired(c, CREDS)})
+        assert sorted(changes["removed"]) == [("t", "A"), ("t", "B")]
+        assert sup.status(("t", "A")) is None
+        await sup.stop()
+
+
+async def test_disabled_listener_is_stopped_and_transient_retry_honours_delay(tmp_path, scripted_source):
+    runs = []
+
+    async def run(ctx):
+        runs.append(time.monotonic())
+        raise ListenerRetry("Pusher asked to reconnect now (4200)", delay=0)
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path, **{"backoff-initial": 5, "backoff-max": 5})) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "on"): desired(spec("on"), CREDS),
+                         ("t", "off"): desired(spec("off", status=False), CREDS)})
+        await wait_for(lambda: len(runs) >= 3, what="immediate reconnects")
+        assert sup.status(("t", "off")).status == "stopped"
+        assert "status is false" in sup.status(("t", "off")).message
+        await sup.stop()
+
+
+async def test_silent_started_connection_is_reported_retrying_and_restarted(tmp_path, scripted_source):
+    runs = []
+
+    async def run(ctx):
+        runs.append(1)
+        ctx.set_heartbeat_bound(0.3)
+        ctx.started("Connected to stream: abc")
+        await asyncio.Event().wait()  # goes silent
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "S"): desired(spec("S"), CREDS)})
+        record = sup.status(("t", "S"))
+        await wait_for(lambda: record.status == "started")
+        await wait_for(lambda: record.status == "retrying", what="heartbeat watchdog")
+        assert "No data or heartbeat" in record.message
+        await wait_for(lambda: len(runs) >= 2, what="restart after silence")
+        await sup.stop()
+
+
+async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
+    runs = []
+
+    async def run(ctx):
+        runs.append(1)
+        if len(runs) == 1:
+            raise ListenerFailed("bad credentials")
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "R"): desired(spec("R"), CREDS)})
+        record = sup.status(("t", "R"))
+        await wait_for(lambda: record.status == "failed")
+        assert await sup.restart(("t", "R"))
+        await wait_for(lambda: record.status == "started")
+        assert not await sup.restart(("t", "nope"))
+        await sup.stop()
