@@ -1,0 +1,5 @@
+import sys
+
+from listenerd.cli import main
+
+sys.exit(main())

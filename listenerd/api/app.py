@@ -1,0 +1,104 @@
+"""The aiohttp application factory: middleware for errors and auth, one module per resource.
+
+Every route below `/1.0` needs `Authorization: Bearer <token>`; tokens are compared in constant
+time, each against its configured value, and a token may use only its own tenants. The tenant in
+the path is checked here once (401 no/bad token, 403 other tenant, 404 unknown tenant) so resource
+handlers start from an authorized, existing tenant.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+from listenerd.api.errors import ApiError, error_response
+
+if TYPE_CHECKING:
+    from listenerd.daemon import Daemon
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+log = structlog.get_logger("listenerd.api")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "forbidden",
+            404: "not found", 405: "method not allowed", 413: "request body too large",
+            415: "unsupported media type"}
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON error; a bug is a logged 500 without details."""
+    daemon = request.app[DAEMON]
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else \
+            _REASONS.get(exc.status, exc.reason)
+        response = error_response(exc.status, message)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+    except Exception:
+        log.exception("API handler failed", method=request.method, path=request.path)
+        response = error_response(500, "internal error; see the daemon's log")
+    daemon.metrics.api_errors.labels(str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/1.0/") or request.path == "/1.0/openapi.json":
+        return await handler(request)
+    daemon = request.app[DAEMON]
+    token = authenticate(daemon, request.headers.get("Authorization", ""))
+    if token is None:
+        raise ApiError(401, "missing or invalid bearer token", )
+    tenant_id = request.match_info.get("tid")
+    if tenant_id is not None:
+        if not token.allows(tenant_id):
+            raise ApiError(403, f"this token may not use tenant {tenant_id!r}")
+        if daemon.config.tenant(tenant_id) is None:
+            raise ApiError(404, f"no tenant {tenant_id!r}")
+    request["token"] = token
+    return await handler(request)
+
+
+def authenticate(daemon: Daemon, header: str) -> Any:
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return None
+    found = None
+    for token in daemon.config.server.tokens:  # compare against all: timing says nothing
+        if hmac.compare_digest(token.token.encode(), presented.strip().encode()):
+            found = token
+    return found
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/415 that says what is wrong."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def create_app(daemon: Daemon) -> web.Application:
+    from listenerd.api import resources
+
+    app = web.Application(middlewares=[errors, auth], client_max_size=daemon.config.server.max_body_bytes)
+    app[DAEMON] = daemon
+    for routes in resources():
+        app.add_routes(routes)
+    return app

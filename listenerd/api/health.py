@@ -1,0 +1,32 @@
+"""Liveness, readiness and metrics: the routes without auth."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from listenerd.api.app import DAEMON
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    ready = daemon.ready
+    body = {"status": "ready" if ready else "not ready", "store": daemon.store.is_open,
+            "supervisor": daemon.supervisor is not None and daemon.supervisor.running}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    daemon.refresh_metrics()
+    return web.Response(body=generate_latest(daemon.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})

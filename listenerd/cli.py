@@ -1,0 +1,179 @@
+"""Command line: run / check / dev / map / version. Exit codes: 0 ok, 2 bad config or usage, 1 other."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any
+
+import structlog
+
+from listenerd import config as config_module
+from listenerd.observability import configure_logging, redactor
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+
+
+def version() -> str:
+    try:
+        return package_version("listenerd")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors exit 2, as argparse does, with our wording
+        self.print_usage(sys.stderr)
+        print(f"listenerd: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="listenerd", description="Streams DataSift, Salesforce and Pusher events to an engine.")
+    top.add_argument("--log-format", choices=("json", "console"), help="log format (default: console on a "
+                                                                         "terminal, JSON otherwise)")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--config", help="config file (default: $LISTENERD_CONFIG, else "
+                                      f"{config_module.DEFAULT_PATH})")
+    check = commands.add_parser("check", help="validate the config and print a summary")
+    check.add_argument("--config", help="config file (default as for run)")
+    dev = commands.add_parser("dev", help="a complete local run against built-in simulators")
+    dev.add_argument("--listen", default="127.0.0.1:8088", help="API address (default 127.0.0.1:8088)")
+    dev.add_argument("--dir", default=None, help="where the store and the sink's JSON-lines file go "
+                                                  "(default: a fresh temporary directory)")
+    dev.add_argument("--rate", type=float, default=1.0, help="demo events per second per source (default 1)")
+    mapper = commands.add_parser("map", help="apply a listener's mapping to one payload")
+    mapper.add_argument("--config", required=True, help="config file")
+    mapper.add_argument("--listener", required=True, metavar="TENANT/ID", help="the listener, e.g. tenant1/LI1")
+    mapper.add_argument("file", nargs="?", help="payload JSON file (default: stdin)")
+    commands.add_parser("version", help="print the version")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    fmt = args.log_format or "auto"
+    try:
+        match args.command:
+            case "version":
+                print(f"listenerd {version()}")
+                return EXIT_OK
+            case "check":
+                return check(args.config or config_module.default_path())
+            case "map":
+                return map_payload(args.config, args.listener, args.file)
+            case "run":
+                return run(args.config or config_module.default_path(), fmt)
+            case "dev":
+                from listenerd.dev import dev
+
+                configure_logging(fmt, "info")
+                return asyncio.run(dev(args.listen, args.dir, args.rate))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+def _problems(exc: config_module.ConfigError) -> int:
+    for problem in exc.problems:
+        print(redactor.scrub(str(problem)), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def check(path: str) -> int:
+    try:
+        config = config_module.load(path)
+    except config_module.ConfigError as exc:
+        return _problems(exc)
+    print(config_module.summary(config))
+    return EXIT_OK
+
+
+def run(path: str, fmt: str) -> int:
+    configure_logging(fmt)
+    log = structlog.get_logger("listenerd")
+    try:
+        config = config_module.load(path)
+    except config_module.ConfigError as exc:
+        for problem in exc.problems:
+            log.error("invalid config", problem=str(problem))
+        return _problems(exc)
+    redactor.register(*config.secret_values())
+    configure_logging(fmt if fmt != "auto" else config.log.format, config.log.level)
+    from listenerd.daemon import Daemon
+
+    try:
+        asyncio.run(Daemon(config, path).run())
+    except OSError as exc:
+        log.error("listenerd could not start", error=str(exc))
+        return EXIT_FATAL
+    except Exception:
+        log.exception("listenerd failed")
+        return EXIT_FATAL
+    return EXIT_OK
+
+
+def map_payload(path: str, listener_ref: str, file: str | None) -> int:
+    from listenerd.mapping import compile_mapping
+
+    try:
+        config = config_module.load(path)
+    except config_module.ConfigError as exc:
+        return _problems(exc)
+    tenant_id, _, listener_id = listener_ref.partition("/")
+    tenant = config.tenant(tenant_id)
+    spec = next((s for s in tenant.listeners if s.id == listener_id), None) if tenant else None
+    if spec is None:
+        print(f"--listener: no listener {listener_ref!r} in {path} (use TENANT/ID)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        raw = open(file, encoding="utf-8").read() if file else sys.stdin.read()  # noqa: SIM115
+        message = json.loads(raw)
+    except OSError as exc:
+        print(f"{file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"{file or 'stdin'}: not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    payload, meta = split_message(spec.type, message)
+    mapping = compile_mapping(spec.mapping)
+    event = mapping.apply(payload, meta)
+    print(json.dumps(event, indent=2, ensure_ascii=False))
+    for field in mapping.unresolved(payload, meta):
+        print(f"unresolved: {field} <- {spec.mapping[field]}", file=sys.stderr)
+    return EXIT_OK
+
+
+def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
+    """Accept a payload as the source delivers it on the wire, or the bare payload itself.
+
+    DataSift: a stream message `{"hash", "data"}`; Salesforce: a CometD message with
+    `data.event`/`data.sobject`; Pusher: an event frame `{"event", "channel", "data"}`. Anything else
+    is taken as the payload root, with no metadata.
+    """
+    if not isinstance(message, dict):
+        return message, {}
+    if source_type == "datasift" and isinstance(message.get("data"), dict) and "hash" in message:
+        data = message["data"]
+        return data, {"$hash": message["hash"], "$deleted": bool(data.get("deleted"))}
+    if source_type == "salesforce" and isinstance(message.get("data"), dict) and "sobject" in message["data"]:
+        return message["data"]["sobject"], {"$event": message["data"].get("event", {}),
+                                            "$channel": message.get("channel")}
+    if source_type == "pusher" and "event" in message and "data" in message:
+        data = message["data"]
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError:
+                pass
+        return data, {"$channel": message.get("channel"), "$event": message["event"]}
+    return message, {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The running daemon: wires store, outbox, forwarder, supervisor, API and systemd, and owns the lifecycle.
+
+Start: open the store, apply the config's objects to it, start the outbox and forwarder, launch the
+listeners, serve the API, then READY=1. SIGHUP: re-read the config; a config that does not validate
+is refused whole (running set unchanged, errors logged, STATUS= says so); a valid one is applied to
+the store and reconciled, restarting only changed listeners. SIGTERM/SIGINT: STOPPING=1, stop the
+sources, commit what they handed over, flush to the engine within the stop bound, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
+
+from listenerd import config as config_module
+from listenerd.delivery.forwarder import Forwarder
+from listenerd.delivery.outbox import Outbox
+from listenerd.model import INTEGRATION_TYPES, SOURCE_TYPES, Config, Integration, Listener, ListenerBase
+from listenerd.observability import Metrics, redactor
+from listenerd.store import Store
+from listenerd.supervisor import Desired, Key, Supervisor
+from listenerd.systemd import Notifier
+from listenerd.tap import TapHub
+
+log = structlog.get_logger("listenerd.daemon")
+LISTENER: TypeAdapter[ListenerBase] = TypeAdapter(Listener)
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None = None, notifier: Notifier | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = Metrics()
+        self.store = Store(config.store.path, config.store.synchronous)
+        self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
+                             max_bytes=config.store.outbox_max_bytes, metrics=self.metrics)
+        self.tap = TapHub(config.server.tap_queue)
+        self.supervisor: Supervisor | None = None
+        self.forwarder: Forwarder | None = None
+        self.ready = False
+        self.api_url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        redactor.register(*config.secret_values())
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        from listenerd.api.app import create_app
+
+        await self.store.open()
+        await self.apply_config_objects(self.config)
+        await self.outbox.start()
+        self.supervisor = Supervisor(self.config, self.outbox, self.metrics, tap=self.tap.publish)
+        self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
+        await self.forwarder.start()
+        self._runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        server = self.config.server
+        site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
+        await site.start()
+        port = self._runner.addresses[0][1] if self._runner.addresses else server.port
+        self.api_url = f"http://{server.host}:{port}"
+        await self.supervisor.start(await self.desired())
+        self.ready = True
+        log.info("listenerd ready", api=self.api_url, listeners=len(self.supervisor.records),
+                 engine=self.config.engine.url)
+        self.notifier.notify(READY=1, STATUS=self.status_line())
+        self.notifier.start_watchdog()
+
+    async def stop(self) -> None:
+        log.info("listenerd stopping")
+        self.ready = False
+        self.notifier.notify(STOPPING=1, STATUS="Stopping: flushing events to the engine")
+        bound = self.config.supervisor.stop_timeout
+        if self.supervisor:
+            await self.supervisor.stop()
+        await self.outbox.close()
+        if self.forwarder:
+            await self.forwarder.stop(flush_timeout=bound)
+        if self._runner:
+            await self._runner.cleanup()
+        log.info("listenerd stopped", undelivered=self.outbox.depth)
+        await self.store.close()
+        await self.notifier.close()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self.start()
+            status_task = asyncio.create_task(self._report_status())
+            await self._stopping.wait()
+            status_task.cancel()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self.notifier.notify(STATUS=self.status_line())
+
+    def status_line(self) -> str:
+        listeners = self.supervisor.summary() if self.supervisor else "starting"
+        return f"{listeners}; outbox {self.outbox.depth} event(s)"
+
+    # -- configuration
+
+    async def reload(self) -> bool:
+        """Re-read the config file and reconcile; refuse an invalid config whole."""
+        async with self._reload_lock:
+            self.notifier.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
+                                 STATUS="Reloading configuration")
+            try:
+                if not self.config_path:
+                    raise config_module.ConfigError([config_module.Problem("", "no config file to reload")])
+                new = config_module.load(self.config_path)
+            except config_module.ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config reload refused", problem=str(problem))
+                self.notifier.notify(READY=1, STATUS=f"Reload failed ({len(exc.problems)} config problem(s)); "
+                                                     f"still running the previous config. {self.status_line()}")
+                return False
+            redactor.register(*new.secret_values())
+            unsupported = [name for name, old, fresh in (("server.listen", self.config.server.listen,
+                                                          new.server.listen),
+                                                         ("store.path", self.config.store.path, new.store.path))
+                           if old != fresh]
+            if unsupported:
+                log.warning("config change needs a restart to take effect", keys=unsupported)
+            self.config = new
+            await self.apply_config_objects(new)
+            assert self.supervisor is not None
+            changes = await self.supervisor.reconcile(await self.desired(), config=new)
+            log.info("config reloaded", **{k: [f"{t}/{i}" for t, i in v] for k, v in changes.items() if v})
+            self.notifier.notify(READY=1, STATUS=self.status_line())
+            return True
+
+    async def apply_config_objects(self, config: Config) -> None:
+        tenants = [(t.id, t.name) for t in config.tenants]
+        integrations = [(t.id, kind, integration.dump()) for t in config.tenants for kind in SOURCE_TYPES
+                        if (integration := t.integrations.get(kind)) is not None]
+        listeners = [(t.id, spec.id, stored_listener(spec)) for t in config.tenants for spec in t.listeners]
+        await self.store.sync_config_objects(tenants, integrations, listeners)
+
+    async def desired(self) -> dict[Key, Desired]:
+        """Every listener of a configured tenant, with its tenant's integration, from the store."""
+        tenant_ids = {t.id for t in self.config.tenants}
+        integrations: dict[tuple[str, str], Integration] = {}
+        for tenant_id, kind, body, managed_by in await self.store.objects("integrations"):
+            if tenant_id in tenant_ids and kind in INTEGRATION_TYPES:
+                with contextlib.suppress(ValidationError):
+                    integration = load_integration(kind, body, managed_by)
+                    integrations[(tenant_id, kind)] = integration
+                    redactor.register(*integration.secret_values())
+        desired: dict[Key, Desired] = {}
+        for tenant_id, listener_id, body, managed_by in await self.store.objects("listeners"):
+            if tenant_id not in tenant_ids:
+                continue
+            try:
+                spec = load_listener(body, managed_by)
+            except ValidationError as exc:
+                log.error("stored listener is invalid; skipped", tenant=tenant_id, listener=listener_id,
+                          error=str(exc))
+                continue
+            desired[(tenant_id, listener_id)] = Desired(spec, integrations.get((tenant_id, spec.type)))
+        return desired
+
+    async def apply(self) -> dict[str, list[Key]]:
+        """Reconcile the supervisor with the store after an API change."""
+        assert self.supervisor is not None
+        return await self.supervisor.reconcile(await self.desired())
+
+    def refresh_metrics(self) -> None:
+        oldest = self.outbox.oldest_received_at() if hasattr(self.outbox, "oldest_received_at") else None
+        self.metrics.outbox_oldest_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+
+
+def stored_listener(spec: ListenerBase) -> dict[str, Any]:
+    body = spec.dump()
+    body.pop("managed-by", None)
+    return body
+
+
+def load_listener(body: dict[str, Any], managed_by: str) -> ListenerBase:
+    return LISTENER.validate_python({**body, "managed-by": managed_by})
+
+
+def load_integration(kind: str, body: dict[str, Any], managed_by: str) -> Integration:
+    return INTEGRATION_TYPES[kind].model_validate({**body, "managed-by": managed_by})
