@@ -20,8 +20,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import structlog
 
+from listenerd.backoff import backoff_delay
+from listenerd.status import rfc3339
 from listenerd.store import Store, put_checkpoint
+
+log = structlog.get_logger("listenerd.outbox")
 
 EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d3e-4b7a-9a77-2f4c1f0e5d10")
 
@@ -83,11 +88,18 @@ class Outbox:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self.committed = asyncio.Event()  # set after each commit; the forwarder waits on it
+        self.commit_failures = 0
+        self._head_received: float | None = None  # receipt time of the oldest waiting event
+        if metrics is not None:
+            metrics.outbox_oldest_age.set_function(self.oldest_age)
 
     async def start(self) -> None:
         events, size = await self.store.run(lambda c: c.execute(
             "SELECT count(*), coalesce(sum(length(body)), 0) FROM outbox").fetchone())
         self._usage.events, self._usage.bytes = events, size
+        if events:
+            self._head_received = await self.store.run(lambda c: c.execute(
+                "SELECT received_at FROM outbox ORDER BY seq LIMIT 1").fetchone()[0])
         self._publish_usage()
         self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
 
@@ -117,6 +129,8 @@ class Outbox:
         body = orjson.dumps(envelope)
         if self._full(len(body)):
             await self._wait_for_room(len(body), on_wait)
+        if self._usage.events == 0:
+            self._head_received = now
         self._usage.events += 1
         self._usage.bytes += len(body)
         self._queue.append(_Pending(tenant_id, listener_id, envelope["id"], body, now, checkpoint, envelope,
@@ -151,8 +165,9 @@ class Outbox:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-                await self.store.transaction(lambda c, b=batch: _insert(c, b))
+                batch = self._queue[: self.max_batch]
+                await self._commit(batch)
+                del self._queue[: len(batch)]
                 for item in batch:
                     if item.on_commit:
                         item.on_commit(item.envelope)
@@ -160,12 +175,34 @@ class Outbox:
                 self._publish_usage()
             self._idle.set()
 
+    async def _commit(self, batch: list[_Pending]) -> None:
+        """Commit one batch, retrying until it is on disk.
+
+        A failed transaction (disk full, I/O error) rolls back events and checkpoints together, so
+        nothing counts as received and no checkpoint moves past it; the batch stays queued (sources
+        block at the bound meanwhile) and is retried with back-off instead of being dropped.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self.store.transaction(lambda c: _insert(c, batch))
+                if attempt:
+                    log.info("outbox commit recovered", attempts=attempt + 1)
+                return
+            except sqlite3.Error as exc:
+                attempt += 1
+                self.commit_failures += 1
+                log.error("outbox commit failed; retrying", error=str(exc), events=len(batch), attempt=attempt)
+                await asyncio.sleep(backoff_delay(attempt, 0.05, 5.0))
+
     # -- consuming (the forwarder)
 
     async def lease(self, limit: int, after: int = 0) -> list[Row]:
         rows = await self.store.run(lambda c: c.execute(
             "SELECT seq, tenant_id, listener_id, body, received_at FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit)).fetchall())
+        if rows and after == 0:
+            self._head_received = rows[0][4]
         return [Row(*r) for r in rows]
 
     async def ack(self, rows: list[Row]) -> None:
@@ -194,6 +231,8 @@ class Outbox:
     def _release(self, rows: list[Row]) -> None:
         self._usage.events -= len(rows)
         self._usage.bytes -= sum(len(r.body) for r in rows)
+        if self._usage.events <= 0:
+            self._head_received = None
         self._usage.changed.set()
         self._publish_usage()
 
@@ -202,9 +241,96 @@ class Outbox:
             self.metrics.outbox_depth.set(self._usage.events)
             self.metrics.outbox_bytes.set(self._usage.bytes)
 
+    # -- dead letters (the API)
+
+    async def dead_letters(self, tenant_id: str, listener_id: str | None = None) -> list[dict[str, Any]]:
+        """Every dead letter of a tenant, oldest first, as the API shows it."""
+        sql = ("SELECT id, listener_id, status_code, response, failed_at, events FROM dead_letters "
+               "WHERE tenant_id = ?")
+        params: tuple[Any, ...] = (tenant_id,)
+        if listener_id is not None:
+            sql += " AND listener_id = ?"
+            params += (listener_id,)
+        rows = await self.store.run(lambda c: c.execute(sql + " ORDER BY id", params).fetchall())
+        return [dead_letter_json(*row) for row in rows]
+
+    async def dead_letter_by_id(self, tenant_id: str, dead_letter_id: int) -> dict[str, Any] | None:
+        row = await self.store.run(lambda c: c.execute(
+            "SELECT id, listener_id, status_code, response, failed_at, events FROM dead_letters "
+            "WHERE tenant_id = ? AND id = ?", (tenant_id, dead_letter_id)).fetchone())
+        return dead_letter_json(*row) if row else None
+
+    async def requeue_dead_letter(self, tenant_id: str, dead_letter_id: int) -> int | None:
+        """Put a dead letter's events back into the outbox (same ids), in one transaction.
+
+        Returns how many events were queued, or None when there is no such dead letter. The events
+        go to the back of the outbox: an operator retry is a new delivery, after what is waiting.
+        The bound is not applied: the operator asked for it, and these events were counted before.
+        """
+        def move(c: sqlite3.Connection) -> list[tuple[str, str, str, bytes, float]] | None:
+            row = c.execute("SELECT listener_id, events FROM dead_letters WHERE tenant_id = ? AND id = ?",
+                            (tenant_id, dead_letter_id)).fetchone()
+            if row is None:
+                return None
+            listener_id, events = row
+            items = []
+            for envelope in orjson.loads(events):
+                items.append((tenant_id, envelope.get("listener-id", listener_id), envelope["id"],
+                              orjson.dumps(envelope), _epoch(envelope.get("received-at"))))
+            c.executemany("INSERT INTO outbox (tenant_id, listener_id, event_id, body, received_at) "
+                          "VALUES (?, ?, ?, ?, ?)", items)
+            c.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            return items
+
+        items = await self.store.transaction(move)
+        if items is None:
+            return None
+        if self._usage.events == 0 and items:
+            self._head_received = items[0][4]
+        self._usage.events += len(items)
+        self._usage.bytes += sum(len(i[3]) for i in items)
+        self._publish_usage()
+        self.committed.set()
+        return len(items)
+
+    async def discard_dead_letter(self, tenant_id: str, dead_letter_id: int) -> bool:
+        cursor = await self.store.transaction(lambda c: c.execute(
+            "DELETE FROM dead_letters WHERE tenant_id = ? AND id = ?", (tenant_id, dead_letter_id)))
+        return cursor.rowcount > 0
+
+    # -- usage
+
     @property
     def depth(self) -> int:
         return self._usage.events
+
+    @property
+    def size_bytes(self) -> int:
+        return self._usage.bytes
+
+    @property
+    def full(self) -> bool:
+        return self._full(0)
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest waiting event has waited (0 when the outbox is empty)."""
+        head = self._head_received
+        return max(0.0, time.time() - head) if head is not None and self._usage.events > 0 else 0.0
+
+
+def dead_letter_json(dead_letter_id: int, listener_id: str, status_code: int, response: str,
+                     failed_at: float, events: bytes) -> dict[str, Any]:
+    return {"id": str(dead_letter_id), "listener-id": listener_id, "status-code": status_code,
+            "response": response, "failed-at": rfc3339(failed_at), "events": orjson.loads(events)}
+
+
+def _epoch(stamp: str | None) -> float:
+    if not stamp:
+        return time.time()
+    try:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return time.time()
 
 
 def _insert(conn: sqlite3.Connection, batch: list[_Pending]) -> None:

@@ -1,0 +1,190 @@
+"""The durable outbox on a real SQLite store: group commit, checkpoints, bound, dead letters."""
+
+import asyncio
+import sqlite3
+import tracemalloc
+
+import orjson
+
+from listenerd.delivery.outbox import Outbox, event_id
+from listenerd.observability import Metrics
+from listenerd.store import Store
+from tests.harness import Harness, wait_for
+
+
+async def test_append_commits_envelopes_in_order_with_stable_ids(tmp_path):
+    async with Harness(tmp_path) as h:
+        committed = []
+        for n in range(5):
+            await h.outbox.append("t1", "L1", "pusher", {"n": n}, key=f"k{n}", on_commit=committed.append)
+        await h.outbox.append("t1", "L1", "pusher", {"n": 5})  # no source identity: fresh id
+        await h.outbox.flush()
+        events = await h.events()
+        assert [e["event"]["n"] for e in events] == list(range(6))
+        assert [e["id"] for e in events[:5]] == [event_id("t1", "L1", f"k{n}") for n in range(5)]
+        assert events[5]["id"] not in {e["id"] for e in events[:5]}
+        assert events[0]["received-at"].endswith("Z") and events[0]["source"] == "pusher"
+        assert [e["event"]["n"] for e in committed] == list(range(5))
+        # the id is a function of tenant, listener and key only
+        assert event_id("t1", "L1", "k0") == event_id("t1", "L1", "k0") != event_id("t1", "L2", "k0")
+
+
+async def test_appends_from_many_listeners_are_group_committed(tmp_path):
+    async with Harness(tmp_path) as h:
+        commits = []
+        h.store._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+
+        async def source(lid):
+            for n in range(500):
+                await h.outbox.append("t", lid, "pusher", {"n": n})
+
+        await asyncio.gather(*(source(f"L{i}") for i in range(4)))
+        await h.outbox.flush()
+        assert len(await h.events()) == 2000
+        assert 1 <= len(commits) < 200, f"{len(commits)} transactions for 2000 events"
+        for i in range(4):
+            assert [e["event"]["n"] for e in await h.events("t", f"L{i}")] == list(range(500))
+
+
+async def test_checkpoint_is_committed_with_its_event(tmp_path):
+    async with Harness(tmp_path) as h:
+        seen = []
+
+        def check(envelope):  # at commit time the checkpoint is already at least this event's
+            seen.append(envelope["event"]["replay"])
+
+        for n in range(1, 101):
+            await h.outbox.append("t", "sf", "salesforce", {"replay": n}, key=str(n), checkpoint=str(n),
+                                  on_commit=check)
+        await h.outbox.flush()
+        assert await h.store.get_checkpoint("t", "sf") == "100"
+        assert seen == list(range(1, 101))
+
+
+async def test_failed_commit_rolls_back_event_and_checkpoint_together_then_retries(tmp_path):
+    async with Harness(tmp_path) as h:
+        await h.outbox.append("t", "sf", "salesforce", {"replay": 1}, key="1", checkpoint="1")
+        await h.outbox.flush()
+        # a real failure inside the transaction: a trigger aborts outbox inserts while `block` has a row
+        await h.store.run(lambda c: c.execute("CREATE TABLE block (x)"))
+        await h.store.run(lambda c: c.execute("INSERT INTO block VALUES (1)"))
+        await h.store.run(lambda c: c.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON outbox WHEN EXISTS (SELECT 1 FROM block) "
+            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+        await h.outbox.append("t", "sf", "salesforce", {"replay": 2}, key="2", checkpoint="2")
+        await wait_for(lambda: h.outbox.commit_failures >= 1, what="a failed commit")
+        assert await h.store.get_checkpoint("t", "sf") == "1"
+        assert [e["event"]["replay"] for e in await h.events()] == [1]
+        await h.store.run(lambda c: c.execute("DELETE FROM block"))
+        await asyncio.wait_for(h.outbox.flush(), 10)
+        assert await h.store.get_checkpoint("t", "sf") == "2"
+        assert [e["event"]["replay"] for e in await h.events()] == [1, 2]
+
+
+async def test_append_waits_at_the_bound_and_resumes_when_rows_are_acked(tmp_path):
+    async with Harness(tmp_path, max_events=10) as h:
+        waits = []
+        appended = 0
+
+        async def source():
+            nonlocal appended
+            for n in range(30):
+                await h.outbox.append("t", "L", "pusher", {"n": n}, on_wait=waits.append)
+                appended += 1
+
+        task = asyncio.create_task(source())
+        await wait_for(lambda: waits == [True], what="the source to wait")
+        await h.outbox.flush()
+        assert appended == 10 and h.outbox.depth == 10 and h.outbox.full
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        await asyncio.sleep(0.2)  # blocked: nothing may pile up meanwhile
+        assert appended == 10 and len(h.outbox._queue) == 0
+        assert tracemalloc.get_traced_memory()[0] - before < 256 * 1024
+        tracemalloc.stop()
+        while appended < 30 or h.outbox.depth:
+            rows = await h.outbox.lease(5)
+            await h.outbox.ack(rows)
+            await asyncio.sleep(0)
+            await h.outbox.flush()
+        await task
+        assert waits[:2] == [True, False]
+        assert h.metrics.backpressure._value.get() >= 1
+
+
+async def test_byte_bound_applies_too(tmp_path):
+    async with Harness(tmp_path, max_bytes=2000) as h:
+        task = asyncio.create_task(h.outbox.append("t", "L", "pusher", {"blob": "x" * 1500}))
+        await task  # the first event always fits, whatever its size
+        blocked = asyncio.create_task(h.outbox.append("t", "L", "pusher", {"blob": "y" * 1500}))
+        await asyncio.sleep(0.05)
+        assert not blocked.done()
+        await h.outbox.flush()
+        await h.outbox.ack(await h.outbox.lease(10))
+        await asyncio.wait_for(blocked, 5)
+
+
+async def test_depth_and_oldest_age_survive_a_restart(tmp_path):
+    path = str(tmp_path / "o.db")
+    store = Store(path)
+    await store.open()
+    outbox = Outbox(store, max_events=100, max_bytes=1 << 20)
+    await outbox.start()
+    for n in range(7):
+        await outbox.append("t", "L", "pusher", {"n": n})
+    await outbox.close()
+    await store.close()
+
+    store = Store(path)
+    await store.open()
+    metrics = Metrics()
+    outbox = Outbox(store, max_events=100, max_bytes=1 << 20, metrics=metrics)
+    await outbox.start()
+    assert outbox.depth == 7
+    assert metrics.outbox_depth._value.get() == 7
+    assert outbox.oldest_age() > 0
+    rows = await outbox.lease(100)
+    await outbox.ack(rows)
+    assert outbox.depth == 0 and outbox.oldest_age() == 0
+    await outbox.close()
+    await store.close()
+
+
+async def test_dead_letters_listed_requeued_with_same_ids_and_discarded(tmp_path):
+    async with Harness(tmp_path) as h:
+        for n in range(4):
+            await h.outbox.append("t", "L1" if n % 2 else "L2", "pusher", {"n": n}, key=str(n))
+        await h.outbox.append("other", "L1", "pusher", {"n": 99})
+        await h.outbox.flush()
+        rows = await h.outbox.lease(4)
+        await h.outbox.dead_letter(rows, 400, '{"error": "bad event"}')
+        assert h.outbox.depth == 1
+        letters = await h.outbox.dead_letters("t")
+        assert [d["listener-id"] for d in letters] == ["L2", "L1"]  # one per listener, first seen first
+        first = letters[0]
+        assert first["status-code"] == 400 and first["response"] == '{"error": "bad event"}'
+        assert first["failed-at"].endswith("Z")
+        assert [e["event"]["n"] for e in first["events"]] == [0, 2]
+        assert await h.outbox.dead_letters("other") == []
+        assert await h.outbox.requeue_dead_letter("other", int(first["id"])) is None  # tenant-scoped
+
+        assert await h.outbox.requeue_dead_letter("t", int(first["id"])) == 2
+        queued = await h.events("t", "L2")
+        assert [e["id"] for e in queued] == [e["id"] for e in first["events"]]
+        assert queued[0]["received-at"] == first["events"][0]["received-at"]
+        assert h.outbox.depth == 3
+        assert [d["id"] for d in await h.outbox.dead_letters("t")] == [letters[1]["id"]]
+
+        assert await h.outbox.discard_dead_letter("t", int(letters[1]["id"]))
+        assert not await h.outbox.discard_dead_letter("t", int(letters[1]["id"]))
+        assert await h.outbox.dead_letters("t") == []
+
+
+async def test_outbox_rows_are_raw_envelope_json(tmp_path):
+    async with Harness(tmp_path) as h:
+        await h.outbox.append("t", "L", "datasift", {"a": [1, 2]}, key="x")
+        await h.outbox.flush()
+        conn = sqlite3.connect(str(tmp_path / "test.db"))
+        body, = conn.execute("SELECT body FROM outbox").fetchone()
+        conn.close()
+        assert set(orjson.loads(body)) == {"id", "tenant-id", "listener-id", "source", "received-at", "event"}
