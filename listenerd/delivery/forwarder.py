@@ -1,0 +1,225 @@
+"""The engine client: moves committed outbox rows to the engine in batches, never losing one.
+
+One batch is in flight at a time, taken from the head of the outbox in commit order. That is what
+keeps every listener's events in order through retries: a later batch is never sent while an
+earlier one is unacknowledged, and a retry re-sends the same rows with the same ids (the engine
+de-duplicates on `id`). The engine is one endpoint, so an outage stalls every listener alike;
+concurrency would buy nothing there and would cost ordering.
+
+Outcomes: 2xx acks (rows deleted); 408, 429, 5xx and network errors retry after a capped,
+jittered exponential back-off, or exactly the engine's `Retry-After` when it sends one; any other
+4xx moves the batch to the dead-letter table with the status code and the engine's answer, and
+delivery carries on with the next rows. Bodies are the stored envelope bytes joined into a JSON
+array: nothing is re-encoded on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
+
+import aiohttp
+import structlog
+
+from listenerd.backoff import backoff_delay
+
+if TYPE_CHECKING:
+    from listenerd.delivery.outbox import Outbox, Row
+    from listenerd.model import Engine
+    from listenerd.observability import Metrics
+
+log = structlog.get_logger("listenerd.forwarder")
+
+RESPONSE_KEEP = 64 * 1024  # bytes of the engine's answer kept in a dead letter
+_IDLE_TICK = 1.0  # seconds between idle checks (stop requests also wake the loop at once)
+
+
+class Retry(Exception):  # noqa: N818 - an outcome
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Refused(Exception):  # noqa: N818
+    def __init__(self, status: int, response: str):
+        super().__init__(f"engine refused the batch: HTTP {status}")
+        self.status = status
+        self.response = response
+
+
+def retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP-date; None when absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class Forwarder:
+    def __init__(self, engine: Engine, outbox: Outbox, metrics: Metrics,
+                 on_forwarded: Callable[[str, str, int], None] | None = None):
+        self.engine = engine
+        self.outbox = outbox
+        self.metrics = metrics
+        self.on_forwarded = on_forwarded
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._drained = asyncio.Event()
+        self.in_flight = 0  # events in the batch being sent (0 when idle)
+        self.last_error: str | None = None
+        self.attempt = 0  # consecutive failed attempts of the current batch
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "listenerd"}
+        if self.engine.token:
+            headers["Authorization"] = f"Bearer {self.engine.token}"
+        ssl_context: ssl.SSLContext | bool = True
+        if self.engine.ca_bundle:
+            ssl_context = ssl.create_default_context(cafile=self.engine.ca_bundle)
+        connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=self.engine.timeout))
+        self._task = asyncio.create_task(self._run(), name="forwarder")
+
+    async def stop(self, flush_timeout: float) -> None:
+        """Deliver what can be delivered within `flush_timeout`; the rest stays in the outbox."""
+        self._stopping = True
+        self.outbox.committed.set()  # wake an idle loop so it notices
+        if self._task and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained.wait()), flush_timeout)
+            except TimeoutError:
+                log.warning("engine flush bound reached; undelivered events stay in the outbox",
+                            waiting=self.outbox.depth, bound=flush_timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        while True:
+            rows = await self._next_batch()
+            if rows is None:
+                self._drained.set()
+                return
+            self.in_flight = len(rows)
+            try:
+                await self._deliver(rows)
+            except Exception:  # a store error: the rows are still in the outbox; try again shortly
+                log.exception("forwarder step failed; retrying")
+                await asyncio.sleep(1.0)
+            finally:
+                self.in_flight = 0
+
+    async def _next_batch(self) -> list[Row] | None:
+        """The next rows in commit order: up to batch-max, lingering up to linger-ms to fill it."""
+        committed = self.outbox.committed
+        while True:
+            committed.clear()
+            rows = await self.outbox.lease(self.engine.batch_max)
+            if rows:
+                break
+            if self._stopping and self.outbox.depth == 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(committed.wait(), _IDLE_TICK)
+        linger = self.engine.linger_ms / 1000
+        deadline = rows[0].received + linger  # linger counts from receipt, not from the lease
+        while len(rows) < self.engine.batch_max and not self._stopping:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                break
+            committed.clear()
+            more = await self.outbox.lease(self.engine.batch_max - len(rows), after=rows[-1].seq)
+            if more:
+                rows.extend(more)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(committed.wait(), remaining)
+        return rows
+
+    async def _deliver(self, rows: list[Row]) -> None:
+        """Send one batch until it is acknowledged or dead-lettered."""
+        body = b"[" + b",".join(r.body for r in rows) + b"]"
+        self.attempt = 0
+        while True:
+            try:
+                await self._post(body)
+            except Retry as exc:
+                self.attempt += 1
+                self.last_error = exc.reason
+                self.metrics.retried.labels(exc.reason.split(":")[0]).inc()
+                delay = exc.retry_after
+                if delay is None:
+                    delay = backoff_delay(self.attempt, self.engine.retry_initial, self.engine.retry_max)
+                log.warning("engine delivery will be retried", reason=exc.reason, delay=round(delay, 3),
+                            attempt=self.attempt, events=len(rows))
+                await asyncio.sleep(delay)
+                continue
+            except Refused as exc:
+                await self.outbox.dead_letter(rows, exc.status, exc.response)
+                self.metrics.dead_lettered.inc(len(rows))
+                self.last_error = str(exc)
+                log.error("engine refused a batch; it is in the dead-letter table", status=exc.status,
+                          events=len(rows))
+                return
+            await self.outbox.ack(rows)
+            self.last_error = None
+            self.metrics.delivered.inc(len(rows))
+            if self.on_forwarded:
+                for (tenant_id, listener_id), count in _counts(rows).items():
+                    self.on_forwarded(tenant_id, listener_id, count)
+            return
+
+    async def _post(self, body: bytes) -> None:
+        assert self._session is not None
+        started = time.perf_counter()
+        try:
+            async with self._session.post(self.engine.url, data=body) as response:
+                status = response.status
+                if 200 <= status < 300:
+                    await response.read()
+                    return
+                text = (await response.content.read(RESPONSE_KEEP)).decode("utf-8", "replace")
+                if retryable(status):
+                    raise Retry(f"HTTP {status}", retry_after_seconds(response.headers.get("Retry-After")))
+                raise Refused(status, text)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            raise Retry(f"timeout: no answer within {self.engine.timeout:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Retry(f"network: {type(exc).__name__}: {exc}") from None
+        finally:
+            self.metrics.engine_latency.observe(time.perf_counter() - started)
+
+
+def _counts(rows: list[Row]) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row.tenant_id, row.listener_id)
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,154 @@
+"""The forwarder against the engine simulator over loopback: batching, auth, outcomes, stop."""
+
+import asyncio
+import time
+from email.utils import formatdate
+
+import pytest
+
+from listenerd.delivery.forwarder import Forwarder, retry_after_seconds, retryable
+from listenerd.model import Engine
+from listenerd.sim.engine import Answer, EngineSim
+from tests.harness import Harness, wait_for
+
+
+def engine_config(url, **extra):
+    return Engine.model_validate({"url": url, "retry-initial": 0.05, "retry-max": 0.2, "linger-ms": 5, **extra})
+
+
+class Rig:
+    """Harness + engine sim + forwarder, torn down in order."""
+
+    def __init__(self, tmp_path, token=None, engine_token=None, **engine):
+        self.h = Harness(tmp_path)
+        self.sim = EngineSim(token=token)
+        self.engine = engine
+        self.engine_token = engine_token
+        self.forwarded: dict[tuple[str, str], int] = {}
+
+    async def __aenter__(self):
+        await self.h.__aenter__()
+        await self.sim.start()
+        extra = dict(self.engine)
+        if self.engine_token:
+            extra["token"] = self.engine_token
+        self.fw = Forwarder(engine_config(self.sim.url, **extra), self.h.outbox, self.h.metrics, self.count)
+        await self.fw.start()
+        return self
+
+    def count(self, tenant, listener, n):
+        self.forwarded[(tenant, listener)] = self.forwarded.get((tenant, listener), 0) + n
+
+    async def __aexit__(self, *exc):
+        await self.fw.stop(1.0)
+        await self.sim.stop()
+        await self.h.__aexit__(*exc)
+
+    async def emit(self, n, listener="L", start=0):
+        for i in range(start, start + n):
+            await self.h.outbox.append("t", listener, "pusher", {"n": i}, key=f"{listener}-{i}")
+
+
+def test_retry_after_parsing():
+    assert retry_after_seconds("2") == 2.0
+    assert retry_after_seconds(" 120 ") == 120.0
+    now = time.time()
+    assert retry_after_seconds(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert retry_after_seconds(formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds(None) is None
+
+
+def test_which_statuses_retry():
+    assert all(retryable(s) for s in (408, 429, 500, 502, 503, 504))
+    assert not any(retryable(s) for s in (400, 401, 403, 404, 409, 413, 422))
+
+
+async def test_delivers_in_batches_with_bearer_token_and_counts(tmp_path):
+    async with Rig(tmp_path, token="engine-secret-1", engine_token="engine-secret-1", **{"batch-max": 50}) as r:
+        await r.emit(120, "A")
+        await r.emit(30, "B")
+        await wait_for(lambda: len(r.sim.received) == 150, what="all delivered")
+        assert [e["event"]["n"] for e in r.sim.events("A")] == list(range(120))
+        assert all(len(req.envelopes) <= 50 for req in r.sim.requests)
+        assert all(req.authorization == "Bearer engine-secret-1" for req in r.sim.requests)
+        await wait_for(lambda: r.h.outbox.depth == 0, what="acked")
+        assert r.forwarded == {("t", "A"): 120, ("t", "B"): 30}
+        assert r.h.metrics.delivered._value.get() == 150
+        assert r.h.metrics.engine_latency._sum.get() > 0
+
+
+async def test_linger_gathers_a_batch(tmp_path):
+    async with Rig(tmp_path, **{"batch-max": 1000, "linger-ms": 200}) as r:
+        for i in range(20):
+            await r.h.outbox.append("t", "L", "pusher", {"n": i})
+            await asyncio.sleep(0.002)
+        await wait_for(lambda: len(r.sim.received) == 20, what="delivered")
+        assert len(r.sim.requests) <= 2  # 20 events within the linger window: one request (two at most)
+
+
+async def test_wrong_token_is_a_dead_letter_not_a_retry_loop(tmp_path):
+    async with Rig(tmp_path, token="right-token", engine_token="wrong-token") as r:
+        await r.emit(3)
+        await wait_for(lambda: r.h.outbox.depth == 0, what="dead-lettered")
+        letters = await r.h.outbox.dead_letters("t")
+        assert len(letters) == 1 and letters[0]["status-code"] == 401
+        assert "invalid bearer token" in letters[0]["response"]
+        assert len(r.sim.requests) == 1 and r.sim.received == []
+        assert r.h.metrics.dead_lettered._value.get() == 3
+
+
+async def test_refused_connections_are_retried_until_the_engine_listens(tmp_path):
+    async with Rig(tmp_path) as r:
+        await r.sim.refuse()
+        await r.emit(10)
+        await wait_for(lambda: r.fw.attempt >= 2, what="network retries")
+        assert r.fw.last_error.startswith("network:")
+        assert r.h.outbox.depth == 10
+        await r.sim.accept()
+        await wait_for(lambda: len(r.sim.received) == 10, what="delivered after accept")
+        assert r.h.metrics.retried.labels("network")._value.get() >= 2
+
+
+async def test_timeout_is_retried_with_the_same_ids(tmp_path):
+    async with Rig(tmp_path, timeout=0.2) as r:
+        r.sim.delay = 0.5
+        await r.emit(5)
+        await wait_for(lambda: r.fw.attempt >= 1, what="a timeout")
+        assert r.fw.last_error.startswith("timeout")
+        r.sim.delay = 0
+        await wait_for(lambda: len(r.sim.received) >= 5, what="delivered")
+        # the slow requests may have been processed by the engine too: same ids, so it can de-duplicate
+        assert set(r.sim.ids()) == {e["id"] for e in r.sim.received[:5]}
+        assert [e["event"]["n"] for e in r.sim.received[-5:]] == list(range(5))
+
+
+async def test_stop_flushes_within_the_bound_and_leaves_the_rest_durable(tmp_path):
+    async with Rig(tmp_path) as r:
+        await r.emit(20)
+        await wait_for(lambda: len(r.sim.received) == 20, what="delivered")
+        r.sim.fail_next(1000, 503)
+        await r.emit(5, start=20)
+        await wait_for(lambda: r.fw.attempt >= 1, what="a retry")
+        started = time.monotonic()
+        await r.fw.stop(0.3)
+        assert time.monotonic() - started < 3
+        assert r.h.outbox.depth == 5  # undelivered, still durable
+        assert [e["event"]["n"] for e in await r.h.events()] == list(range(20, 25))
+
+
+async def test_stop_delivers_what_is_waiting_when_the_engine_answers(tmp_path):
+    async with Rig(tmp_path, **{"linger-ms": 10_000, "batch-max": 10_000}) as r:
+        await r.emit(50)
+        await r.h.outbox.flush()
+        await r.fw.stop(5.0)  # stop cuts the linger short and sends
+        assert len(r.sim.received) == 50 and r.h.outbox.depth == 0
+
+
+async def test_engine_sim_answers_a_scripted_body_and_headers(tmp_path):
+    async with Rig(tmp_path) as r:
+        r.sim.script([Answer(422, {"X-Why": "schema"}, "event.username: required")])
+        await r.emit(2)
+        await wait_for(lambda: r.h.outbox.depth == 0, what="dead-lettered")
+        letter, = await r.h.outbox.dead_letters("t")
+        assert letter["status-code"] == 422 and letter["response"] == "event.username: required"
