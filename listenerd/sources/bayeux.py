@@ -1,0 +1,413 @@
+"""The CometD/Bayeux long-polling client as a state machine without I/O.
+
+Why no I/O: every hard question of a Bayeux client (when to re-handshake, when a 401 means a fresh
+login, which replayId to resubscribe with, when to give up instead of looping handshakes) is a
+decision over messages, and decisions are easiest to get right and to test exhaustively when they
+are pure. The asyncio driver (`sources/salesforce.py`) only moves requests and sleeps:
+
+    request = client.next_request()        # what to POST next (and how long to wait first)
+    outputs = client.receive(messages)     # or transport_error() / http_error() / malformed()
+    for output in outputs: ...             # Message, Subscribed, ReplayRejected, Rehandshake,
+                                           # Relogin, Retry, Failed
+
+Requests are strictly sequential (one HTTP request in flight), which Bayeux allows and which keeps
+the cookie and clientId bookkeeping simple. Rules followed (see /work/shared/protocols and the
+Bayeux spec): advice is reset at each handshake and replaced by each new one; `handshake` advice or
+`Unknown client` means a new handshake and a resubscribe of every channel with its latest replayId;
+a 401 (Bayeux error, `ext.sfdc.failureReason`, or HTTP status) means a fresh login; `none` advice
+ends the session; repeated handshakes or logins without a successful connect, and repeated
+transport failures, end the session with `Retry` so the supervisor backs off (never a handshake
+loop, which Salesforce punishes with `403::Organization concurrent user limit exceeded`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["handshake", "subscribe", "connect", "disconnect"]
+State = Literal["unconnected", "handshaking", "subscribing", "connected", "disconnecting", "closed"]
+
+_REPLAY_INVALID = re.compile(r"replayId", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- what the machine asks for
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """POST `messages` after waiting `delay` seconds; read the answer for at most `timeout` seconds."""
+
+    kind: Kind
+    messages: list[dict[str, Any]]
+    timeout: float
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A data message on a subscribed channel."""
+
+    channel: str
+    data: Any
+    replay_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    channel: str
+    replay: int  # the replay value sent with the subscribe that succeeded
+    resubscribe: bool  # True after a re-handshake
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRejected:
+    """The server no longer holds `replay_id`; the channel is resubscribed from `fallback`."""
+
+    channel: str
+    replay_id: int
+    fallback: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rehandshake:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Relogin:
+    """The session token is no longer accepted: log in again, then call `relogged_in()`."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """End this session as a transient failure; the caller backs off and starts afresh."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Permanent until the configuration changes (unknown channel, refused subscription ...)."""
+
+    reason: str
+
+
+Output = Message | Subscribed | ReplayRejected | Rehandshake | Relogin | Retry | Failed
+
+
+@dataclass
+class Advice:
+    reconnect: str = "retry"
+    interval: float = 0.0  # seconds
+    timeout: float = 110.0  # seconds the server may hold a connect
+
+    def update(self, advice: Any) -> None:
+        if not isinstance(advice, dict):
+            return
+        if advice.get("reconnect") in ("retry", "handshake", "none"):
+            self.reconnect = advice["reconnect"]
+        if isinstance(advice.get("interval"), int | float) and advice["interval"] >= 0:
+            self.interval = advice["interval"] / 1000
+        if isinstance(advice.get("timeout"), int | float) and advice["timeout"] >= 0:
+            self.timeout = advice["timeout"] / 1000
+
+
+@dataclass
+class BayeuxClient:
+    """One Bayeux client over long-polling; `subscriptions` maps channel -> replay id to start from.
+
+    `replay_fallback` is the replay value used when the server rejects a stored replayId as outside
+    its retention window (-2: every retained event, at-least-once; -1: new events only; None: fail).
+    """
+
+    subscriptions: dict[str, int]
+    replay_fallback: int | None = -2
+    default_timeout: float = 110.0
+    margin: float = 1.2
+    slack: float = 1.0
+    request_timeout: float = 15.0
+    max_handshakes: int = 3
+    max_relogins: int = 1
+    max_transport_retries: int = 1
+    replay: bool = True
+
+    state: State = "unconnected"
+    client_id: str | None = None
+    advice: Advice = field(default_factory=Advice)
+    subscribed: set[str] = field(default_factory=set)
+    replay_supported: bool = False
+    _pending: dict[str, int] = field(default_factory=dict)  # channel -> replay sent
+    _awaiting: Kind | None = None
+    _next_id: int = 0
+    _handshakes: int = 0  # handshakes since the last successful connect
+    _relogins: int = 0  # logins since the last successful connect
+    _transport_failures: int = 0
+    _ever_subscribed: bool = False
+
+    def __post_init__(self) -> None:
+        self.advice.timeout = self.default_timeout
+        self.subscriptions = dict(self.subscriptions)
+
+    # -- timing
+
+    @property
+    def poll_timeout(self) -> float:
+        """HTTP read timeout for a connect: above the server's hold time, never below it."""
+        return self.advice.timeout * self.margin + self.slack
+
+    @property
+    def heartbeat_bound(self) -> float:
+        """Longest silence a healthy session allows: one held connect plus the margin."""
+        return self.poll_timeout + self.advice.interval
+
+    # -- the driver's side
+
+    def next_request(self) -> Request:
+        if self._awaiting is not None:
+            raise RuntimeError(f"a {self._awaiting} request is still in flight")
+        if self.state == "closed":
+            raise RuntimeError("the client is closed")
+        if self.state == "unconnected":
+            self.state = "handshaking"
+            self.client_id = None
+            self.advice = Advice(timeout=self.default_timeout)
+            self._handshakes += 1
+            message: dict[str, Any] = {"channel": "/meta/handshake", "version": "1.0", "minimumVersion": "1.0",
+                                       "supportedConnectionTypes": ["long-polling"], "id": self._id()}
+            if self.replay:
+                message["ext"] = {"replay": True}
+            return self._request("handshake", [message], self.request_timeout)
+        if self.state == "subscribing":
+            messages = []
+            for channel, replay in self.subscriptions.items():
+                if channel in self.subscribed:
+                    continue
+                message = {"channel": "/meta/subscribe", "clientId": self.client_id, "subscription": channel,
+                           "id": self._id()}
+                if self.replay:
+                    message["ext"] = {"replay": {channel: replay}}
+                self._pending[channel] = replay
+                messages.append(message)
+            return self._request("subscribe", messages, self.request_timeout)
+        if self.state == "connected":
+            delay = self.advice.interval
+            if self._transport_failures:
+                delay = max(delay, min(5.0, 0.1 * 2 ** (self._transport_failures - 1)))
+            return self._request("connect", [{"channel": "/meta/connect", "clientId": self.client_id,
+                                              "connectionType": "long-polling", "id": self._id()}],
+                                 self.poll_timeout, delay)
+        raise RuntimeError(f"no request to make in state {self.state}")
+
+    def stop_request(self) -> Request | None:
+        """Unsubscribe every channel and disconnect, batched; None when there is no session to end."""
+        if self.client_id is None or self.state in ("unconnected", "handshaking", "closed"):
+            self.state = "closed"
+            return None
+        messages = [{"channel": "/meta/unsubscribe", "clientId": self.client_id, "subscription": channel,
+                     "id": self._id()} for channel in sorted(self.subscribed)]
+        messages.append({"channel": "/meta/disconnect", "clientId": self.client_id, "id": self._id()})
+        self.state = "closed"
+        self._awaiting = None
+        return Request("disconnect", messages, self.request_timeout)
+
+    def relogged_in(self) -> None:
+        """After a fresh login: forget the clientId; the next request is a handshake."""
+        self._awaiting = None
+        self._forget_session()
+
+    def receive(self, messages: Any) -> list[Output]:
+        """Process one HTTP answer (a JSON array of Bayeux messages)."""
+        awaited, self._awaiting = self._awaiting, None
+        if isinstance(messages, dict):
+            messages = [messages]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            self._awaiting = awaited
+            return self.malformed("answer is not a list of Bayeux messages")
+        outputs: list[Output] = []
+        answered = False
+        for message in messages:
+            channel = message.get("channel")
+            if channel == f"/meta/{awaited}":
+                answered = True
+            if channel == "/meta/handshake":
+                outputs += self._on_handshake(message)
+            elif channel == "/meta/subscribe":
+                outputs += self._on_subscribe(message)
+            elif channel == "/meta/connect":
+                outputs += self._on_connect(message)
+            elif channel in ("/meta/unsubscribe", "/meta/disconnect"):
+                continue
+            elif isinstance(channel, str) and "data" in message and channel in self.subscriptions:
+                outputs.append(self._on_data(channel, message["data"]))
+            if self._ends(outputs):
+                return outputs
+        if not answered and awaited not in (None, "disconnect"):
+            outputs += self._transport_failure(f"no /meta/{awaited} reply in the server's answer", awaited)
+        return outputs
+
+    def transport_error(self, reason: str) -> list[Output]:
+        """The request failed on the network (refused, reset, timed out) or the server answered 5xx."""
+        awaited, self._awaiting = self._awaiting, None
+        return self._transport_failure(reason, awaited)
+
+    def http_error(self, status: int, reason: str = "") -> list[Output]:
+        awaited, self._awaiting = self._awaiting, None
+        text = f"HTTP {status}" + (f": {reason}" if reason else "")
+        if status == 401:
+            return self._relogin(text)
+        return self._transport_failure(text, awaited)
+
+    def malformed(self, reason: str) -> list[Output]:
+        """An answer that is not JSON: its events are unknown, so start a new session and replay them."""
+        self._awaiting = None
+        return self._rehandshake(f"malformed answer from the server ({reason})")
+
+    # -- message handlers
+
+    def _on_handshake(self, message: dict[str, Any]) -> list[Output]:
+        self.advice.update(message.get("advice"))
+        if message.get("successful") is True and isinstance(message.get("clientId"), str):
+            types = message.get("supportedConnectionTypes")
+            if isinstance(types, list) and "long-polling" not in types:
+                self.state = "closed"
+                return [Failed(f"the server does not offer long-polling (only {types})")]
+            self.client_id = message["clientId"]
+            ext = message.get("ext")
+            self.replay_supported = isinstance(ext, dict) and ext.get("replay") is True
+            self.subscribed.clear()
+            self.state = "subscribing" if self.subscriptions else "connected"
+            return []
+        error = _error(message)
+        reason = _failure_reason(message)
+        if error.startswith("401") or reason.startswith("401"):
+            return self._relogin(f"handshake denied: {error}" + (f" ({reason})" if reason else ""))
+        self.state = "closed"
+        return [Retry(f"Handshake refused: {error}" + (f" ({reason})" if reason else ""))]
+
+    def _on_subscribe(self, message: dict[str, Any]) -> list[Output]:
+        channel = message.get("subscription")
+        if isinstance(channel, list):
+            channel = channel[0] if channel else None
+        if not isinstance(channel, str) or channel not in self.subscriptions:
+            return []
+        sent = self._pending.pop(channel, self.subscriptions[channel])
+        if message.get("successful") is True:
+            self.subscribed.add(channel)
+            resubscribe = self._ever_subscribed
+            if all(c in self.subscribed for c in self.subscriptions):
+                self.state = "connected"
+                self._ever_subscribed = True
+            return [Subscribed(channel, sent, resubscribe)]
+        error = _error(message)
+        if "unknown client" in error.lower():
+            return self._rehandshake(f"subscribe answered {error}")
+        if error.startswith("401"):
+            return self._relogin(f"subscribe answered {error}")
+        if _REPLAY_INVALID.search(error) and "invalid" in error.lower():
+            if self.replay_fallback is None or sent == self.replay_fallback or sent in (-1, -2):
+                self.state = "closed"
+                return [Failed(f"Subscription to {channel} refused: {error}")]
+            self.subscriptions[channel] = self.replay_fallback
+            self.state = "subscribing"
+            return [ReplayRejected(channel, sent, self.replay_fallback, error)]
+        if error.startswith(("503", "5")):
+            self.state = "closed"
+            return [Retry(f"Subscription to {channel} failed: {error}")]
+        self.state = "closed"
+        return [Failed(f"Subscription to {channel} refused: {error}")]
+
+    def _on_connect(self, message: dict[str, Any]) -> list[Output]:
+        self.advice.update(message.get("advice"))
+        if message.get("successful") is True:
+            self._handshakes = 0
+            self._relogins = 0
+            self._transport_failures = 0
+            if self.advice.reconnect == "handshake":
+                return self._rehandshake("the server advised a new handshake")
+            if self.advice.reconnect == "none":
+                self.state = "closed"
+                return [Retry("the server advised no reconnect")]
+            return []
+        error = _error(message)
+        if "unknown client" in error.lower():
+            return self._rehandshake(f"connect answered {error}")
+        if error.startswith("401"):
+            return self._relogin(f"connect answered {error}")
+        if self.advice.reconnect == "handshake":
+            return self._rehandshake(f"connect answered {error}; the server advised a new handshake")
+        if self.advice.reconnect == "none":
+            self.state = "closed"
+            return [Retry(f"connect answered {error}; the server advised no reconnect")]
+        return self._transport_failure(f"connect answered {error}", "connect")
+
+    def _on_data(self, channel: str, data: Any) -> Message:
+        replay_id = None
+        if isinstance(data, dict) and isinstance(data.get("event"), dict):
+            candidate = data["event"].get("replayId")
+            if isinstance(candidate, int) and not isinstance(candidate, bool):
+                replay_id = candidate
+                self.subscriptions[channel] = candidate
+        return Message(channel, data, replay_id)
+
+    # -- transitions
+
+    def _rehandshake(self, reason: str) -> list[Output]:
+        if self._handshakes >= self.max_handshakes:
+            self.state = "closed"
+            return [Retry(f"{reason}; {self._handshakes} handshakes without a successful connect")]
+        self._forget_session()
+        return [Rehandshake(reason)]
+
+    def _relogin(self, reason: str) -> list[Output]:
+        if self._relogins >= self.max_relogins:
+            self.state = "closed"
+            return [Retry(f"{reason}; the session was refused again right after a fresh login")]
+        self._relogins += 1
+        self.state = "unconnected"
+        self.client_id = None
+        return [Relogin(reason)]
+
+    def _transport_failure(self, reason: str, awaited: Kind | None) -> list[Output]:
+        if awaited != "connect" or self.state != "connected":
+            self.state = "closed"
+            return [Retry(reason)]
+        self._transport_failures += 1
+        if self._transport_failures > self.max_transport_retries:
+            self.state = "closed"
+            return [Retry(reason)]
+        return []
+
+    def _forget_session(self) -> None:
+        self.state = "unconnected"
+        self.client_id = None
+        self.subscribed.clear()
+        self._pending.clear()
+        self._transport_failures = 0
+
+    def _ends(self, outputs: list[Output]) -> bool:
+        return bool(outputs) and isinstance(outputs[-1], Relogin | Retry | Failed | Rehandshake)
+
+    def _request(self, kind: Kind, messages: list[dict[str, Any]], timeout: float, delay: float = 0.0) -> Request:
+        self._awaiting = kind
+        return Request(kind, messages, timeout, delay)
+
+    def _id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id)
+
+
+def _error(message: dict[str, Any]) -> str:
+    error = message.get("error")
+    return str(error) if error else "no error given"
+
+
+def _failure_reason(message: dict[str, Any]) -> str:
+    ext = message.get("ext")
+    sfdc = ext.get("sfdc") if isinstance(ext, dict) else None
+    reason = sfdc.get("failureReason") if isinstance(sfdc, dict) else None
+    return str(reason) if reason else ""

@@ -1,0 +1,317 @@
+"""The Bayeux client state machine, message by message, without sockets."""
+
+import pytest
+
+from listenerd.sources.bayeux import (
+    BayeuxClient,
+    Failed,
+    Message,
+    Rehandshake,
+    Relogin,
+    ReplayRejected,
+    Retry,
+    Subscribed,
+)
+
+TOPIC = "/topic/Invoices"
+
+
+def client(replay=-1, **kw):
+    return BayeuxClient({TOPIC: replay}, **kw)
+
+
+def handshake_ok(c, client_id="c1", advice=None):
+    req = c.next_request()
+    assert req.kind == "handshake"
+    reply = {"channel": "/meta/handshake", "successful": True, "clientId": client_id, "id": req.messages[0]["id"],
+             "supportedConnectionTypes": ["long-polling"], "ext": {"replay": True}}
+    if advice:
+        reply["advice"] = advice
+    assert c.receive([reply]) == []
+    return req
+
+
+def subscribe_ok(c):
+    req = c.next_request()
+    assert req.kind == "subscribe"
+    out = c.receive([{"channel": "/meta/subscribe", "subscription": m["subscription"], "successful": True,
+                      "id": m["id"]} for m in req.messages])
+    return req, out
+
+
+def connected(replay=-1, **kw):
+    c = client(replay, **kw)
+    handshake_ok(c)
+    subscribe_ok(c)
+    return c
+
+
+def connect_reply(successful=True, **extra):
+    return {"channel": "/meta/connect", "successful": successful, **extra}
+
+
+def event(replay_id, channel=TOPIC, **sobject):
+    return {"channel": channel, "data": {"event": {"replayId": replay_id, "type": "created",
+                                                   "createdDate": "2026-11-23T00:00:00.000Z"},
+                                         "sobject": {"Id": "a00", **sobject}}}
+
+
+def test_handshake_asks_for_long_polling_and_replay():
+    c = client()
+    req = c.next_request()
+    msg = req.messages[0]
+    assert msg["channel"] == "/meta/handshake" and msg["supportedConnectionTypes"] == ["long-polling"]
+    assert msg["ext"] == {"replay": True} and msg["version"] == "1.0"
+    assert req.timeout == c.request_timeout
+    with pytest.raises(RuntimeError):
+        c.next_request()  # one request in flight at a time
+
+
+def test_subscribe_carries_the_replay_map_then_connect_loops():
+    c = client(replay=42)
+    handshake_ok(c, "abc")
+    assert c.replay_supported
+    req, out = subscribe_ok(c)
+    assert req.messages[0]["clientId"] == "abc"
+    assert req.messages[0]["ext"] == {"replay": {TOPIC: 42}}
+    assert out == [Subscribed(TOPIC, 42, False)]
+    assert c.state == "connected"
+    req = c.next_request()
+    assert req.kind == "connect" and req.messages[0]["connectionType"] == "long-polling"
+    assert req.messages[0]["clientId"] == "abc" and req.delay == 0
+    ids = [req.messages[0]["id"]]
+    assert c.receive([connect_reply(advice={"timeout": 110000, "interval": 0, "reconnect": "retry"})]) == []
+    ids.append(c.next_request().messages[0]["id"])
+    assert ids[0] != ids[1]
+
+
+def test_events_update_the_replay_map_used_on_resubscribe():
+    c = connected()
+    c.next_request()
+    out = c.receive([event(5, Name="A"), event(6, Name="B"), connect_reply()])
+    assert [o.replay_id for o in out] == [5, 6]
+    assert isinstance(out[0], Message) and out[0].data["sobject"]["Name"] == "A"
+    c.next_request()
+    out = c.receive([connect_reply(False, error="403::Unknown client", advice={"reconnect": "handshake"})])
+    assert out == [Rehandshake("connect answered 403::Unknown client")]
+    handshake_ok(c, "c2")
+    req, out = subscribe_ok(c)
+    assert req.messages[0]["ext"] == {"replay": {TOPIC: 6}} and req.messages[0]["clientId"] == "c2"
+    assert out == [Subscribed(TOPIC, 6, True)]
+
+
+def test_events_on_other_channels_and_without_replay_id_are_handled():
+    c = connected()
+    c.next_request()
+    out = c.receive([{"channel": "/topic/Other", "data": {}}, {"channel": TOPIC, "data": {"x": 1}}, connect_reply()])
+    assert out == [Message(TOPIC, {"x": 1}, None)]
+    assert c.subscriptions[TOPIC] == -1
+
+
+def test_advice_interval_and_timeout_are_followed():
+    c = connected(margin=1.5, slack=0.5)
+    c.next_request()
+    c.receive([connect_reply(advice={"timeout": 2000, "interval": 250, "reconnect": "retry"})])
+    req = c.next_request()
+    assert req.delay == 0.25
+    assert req.timeout == pytest.approx(2 * 1.5 + 0.5)
+    assert c.heartbeat_bound == pytest.approx(3.75)
+
+
+def test_advice_handshake_on_a_successful_connect_rehandshakes():
+    c = connected(replay=-2)
+    c.next_request()
+    out = c.receive([event(9), connect_reply(advice={"reconnect": "handshake"})])
+    assert isinstance(out[0], Message) and isinstance(out[1], Rehandshake)
+    req = handshake_ok(c)
+    assert req.messages[0]["channel"] == "/meta/handshake"
+    req, _ = subscribe_ok(c)
+    assert req.messages[0]["ext"]["replay"][TOPIC] == 9
+
+
+def test_advice_is_reset_at_each_handshake():
+    c = connected()
+    c.next_request()
+    c.receive([connect_reply(False, error="403::Unknown client", advice={"reconnect": "handshake", "interval": 5000})])
+    handshake_ok(c)
+    subscribe_ok(c)
+    assert c.next_request().delay == 0  # the old interval does not survive the handshake
+
+
+def test_advice_none_ends_the_session():
+    c = connected()
+    c.next_request()
+    out = c.receive([connect_reply(False, error="403::Organization total events daily limit exceeded",
+                                   advice={"reconnect": "none"})])
+    assert len(out) == 1 and isinstance(out[0], Retry) and "daily limit" in out[0].reason
+    assert c.state == "closed"
+
+
+def test_advice_retry_on_failed_connect_retries_then_gives_up():
+    c = connected()
+    c.next_request()
+    assert c.receive([connect_reply(False, error="500::server busy", advice={"reconnect": "retry"})]) == []
+    req = c.next_request()
+    assert req.kind == "connect" and req.delay > 0
+    out = c.receive([connect_reply(False, error="500::server busy")])
+    assert isinstance(out[0], Retry)
+
+
+def test_401_on_connect_means_relogin_then_handshake():
+    c = connected()
+    c.next_request()
+    out = c.receive([connect_reply(False, error="401::Authentication invalid", advice={"reconnect": "none"})])
+    assert out == [Relogin("connect answered 401::Authentication invalid")]
+    c.relogged_in()
+    req = c.next_request()
+    assert req.kind == "handshake"
+    assert all("clientId" not in m for m in req.messages)
+
+
+def test_handshake_denied_with_401_reason_relogs_in_once_then_retries():
+    c = client()
+    c.next_request()
+    denied = {"channel": "/meta/handshake", "successful": False, "error": "403::Handshake denied",
+              "ext": {"sfdc": {"failureReason": "401::Authentication invalid"}}, "advice": {"reconnect": "none"}}
+    out = c.receive([denied])
+    assert isinstance(out[0], Relogin) and "401::Authentication invalid" in out[0].reason
+    c.relogged_in()
+    c.next_request()
+    out = c.receive([denied])
+    assert isinstance(out[0], Retry)  # never a login loop
+
+
+def test_other_handshake_refusals_retry_with_backoff():
+    c = client()
+    c.next_request()
+    out = c.receive([{"channel": "/meta/handshake", "successful": False, "error": "403::Handshake denied",
+                      "ext": {"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}}}])
+    assert isinstance(out[0], Retry) and "concurrent user limit" in out[0].reason
+
+
+def test_http_401_means_relogin():
+    c = connected()
+    c.next_request()
+    assert isinstance(c.http_error(401, "Unauthorized")[0], Relogin)
+
+
+def test_http_5xx_and_network_errors_retry_connect_once_then_end():
+    c = connected()
+    c.next_request()
+    assert c.http_error(503) == []
+    c.next_request()
+    assert c.transport_error("connection reset") == [Retry("connection reset")]
+
+
+def test_a_successful_connect_resets_the_failure_count():
+    c = connected()
+    for _ in range(5):
+        c.next_request()
+        assert c.transport_error("dropped") == []
+        c.next_request()
+        assert c.receive([connect_reply()]) == []
+
+
+def test_network_error_during_handshake_or_subscribe_ends_the_session():
+    c = client()
+    c.next_request()
+    assert isinstance(c.transport_error("refused")[0], Retry)
+    c = client()
+    handshake_ok(c)
+    c.next_request()
+    assert isinstance(c.transport_error("reset")[0], Retry)
+
+
+def test_handshake_loops_are_bounded():
+    c = client()
+    outs = []
+    for i in range(5):
+        handshake_ok(c, f"c{i}")
+        c.next_request()
+        outs = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False,
+                           "error": "403::Unknown client"}])
+        if isinstance(outs[0], Retry):
+            break
+    assert isinstance(outs[0], Retry) and i == 2
+
+
+def test_replay_id_outside_retention_falls_back_and_reports():
+    c = client(replay=82, replay_fallback=-2)
+    handshake_ok(c)
+    c.next_request()
+    error = ("400::The replayId {82} you provided was invalid. Please provide a valid ID, -2 to replay all "
+             "events, or -1 to replay only new events.")
+    out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False, "error": error}])
+    assert out == [ReplayRejected(TOPIC, 82, -2, error)]
+    req, out = subscribe_ok(c)
+    assert req.messages[0]["ext"] == {"replay": {TOPIC: -2}}
+    assert out == [Subscribed(TOPIC, -2, False)]
+
+
+def test_replay_id_outside_retention_fails_without_a_fallback():
+    c = client(replay=82, replay_fallback=None)
+    handshake_ok(c)
+    c.next_request()
+    out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False,
+                      "error": "400::The replayId {82} you provided was invalid."}])
+    assert isinstance(out[0], Failed) and "82" in out[0].reason
+
+
+def test_missing_channel_fails_with_the_server_text():
+    c = client()
+    handshake_ok(c)
+    c.next_request()
+    error = "400::The channel you requested to subscribe to doesn't exist {/topic/Invoices}"
+    out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False, "error": error}])
+    assert out == [Failed(f"Subscription to {TOPIC} refused: {error}")]
+
+
+def test_faye_style_401_unknown_client_rehandshakes_not_relogin():
+    c = connected()
+    c.next_request()
+    out = c.receive([connect_reply(False, error="401:c1:Unknown client", advice={"reconnect": "handshake"})])
+    assert isinstance(out[0], Rehandshake)
+
+
+def test_malformed_or_missing_replies():
+    c = connected()
+    c.next_request()
+    assert isinstance(c.malformed("not JSON")[0], Rehandshake)
+    handshake_ok(c)
+    subscribe_ok(c)
+    c.next_request()
+    assert c.receive({"unexpected": True}) == []  # no connect reply: a transport failure, retried once
+    c.next_request()
+    assert isinstance(c.receive("garbage")[0], Rehandshake)
+
+
+def test_server_without_long_polling_is_a_failure():
+    c = client()
+    c.next_request()
+    out = c.receive([{"channel": "/meta/handshake", "successful": True, "clientId": "x",
+                      "supportedConnectionTypes": ["websocket"]}])
+    assert isinstance(out[0], Failed)
+
+
+def test_stop_unsubscribes_and_disconnects():
+    c = connected()
+    c.next_request()  # a connect is in flight when the task is cancelled
+    req = c.stop_request()
+    assert [m["channel"] for m in req.messages] == ["/meta/unsubscribe", "/meta/disconnect"]
+    assert req.messages[0]["subscription"] == TOPIC and all(m["clientId"] == "c1" for m in req.messages)
+    assert c.state == "closed"
+    assert client().stop_request() is None
+
+
+def test_batched_subscribe_of_several_channels():
+    c = BayeuxClient({"/topic/A": -1, "/topic/B": -2})
+    handshake_ok(c)
+    req = c.next_request()
+    assert [m["subscription"] for m in req.messages] == ["/topic/A", "/topic/B"]
+    out = c.receive([{"channel": "/meta/subscribe", "subscription": "/topic/A", "successful": True}])
+    assert out == [Subscribed("/topic/A", -1, False)] and c.state == "subscribing"
+    req = c.next_request()  # B had no answer yet: it is asked again, A is not
+    assert [m["subscription"] for m in req.messages] == ["/topic/B"]
+    assert c.receive([{"channel": "/meta/subscribe", "subscription": "/topic/B", "successful": True}]) == [
+        Subscribed("/topic/B", -2, False)]
+    assert c.state == "connected"
