@@ -1,0 +1,154 @@
+"""Pusher source: one WebSocket per listener, protocol 7 on `websockets`.
+
+Why not Pysher: see DESIGN.md. The protocol decisions live in `pusher_protocol.PusherProtocol`; this
+driver only opens the socket, moves frames between the socket and the machine, sleeps until the
+machine's next deadline, and turns the machine's outcome into `ListenerRetry`/`ListenerFailed` for
+the supervisor. Every connection gets a fresh machine, so private and presence channels are signed
+with that connection's `socket_id`.
+
+Close code 4000 (TLS only) is handled here, not by the supervisor: the next connection goes over
+`wss` at once, keeping the configured host and port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from listenerd.sources.base import ListenerFailed, ListenerRetry
+from listenerd.sources.pusher_protocol import (
+    _VERSION,
+    Count,
+    Emit,
+    Established,
+    Fail,
+    Outcome,
+    PusherProtocol,
+    Retry,
+    Send,
+    Subscribed,
+    UpgradeTls,
+    build_url,
+)
+
+if TYPE_CHECKING:
+    from listenerd.model import PusherIntegration, PusherOptions
+    from listenerd.sources.base import SourceContext
+
+# The supervisor's watchdog backs the machine up; this margin lets the machine's own, more precise
+# pong timeout speak first.
+HEARTBEAT_MARGIN = 0.5
+
+
+async def run(ctx: SourceContext) -> None:
+    integration: PusherIntegration = ctx.integration  # type: ignore[assignment]
+    tls = integration.tls
+    while True:
+        url = build_url(key=integration.key, cluster=integration.cluster, host=integration.host,
+                        port=integration.port, tls=tls)
+        outcome = await _connection(ctx, url, tls)
+        if isinstance(outcome, UpgradeTls):
+            if tls:
+                raise ListenerFailed(outcome.reason.replace("; reconnecting over TLS", " though already on TLS"))
+            ctx.log.warning("pusher requires TLS; reconnecting over wss", reason=outcome.reason)
+            tls = True
+            continue
+        if isinstance(outcome, Fail):
+            raise ListenerFailed(outcome.reason)
+        raise ListenerRetry(outcome.reason, outcome.delay)
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """One verified context per CA bundle, shared by every listener (a context costs memory)."""
+    return ssl.create_default_context(cafile=ca_bundle)
+
+
+async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
+    """One connection attempt, from connect to the outcome that ends it."""
+    settings = ctx.settings
+    options: PusherOptions = ctx.listener.options  # type: ignore[attr-defined]
+    integration: PusherIntegration = ctx.integration  # type: ignore[assignment]
+    ctx.starting(f"Connecting to {url}")
+    loop = asyncio.get_running_loop()
+    try:
+        ws = await connect(url, open_timeout=settings.connect_timeout, ping_interval=None,
+                           max_size=settings.max_frame_bytes, compression=None, proxy=None,
+                           close_timeout=1, ssl=_ssl_context(settings.ca_bundle) if tls else None,
+                           user_agent_header=f"listenerd/{_VERSION}")
+    except InvalidStatus as exc:
+        return Retry(f"Pusher refused the WebSocket handshake at {url}: HTTP {exc.response.status_code}")
+    except InvalidURI as exc:
+        return Fail(f"Invalid Pusher URL {url}: {exc}")
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
+        return Retry(f"Could not connect to {url}: {_describe(exc)}")
+    machine = PusherProtocol(key=integration.key, secret=integration.secret, channel=options.channel,
+                             wants=options.wants, activity_timeout=settings.pusher_activity_timeout,
+                             pong_timeout=settings.pusher_pong_timeout, connect_timeout=settings.connect_timeout,
+                             user_id=f"listenerd-{ctx.tenant_id}-{ctx.listener_id}", now=loop.time())
+    abort = False
+    try:
+        outcome = await _converse(ctx, ws, machine, loop)
+        abort = isinstance(outcome, Retry) and outcome.delay == 0 and machine.ping_sent_at is not None
+        return outcome
+    finally:
+        if abort and ws.transport is not None:
+            ws.transport.abort()  # a silent peer will not answer a close handshake
+        else:
+            try:
+                await ws.close()
+            except Exception:  # the socket is going away either way
+                pass
+
+
+async def _converse(ctx: SourceContext, ws: ClientConnection, machine: PusherProtocol,
+                    loop: asyncio.AbstractEventLoop) -> Outcome:
+    """Feed frames and clock ticks to the machine; perform its actions; return how it ends."""
+    while True:
+        try:
+            async with asyncio.timeout_at(machine.deadline()):
+                frame = await ws.recv()
+        except TimeoutError:
+            actions = machine.tick(loop.time())
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == 1009:
+                ctx.count("oversized")
+                ctx.log.warning("pusher sent a frame over the size limit", limit=ctx.settings.max_frame_bytes)
+                return machine.closed(1009, None)
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            reason = exc.rcvd.reason if exc.rcvd is not None else None
+            return machine.closed(code, reason)
+        else:
+            ctx.alive()
+            actions = machine.receive(frame, loop.time())
+        for action in actions:
+            if isinstance(action, Emit):
+                await ctx.emit(action.data, meta={"$channel": action.channel, "$event": action.event})
+            elif isinstance(action, Send):
+                try:
+                    await ws.send(action.text)
+                except ConnectionClosed:
+                    pass  # the next recv reports how the connection ended
+            elif isinstance(action, Subscribed):
+                ctx.started(f"Subscribed to channel: {action.channel}")
+            elif isinstance(action, Established):
+                ctx.set_heartbeat_bound(machine.heartbeat_bound + HEARTBEAT_MARGIN)
+            elif isinstance(action, Count):
+                ctx.count(action.kind)
+                ctx.log.warning("pusher frame problem", kind=action.kind, detail=action.detail)
+            else:
+                return action
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc) or type(exc).__name__
+    return text[:200]
