@@ -93,7 +93,7 @@ def format_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Pr
     for error in exc.errors(include_url=False):
         loc = list(prefix) + list(error["loc"])
         # A discriminated union puts the tag in the location (listeners[0].datasift.options): drop it.
-        loc = [p for i, p in enumerate(loc) if not (p in _TAGS and i > 0 and isinstance(loc[i - 1], int))]
+        loc = [p for i, p in enumerate(loc) if not (p in _TAGS and (i == 0 or isinstance(loc[i - 1], int)))]
         kind, message = error["type"], error["msg"]
         if kind == "missing":
             message = "required"

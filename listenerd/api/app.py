@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from listenerd.daemon import Daemon
 
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+TOKEN_KEY: web.RequestKey[Any] = web.RequestKey("token")
 log = structlog.get_logger("listenerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "forbidden",
@@ -66,7 +67,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(403, f"this token may not use tenant {tenant_id!r}")
         if daemon.config.tenant(tenant_id) is None:
             raise ApiError(404, f"no tenant {tenant_id!r}")
-    request["token"] = token
+    request[TOKEN_KEY] = token
     return await handler(request)
 
 

@@ -1,0 +1,156 @@
+"""Config: the example validates; each kind of mistake names its location; `check` exits 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from listenerd import config
+from listenerd.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_ENV = {"LISTENERD_TOKEN": "ops-token-123456", "DATASIFT_API_KEY": "ds-key-9876",
+               "SF_CONSUMER_SECRET": "sf-consumer-secret", "SF_PASSWORD": "sf-password",
+               "SF_SECURITY_TOKEN": "sf-token", "PUSHER_SECRET": "pusher-secret-1"}
+
+BASE = """
+[[server.tokens]]
+name = "ops"
+token = "ops-token-123456"
+
+[[tenants]]
+id = "tenant1"
+
+[tenants.integrations.datasift]
+username = "myuser"
+api-key = "k-123456"
+
+[[tenants.listeners]]
+id = "LI1"
+type = "datasift"
+options = { hash = "abc" }
+"""
+
+
+def problems(text: str, env: dict | None = None) -> list[str]:
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(text, env or {})
+    return [str(p) for p in caught.value.problems]
+
+
+def test_example_config_is_valid():
+    cfg = config.load(ROOT / "config" / "listenerd.example.toml", EXAMPLE_ENV)
+    assert [s.id for s in cfg.tenants[0].listeners] == ["LI1", "LI2", "LI3"]
+    assert cfg.tenants[0].listeners[1].options.topic == "/topic/InvoiceStatementUpdates"
+    assert cfg.tenants[0].integrations.datasift.api_key == "ds-key-9876"
+    assert "sf-password" in cfg.secret_values()
+
+
+def test_dev_config_is_valid():
+    config.load(ROOT / "config" / "dev.toml", {})
+
+
+def test_base_is_valid():
+    cfg = config.parse(BASE, {})
+    assert cfg.tenants[0].listeners[0].options.hash == "abc"
+    assert cfg.engine.retry_initial == 0.5 and cfg.supervisor.backoff_max == 30.0
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (('options = { hash = "abc" }', "options = {}"), "tenants[0].listeners[0].options.hash: required"),
+    (('options = { hash = "abc" }', 'options = { hash = "abc" }\nstatus = "yes please"'),
+     "tenants[0].listeners[0].status: Input should be a valid boolean"),
+    (('type = "datasift"', 'type = "twitter"'),
+     "tenants[0].listeners[0].type: unknown listener type 'twitter' (expected one of: datasift, pusher, salesforce)"),
+    (('options = { hash = "abc" }', 'options = { hash = "abc", colour = "red" }'),
+     "tenants[0].listeners[0].options.colour: unknown key"),
+    (('username = "myuser"', 'username = "myuser"\napi_key2 = 1'),
+     "tenants[0].integrations.datasift.api_key2: unknown key"),
+    (('api-key = "k-123456"', 'api-key = "${DATASIFT_API_KEY}"'),
+     "tenants[0].integrations.datasift.api-key: environment variable DATASIFT_API_KEY is not set"),
+    (('id = "LI1"', 'id = "LI1"\nmapping = { user = "a..b" }'),
+     "tenants[0].listeners[0].mapping: mapping.user: path 'a..b' has an empty segment"),
+    (('id = "tenant1"', 'id = "bad id!"'), "tenants[0].id: must be 1-64 letters"),
+])
+def test_each_mistake_names_its_location(change, expected):
+    old, new = change
+    found = problems(BASE.replace(old, new, 1))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_duplicate_ids_and_missing_integration():
+    text = BASE + """
+[[tenants.listeners]]
+id = "LI1"
+type = "datasift"
+options = { hash = "def" }
+
+[[tenants.listeners]]
+id = "LI9"
+type = "pusher"
+options = { channel = "orders" }
+
+[[tenants]]
+id = "tenant1"
+"""
+    found = problems(text)
+    assert "tenants[0].listeners[1].id: duplicate listener id 'LI1' in tenant 'tenant1'" in found
+    assert any(p.startswith("tenants[0].listeners[2].type: no pusher integration") for p in found)
+    assert "tenants[1].id: duplicate tenant id 'tenant1'" in found
+
+
+def test_token_naming_unknown_tenant():
+    found = problems(BASE.replace('token = "ops-token-123456"', 'token = "ops-token-123456"\ntenants = ["nope"]'))
+    assert found == ["server.tokens[0].tenants[0]: unknown tenant 'nope'"]
+
+
+def test_secret_file_and_its_errors(tmp_path):
+    (tmp_path / "key").write_text("from-a-file-123\n")
+    text = BASE.replace('api-key = "k-123456"', 'api-key-file = "key"')
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert config.load(path, {}).tenants[0].integrations.datasift.api_key == "from-a-file-123"
+    path.write_text(BASE.replace('api-key = "k-123456"', 'api-key-file = "missing"'))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path, {})
+    assert str(caught.value.problems[0]).startswith("tenants[0].integrations.datasift.api-key-file: cannot read")
+    path.write_text(BASE.replace('api-key = "k-123456"', 'api-key = "x1234"\napi-key-file = "key"'))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path, {})
+    assert "give either api-key or api-key-file" in str(caught.value)
+
+
+def test_dollar_escape():
+    cfg = config.parse(BASE.replace('api-key = "k-123456"', 'api-key = "pa$$word"'), {})
+    assert cfg.tenants[0].integrations.datasift.api_key == "pa$word"
+
+
+def test_not_toml():
+    assert problems("[server\nlisten=")[0].startswith("<config>: not valid TOML")
+
+
+def test_check_command_exit_codes_and_streams(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text(BASE)
+    assert main(["check", "--config", str(good)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("config ok: 1 tenant(s), 1 listener(s)") and err == ""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace('options = { hash = "abc" }', "options = {}"))
+    assert main(["check", "--config", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "tenants[0].listeners[0].options.hash: required"
+    assert main(["check", "--config", str(tmp_path / "absent.toml")]) == 2
+
+
+def test_check_via_env_and_module_entry(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(BASE)
+    result = subprocess.run([sys.executable, "-m", "listenerd", "check"], capture_output=True, text=True,
+                            env={"LISTENERD_CONFIG": str(path), "PATH": ""}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "LI1 datasift enabled: stream abc" in result.stdout
+    usage = subprocess.run([sys.executable, "-m", "listenerd", "frobnicate"], capture_output=True, text=True,
+                           timeout=60)
+    assert usage.returncode == 2
