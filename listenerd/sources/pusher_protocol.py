@@ -358,6 +358,6 @@ class PusherProtocol:
         if status is not None:
             detail += f" (status {status})"
         reason = f"Pusher refused the subscription to channel {self.channel}: {detail}"
-        if isinstance(status, int) and (status >= 500 or status == 429):
+        if isinstance(status, int) and (500 <= status <= 599 or status == 429):
             return [self._end(Retry(reason))]
         return [self._end(Fail(reason))]
