@@ -312,6 +312,10 @@ class Outbox:
     def full(self) -> bool:
         return self._full(0)
 
+    def oldest_received_at(self) -> float | None:
+        """Receipt time (epoch seconds) of the oldest waiting event, or None when empty."""
+        return self._head_received if self._usage.events > 0 else None
+
     def oldest_age(self) -> float:
         """Seconds the oldest waiting event has waited (0 when the outbox is empty)."""
         head = self._head_received

@@ -1,0 +1,60 @@
+"""Dead letters: batches the engine refused (a 4xx other than 408/429), kept for an operator.
+
+Listing shows the engine's status code and answer with the events exactly as they were sent.
+Retry puts the events back into the outbox with their ids unchanged, so an engine that saw an
+earlier attempt can still de-duplicate; discard deletes them for good. Tenant auth is done by the
+app's middleware; ids are per daemon, and another tenant's id answers 404 like an unknown one.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from listenerd.api.app import DAEMON
+from listenerd.api.errors import ApiError
+
+routes = web.RouteTableDef()
+BASE = "/1.0/tenants/{tid}/dead-letters"
+
+
+def _id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(404, f"no dead letter {raw[:64]!r} in tenant {request.match_info['tid']!r}")
+    return int(raw)
+
+
+def _missing(request: web.Request) -> ApiError:
+    return ApiError(404, f"no dead letter {request.match_info['id']!r} in tenant {request.match_info['tid']!r}")
+
+
+@routes.get(BASE)
+async def list_dead_letters(request: web.Request) -> web.Response:
+    """Oldest first; `?listener-id=LI1` narrows to one listener."""
+    daemon = request.app[DAEMON]
+    listener_id = request.query.get("listener-id") or None
+    letters = await daemon.outbox.dead_letters(request.match_info["tid"], listener_id)
+    return web.json_response(letters)
+
+
+@routes.get(BASE + "/{id}")
+async def get_dead_letter(request: web.Request) -> web.Response:
+    letter = await request.app[DAEMON].outbox.dead_letter_by_id(request.match_info["tid"], _id(request))
+    if letter is None:
+        raise _missing(request)
+    return web.json_response(letter)
+
+
+@routes.post(BASE + "/{id}/retry")
+async def retry_dead_letter(request: web.Request) -> web.Response:
+    queued = await request.app[DAEMON].outbox.requeue_dead_letter(request.match_info["tid"], _id(request))
+    if queued is None:
+        raise _missing(request)
+    return web.json_response({"id": request.match_info["id"], "queued": queued}, status=202)
+
+
+@routes.delete(BASE + "/{id}")
+async def delete_dead_letter(request: web.Request) -> web.Response:
+    if not await request.app[DAEMON].outbox.discard_dead_letter(request.match_info["tid"], _id(request)):
+        raise _missing(request)
+    return web.Response(status=204)
