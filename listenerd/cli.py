@@ -102,7 +102,7 @@ def run(path: str, fmt: str) -> int:
     except config_module.ConfigError as exc:
         for problem in exc.problems:
             log.error("invalid config", problem=str(problem))
-        return _problems(exc)
+        return EXIT_USAGE
     redactor.register(*config.secret_values())
     configure_logging(fmt if fmt != "auto" else config.log.format, config.log.level)
     from listenerd.daemon import Daemon

@@ -133,21 +133,25 @@ async def running_daemon(tmp_path: Path, text: str, env: dict | None = None,
 class DaemonProcess:
     """`python -m listenerd run --config ...` as a child process, with its JSON log captured."""
 
-    def __init__(self, tmp_path: Path, text: str, env: dict | None = None, name: str = "daemon"):
+    def __init__(self, tmp_path: Path, text: str, env: dict | None = None, name: str = "daemon",
+                 scripted: bool = False):
         self.config_path = tmp_path / f"{name}.toml"
         self.config_path.write_text(text)
         self.log_path = tmp_path / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
-        self.env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in (env or {}) else None
+        if "NOTIFY_SOCKET" not in (env or {}):
+            self.env.pop("NOTIFY_SOCKET", None)
+        self.entry = [sys.executable, str(Path(__file__).with_name("scripted_daemon.py"))] if scripted else \
+            [sys.executable, "-m", "listenerd"]
         self.process: subprocess.Popen[bytes] | None = None
         self.api_url: str | None = None
         self._log_offset = 0
 
     async def start(self, timeout: float = 30.0) -> str:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.process = subprocess.Popen([sys.executable, "-m", "listenerd", "--log-format", "json", "run",
-                                         "--config", str(self.config_path)], stdout=log, stderr=log, env=self.env)
+        log = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - the child owns it
+        argv = [*self.entry, "--log-format", "json", "run", "--config", str(self.config_path)]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)  # noqa: ASYNC220
         log.close()
         ready = await wait_for(lambda: self._find("listenerd ready") or self._exited(), timeout=timeout,
                                interval=0.05, what="daemon ready")

@@ -11,22 +11,22 @@ from tests.daemon import OTHER_TOKEN, TOKEN, base_config, running_daemon
 from tests.harness import wait_for
 
 PUSHER_SECRET = "pusher-secret-for-tests"
-TENANT = """
+TENANT = f"""
 [[tenants]]
 id = "t1"
 name = "Tenant One"
 
 [tenants.integrations.pusher]
 key = "app-key"
-secret = "%s"
+secret = "{PUSHER_SECRET}"
 
 [[tenants.listeners]]
 id = "CFG1"
 name = "from config"
 type = "pusher"
-options = { channel = "cfg" }
-mapping = { n = "n" }
-""" % PUSHER_SECRET
+options = {{ channel = "cfg" }}
+mapping = {{ n = "n" }}
+"""
 
 
 COUNTERS: dict[tuple[str, str], int] = {}

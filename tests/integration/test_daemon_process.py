@@ -1,0 +1,179 @@
+"""The daemon as a real process: sd_notify, SIGHUP reload, SIGTERM, and no secret in its logs."""
+
+import signal
+import socket
+
+import pytest
+
+from listenerd.sim.engine import EngineSim
+from tests.daemon import TOKEN, Api, DaemonProcess, base_config
+from tests.harness import wait_for
+
+ENGINE_TOKEN = "engine-token-abcdef123456"
+SECRETS = {"pusher": "pusher-secret-zyxw9876", "datasift": "datasift-key-qwer5678",
+           "sf_password": "sf-password-asdf4321", "sf_consumer": "sf-consumer-ghjk1357",
+           "sf_token": "sf-token-lkjh2468"}
+
+
+def tenants(b_channel: str = "b") -> str:
+    return f"""
+[[tenants]]
+id = "t"
+
+[tenants.integrations.pusher]
+key = "app-key"
+secret = "${{PUSHER_SECRET}}"
+
+[tenants.integrations.datasift]
+username = "user"
+api-key = "{SECRETS['datasift']}"
+
+[tenants.integrations.salesforce]
+consumer-key = "ck"
+consumer-secret = "{SECRETS['sf_consumer']}"
+username = "u@example.com"
+password = "{SECRETS['sf_password']}"
+secret-token = "{SECRETS['sf_token']}"
+
+[[tenants.listeners]]
+id = "A"
+type = "pusher"
+options = {{ channel = "a" }}
+
+[[tenants.listeners]]
+id = "B"
+type = "pusher"
+options = {{ channel = "{b_channel}" }}
+
+[[tenants.listeners]]
+id = "D"
+type = "datasift"
+options = {{ hash = "abc" }}
+"""
+
+
+@pytest.fixture
+async def engine():
+    sim = EngineSim(token=ENGINE_TOKEN)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+def config_text(tmp_path, engine, b_channel="b"):
+    text = base_config(tmp_path, engine.url, tenants(b_channel))
+    return text.replace("[engine]\n", f'[engine]\ntoken = "{ENGINE_TOKEN}"\n')
+
+
+class NotifySocket:
+    def __init__(self, address: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def seen(self, line: str) -> int | None:
+        for index, message in enumerate(self.drain()):
+            if line in message.split("\n"):
+                return index
+        return None
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+async def test_sd_notify_ready_watchdog_stopping(tmp_path, engine, kind):
+    address = str(tmp_path / "notify.sock") if kind == "path" else f"@listenerd-test-{id(tmp_path)}"
+    notify = NotifySocket(address)
+    daemon = DaemonProcess(tmp_path, config_text(tmp_path, engine), scripted=True,
+                           env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
+                                "PUSHER_SECRET": SECRETS["pusher"]})
+    await daemon.start()
+    await wait_for(lambda: notify.seen("READY=1") is not None, what="READY=1")
+    ready = notify.seen("READY=1")
+    await wait_for(lambda: (i := notify.seen("WATCHDOG=1")) is not None and i > ready, what="WATCHDOG=1")
+    assert any(m.startswith("READY=1") and "STATUS=" in m for m in notify.messages)
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    await wait_for(lambda: notify.seen("STOPPING=1") is not None, what="STOPPING=1")
+    assert notify.seen("STOPPING=1") > ready
+    notify.sock.close()
+
+
+async def test_reload_restarts_only_the_changed_listener_and_refuses_a_bad_config(tmp_path, engine):
+    notify_address = str(tmp_path / "n.sock")
+    notify = NotifySocket(notify_address)
+    daemon = DaemonProcess(tmp_path, config_text(tmp_path, engine), scripted=True,
+                           env={"PUSHER_SECRET": SECRETS["pusher"], "NOTIFY_SOCKET": notify_address})
+    api = Api(await daemon.start())
+    try:
+        for lid in ("A", "B", "D"):
+            await api.wait_status("t", lid, "started")
+        before = {lid: (await api.status("t", lid))["since"] for lid in ("A", "B", "D")}
+
+        daemon.config_path.write_text(config_text(tmp_path, engine, b_channel="b2"))
+        daemon.signal(signal.SIGHUP)
+        reloaded = await wait_for(lambda: daemon._find("config reloaded"), what="reload logged")
+        assert reloaded["restarted"] == ["t/B"] and "started" not in reloaded
+        assert "RELOADING=1" in "".join(notify.drain())
+        await api.wait_status("t", "B", "started")
+        after = {lid: (await api.status("t", lid))["since"] for lid in ("A", "B", "D")}
+        assert after["A"] == before["A"] and after["D"] == before["D"] and after["B"] != before["B"]
+
+        daemon.config_path.write_text(config_text(tmp_path, engine).replace('hash = "abc"', "colour = 1"))
+        daemon.signal(signal.SIGHUP)
+        refused = await wait_for(lambda: [x for x in daemon.lines() if x.get("event") == "config reload refused"],
+                                 what="reload refused")
+        problems = {x["problem"] for x in refused}
+        assert "tenants[1].listeners[2].options.hash: required" in problems  # tenants[0] is "other"
+        await wait_for(lambda: any("Reload failed" in m for m in notify.drain()), what="STATUS says reload failed")
+        for lid in ("A", "B", "D"):
+            status = await api.status("t", lid)
+            assert status["status"] == "started" and status["since"] == after[lid]
+    finally:
+        await api.close()
+        assert await daemon.stop() == 0
+    notify.sock.close()
+
+
+async def test_sigterm_flushes_and_exits_zero_and_logs_hold_no_secret(tmp_path, engine):
+    daemon = DaemonProcess(tmp_path, config_text(tmp_path, engine), scripted=True,
+                           env={"PUSHER_SECRET": SECRETS["pusher"]})
+    api = Api(await daemon.start())
+    try:
+        await api.wait_status("t", "A", "started")
+        await wait_for(lambda: len(engine.events()) > 20, what="events delivered with the engine token")
+        # provoke logging around secrets: a bad token, a bad integration post, a status read
+        await api.call("GET", "/1.0/tenants/t/listeners", token=SECRETS["pusher"])
+        await api.call("POST", "/1.0/tenants/t/integrations/pusher", {"key": "k", "secret": SECRETS["pusher"]})
+        code, body = await api.call("GET", "/1.0/tenants/t/integrations")
+        assert code == 200
+        assert not any(secret in str(body) for secret in SECRETS.values())
+    finally:
+        await api.close()
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    lines = daemon.lines()
+    assert all(line.get("event") != "NOT JSON" for line in lines), [x for x in lines if x["event"] == "NOT JSON"]
+    stopped = [x for x in lines if x.get("event") == "listenerd stopped"]
+    assert stopped and stopped[-1]["undelivered"] == 0
+    text = daemon.log_text()
+    for secret in [*SECRETS.values(), ENGINE_TOKEN, TOKEN]:
+        assert secret not in text
+    assert len(engine.events()) > 20
+
+
+async def test_bad_config_exits_2_and_names_the_variable(tmp_path, engine):
+    daemon = DaemonProcess(tmp_path, config_text(tmp_path, engine), scripted=True, env={})
+    daemon.env.pop("PUSHER_SECRET", None)
+    with pytest.raises(AssertionError, match="exited with 2"):
+        await daemon.start(timeout=15)
+    lines = daemon.lines()
+    assert [x["problem"] for x in lines] == [
+        "tenants[1].integrations.pusher.secret: environment variable PUSHER_SECRET is not set"]
+    assert lines[0]["event"] == "invalid config" and lines[0]["level"] == "error"
