@@ -280,7 +280,8 @@ class Stream:
             self._resolve_all(ended)
             if self.ws is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.ws.close(), _CLOSE_WAIT)
+                    async with asyncio.timeout(_CLOSE_WAIT):
+                        await self.ws.close()
 
     async def _connect_and_read(self) -> None:
         settings = self.settings
@@ -337,11 +338,14 @@ class Stream:
         max_bytes = self.settings.max_frame_bytes
         while True:
             try:
-                raw = await asyncio.wait_for(self.ws.recv(decode=False), silence)
+                async with asyncio.timeout(silence):  # not wait_for: on 3.11 it can swallow a cancel
+                    raw = await self.ws.recv(decode=False)
             except TimeoutError:
                 raise _Ended("retry", f"No data or tick from DataSift for {silence:g}s; reconnecting", 0) from None
             except ConnectionClosed as exc:
                 raise _Ended("retry", self._closed_reason(exc)) from None
+            if self.closed:  # the last listener left while this frame arrived
+                return
             for sub in self.subscribers:
                 sub.ctx.alive()
             decision = decode_frame(raw, max_bytes, self.sent)

@@ -1,0 +1,262 @@
+"""The DataSift source against the /multi simulator over loopback, driven by the real supervisor.
+
+Covers: mapped events with stable ids, deletes with ids of their own, one shared socket for a
+tenant's listeners (live subscribe and unsubscribe), bad credentials (frame and HTTP), connection
+refused, an abrupt drop, `{"reconnect": true}`, silence, malformed and oversized frames, and a
+failure naming a hash versus one about credentials. Secrets never reach a status or a log line.
+"""
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import pytest
+from structlog.testing import capture_logs
+
+from listenerd.delivery.outbox import event_id
+from listenerd.model import Config
+from listenerd.sim.datasift import DataSiftSim
+from tests.harness import Harness, desired, integration, listener, wait_for
+
+SECRET = "key-s3cret-value"
+H1 = "4f3af38ad1c31646561bc814c3e69af5"
+H2 = "0123456789abcdef0123456789abcdef"
+H3 = "fedcba9876543210fedcba9876543210"
+MAPPING = {"username": "interaction.author.username", "sentiment": "salience.content.sentiment",
+           "id": "twitter.user.screen_name", "hash": "$hash", "deleted": "$deleted"}
+
+
+def creds(url, key=SECRET, username="user"):
+    return integration("datasift", username=username, **{"api-key": key, "stream-url": url})
+
+
+def on_sim(sim):
+    return creds(sim.url)
+
+
+def spec(lid, stream_hash, **extra):
+    return listener(id=lid, type="datasift", options={"hash": stream_hash}, mapping=MAPPING, **extra)
+
+
+def config(tmp_path, backoff=0.05, **sources):
+    return Config.model_validate({"store": {"path": str(tmp_path / "t.db")},
+                                  "supervisor": {"backoff-initial": backoff, "backoff-max": max(backoff, 0.3),
+                                                 "stop-timeout": 3},
+                                  "sources": sources})
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path, listeners, cfg=None, **sim_args):
+    """A simulator, a harness and a started supervisor; everything stopped afterwards."""
+    sim_args.setdefault("users", {"user": SECRET})
+    sim_args.setdefault("tick_interval", 0.2)
+    async with DataSiftSim(**sim_args) as sim, Harness(tmp_path, cfg or config(tmp_path)) as h:
+        sup = h.supervisor()
+        want = {("t1", lid): desired(spec(lid, hh), c(sim) if callable(c) else c) for lid, hh, c in listeners}
+        await sup.start(want)
+        try:
+            yield sim, h, sup
+        finally:
+            await sup.stop()
+
+
+def errors(h, lid, kind, tenant="t1"):
+    return h.metrics.listener_errors.labels(tenant, lid, kind)._value.get()
+
+
+async def test_interactions_and_deletes_are_mapped_with_stable_distinct_ids(tmp_path):
+    with capture_logs() as logs:
+        async with running(tmp_path, [("A", H1, on_sim)]) as (sim, h, sup):
+            record = sup.status(("t1", "A"))
+            await wait_for(lambda: record.status == "started", what="started")
+            assert record.message == f"Connected to stream: {H1}"
+            data = await sim.interaction(H1, username="alice", sentiment=3)
+            await sim.delete(H1, data["interaction"]["id"])
+            await wait_for(lambda: record.received == 2, what="two events")
+            first, second = await h.events("t1", "A")
+            iid = data["interaction"]["id"]
+            assert first["event"] == {"username": "alice", "sentiment": 3, "id": "alice", "hash": H1,
+                                      "deleted": False}
+            assert first["id"] == event_id("t1", "A", iid)
+            assert first["source"] == "datasift"
+            assert second["event"] == {"hash": H1, "deleted": True}
+            assert second["id"] == event_id("t1", "A", f"deleted:{iid}") != first["id"]
+            assert sim.actions == [{"username": "user", "action": "subscribe", "hash": H1}]
+    assert logs, "the source logs its connection"
+    assert SECRET not in repr(logs)
+
+
+async def test_listeners_share_one_socket_and_deleting_one_unsubscribes_it_live(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started", what="both started")
+        assert sim.connects == 1 and len(sim.connections) == 1
+        assert sim.subscribed() == {H1, H2}
+        assert b.message == f"Connected to stream: {H2}"
+        await sim.interaction(H1)
+        await sim.interaction(H2)
+        await wait_for(lambda: a.received == 1 and b.received == 1, what="one event each")
+
+        # a third listener joins the live socket; one with other credentials gets its own socket
+        c_spec, d_spec = spec("C", H3), spec("D", H1)
+        sim.users["other"] = "other-key"
+        want = {("t1", "A"): desired(spec("A", H1), creds(sim.url)),
+                ("t1", "B"): desired(spec("B", H2), creds(sim.url)),
+                ("t1", "C"): desired(c_spec, creds(sim.url)),
+                ("t2", "D"): desired(d_spec, creds(sim.url, key="other-key", username="other"))}
+        await sup.reconcile(want)
+        c, d = sup.status(("t1", "C")), sup.status(("t2", "D"))
+        await wait_for(lambda: c.status == d.status == "started", what="C and D started")
+        assert sim.connects == 2 and sim.subscribed("user") == {H1, H2, H3} and sim.subscribed("other") == {H1}
+
+        # deleting A: its hash is unsubscribed on the live socket; B and C keep streaming
+        del want[("t1", "A")]
+        await sup.reconcile(want)
+        await wait_for(lambda: sim.actions_for(H1)[-1:] == ["unsubscribe"] and H1 not in sim.subscribed("user"),
+                       what="unsubscribe of A's hash")
+        assert sim.connects == 2
+        await sim.interaction(H2)
+        await sim.interaction(H3)
+        await wait_for(lambda: b.received == 2 and c.received == 1, what="B and C still streaming")
+        assert b.status == c.status == "started"
+
+        # the last listener of a socket closes it
+        await sup.reconcile({("t2", "D"): want[("t2", "D")]})
+        await wait_for(lambda: sim.subscribed("user") == set() and len(sim.connections) == 1,
+                       what="user's socket closed")
+
+
+async def test_two_listeners_on_the_same_hash_both_receive_it_and_it_stays_subscribed(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H1, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started")
+        data = await sim.interaction(H1)
+        await wait_for(lambda: a.received == b.received == 1)
+        ea, eb = (await h.events("t1", "A"))[0], (await h.events("t1", "B"))[0]
+        assert ea["id"] != eb["id"] and ea["event"]["username"] == data["interaction"]["author"]["username"]
+        await sup.reconcile({("t1", "B"): desired(spec("B", H1), creds(sim.url))})
+        await wait_for(lambda: sup.status(("t1", "A")) is None)
+        assert sim.actions_for(H1) == ["subscribe"] and sim.subscribed() == {H1}
+        await sim.interaction(H1)
+        await wait_for(lambda: b.received == 2)
+
+
+@pytest.mark.parametrize("reject_http", [False, True], ids=["failure-frame", "http-401"])
+async def test_bad_credentials_fail_every_listener_of_the_socket_without_retrying(tmp_path, reject_http):
+    async with running(tmp_path, [("A", H1, lambda s: creds(s.url, key="wrong-" + SECRET)),
+                                  ("B", H2, lambda s: creds(s.url, key="wrong-" + SECRET))],
+                       reject_http=reject_http) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "failed", what="both failed")
+        assert "credentials" in a.message and "credentials" in b.message
+        assert SECRET not in a.message + str(a.last_error)
+        rejected = sim.rejected
+        assert rejected == 1  # one shared socket
+        await asyncio.sleep(0.3)  # a retry would have happened by now at a 0.05 s back-off
+        assert sim.rejected == rejected and a.status == "failed"
+
+
+async def test_connection_refused_is_retried_with_back_off(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/multi"
+    async with running(tmp_path, [("A", H1, creds(url))]) as (sim, h, sup):
+        a = sup.status(("t1", "A"))
+        await wait_for(lambda: a.attempts >= 3, what="three attempts")
+        assert a.status in ("retrying", "starting")
+        assert f"Cannot connect to DataSift at {url}" in a.last_error
+        assert SECRET not in a.message + a.last_error and "api_key" not in a.last_error
+
+
+async def test_abrupt_drop_reconnects_and_resubscribes_every_hash(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started")
+        await sim.interaction(H1)
+        await wait_for(lambda: a.received == 1)
+        await sim.drop()
+        await wait_for(lambda: sim.connects >= 2 and sim.subscribed() == {H1, H2}, what="resubscribed")
+        await wait_for(lambda: a.status == b.status == "started", what="started again")
+        assert "Connection to DataSift lost" in a.last_error
+        assert sim.actions_for(H1) == ["subscribe", "subscribe"] and sim.actions_for(H2) == ["subscribe", "subscribe"]
+        await sim.interaction(H1)
+        await sim.interaction(H2)
+        await wait_for(lambda: a.received == 2 and b.received == 1, what="events after reconnect")
+
+
+async def test_reconnect_message_reconnects_at_once_despite_a_long_back_off(tmp_path):
+    cfg = config(tmp_path, backoff=20)
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)], cfg=cfg) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started")
+        sent_at = time.monotonic()
+        await sim.send_reconnect()
+        await wait_for(lambda: sim.connects == 2 and sim.subscribed() == {H1, H2}, timeout=5, what="reconnect")
+        assert time.monotonic() - sent_at < 5  # the back-off (20 s) was not applied
+        await wait_for(lambda: a.status == b.status == "started")
+        assert a.last_error == "DataSift asked for a reconnect"
+        assert len(sim.connections) == 1
+
+
+async def test_silence_past_the_bound_means_a_reconnect(tmp_path):
+    cfg = config(tmp_path, **{"datasift-silence-timeout": 0.6})
+    async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg, tick_interval=0.1) as (sim, h, sup):
+        a = sup.status(("t1", "A"))
+        await wait_for(lambda: a.status == "started")
+        await asyncio.sleep(0.8)  # ticks every 0.1 s keep the 0.6 s bound satisfied
+        assert sim.connects == 1 and a.status == "started"
+        sim.silence()
+        await wait_for(lambda: sim.connects >= 2, what="reconnect after silence")
+        assert "No data or" in a.last_error
+        sim.silence(False)
+        await wait_for(lambda: a.status == "started")
+        await sim.interaction(H1)
+        await wait_for(lambda: a.received == 1)
+
+
+async def test_malformed_and_oversized_frames_are_counted_and_not_fatal(tmp_path):
+    cfg = config(tmp_path, **{"max-frame-bytes": 4096})
+    async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg) as (sim, h, sup):
+        a = sup.status(("t1", "A"))
+        await wait_for(lambda: a.status == "started")
+        await sim.send_malformed()
+        await sim.send_oversized(20_000, H1)
+        await sim.publish(H1, ["not", "an", "object"])
+        data = await sim.interaction(H1)
+        await wait_for(lambda: a.received == 1, what="the good event")
+        assert errors(h, "A", "malformed") == 3
+        assert errors(h, "A", "oversized") == 1
+        assert (await h.events("t1", "A"))[0]["id"] == event_id("t1", "A", data["interaction"]["id"])
+        assert sim.connects == 1 and a.status == "started"
+
+
+async def test_failure_naming_a_hash_fails_that_listener_only(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started")
+        await sim.fail_hash(H1)
+        await wait_for(lambda: a.status == "failed", what="A failed")
+        assert a.message == f"DataSift refused stream {H1}: The hash {H1} does not exist"
+        await sim.interaction(H2)
+        await wait_for(lambda: b.received == 1)
+        assert b.status == "started" and sim.connects == 1
+        assert "unsubscribe" not in sim.actions_for(H1)
+
+
+async def test_unknown_hash_at_subscribe_fails_that_listener_only(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)], hashes={H2}) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == "failed" and b.status == "started")
+        assert H1 in a.message and "does not exist" in a.message
+
+
+async def test_failure_about_credentials_on_a_live_socket_fails_all_its_listeners(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started")
+        await sim.fail_credentials()
+        await wait_for(lambda: a.status == b.status == "failed", what="both failed")
+        assert a.message.startswith("DataSift refused the credentials: ")
+        assert sim.connects == 1
