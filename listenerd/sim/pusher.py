@@ -95,6 +95,9 @@ class SimConnection:
         self.presence: dict[str, str] = {}  # channel -> user_id
         self.last_rx = time.monotonic()
         self.ping_sent_at: float | None = None
+        self.silent = False  # a black hole: nothing is sent, nothing is answered
+        self.pongs = 0  # pusher:pong frames received (answers to the server's pings)
+        self.closing = False
         self._queue: deque[Any] = deque()
         self._wake = asyncio.Event()
         self.writer = asyncio.create_task(self._write_loop(), name=f"pusher-sim-writer:{socket_id}")
@@ -102,15 +105,18 @@ class SimConnection:
 
     def send(self, frame: Any) -> None:
         """Queue a frame (text, bytes, or a close/drop marker) behind everything queued before."""
-        if self.sim.silent and frame is not _DROP:
+        if self.silent:
             return  # a black-holed connection: nothing reaches the client
         self._queue.append(frame)
         self._wake.set()
 
     def close(self, code: int, reason: str = "") -> None:
+        """Close after the frames already queued; nothing published later reaches this socket."""
+        self.closing = True
         self.send((_CLOSE, code, reason))
 
     def drop(self) -> None:
+        self.closing = True
         self._queue.clear()
         if self.transport is not None:
             self.transport.abort()
@@ -156,7 +162,6 @@ class PusherSim:
         self.published = 0  # channel events accepted (HTTP API and publish())
         self.http_rejected: list[tuple[int, str]] = []  # (status, error) of refused HTTP API calls
         self.connects = 0  # WebSocket handshakes accepted
-        self.silent = False
         self._refuse_status: int | None = None
         self._close_on_connect: tuple[int, str] | None = None
         self._reject: dict[str, tuple[int, str]] = {}
@@ -181,9 +186,9 @@ class PusherSim:
         app.router.add_post("/apps/{app_id}/events", self._events_handler)
         app.router.add_post("/apps/{app_id}/batch_events", self._batch_handler)
         app.router.add_get("/apps/{app_id}/channels", self._channels_handler)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog)
         await site.start()
         server = site._server
         assert server is not None and getattr(server, "sockets", None)
@@ -194,8 +199,8 @@ class PusherSim:
         """Close every socket with 4200 (as a Pusher server going down does) and stop listening."""
         if self._sweeper:
             self._sweeper.cancel()
-        self.silent = False
         for conn in list(self.connections):
+            conn.silent = False
             conn.close(4200, "Server is shutting down")
         if self.connections:
             await asyncio.wait([asyncio.ensure_future(c.closed.wait()) for c in self.connections], timeout=2)
@@ -227,13 +232,13 @@ class PusherSim:
         frame = _frame(event, data, channel)
         sent = 0
         for conn in self.connections:
-            if channel in conn.channels and conn.socket_id != exclude:
+            if channel in conn.channels and conn.socket_id != exclude and not conn.closing:
                 conn.send(frame)
                 sent += 1
         return sent
 
     def subscribers(self, channel: str) -> list[SimConnection]:
-        return [c for c in self.connections if channel in c.channels]
+        return [c for c in self.connections if channel in c.channels and not c.closing]
 
     async def wait_subscribed(self, channel: str, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until at least `count` successful subscriptions to `channel` were ever made."""
@@ -261,8 +266,10 @@ class PusherSim:
             conn.drop()
 
     def go_silent(self, silent: bool = True) -> None:
-        """Stop sending anything (events, pongs, pings) and stop closing idle clients: a black hole."""
-        self.silent = silent
+        """Make the current sockets black holes: nothing sent (events, pongs, pings), nothing answered,
+        never closed. New connections behave normally, as after a dead network path."""
+        for conn in self.connections:
+            conn.silent = silent
 
     def send_raw(self, payload: str | bytes) -> None:
         """Send `payload` as is to every socket (malformed JSON, binary frames ...)."""
@@ -320,7 +327,7 @@ class PusherSim:
             async for msg in ws:
                 conn.last_rx = time.monotonic()
                 conn.ping_sent_at = None
-                if refusal or self.silent:
+                if refusal or conn.silent:
                     continue
                 if msg.type == WSMsgType.TEXT:
                     self._on_text(conn, msg.data)
@@ -361,7 +368,7 @@ class PusherSim:
         if event == "pusher:ping":
             conn.send(_frame("pusher:pong", {}))
         elif event == "pusher:pong":
-            pass
+            conn.pongs += 1
         elif event == "pusher:subscribe":
             self._subscribe(conn, data if isinstance(data, dict) else {})
         elif event == "pusher:unsubscribe":
@@ -454,10 +461,10 @@ class PusherSim:
         ping = _frame("pusher:ping", {})
         while True:
             await asyncio.sleep(interval)
-            if self.silent:
-                continue
             now = time.monotonic()
             for conn in self.connections:
+                if conn.silent:
+                    continue
                 if conn.ping_sent_at is not None:
                     if now - conn.ping_sent_at >= self.pong_timeout:
                         conn.ping_sent_at = float("inf")  # close once
