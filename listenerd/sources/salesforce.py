@@ -1,0 +1,345 @@
+"""Salesforce PushTopic source: OAuth login, PushTopic lookup/creation, and the Bayeux driver with replay.
+
+The protocol decisions live in `sources/bayeux.py` (pure); this module only does the I/O around it:
+
+1. Login (OAuth 2.0 username-password) with aiohttp against `{login-url}/services/oauth2/token`,
+   any host and scheme, TLS verified (optionally against `sources.ca-bundle`). `invalid_grant` /
+   `invalid_client` are `failed` with Salesforce's own words; the secrets never appear anywhere.
+2. PushTopic lookup and creation with simple-salesforce in direct mode, in a thread (it is
+   synchronous). simple-salesforce always builds `https://<instance>` URLs, so a small
+   `requests.Session` rebases them onto the instance URL as given (plain http for simulators).
+3. Long-polling: one aiohttp `ClientSession` with its own cookie jar per Bayeux session (a new one at
+   each handshake, so `BAYEUX_BROWSER` never leaks into the next session). Each event is emitted
+   with its replayId as the checkpoint, which the outbox commits with the event, so a restart
+   resumes after the last event that is durable.
+
+Replay choice (documented in the report/README): start at the stored checkpoint for `resume`
+(else -1); `new` is -1 and `all` is -2 at each launch, but a retry inside one launch resumes from the
+checkpoint so a reconnect never skips events. A replayId the server no longer holds is reported in
+the status message and resubscribed from -2 (`resume`, `all`: every retained event; duplicates
+keep their ids, so the engine drops them) or -1 (`new`: the listener asked for new events only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import requests
+
+from listenerd.model import SalesforceIntegration, SalesforceOptions
+from listenerd.sources.base import ListenerFailed, ListenerRetry, SourceContext
+from listenerd.sources.bayeux import (
+    BayeuxClient,
+    Failed,
+    Message,
+    Rehandshake,
+    Relogin,
+    ReplayRejected,
+    Request,
+    Retry,
+    Subscribed,
+)
+
+STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
+FATAL_LOGIN_ERRORS = ("invalid_grant", "invalid_client", "invalid_client_id", "unsupported_grant_type")
+
+
+@dataclass(frozen=True)
+class Session:
+    """The answer of a login; `repr` never shows the token."""
+
+    access_token: str = field(repr=False)
+    instance_url: str
+    org_id: str
+
+
+def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+
+
+def scrub(text: str, integration: SalesforceIntegration) -> str:
+    """Salesforce's words, minus any secret they might echo."""
+    for secret in (integration.password + integration.secret_token, *integration.secret_values()):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "********")
+    return text
+
+
+def org_id_of(answer: dict[str, Any]) -> str:
+    """The org from the identity URL `.../id/<orgId>/<userId>`, else the token's `<orgId>!` prefix."""
+    parts = urlsplit(str(answer.get("id", ""))).path.strip("/").split("/")
+    if len(parts) >= 3 and parts[-3] == "id":
+        return parts[-2]
+    token = str(answer.get("access_token", ""))
+    return token.split("!", 1)[0] if "!" in token else "org"
+
+
+async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration, sslctx: ssl.SSLContext,
+                timeout: float) -> Session:
+    url = integration.login_url.rstrip("/") + "/services/oauth2/token"
+    form = {"grant_type": "password", "client_id": integration.consumer_key,
+            "client_secret": integration.consumer_secret, "username": integration.username,
+            "password": integration.password + integration.secret_token}
+    try:
+        async with http.post(url, data=form, ssl=sslctx, timeout=aiohttp.ClientTimeout(total=timeout),
+                             headers={"Accept": "application/json"}) as response:
+            status, body = response.status, await response.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise ListenerRetry(f"Cannot reach {integration.login_url}: {describe(exc)}") from None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if status == 200 and isinstance(answer, dict) and answer.get("access_token") and answer.get("instance_url"):
+        return Session(answer["access_token"], str(answer["instance_url"]).rstrip("/"), org_id_of(answer))
+    if isinstance(answer, dict) and answer.get("error"):
+        words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration)
+        if answer["error"] in FATAL_LOGIN_ERRORS:
+            raise ListenerFailed(f"Salesforce rejected the login: {words}")
+        raise ListenerRetry(f"Login failed: {words}")
+    raise ListenerRetry(f"Login failed: HTTP {status} from {integration.login_url}")
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+# ---------------------------------------------------------------- PushTopic over REST (in a thread)
+
+
+class RebasedSession(requests.Session):
+    """Sends simple-salesforce's `https://<instance>/...` URLs to the instance URL as configured."""
+
+    def __init__(self, instance_url: str, verify: str | bool, timeout: float):
+        super().__init__()
+        parts = urlsplit(instance_url)
+        self._from = f"https://{parts.netloc}/"
+        self._to = f"{parts.scheme}://{parts.netloc}/"
+        self.verify = verify
+        self._timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if isinstance(url, str) and url.startswith(self._from):
+            url = self._to + url[len(self._from):]
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(method, url, *args, **kwargs)
+
+
+def ensure_topic(session: Session, options: SalesforceOptions, verify: str | bool, timeout: float) -> str:
+    """Find the PushTopic, creating it when a query is configured; 'found' or 'created'."""
+    from simple_salesforce import Salesforce  # imported lazily: it pulls in a large dependency tree
+    from simple_salesforce.exceptions import (
+        SalesforceError,
+        SalesforceExpiredSession,
+        SalesforceGeneralError,
+    )
+
+    name = options.topic.removeprefix("/topic/")
+    http = RebasedSession(session.instance_url, verify, timeout)
+    sf = Salesforce(instance_url=session.instance_url, session_id=session.access_token, session=http,
+                    version=options.version)
+    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    try:
+        found = sf.query(f"SELECT Id, Name, Query, ApiVersion, IsActive FROM PushTopic WHERE Name = '{quoted}'")
+        if found.get("totalSize", 0) > 0:
+            return "found"
+        if not options.query:
+            raise ListenerFailed(f"PushTopic {name} does not exist in the org, and the listener has no query "
+                                 f"to create it with (set options.query, or create the PushTopic)")
+        sf.PushTopic.create({"Name": name, "Query": options.query, "ApiVersion": float(options.version),
+                             "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
+                             "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
+                             "NotifyForFields": "Referenced"})
+        return "created"
+    except SalesforceExpiredSession:
+        raise
+    except SalesforceGeneralError as exc:
+        raise ListenerRetry(f"Salesforce REST error for PushTopic {name}: {rest_words(exc)}") from None
+    except SalesforceError as exc:
+        raise ListenerFailed(f"Salesforce refused PushTopic {name}: {rest_words(exc)}") from None
+    except requests.RequestException as exc:
+        raise ListenerRetry(f"Cannot reach {session.instance_url}: {type(exc).__name__}") from None
+    finally:
+        http.close()
+
+
+def rest_words(exc: Any) -> str:
+    content = getattr(exc, "content", None)
+    if isinstance(content, list):
+        return "; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}" for c in content if isinstance(c, dict))
+    return f"HTTP {getattr(exc, 'status', '?')}"
+
+
+# ---------------------------------------------------------------- the source
+
+
+def start_replay(options: SalesforceOptions, stored: str | None, attempts: int) -> int:
+    if (options.replay == "resume" or attempts > 0) and stored is not None and stored.lstrip("-").isdigit():
+        return int(stored)
+    return -2 if options.replay == "all" else -1
+
+
+async def run(ctx: SourceContext) -> None:
+    integration: SalesforceIntegration = ctx.integration  # type: ignore[assignment]
+    options: SalesforceOptions = ctx.listener.options  # type: ignore[attr-defined]
+    stream = Stream(ctx, integration, options)
+    try:
+        await stream.run()
+    except asyncio.CancelledError:
+        await stream.goodbye()
+        raise
+    finally:
+        await stream.close()
+
+
+class Stream:
+    """One launch of a Salesforce listener: login, topic, then the Bayeux loop until cancelled."""
+
+    def __init__(self, ctx: SourceContext, integration: SalesforceIntegration, options: SalesforceOptions):
+        self.ctx = ctx
+        self.integration = integration
+        self.options = options
+        self.settings = ctx.settings
+        self.ssl = ssl_context(self.settings.ca_bundle)
+        self.timeout = self.settings.connect_timeout
+        self.session: Session | None = None
+        self.http: aiohttp.ClientSession | None = None  # one per Bayeux session (its cookie jar)
+        self.bayeux: BayeuxClient | None = None
+        self.note = ""
+
+    async def run(self) -> None:
+        ctx, options = self.ctx, self.options
+        ctx.starting(f"Logging in to {self.integration.login_url}")
+        await self.login()
+        name = options.topic.removeprefix("/topic/")
+        ctx.starting(f"Looking up PushTopic {name}")
+        outcome = await self.ensure_topic()
+        if outcome == "created":
+            ctx.log.info("PushTopic created", topic=name)
+        replay = start_replay(options, await ctx.checkpoint(), ctx.status.attempts)
+        ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
+        self.bayeux = BayeuxClient({options.topic: replay}, replay_fallback=-1 if options.replay == "new" else -2,
+                                   margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout)
+        bound = None
+        while True:
+            request = self.bayeux.next_request()
+            for output in await self.send(request):
+                await self.handle(output)
+            if self.bayeux.subscribed and bound != self.bayeux.heartbeat_bound:
+                bound = self.bayeux.heartbeat_bound
+                ctx.set_heartbeat_bound(bound)
+
+    async def login(self) -> None:
+        async with aiohttp.ClientSession() as http:
+            self.session = await login(http, self.integration, self.ssl, self.timeout)
+
+    async def ensure_topic(self) -> str:
+        from simple_salesforce.exceptions import SalesforceExpiredSession
+
+        verify: str | bool = self.settings.ca_bundle or True
+        for attempt in (1, 2):
+            assert self.session is not None
+            try:
+                return await asyncio.to_thread(ensure_topic, self.session, self.options, verify, self.timeout)
+            except SalesforceExpiredSession:
+                if attempt == 2:
+                    raise ListenerRetry("Salesforce refused a fresh session for the REST API") from None
+                await self.login()
+        raise AssertionError("unreachable")
+
+    async def send(self, request: Request) -> list[Any]:
+        assert self.bayeux is not None and self.session is not None
+        if request.kind == "handshake":
+            await self.close()
+            self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        if request.delay:
+            await asyncio.sleep(request.delay)
+        try:
+            status, body = await self.post(request)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}")
+        self.ctx.alive()
+        if status != 200:
+            return self.bayeux.http_error(status, body[:200].decode("utf-8", "replace"))
+        try:
+            messages = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            self.ctx.count("malformed")
+            return self.bayeux.malformed(f"{request.kind} answer is not JSON")
+        return self.bayeux.receive(messages)
+
+    async def post(self, request: Request) -> tuple[int, bytes]:
+        assert self.http is not None and self.session is not None
+        url = f"{self.session.instance_url}/cometd/{self.options.version}"
+        headers = {"Authorization": f"Bearer {self.session.access_token}", "Content-Type": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=request.timeout, connect=self.timeout)
+        async with self.http.post(url, data=orjson.dumps(request.messages), headers=headers, ssl=self.ssl,
+                                  timeout=timeout) as response:
+            return response.status, await response.read()
+
+    async def handle(self, output: Any) -> None:
+        ctx = self.ctx
+        if isinstance(output, Message):
+            await self.emit(output)
+        elif isinstance(output, Subscribed):
+            ctx.started(f"Subscribed to topic: {self.options.topic}{self.note}")
+            if output.resubscribe:
+                ctx.log.info("resubscribed", topic=self.options.topic, replay=output.replay)
+        elif isinstance(output, ReplayRejected):
+            what = "all retained events" if output.fallback == -2 else "new events only"
+            self.note = (f" (replayId {output.replay_id} is no longer retained by Salesforce: resumed with "
+                         f"{what}; events in between may be missing)")
+            ctx.count("replay_gap")
+            ctx.log.warning("replayId outside the retention window", replay=output.replay_id,
+                            fallback=output.fallback, error=output.error)
+        elif isinstance(output, Rehandshake):
+            ctx.reconnected()
+            ctx.log.info("new Bayeux handshake", reason=output.reason)
+        elif isinstance(output, Relogin):
+            ctx.reconnected()
+            ctx.log.info("session expired; logging in again", reason=output.reason)
+            await self.login()
+            assert self.bayeux is not None
+            self.bayeux.relogged_in()
+        elif isinstance(output, Retry):
+            raise ListenerRetry(f"Salesforce streaming: {output.reason}")
+        elif isinstance(output, Failed):
+            raise ListenerFailed(output.reason)
+
+    async def emit(self, message: Message) -> None:
+        data = message.data
+        sobject = data.get("sobject") if isinstance(data, dict) else None
+        event = data.get("event") if isinstance(data, dict) else None
+        if message.replay_id is None or not isinstance(sobject, dict) or not isinstance(event, dict):
+            self.ctx.count("malformed")
+            self.ctx.log.warning("event without sobject or replayId skipped", channel=message.channel)
+            return
+        assert self.session is not None
+        await self.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel},
+                            key=f"{self.session.org_id}/{self.options.topic.removeprefix('/topic/')}/{message.replay_id}",
+                            checkpoint=str(message.replay_id))
+
+    async def goodbye(self) -> None:
+        """Free the server's client slot: unsubscribe and disconnect, best effort, bounded."""
+        request = self.bayeux.stop_request() if self.bayeux else None
+        if request is None or self.http is None or self.session is None:
+            return
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.post(request)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
