@@ -62,6 +62,21 @@ class SecretRedactor:
 redactor = SecretRedactor()
 
 
+class ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a client's malformed HTTP as an ERROR with a traceback; it is the client's fault:
+    say so in one warning line with the reason, and keep tracebacks for our own failures."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            error = record.exc_info[1]
+            record.msg, record.args = "rejected a malformed HTTP request: %s", (str(error.message).strip(),)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     """Route structlog, stdlib logging and warnings to `stream` (stderr) in one format."""
     stream = stream or sys.stderr
@@ -95,6 +110,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientProtocolErrors) for f in server_log.filters):
+        server_log.addFilter(ClientProtocolErrors())
     for noisy in ("aiohttp.access", "websockets.client", "websockets.server"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)

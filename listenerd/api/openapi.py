@@ -1,0 +1,179 @@
+"""The OpenAPI 3.1 document of every route, served at /1.0/openapi.json.
+
+Request bodies reuse the pydantic models' JSON schemas, so the document cannot drift from the
+validation the handlers run; tests check that every route of the app is described and vice versa,
+and schemathesis fuzzes the running daemon against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import TypeAdapter
+
+from listenerd.cli import version
+from listenerd.model import INTEGRATION_TYPES, Listener
+
+routes = web.RouteTableDef()
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+TENANT = {"name": "tid", "in": "path", "required": True, "schema": {"type": "string"}}
+LISTENER_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+DEAD_LETTER_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "bad body or parameters; the error names the field", 401: "no or bad token",
+            403: "the token may not use that tenant", 404: "no such tenant or item",
+            409: "declared in the config file, or the id is taken", 413: "body too large",
+            415: "body is not JSON", 503: "not loaded yet"}
+    return {str(code): _json(ERROR, text[code]) for code in codes}
+
+
+def _op(summary: str, ok: dict[str, Any], params: list[dict], *errors: int, body: dict | None = None,
+        auth: bool = True) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "parameters": params, "responses": {**ok, **_errors(*errors)}}
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if not auth:
+        operation["security"] = []
+    return operation
+
+
+def document() -> dict[str, Any]:
+    listener_input = TypeAdapter(Listener).json_schema(by_alias=True, mode="validation",
+                                                       ref_template="#/components/schemas/{model}")
+    defs = listener_input.pop("$defs", {})
+    for schema in defs.values():
+        schema.get("properties", {}).pop("managed-by", None)
+    auth = (401, 403, 404)
+    body_errors = (400, 401, 403, 404, 413, 415)
+    listener = {"$ref": "#/components/schemas/Listener"}
+    lparams = [TENANT, LISTENER_ID]
+    paths = {
+        "/1.0/tenants/{tid}/listeners": {
+            "get": _op("List listeners", {"200": _json({"type": "array", "items": listener}, "listeners")},
+                       [TENANT], *auth),
+            "post": _op("Create a listener (starts at once when status is true)",
+                        {"201": _json(listener, "created")}, [TENANT], *body_errors, 409,
+                        body={"$ref": "#/components/schemas/ListenerInput"}),
+        },
+        "/1.0/tenants/{tid}/listeners/{id}": {
+            "get": _op("Retrieve a listener", {"200": _json(listener, "the listener")}, lparams, *auth),
+            "put": _op("Update the fields given; the listener restarts", {"200": _json(listener, "updated")},
+                       lparams, *body_errors, 409, body={"$ref": "#/components/schemas/ListenerUpdate"}),
+            "delete": _op("Delete a listener; it stops at once", {"204": {"description": "deleted"}}, lparams,
+                          *auth, 409),
+        },
+        "/1.0/tenants/{tid}/listeners/{id}/status": {
+            "get": _op("A listener's status", {"200": _json({"$ref": "#/components/schemas/Status"}, "status")},
+                       lparams, *auth, 503),
+        },
+        "/1.0/tenants/{tid}/listeners/{id}/restart": {
+            "post": _op("Restart now, also out of failed", {"202": _json({"type": "object"}, "restarting")},
+                        lparams, *auth),
+        },
+        "/1.0/tenants/{tid}/listeners/{id}/checkpoint": {
+            "get": _op("The stored resume point", {"200": _json({"$ref": "#/components/schemas/Checkpoint"},
+                                                                "checkpoint")}, lparams, *auth),
+            "put": _op("Set the resume point; the listener restarts from there",
+                       {"200": _json({"$ref": "#/components/schemas/Checkpoint"}, "stored")}, lparams,
+                       *body_errors, body={"$ref": "#/components/schemas/Checkpoint"}),
+        },
+        "/1.0/tenants/{tid}/listeners/{id}/tap": {
+            "get": _op("Server-sent events: each normalized event as it passes",
+                       {"200": {"description": "event stream", "content": {"text/event-stream": {
+                           "schema": {"type": "string"}}}}}, lparams, *auth),
+        },
+        "/1.0/tenants/{tid}/dead-letters": {
+            "get": _op("Batches the engine refused", {"200": _json({"type": "array", "items": {
+                "$ref": "#/components/schemas/DeadLetter"}}, "dead letters")}, [TENANT], *auth),
+        },
+        "/1.0/tenants/{tid}/dead-letters/{id}/retry": {
+            "post": _op("Queue a dead letter for delivery again", {"202": _json({"type": "object"}, "queued")},
+                        [TENANT, DEAD_LETTER_ID], *auth),
+        },
+        "/1.0/tenants/{tid}/dead-letters/{id}": {
+            "get": _op("Retrieve a dead letter", {"200": _json({"$ref": "#/components/schemas/DeadLetter"},
+                                                               "dead letter")}, [TENANT, DEAD_LETTER_ID], *auth),
+            "delete": _op("Discard a dead letter", {"204": {"description": "discarded"}}, [TENANT, DEAD_LETTER_ID],
+                          *auth),
+        },
+        "/1.0/tenants/{tid}/integrations": {
+            "get": _op("List integrations, secrets masked", {"200": _json({"type": "array", "items": {
+                "$ref": "#/components/schemas/Integration"}}, "integrations")}, [TENANT], *auth),
+        },
+        "/1.0/tenants/{tid}/integrations/{type}": {
+            "get": _op("Retrieve an integration, secrets masked",
+                       {"200": _json({"$ref": "#/components/schemas/Integration"}, "integration")},
+                       [TENANT, TYPE], *auth),
+            "post": _op("Set up or replace that type's credentials; listeners using it restart",
+                        {"200": _json({"$ref": "#/components/schemas/Integration"}, "stored, secrets masked")},
+                        [TENANT, TYPE], *body_errors, 409, body={"type": "object"}),
+        },
+        "/healthz": {"get": _op("Liveness", {"200": _json({"type": "object"}, "running")}, [], auth=False)},
+        "/readyz": {"get": _op("Readiness", {"200": _json({"type": "object"}, "ready"),
+                                             "503": _json({"type": "object"}, "not ready")}, [], auth=False)},
+        "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text format", "content": {
+            "text/plain": {"schema": {"type": "string"}}}}}, [], auth=False)},
+        "/1.0/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [],
+                                         auth=False)},
+    }
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    schemas: dict[str, Any] = {
+        **defs,
+        "ListenerInput": listener_input,
+        "ListenerUpdate": {"type": "object", "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "status": {"type": "boolean"},
+            "type": {"enum": ["datasift", "pusher", "salesforce"]}, "options": {"type": "object"},
+            "mapping": {"type": "object", "additionalProperties": {"type": "string"}}}, "additionalProperties": False},
+        "Listener": {"type": "object", "required": ["id", "name", "description", "status", "type", "options",
+                                                    "mapping", "managed-by"],
+                     "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                    "description": {"type": "string"}, "status": {"type": "boolean"},
+                                    "type": {"enum": ["datasift", "pusher", "salesforce"]},
+                                    "options": {"type": "object"},
+                                    "mapping": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    "managed-by": {"enum": ["config", "api"]}}},
+        "Status": {"type": "object", "required": ["status", "message", "since", "received", "forwarded",
+                                                  "last-event-at", "last-error", "attempts"],
+                   "properties": {"status": {"enum": ["starting", "started", "retrying", "failed", "stopped"]},
+                                  "message": {"type": "string"}, "since": {"type": "string", "format": "date-time"},
+                                  "received": {"type": "integer"}, "forwarded": {"type": "integer"},
+                                  "last-event-at": nullable_time, "last-error": {"type": ["string", "null"]},
+                                  "attempts": {"type": "integer"}}},
+        "Checkpoint": {"type": "object", "required": ["replay"], "additionalProperties": False,
+                       "properties": {"replay": {"type": "integer", "minimum": -2}}},
+        "Integration": {"type": "object", "required": ["id", "type", "managed-by"],
+                        "properties": {"id": {"enum": list(INTEGRATION_TYPES)},
+                                       "type": {"enum": list(INTEGRATION_TYPES)},
+                                       "managed-by": {"enum": ["config", "api"]}}},
+        "DeadLetter": {"type": "object", "required": ["id", "listener-id", "status-code", "response", "failed-at",
+                                                      "events"],
+                       "properties": {"id": {"type": ["string", "integer"]}, "listener-id": {"type": "string"},
+                                      "status-code": {"type": "integer"}, "response": {"type": "string"},
+                                      "failed-at": {"type": "string", "format": "date-time"},
+                                      "events": {"type": "array", "items": {"type": "object"}}}},
+        "Error": {"type": "object", "required": ["error"], "properties": {
+            "error": {"type": "string"}, "fields": {"type": "array", "items": {"type": "string"}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "listenerd", "version": version(),
+                 "description": "Listeners, integrations, status, checkpoints, dead letters and taps."},
+        "paths": paths,
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    }
+
+
+@routes.get("/1.0/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
