@@ -1,0 +1,185 @@
+"""`listenerd dev`: a complete local run with no accounts and no network beyond loopback.
+
+Starts the Pusher, DataSift and Salesforce simulators, a local engine sink that prints every
+normalized event and appends it to a JSON-lines file, and the daemon itself with a demo tenant
+holding one listener of each kind; demo publishers send realistic payloads at a gentle rate.
+Everything runs in this one process and event loop; Ctrl-C stops it all cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from listenerd.daemon import Daemon
+from listenerd.model import Config
+from listenerd.sim.datasift import DataSiftSim
+from listenerd.sim.engine import EngineSim
+from listenerd.sim.pusher import PusherSim
+from listenerd.sim.salesforce import SalesforceSim
+from listenerd.systemd import Notifier
+
+log = structlog.get_logger("listenerd.dev")
+DEV_TOKEN = "listenerd-dev-token"
+TENANT = "demo"
+DATASIFT_HASH = "4f3af38ad1c31646561bc814c3e69af5"
+TOPIC = "InvoiceStatementUpdates"
+_STATES = ("created", "paid", "packed", "shipped", "delivered")
+_CUSTOMERS = ("Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson", "Edsger Dijkstra")
+_INVOICE_STATES = ("Open", "Negotiating", "Pending", "Closed")
+
+
+class Sink:
+    """The local engine's printer: one readable line per event on stdout, one JSON line per event on disk."""
+
+    def __init__(self, path: Path, stream: Any = None):
+        self.path = path
+        self.stream = stream or sys.stdout
+        self.count = 0
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+
+    def __call__(self, envelopes: list[dict[str, Any]]) -> None:
+        for envelope in envelopes:
+            self.count += 1
+            self._file.write(orjson.dumps(envelope) + b"\n")
+            event = orjson.dumps(envelope["event"]).decode()
+            print(f"engine <- {envelope['source']:<10} {envelope['tenant-id']}/{envelope['listener-id']:<4} {event}",
+                  file=self.stream, flush=True)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherSim, datasift: DataSiftSim,
+                salesforce: SalesforceSim) -> Config:
+    return Config.model_validate({
+        "server": {"listen": listen, "tokens": [{"name": "dev", "token": DEV_TOKEN, "tenants": ["*"]}]},
+        "engine": {"url": engine.url},
+        "store": {"path": str(directory / "listenerd.db")},
+        "supervisor": {"backoff-max": 5.0, "stop-timeout": 5.0},
+        "tenants": [{
+            "id": TENANT, "name": "Demo tenant",
+            "integrations": {
+                "pusher": {"key": pusher.key, "secret": pusher.secret, "app-id": pusher.app_id,
+                           "host": pusher.host, "port": pusher.port, "tls": False},
+                "datasift": {"username": "demo", "api-key": "demo-datasift-key", "stream-url": datasift.url},
+                "salesforce": {"consumer-key": "demo-consumer-key", "consumer-secret": "demo-consumer-secret",
+                               "username": "demo@example.com", "password": "demo-password",
+                               "secret-token": "DEMOTOKEN", "login-url": salesforce.url},
+            },
+            "listeners": [
+                {"id": "LI1", "name": "Demo Datasift", "type": "datasift", "options": {"hash": DATASIFT_HASH},
+                 "mapping": {"username": "interaction.author.username", "sentiment": "salience.content.sentiment",
+                             "id": "twitter.user.screen_name"}},
+                {"id": "LI2", "name": "Demo Salesforce invoices", "type": "salesforce",
+                 "options": {"topic": TOPIC, "replay": "resume"},
+                 "mapping": {"invoice": "Name", "state": "Status__c", "amount": "Amount__c",
+                             "change": "$event.type", "replay-id": "$event.replayId"}},
+                {"id": "LI3", "name": "Demo Pusher orders", "type": "pusher",
+                 "options": {"channel": "orders"},
+                 "mapping": {"order": "id", "state": "state", "customer": "customer.name", "event": "$event"}},
+            ],
+        }],
+    })
+
+
+async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate: float) -> None:
+    """Realistic payloads at `rate` per second per source (DataSift feeds itself)."""
+    rnd = random.Random()
+    for n in itertools.count(1):
+        await pusher.publish("orders", f"order.{rnd.choice(('created', 'updated'))}", {
+            "id": 1000 + n, "state": rnd.choice(_STATES), "amount": round(rnd.uniform(5, 500), 2),
+            "customer": {"name": rnd.choice(_CUSTOMERS), "id": rnd.randint(1, 999)}})
+        salesforce.publish(TOPIC, {"Id": f"a00D0000008o{n:06d}", "Name": f"INV-{n:04d}",
+                                   "Status__c": rnd.choice(_INVOICE_STATES),
+                                   "Amount__c": round(rnd.uniform(100, 10_000), 2)},
+                           type=rnd.choice(("created", "updated")))
+        await asyncio.sleep(1.0 / rate)
+
+
+def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
+    api = daemon.api_url
+    curl = f'curl -s -H "Authorization: Bearer {DEV_TOKEN}"'
+    lines = [
+        "",
+        "listenerd dev: a complete local run (simulators, demo listeners, a local engine sink)",
+        f"  API:       {api}        token: {DEV_TOKEN}",
+        f"  engine:    {sims['engine']}  (prints every event below; also {directory / 'engine-events.jsonl'})",
+        f"  store:     {directory / 'listenerd.db'}",
+        f"  simulators: pusher {sims['pusher']}  datasift {sims['datasift']}  salesforce {sims['salesforce']}",
+        "",
+        "Try:",
+    ]
+    for lid in ("LI1", "LI2", "LI3"):
+        lines.append(f"  {curl} {api}/1.0/tenants/{TENANT}/listeners/{lid}/status")
+    lines += [
+        f"  {curl} {api}/1.0/tenants/{TENANT}/listeners",
+        f"  {curl} -N {api}/1.0/tenants/{TENANT}/listeners/LI3/tap",
+        f"  curl -s {api}/metrics | grep listenerd_events",
+        "",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate: float = 1.0) -> int:
+    workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="listenerd-dev-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    sink = Sink(workdir / "engine-events.jsonl")
+    engine = EngineSim(on_events=sink)
+    pusher = PusherSim("12345", "demo-app-key", "demo-app-secret")
+    datasift = DataSiftSim(users={"demo": "demo-datasift-key"}, tick_interval=10.0)
+    salesforce = SalesforceSim(users={"demo@example.com": "demo-passwordDEMOTOKEN"},
+                               clients={"demo-consumer-key": "demo-consumer-secret"}, long_poll=30.0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[Any] = []
+    daemon: Daemon | None = None
+    publisher: asyncio.Task[None] | None = None
+    try:
+        for sim in (engine, pusher, datasift, salesforce):
+            await sim.start()
+            started.append(sim)
+        salesforce.create_topic(TOPIC, "SELECT Id, Name, Status__c, Amount__c FROM Invoice_Statement__c")
+        config = demo_config(listen, workdir, engine, pusher, datasift, salesforce)
+        daemon = Daemon(config, None, notifier=Notifier.from_env())
+        try:
+            await daemon.start()
+        except OSError as exc:
+            log.error("cannot start the API", listen=listen, error=str(exc),
+                      hint="is another listenerd running? try `listenerd dev --listen 127.0.0.1:8089`")
+            return 1
+        print(banner(daemon, workdir, {"engine": engine.url, "pusher": pusher.url, "datasift": datasift.url,
+                                       "salesforce": salesforce.url}), flush=True)
+        datasift.feed(DATASIFT_HASH, interval=1.0 / rate)
+        publisher = asyncio.create_task(publish_demo_events(pusher, salesforce, rate), name="demo-publisher")
+        await stop.wait()
+        print("\nstopping...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if publisher:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+        if daemon and daemon.ready:
+            await daemon.stop()
+        for sim in reversed(started):
+            with contextlib.suppress(Exception):
+                await sim.stop()
+        sink.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

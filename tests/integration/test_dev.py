@@ -1,0 +1,46 @@
+"""`listenerd dev` in a subprocess: every demo listener started, events from all three sources, SIGINT exits 0."""
+
+import asyncio
+import json
+import re
+import signal
+import sys
+
+from tests.daemon import Api
+from tests.harness import wait_for
+
+
+def output_files(tmp_path):
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    return out, err, open(out, "wb"), open(err, "wb")  # noqa: SIM115 - the child writes them
+
+
+async def test_dev_run_streams_all_three_sources_and_stops_on_sigint(tmp_path):
+    out, err, stdout, stderr = output_files(tmp_path)
+    with stdout, stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "listenerd", "dev", "--listen", "127.0.0.1:0", "--dir", str(tmp_path),
+            "--rate", "10", stdout=stdout, stderr=stderr)
+    try:
+        match = await wait_for(lambda: re.search(r"API:\s+(http://\S+)\s+token: (\S+)", out.read_text()),
+                               timeout=30, what="the banner")
+        api = Api(match.group(1), token=match.group(2))
+        try:
+            for lid in ("LI1", "LI2", "LI3"):
+                await api.wait_status("demo", lid, "started", timeout=30)
+        finally:
+            await api.close()
+
+        def sources():
+            lines = (tmp_path / "engine-events.jsonl").read_text().splitlines()
+            return {json.loads(line)["source"] for line in lines}
+        await wait_for(lambda: sources() == {"datasift", "pusher", "salesforce"}, timeout=30,
+                       what="events from all three sources in the sink")
+        text = out.read_text()
+        assert "curl -s -H \"Authorization: Bearer" in text and "/listeners/LI1/status" in text
+        assert re.search(r"engine <- datasift\s+demo/LI1\s+\{\"username\"", text)
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 30)
+    assert code == 0, err.read_text()[-3000:]
+    assert '"undelivered": 0' in err.read_text() or "undelivered=0" in err.read_text()
