@@ -227,6 +227,11 @@ class Stream:
             ctx.log.info("PushTopic created", topic=name)
         replay = start_replay(options, await ctx.checkpoint(), ctx.status.attempts)
         ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
+        await self.follow(replay)
+
+    async def follow(self, replay: int) -> None:
+        """The Bayeux loop on the logged-in session, until cancelled or a Retry/Failed ends it."""
+        ctx, options = self.ctx, self.options
         self.bayeux = BayeuxClient({options.topic: replay}, replay_fallback=-1 if options.replay == "new" else -2,
                                    margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout)
         bound = None

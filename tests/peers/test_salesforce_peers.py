@@ -1,0 +1,205 @@
+"""Checked against code written by others, in both directions.
+
+- aiosfstream-ng (a real Salesforce streaming client) logs in to the simulator, subscribes with a replay
+  map and reads events, also across a forgotten client: so the simulator speaks Salesforce's dialect.
+- listenerd's Bayeux driver (sources/salesforce.py + bayeux.py) subscribes to a real faye server started
+  from this test and receives what is published there: so our client speaks Bayeux, not just our sim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from aiosfstream_ng import Client, PasswordAuthenticator
+from aiosfstream_ng.replay import ReplayMarker
+
+from listenerd.model import Config
+from listenerd.sim.salesforce import SalesforceSim
+from listenerd.sources.salesforce import Session, Stream
+from tests.harness import Harness, integration, listener, wait_for
+
+PEERS = Path(__file__).parent
+NODE = shutil.which("node") or "/usr/bin/node"
+FAYE_INSTALLED = (PEERS / "node_modules" / "faye").exists()
+
+
+class SimAuthenticator(PasswordAuthenticator):
+    """aiosfstream-ng posts to login.salesforce.com; aim it at the simulator (protocol notes, section 5)."""
+
+    def __init__(self, token_url: str, **kw):
+        super().__init__(**kw)
+        self._sim_token_url = token_url
+
+    @property
+    def _token_url(self) -> str:
+        return self._sim_token_url
+
+
+@pytest.fixture
+async def sim():
+    s = SalesforceSim(users={"u@example.com": "pwTOKEN"}, clients={"ck": "cs"}, long_poll=0.5)
+    s.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def authenticator(sim):
+    return SimAuthenticator(sim.token_url, consumer_key="ck", consumer_secret="cs", username="u@example.com",
+                            password="pwTOKEN")
+
+
+async def receive(client, n):
+    out = []
+    async with asyncio.timeout(10):
+        while len(out) < n:
+            out.append(await client.receive())
+    return out
+
+
+async def test_aiosfstream_reads_events_with_replay_from_the_simulator(sim):
+    ids = [sim.publish("Invoices", {"Id": f"a{i}", "Name": f"n{i}"}) for i in range(5)]
+    # aiosfstream's mapping storage: resume after the 2nd event
+    replay = {"/topic/Invoices": ReplayMarker(date="2026-11-23T00:00:00.000Z", replay_id=ids[1])}
+    async with Client(authenticator(sim), replay=replay) as client:
+        await client.subscribe("/topic/Invoices")
+        got = await receive(client, 3)
+        assert [m["data"]["event"]["replayId"] for m in got] == ids[2:]
+        assert [m["data"]["sobject"]["Name"] for m in got] == ["n2", "n3", "n4"]
+        live = sim.publish("Invoices", {"Id": "a9", "Name": "live"}, type="updated")
+        (message,) = await receive(client, 1)
+        assert message["channel"] == "/topic/Invoices"
+        assert message["data"]["event"] == {**message["data"]["event"], "replayId": live, "type": "updated"}
+    # aiosfstream sends no `ext.replay: true` on its handshake (Salesforce does not insist; nor does the sim)
+    subscribe = next(m for m in sim.requests if m["channel"] == "/meta/subscribe")
+    assert subscribe["ext"]["replay"] == {"/topic/Invoices": ids[1]}
+
+
+async def test_aiosfstream_survives_a_forgotten_client(sim):
+    async with Client(authenticator(sim), replay={}) as client:
+        await client.subscribe("/topic/Invoices")
+        await wait_for(lambda: any(c.connects >= 2 for c in sim.bayeux.values()), what="a held connect")
+        first = sim.publish("Invoices", {"Id": "a1", "Name": "one"})
+        (one,) = await receive(client, 1)
+        assert one["data"]["event"]["replayId"] == first
+        sim.forget_clients()
+        await wait_for(lambda: len(sim.bayeux) == 1, what="aiosfstream re-handshakes")
+        await wait_for(lambda: any(c.subscriptions for c in sim.bayeux.values()), what="and resubscribes")
+        second = sim.publish("Invoices", {"Id": "a2", "Name": "two"})
+        (two,) = await receive(client, 1)
+        assert two["data"]["event"]["replayId"] == second
+
+
+async def test_aiosfstream_sees_a_rejected_login(sim):
+    from aiosfstream_ng.exceptions import AuthenticationError
+
+    bad = SimAuthenticator(sim.token_url, consumer_key="ck", consumer_secret="cs", username="u@example.com",
+                           password="nope")
+    with pytest.raises(AuthenticationError) as info:
+        async with Client(bad):
+            pass
+    assert "invalid_grant" in str(info.value.args)
+
+
+# ---------------------------------------------------------------- listenerd against faye
+
+
+class Faye:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int):
+        self.proc = proc
+        self.port = port
+        self.url = f"http://localhost:{port}"
+        self.seen: list[dict] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout
+        while line := await self.proc.stdout.readline():
+            self.seen.append(json.loads(line))
+
+    async def publish(self, channel: str, data: dict) -> None:
+        """Publish and wait for faye's acknowledgement, so several publishes keep their order."""
+        assert self.proc.stdin
+        done = sum(1 for s in self.seen if "published" in s)
+        self.proc.stdin.write((json.dumps({"publish": channel, "data": data}) + "\n").encode())
+        await self.proc.stdin.drain()
+        await wait_for(lambda: sum(1 for s in self.seen if "published" in s) > done, what="faye publish ack")
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+
+
+@pytest.fixture
+async def faye():
+    if not FAYE_INSTALLED:
+        pytest.skip("npm faye is not installed in tests/peers (run npm ci there)")
+    proc = await asyncio.create_subprocess_exec(NODE, str(PEERS / "faye_server.js"), stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, env={**os.environ,
+                                                                                     "FAYE_TOKEN": "peer-token"})
+    assert proc.stdout
+    first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+    server = Faye(proc, first["port"])
+    yield server
+    await server.close()
+
+
+async def test_listenerd_bayeux_client_receives_from_a_real_faye_server(tmp_path, faye):
+    config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")}})
+    creds = integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u",
+                                         "password": "p", "login-url": faye.url})
+    spec = listener(id="LF", type="salesforce", options={"topic": "Invoices"},
+                    mapping={"name": "Name", "replay": "$event.replayId", "channel": "$channel"})
+    async with Harness(tmp_path, config) as h:
+        ctx = h.context("t", spec, creds)
+        stream = Stream(ctx, creds, spec.options)
+        stream.session = Session("peer-token", faye.url, "org")  # faye has no OAuth: a bearer it checks
+        task = asyncio.create_task(stream.follow(-1))
+        await wait_for(lambda: any("subscribe" in s for s in faye.seen), what="faye sees the subscription")
+        assert ctx.status.status == "started" and ctx.status.message == "Subscribed to topic: /topic/Invoices"
+        for i in range(1, 4):
+            await faye.publish("/topic/Invoices", {"event": {"replayId": i, "type": "created",
+                                                             "createdDate": "2026-11-23T00:00:00.000Z"},
+                                                   "sobject": {"Id": f"a{i}", "Name": f"n{i}"}})
+        await wait_for(lambda: ctx.status.received == 3, what="three events through faye")
+        events = await h.events()
+        assert [e["event"] for e in events] == [{"name": f"n{i}", "replay": i, "channel": "/topic/Invoices"}
+                                                for i in range(1, 4)]
+        assert await h.store.get_checkpoint("t", "LF") == "3"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await stream.goodbye()
+        await stream.close()
+        await wait_for(lambda: any("disconnect" in s for s in faye.seen), what="faye sees the disconnect")
+        assert any(s.get("unsubscribe") == "/topic/Invoices" for s in faye.seen)
+
+
+async def test_listenerd_bayeux_client_is_refused_by_faye_without_the_token(tmp_path, faye):
+    from listenerd.sources.base import ListenerRetry
+
+    config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")}})
+    creds = integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u",
+                                         "password": "p", "login-url": faye.url})
+    spec = listener(id="LF", type="salesforce", options={"topic": "Invoices"})
+    async with Harness(tmp_path, config) as h:
+        stream = Stream(h.context("t", spec, creds), creds, spec.options)
+        stream.session = Session("wrong-token", faye.url, "org")
+        relogins = []
+
+        async def fake_login():  # faye has no token endpoint: count the relogin the 401 asks for
+            relogins.append(1)
+
+        stream.login = fake_login
+        with pytest.raises(ListenerRetry) as info:
+            await stream.follow(-1)
+        assert "401::Authentication invalid" in info.value.reason and relogins == [1]
+        await stream.close()
+
