@@ -72,6 +72,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX dead_letters_tenant ON dead_letters (tenant_id, id);
     """,
+    # 2: the outbox is read and deleted only by seq (its primary key); the per-listener index cost a
+    # third of every append's insert time and served no query
+    """
+    DROP INDEX IF EXISTS outbox_listener;
+    """,
 ]
 
 

@@ -182,13 +182,13 @@ class Forwarder:
                 await asyncio.sleep(delay)
                 continue
             except Refused as exc:
-                await self.outbox.dead_letter(rows, exc.status, exc.response)
+                await self.outbox.dead_letter(rows, exc.status, exc.response, whole_range=True)
                 self.metrics.dead_lettered.inc(len(rows))
                 self.last_error = str(exc)
                 log.error("engine refused a batch; it is in the dead-letter table", status=exc.status,
                           events=len(rows))
                 return
-            await self.outbox.ack(rows)
+            await self.outbox.ack(rows, whole_range=True)  # a lease: every row of its seq range
             self.last_error = None
             self.metrics.delivered.inc(len(rows))
             if self.on_forwarded:

@@ -11,6 +11,8 @@ calling source from reading its socket (back-pressure), and nothing is dropped.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import sqlite3
 import time
 import uuid
@@ -32,14 +34,52 @@ EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d3e-4b7a-9a77-2f4c1f0e5d10")
 
 
 def event_id(tenant_id: str, listener_id: str, key: str | None) -> str:
-    """Stable for one source event (UUIDv5 of tenant, listener, source key); else fresh, stored once."""
+    """Stable for one source event (UUIDv5 of tenant, listener, source key); else fresh, stored once.
+
+    Computed directly from SHA-1 and random bytes: the same values as `uuid.uuid5`/`uuid.uuid4`,
+    at a fraction of their cost, because this runs once per event on the hot path.
+    """
     if key is None:
-        return str(uuid.uuid4())
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{tenant_id}\x00{listener_id}\x00{key}"))
+        raw = bytearray(_random(16))
+        raw[6] = (raw[6] & 0x0F) | 0x40
+    else:
+        raw = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{tenant_id}\x00{listener_id}\x00{key}".encode(),
+                                     usedforsecurity=False).digest()[:16])
+        raw[6] = (raw[6] & 0x0F) | 0x50
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
+_pool = bytearray()
+
+
+def _random(n: int) -> bytes:
+    """Random bytes from a refilled pool of os.urandom: one system call per 4,096 ids."""
+    global _pool
+    if len(_pool) < n:
+        _pool = bytearray(os.urandom(n * 4096))
+    chunk = bytes(_pool[-n:])
+    del _pool[-n:]
+    return chunk
+
+
+_stamp_second = -1
+_stamp_prefix = ""
 
 
 def received_at(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds; the per-second prefix is formatted once per second."""
+    global _stamp_second, _stamp_prefix
+    second = int(ts)
+    micros = round((ts - second) * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    if second != _stamp_second:
+        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_second = second
+    return f"{_stamp_prefix}.{micros:06d}Z"
 
 
 @dataclass(slots=True)
@@ -74,7 +114,7 @@ class _Usage:
 
 class Outbox:
     def __init__(self, store: Store, *, max_events: int, max_bytes: int, metrics: Any = None,
-                 max_batch: int = 5000):
+                 max_batch: int = 1000):
         self.store = store
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -205,12 +245,14 @@ class Outbox:
             self._head_received = rows[0][4]
         return [Row(*r) for r in rows]
 
-    async def ack(self, rows: list[Row]) -> None:
-        seqs = [(r.seq,) for r in rows]
-        await self.store.transaction(lambda c: c.executemany("DELETE FROM outbox WHERE seq = ?", seqs))
+    async def ack(self, rows: list[Row], *, whole_range: bool = False) -> None:
+        """Delete delivered rows. `whole_range`: rows are every outbox row from the first's seq to the
+        last's (as leases return them), so one range delete does instead of one delete per row."""
+        await self.store.transaction(lambda c: _delete(c, rows, whole_range))
         self._release(rows)
 
-    async def dead_letter(self, rows: list[Row], status_code: int, response: str) -> None:
+    async def dead_letter(self, rows: list[Row], status_code: int, response: str, *,
+                          whole_range: bool = False) -> None:
         """Move refused rows to the dead-letter table, one entry per listener, in one transaction."""
         now = time.time()
         by_listener: dict[tuple[str, str], list[Row]] = {}
@@ -223,7 +265,7 @@ class Outbox:
                 c.execute("INSERT INTO dead_letters (tenant_id, listener_id, status_code, response, failed_at, "
                           "events) VALUES (?, ?, ?, ?, ?, ?)",
                           (tenant_id, listener_id, status_code, response, now, events))
-            c.executemany("DELETE FROM outbox WHERE seq = ?", [(r.seq,) for r in rows])
+            _delete(c, rows, whole_range)
 
         await self.store.transaction(move)
         self._release(rows)
@@ -335,6 +377,13 @@ def _epoch(stamp: str | None) -> float:
         return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return time.time()
+
+
+def _delete(conn: sqlite3.Connection, rows: list[Row], whole_range: bool) -> None:
+    if whole_range and rows:
+        conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (rows[0].seq, rows[-1].seq))
+    else:
+        conn.executemany("DELETE FROM outbox WHERE seq = ?", [(r.seq,) for r in rows])
 
 
 def _insert(conn: sqlite3.Connection, batch: list[_Pending]) -> None:

@@ -48,12 +48,15 @@ class Request:
 
 class EngineSim:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None, *,
-                 path: str = "/1.0/events", on_events: Callable[[list[dict[str, Any]]], None] | None = None):
+                 path: str = "/1.0/events", on_events: Callable[[list[dict[str, Any]]], None] | None = None,
+                 keep: bool = True):
         self.host = host
         self.port = port
         self.token = token
         self.path = path
         self.on_events = on_events
+        self.keep = keep  # False: count and call on_events, but keep no envelopes (long runs, benchmarks)
+        self.accepted = 0                          # envelopes accepted, kept or not
         self.received: list[dict[str, Any]] = []   # accepted envelopes, arrival order
         self.arrivals: list[float] = []            # time.time() of each accepted envelope's request
         self.requests: list[Request] = []          # every POST, answered or not
@@ -65,9 +68,14 @@ class EngineSim:
 
     # -- lifecycle
 
-    async def start(self) -> None:
+    def make_app(self) -> web.Application:
+        """The aiohttp app; a subclass may add routes (the benchmark adds a statistics route)."""
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post(self.path, self._handle)
+        return app
+
+    async def start(self) -> None:
+        app = self.make_app()
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await self.accept()
@@ -149,10 +157,12 @@ class EngineSim:
             answer = Answer(400, {}, {"error": problem})
         else:
             answer = Answer(200, {}, {"accepted": len(envelopes)})
-        self.requests.append(Request(arrived, answer.status, envelopes, authorization))
+        self.requests.append(Request(arrived, answer.status, envelopes if self.keep else [], authorization))
         if 200 <= answer.status < 300 and not problem:
-            self.received.extend(envelopes)
-            self.arrivals.extend([arrived] * len(envelopes))
+            self.accepted += len(envelopes)
+            if self.keep:
+                self.received.extend(envelopes)
+                self.arrivals.extend([arrived] * len(envelopes))
             if self.on_events:
                 self.on_events(envelopes)
         self.changed.set()

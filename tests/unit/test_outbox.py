@@ -188,3 +188,21 @@ async def test_outbox_rows_are_raw_envelope_json(tmp_path):
         body, = conn.execute("SELECT body FROM outbox").fetchone()
         conn.close()
         assert set(orjson.loads(body)) == {"id", "tenant-id", "listener-id", "source", "received-at", "event"}
+
+
+def test_fast_ids_and_timestamps_match_the_standard_library():
+    import random
+    import uuid
+    from datetime import UTC, datetime
+
+    from listenerd.delivery.outbox import EVENT_NAMESPACE, received_at
+
+    for key in ("1", "abc", "ü-ß", "", "x" * 500):
+        assert event_id("t", "L", key) == str(uuid.uuid5(EVENT_NAMESPACE, f"t\x00L\x00{key}"))
+    fresh = {event_id("t", "L", None) for _ in range(20_000)}
+    assert len(fresh) == 20_000
+    assert all(uuid.UUID(f).version == 4 and uuid.UUID(f).variant == uuid.RFC_4122 for f in list(fresh)[:100])
+    rng = random.Random(7)
+    stamps = [rng.uniform(0, 2e9) for _ in range(5000)] + [1700000000.0, 1700000000.9999996, 1700000001.5]
+    for ts in stamps:
+        assert received_at(ts) == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), ts
