@@ -240,7 +240,10 @@ class DataSiftSim:
     async def send_oversized(self, size: int, stream_hash: str | None = None) -> int:
         """A valid-looking interaction frame padded to about `size` bytes."""
         target = stream_hash or next(iter(self.subscribed()), "0" * 32)
-        data = self.make_interaction(content="x" * size)
+        data = self.make_interaction(content="")
+        base = len(orjson.dumps({"hash": target, "data": data}))
+        text = "x" * max(0, (size - base) // 2 + 1)  # the content appears twice: interaction and twitter
+        data["interaction"]["content"] = data["twitter"]["text"] = text
         return await self.send_raw(orjson.dumps({"hash": target, "data": data}).decode())
 
     async def drop(self) -> int:

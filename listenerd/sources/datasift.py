@@ -407,6 +407,9 @@ class Stream:
 
     def _closed_reason(self, exc: ConnectionClosed) -> str:
         if exc.rcvd is None:
+            if exc.sent is not None and exc.sent.code != 1000:  # ours: ping timeout (1011), frame too big (1009)
+                why = f": {exc.sent.reason}" if exc.sent.reason else ""
+                return f"Connection to DataSift closed by listenerd (code {exc.sent.code}{why})"
             return "Connection to DataSift lost (no close frame)"
         reason = self._mask(exc.rcvd.reason) if exc.rcvd.reason else ""
         return f"DataSift closed the connection (code {exc.rcvd.code}{': ' + reason if reason else ''})"

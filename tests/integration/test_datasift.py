@@ -205,6 +205,7 @@ async def test_silence_past_the_bound_means_a_reconnect(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg, tick_interval=0.1) as (sim, h, sup):
         a = sup.status(("t1", "A"))
         await wait_for(lambda: a.status == "started")
+        assert sup.runners[("t1", "A")].ctx.heartbeat_bound == 0.6  # the supervisor's watchdog uses it too
         await asyncio.sleep(0.8)  # ticks every 0.1 s keep the 0.6 s bound satisfied
         assert sim.connects == 1 and a.status == "started"
         sim.silence()
@@ -221,6 +222,7 @@ async def test_malformed_and_oversized_frames_are_counted_and_not_fatal(tmp_path
     async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg) as (sim, h, sup):
         a = sup.status(("t1", "A"))
         await wait_for(lambda: a.status == "started")
+        await sim.warn("You are close to your stream limit", H1)
         await sim.send_malformed()
         await sim.send_oversized(20_000, H1)
         await sim.publish(H1, ["not", "an", "object"])
@@ -260,3 +262,33 @@ async def test_failure_about_credentials_on_a_live_socket_fails_all_its_listener
         await wait_for(lambda: a.status == b.status == "failed", what="both failed")
         assert a.message.startswith("DataSift refused the credentials: ")
         assert sim.connects == 1
+
+
+async def test_a_changed_definition_restarts_one_listener_on_the_live_shared_socket(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: a.status == b.status == "started")
+        c = creds(sim.url)
+        changed = listener(id="A", type="datasift", options={"hash": H3},
+                           mapping={"who": "interaction.author.username"})
+        changes = await sup.reconcile({("t1", "A"): desired(changed, c), ("t1", "B"): desired(spec("B", H2), c)})
+        assert changes["restarted"] == [("t1", "A")] and changes["unchanged"] == [("t1", "B")]
+        await wait_for(lambda: a.message == f"Connected to stream: {H3}" and sim.subscribed() == {H2, H3},
+                       what="A moved to its new hash")
+        assert sim.actions_for(H1) == ["subscribe", "unsubscribe"] and sim.connects == 1
+        await sim.interaction(H3, username="zoe")
+        await wait_for(lambda: a.received == 1)
+        assert (await h.events("t1", "A"))[0]["event"] == {"who": "zoe"}
+
+
+async def test_a_frame_beyond_the_transport_cap_ends_the_connection_and_is_retried(tmp_path):
+    cfg = config(tmp_path, **{"max-frame-bytes": 1024})  # counted-and-skipped up to 1 KiB x 16, closed beyond
+    async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg) as (sim, h, sup):
+        a = sup.status(("t1", "A"))
+        await wait_for(lambda: a.status == "started")
+        await sim.send_oversized(8_000, H1)
+        await wait_for(lambda: errors(h, "A", "oversized") == 1, what="skipped, counted")
+        await sim.send_oversized(40_000, H1)
+        await wait_for(lambda: sim.connects == 2 and a.status == "started", what="reconnected")
+        assert errors(h, "A", "oversized") == 1
+        assert "closed by listenerd (code 1009" in a.last_error
