@@ -91,31 +91,52 @@ async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
                              wants=options.wants, activity_timeout=settings.pusher_activity_timeout,
                              pong_timeout=settings.pusher_pong_timeout, connect_timeout=settings.connect_timeout,
                              user_id=f"listenerd-{ctx.tenant_id}-{ctx.listener_id}", now=loop.time())
-    abort = False
+    clock_outcome: list[Outcome] = []
+    clock = asyncio.create_task(_clock(ws, machine, loop, clock_outcome), name=f"pusher-clock:{ctx.listener_id}")
     try:
-        outcome = await _converse(ctx, ws, machine, loop)
-        abort = isinstance(outcome, Retry) and outcome.delay == 0 and machine.ping_sent_at is not None
-        return outcome
+        return await _converse(ctx, ws, machine, loop, clock_outcome)
     finally:
-        if abort and ws.transport is not None:
-            ws.transport.abort()  # a silent peer will not answer a close handshake
-        else:
-            try:
-                await ws.close()
-            except Exception:  # the socket is going away either way
-                pass
+        clock.cancel()
+        try:
+            await ws.close()  # at once when the clock already cut the socket
+        except Exception:  # the socket is going away either way
+            pass
+
+
+async def _clock(ws: ClientConnection, machine: PusherProtocol, loop: asyncio.AbstractEventLoop,
+                 outcome: list[Outcome]) -> None:
+    """Sleep until the machine's deadline; ping, or end the connection when the machine gives up.
+
+    A separate task rather than a timeout around each `recv()`: frames move the deadline forward
+    without arming a timer per frame, and a timeout can never interrupt an `emit()` half-way.
+    """
+    while True:
+        delay = machine.deadline() - loop.time()
+        if delay > 0:
+            await asyncio.sleep(min(delay, 3600.0))
+            continue
+        for action in machine.tick(loop.time()):
+            if isinstance(action, Send):
+                try:
+                    await ws.send(action.text)
+                except ConnectionClosed:
+                    return
+            elif isinstance(action, Retry | Fail | UpgradeTls):
+                outcome.append(action)
+                if ws.transport is not None:
+                    ws.transport.abort()  # a peer that stopped answering will not answer a close handshake
+                return
 
 
 async def _converse(ctx: SourceContext, ws: ClientConnection, machine: PusherProtocol,
-                    loop: asyncio.AbstractEventLoop) -> Outcome:
-    """Feed frames and clock ticks to the machine; perform its actions; return how it ends."""
+                    loop: asyncio.AbstractEventLoop, clock_outcome: list[Outcome]) -> Outcome:
+    """Feed frames to the machine and perform its actions; return how the connection ends."""
     while True:
         try:
-            async with asyncio.timeout_at(machine.deadline()):
-                frame = await ws.recv()
-        except TimeoutError:
-            actions = machine.tick(loop.time())
+            frame = await ws.recv()
         except ConnectionClosed as exc:
+            if clock_outcome:
+                return clock_outcome[0]
             if exc.sent is not None and exc.sent.code == 1009:
                 ctx.count("oversized")
                 ctx.log.warning("pusher sent a frame over the size limit", limit=ctx.settings.max_frame_bytes)
@@ -123,10 +144,8 @@ async def _converse(ctx: SourceContext, ws: ClientConnection, machine: PusherPro
             code = exc.rcvd.code if exc.rcvd is not None else None
             reason = exc.rcvd.reason if exc.rcvd is not None else None
             return machine.closed(code, reason)
-        else:
-            ctx.alive()
-            actions = machine.receive(frame, loop.time())
-        for action in actions:
+        ctx.alive()
+        for action in machine.receive(frame, loop.time()):
             if isinstance(action, Emit):
                 await ctx.emit(action.data, meta={"$channel": action.channel, "$event": action.event})
             elif isinstance(action, Send):

@@ -176,6 +176,7 @@ def test_pings_after_the_shorter_activity_timeout_and_reconnects_without_pong():
     assert m.tick(39) == []
     [outcome] = m.tick(40.0)
     assert outcome == Retry("No pong from Pusher within 30s of a ping; reconnecting", delay=0)
+    assert m.tick(50.0) == [] and m.deadline() == float("inf")  # ended: nothing more to decide
 
 
 def test_any_frame_counts_as_liveness():

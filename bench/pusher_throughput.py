@@ -1,0 +1,300 @@
+"""Pusher throughput benchmark: one channel, listenerd against Pysher on the same stream.
+
+    .venv/bin/python bench/pusher_throughput.py [--events 30000] [--rate 1000] [--seconds 5]
+
+Four processes, so no side borrows another's event loop:
+- the simulator (`PusherSim`), which publishes through its in-process `publish()` as fast as it can
+  (each event carries its publish time `t`, from `time.time()`);
+- listenerd: the real Pusher source under the real supervisor, the durable outbox (SQLite) and the
+  forwarder, posting to
+- an engine (`EngineSim`) that records arrival - `t` for every envelope: publish -> engine latency;
+- a Pysher client subscribed to the same channel, recording receipt - `t`.
+
+Two runs:
+- burst: N events published back to back. events/s = N / (last arrival - first publish), for
+  listenerd at the engine and for Pysher at its callback. The ratio listenerd/Pysher is reported.
+- paced: `--rate` events/s for `--seconds`; p50/p99 publish -> engine (listenerd) and publish ->
+  callback (Pysher). Pysher does less work (no durable write, no HTTP hop), so the latency
+  comparison favours it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import json
+import multiprocessing as mp
+import os
+import platform
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from listenerd.delivery.forwarder import Forwarder  # noqa: E402
+from listenerd.delivery.outbox import Outbox  # noqa: E402
+from listenerd.model import Config  # noqa: E402
+from listenerd.observability import Metrics, configure_logging  # noqa: E402
+from listenerd.sim.engine import EngineSim  # noqa: E402
+from listenerd.sim.pusher import PusherSim  # noqa: E402
+from listenerd.store import Store  # noqa: E402
+from listenerd.supervisor import Desired, Supervisor  # noqa: E402
+from tests.harness import integration, listener  # noqa: E402
+
+APP_ID, KEY, SECRET, CHANNEL = "4242", "bench-key", "bench-secret", "bench"
+PAD = "x" * 100  # a small realistic payload beside the counters
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
+
+
+# ---------------------------------------------------------------- simulator process
+
+
+def sim_main(conn: Any) -> None:
+    async def serve() -> None:
+        sim = PusherSim(APP_ID, KEY, SECRET)
+        await sim.start()
+        conn.send(sim.port)
+        loop = asyncio.get_running_loop()
+        while True:
+            cmd, *args = await loop.run_in_executor(None, conn.recv)
+            if cmd == "subscribers":
+                await sim.wait_subscribed(CHANNEL, args[0], timeout=60)
+                conn.send(True)
+            elif cmd == "publish":
+                count, rate = args
+                first = time.time()
+                for n in range(count):
+                    if rate:
+                        ahead = first + n / rate - time.time()
+                        if ahead > 0.0005:
+                            await asyncio.sleep(ahead)
+                    await sim.publish(CHANNEL, "bench", {"n": n, "t": time.time(), "pad": PAD})
+                    if n % 50 == 0:
+                        await asyncio.sleep(0)  # let the per-socket writers run
+                conn.send((first, time.time()))
+            elif cmd == "stop":
+                await sim.stop()
+                return
+
+    asyncio.run(serve())
+
+
+# ---------------------------------------------------------------- engine process
+
+
+class LatencyEngine(EngineSim):
+    def __init__(self) -> None:
+        super().__init__(keep=False, on_events=self._record)
+        self.latencies: list[float] = []
+        self.last = 0.0
+
+    def _record(self, envelopes: list[dict[str, Any]]) -> None:
+        now = time.time()
+        self.last = now
+        self.latencies.extend(now - e["event"]["t"] for e in envelopes)
+
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+        app.router.add_get("/stats", self._stats)
+        app.router.add_post("/reset", self._reset)
+        return app
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"accepted": self.accepted, "last": self.last, "p50": pct(self.latencies, 0.5),
+                                  "p99": pct(self.latencies, 0.99)})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.latencies.clear()
+        self.accepted = 0
+        return web.json_response({})
+
+
+def engine_main(conn: Any) -> None:
+    async def serve() -> None:
+        sim = LatencyEngine()
+        await sim.start()
+        conn.send(sim.url)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+# ---------------------------------------------------------------- Pysher process
+
+
+def pysher_main(conn: Any, port: int) -> None:
+    import pysher
+
+    received: list[tuple[float, float]] = []
+    expected = [0]
+    done = threading.Event()
+    subscribed = threading.Event()
+
+    def on_event(data: str) -> None:
+        received.append((time.time(), json.loads(data)["t"]))
+        if len(received) >= expected[0]:
+            done.set()
+
+    client = pysher.Pusher(KEY, secure=False, custom_host="127.0.0.1", port=port)
+
+    def on_connect(data: str) -> None:
+        channel = client.subscribe(CHANNEL)
+        channel.bind("pusher_internal:subscription_succeeded", lambda *a: subscribed.set())
+        channel.bind("bench", on_event)
+
+    client.connection.bind("pusher:connection_established", on_connect)
+    client.connect()
+    subscribed.wait(30)
+    conn.send(True)
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "expect":
+            received.clear()
+            done.clear()
+            expected[0] = args[0]
+            conn.send(True)
+        elif cmd == "result":
+            done.wait(args[0])
+            latencies = [r - t for r, t in received]
+            conn.send({"count": len(received), "last": received[-1][0] if received else 0.0,
+                       "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99)})
+        elif cmd == "stop":
+            client.disconnect(1)
+            return
+
+
+# ---------------------------------------------------------------- listenerd (this process)
+
+
+async def engine_stats(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with http.get(url.replace("/1.0/events", "/stats")) as response:
+        return await response.json()
+
+
+async def one_run(sim: Any, pysher: Any, http: aiohttp.ClientSession, url: str, count: int,
+                  rate: float | None) -> dict[str, Any]:
+    await http.post(url.replace("/1.0/events", "/reset"))
+    pysher.send(("expect", count))
+    pysher.recv()
+    sim.send(("publish", count, rate))
+    loop = asyncio.get_running_loop()
+    first, last_publish = await loop.run_in_executor(None, sim.recv)
+    for _ in range(6000):  # at most 5 minutes
+        stats = await engine_stats(http, url)
+        if stats["accepted"] >= count:
+            break
+        await asyncio.sleep(0.05)
+    pysher.send(("result", 300))
+    peer = await loop.run_in_executor(None, pysher.recv)
+    ours_s = stats["last"] - first
+    theirs_s = peer["last"] - first
+    return {
+        "count": count, "rate": rate, "publish_s": last_publish - first,
+        "listenerd": {"events": stats["accepted"], "per_s": stats["accepted"] / ours_s, "p50": stats["p50"],
+                      "p99": stats["p99"]},
+        "pysher": {"events": peer["count"], "per_s": peer["count"] / theirs_s if theirs_s > 0 else 0,
+                   "p50": peer["p50"], "p99": peer["p99"]},
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    configure_logging("json", "error", sys.stderr)
+    spawn = mp.get_context("spawn")
+    sim, sim_child = mp.Pipe()
+    engine, engine_child = mp.Pipe()
+    peer, peer_child = mp.Pipe()
+    procs = [spawn.Process(target=sim_main, args=(sim_child,), daemon=True),
+             spawn.Process(target=engine_main, args=(engine_child,), daemon=True)]
+    for p in procs:
+        p.start()
+    port, url = sim.recv(), engine.recv()
+    pysher_proc = spawn.Process(target=pysher_main, args=(peer_child, port), daemon=True)
+    pysher_proc.start()
+    procs.append(pysher_proc)
+    peer.recv()
+    results = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        config = Config.model_validate({"store": {"path": str(Path(tmp) / "b.db")}, "engine": {"url": url}})
+        store = Store(config.store.path)
+        await store.open()
+        metrics = Metrics()
+        outbox = Outbox(store, max_events=1_000_000, max_bytes=1 << 30, metrics=metrics)
+        await outbox.start()
+        supervisor = Supervisor(config, outbox, metrics)
+        forwarder = Forwarder(config.engine, outbox, metrics, supervisor.forwarded)
+        await forwarder.start()
+        spec = listener(id="P1", type="pusher", options={"channel": CHANNEL}, **{"managed-by": "config"})
+        creds = integration("pusher", key=KEY, secret=SECRET, host="127.0.0.1", port=port, tls=False)
+        await supervisor.start({("bench", "P1"): Desired(spec, creds)})
+        sim.send(("subscribers", 2))
+        await asyncio.get_running_loop().run_in_executor(None, sim.recv)
+        try:
+            async with aiohttp.ClientSession() as http:
+                await one_run(sim, peer, http, url, 1000, None)  # warm-up
+                profile = cProfile.Profile() if args.profile else None
+                if profile:
+                    profile.enable()
+                results.append(await one_run(sim, peer, http, url, args.events, None))
+                if profile:
+                    profile.disable()
+                    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+                results.append(await one_run(sim, peer, http, url, int(args.rate * args.seconds), args.rate))
+        finally:
+            await supervisor.stop()
+            await forwarder.stop(5)
+            await outbox.close()
+            await store.close()
+            sim.send(("stop",))
+            peer.send(("stop",))
+            for p in procs:
+                p.join(3)
+                if p.is_alive():
+                    p.terminate()
+    report(results)
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    print(f"machine: {platform.node()}, nproc {os.cpu_count()}, {cpu_model()}, Python {platform.python_version()}")
+    print("| run | events | publish time s | listenerd ev/s (to engine) | Pysher ev/s (to callback) | ratio | "
+          "listenerd p50/p99 ms | Pysher p50/p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ours, theirs = r["listenerd"], r["pysher"]
+        ratio = ours["per_s"] / theirs["per_s"] if theirs["per_s"] else float("inf")
+        name = "burst" if r["rate"] is None else f"paced {r['rate']:.0f}/s"
+        print(f"| {name} | {ours['events']}/{theirs['events']} of {r['count']} | {r['publish_s']:.2f} | "
+              f"{ours['per_s']:,.0f} | {theirs['per_s']:,.0f} | {ratio:.2f}x | "
+              f"{ours['p50'] * 1000:.1f} / {ours['p99'] * 1000:.1f} | {theirs['p50'] * 1000:.1f} / "
+              f"{theirs['p99'] * 1000:.1f} |")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=30_000, help="events in the burst run")
+    parser.add_argument("--rate", type=float, default=1000, help="events/s in the paced run")
+    parser.add_argument("--seconds", type=float, default=5, help="length of the paced run")
+    parser.add_argument("--profile", action="store_true", help="cProfile listenerd's process in the burst run")
+    asyncio.run(main(parser.parse_args()))
