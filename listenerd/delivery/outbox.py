@@ -26,7 +26,7 @@ import structlog
 
 from listenerd.backoff import backoff_delay
 from listenerd.status import rfc3339
-from listenerd.store import Store, put_checkpoint
+from listenerd.store import Store, in_transaction, put_checkpoint
 
 log = structlog.get_logger("listenerd.outbox")
 
@@ -248,7 +248,10 @@ class Outbox:
     async def ack(self, rows: list[Row], *, whole_range: bool = False) -> None:
         """Delete delivered rows. `whole_range`: rows are every outbox row from the first's seq to the
         last's (as leases return them), so one range delete does instead of one delete per row."""
-        await self.store.transaction(lambda c: _delete(c, rows, whole_range))
+        if self.store.synchronous == "FULL":
+            await self.store.run(lambda c: _relaxed(c, lambda c: _delete(c, rows, whole_range), "FULL"))
+        else:
+            await self.store.transaction(lambda c: _delete(c, rows, whole_range))
         self._release(rows)
 
     async def dead_letter(self, rows: list[Row], status_code: int, response: str, *,
@@ -377,6 +380,20 @@ def _epoch(stamp: str | None) -> float:
         return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return time.time()
+
+
+def _relaxed(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], restore: str) -> Any:
+    """Run one transaction without the per-commit fsync of FULL.
+
+    Used for acks only: losing an ack to a power cut means the engine sees those events again
+    (at least once still holds), and the WAL is sequential, so the next FULL commit syncs this one
+    too. Appends, checkpoints and dead letters keep their fsync.
+    """
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        return in_transaction(conn, fn)
+    finally:
+        conn.execute(f"PRAGMA synchronous={restore}")
 
 
 def _delete(conn: sqlite3.Connection, rows: list[Row], whole_range: bool) -> None:

@@ -206,3 +206,22 @@ def test_fast_ids_and_timestamps_match_the_standard_library():
     stamps = [rng.uniform(0, 2e9) for _ in range(5000)] + [1700000000.0, 1700000000.9999996, 1700000001.5]
     for ts in stamps:
         assert received_at(ts) == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), ts
+
+
+async def test_with_full_durability_acks_skip_the_fsync_and_the_setting_is_restored(tmp_path):
+    store = Store(str(tmp_path / "full.db"), "FULL")
+    await store.open()
+    outbox = Outbox(store, max_events=100, max_bytes=1 << 20)
+    await outbox.start()
+    syncs = []
+    store._conn.set_trace_callback(lambda sql: syncs.append(sql) if "synchronous" in sql else None)
+    for n in range(10):
+        await outbox.append("t", "L", "pusher", {"n": n})
+    await outbox.flush()
+    rows = await outbox.lease(4)
+    await outbox.ack(rows, whole_range=True)
+    assert syncs == ["PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL"]
+    assert await store.run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    assert [r.seq for r in await outbox.lease(100)] == [r.seq + 4 for r in rows] + [9, 10]
+    await outbox.close()
+    await store.close()
