@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
@@ -46,6 +47,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+# websockets logs request lines (credentials in the query) at DEBUG; keep them out even of dev logs.
+_WS_LOG = logging.getLogger("listenerd.sim.datasift.websockets")
+_WS_LOG.setLevel(logging.INFO)
 
 CREDENTIALS_REQUIRED = "A username and API key are both required"
 CREDENTIALS_INVALID = "Authentication failed: the username or API key is invalid"
@@ -91,7 +96,7 @@ class DataSiftSim:
 
     async def start(self) -> DataSiftSim:
         self._server = await serve(self._handle, self.host, self.port, process_request=self._check_request,
-                                   max_size=1 << 20)
+                                   max_size=1 << 20, logger=_WS_LOG)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

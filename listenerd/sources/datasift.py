@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import ssl
 import time
 from collections.abc import Collection
@@ -44,6 +45,10 @@ _MASK = "********"
 _CREDENTIAL_WORDS = ("api key", "api_key", "apikey", "username", "credential", "authenticat", "unauthori",
                      "not authorized", "forbidden", "access denied")
 _CLOSE_WAIT = 2.0  # how long the last listener leaving waits for the socket's close handshake
+# websockets logs the request line (with the api key in its query) at DEBUG: never let that through,
+# whatever the daemon's log level.
+_WS_LOG = logging.getLogger("listenerd.source.datasift.websockets")
+_WS_LOG.setLevel(logging.INFO)
 
 
 # ---------------------------------------------------------------- protocol: pure, no I/O
@@ -292,7 +297,7 @@ class Stream:
             self.ws = await connect(
                 url, open_timeout=settings.connect_timeout, ssl=_ssl_context(url, settings.ca_bundle),
                 max_size=settings.max_frame_bytes * 16, close_timeout=_CLOSE_WAIT,
-                user_agent_header="listenerd")
+                user_agent_header="listenerd", logger=_WS_LOG)
         except InvalidURI:
             raise _Ended("failed", f"stream-url is not a valid WebSocket URL: {self.url}") from None
         except InvalidStatus as exc:

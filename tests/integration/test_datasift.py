@@ -8,6 +8,7 @@ failure naming a hash versus one about credentials. Secrets never reach a status
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 
@@ -65,7 +66,8 @@ def errors(h, lid, kind, tenant="t1"):
     return h.metrics.listener_errors.labels(tenant, lid, kind)._value.get()
 
 
-async def test_interactions_and_deletes_are_mapped_with_stable_distinct_ids(tmp_path):
+async def test_interactions_and_deletes_are_mapped_with_stable_distinct_ids(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)  # websockets logs its request line (query included) at DEBUG
     with capture_logs() as logs:
         async with running(tmp_path, [("A", H1, on_sim)]) as (sim, h, sup):
             record = sup.status(("t1", "A"))
@@ -85,6 +87,7 @@ async def test_interactions_and_deletes_are_mapped_with_stable_distinct_ids(tmp_
             assert sim.actions == [{"username": "user", "action": "subscribe", "hash": H1}]
     assert logs, "the source logs its connection"
     assert SECRET not in repr(logs)
+    assert SECRET not in caplog.text and SECRET not in repr([r.args for r in caplog.records])
 
 
 async def test_listeners_share_one_socket_and_deleting_one_unsubscribes_it_live(tmp_path):
