@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -34,9 +36,13 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="listenerd", description="Streams DataSift, Salesforce and Pusher events to an engine.")
-    top.add_argument("--log-format", choices=("json", "console"), help="log format (default: console on a "
-                                                                         "terminal, JSON otherwise)")
+    log_format = _Parser(add_help=False)  # accepted before or after the command
+    log_format.add_argument("--log-format", choices=("json", "console"), default=argparse.SUPPRESS,
+                            help="log format (default: console on a terminal, JSON otherwise)")
+    top.add_argument("--log-format", choices=("json", "console"), default=None,
+                     help="log format (default: console on a terminal, JSON otherwise)")
     commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands.add_parser = functools.partial(commands.add_parser, parents=[log_format])  # type: ignore[method-assign]
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="config file (default: $LISTENERD_CONFIG, else "
                                       f"{config_module.DEFAULT_PATH})")
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                 configure_logging(fmt, "info")
                 return asyncio.run(dev(args.listen, args.dir, args.rate))
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:  # `listenerd check | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     return EXIT_USAGE
 

@@ -24,7 +24,7 @@ from listenerd.backoff import backoff_delay
 from listenerd.model import Config, Integration, ListenerBase
 from listenerd.sources import source_for
 from listenerd.sources.base import ListenerFailed, ListenerRetry, SourceContext
-from listenerd.status import STATES, ListenerStatus, State
+from listenerd.status import STATES, ListenerStatus, State, rfc3339
 
 log = structlog.get_logger("listenerd.supervisor")
 
@@ -97,7 +97,8 @@ class Runner:
             if delay is None:
                 delay = backoff_delay(self.record.attempts, settings.backoff_initial, settings.backoff_max)
             self.supervisor.metrics.reconnects.labels(*self.key).inc()
-            self.record.set("retrying", f"{reason}; next attempt in {delay:.1f}s", error=reason)
+            at = rfc3339(time.time() + delay)
+            self.record.set("retrying", f"{reason}; next attempt in {delay:.1f}s (at {at})", error=reason)
             self.log.warning("listener will retry", reason=reason, delay=round(delay, 3),
                              attempt=self.record.attempts)
             await asyncio.sleep(delay)

@@ -154,3 +154,11 @@ def test_check_via_env_and_module_entry(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "listenerd", "frobnicate"], capture_output=True, text=True,
                            timeout=60)
     assert usage.returncode == 2
+
+
+@pytest.mark.parametrize("argv", [["--log-format", "json", "run"], ["run", "--log-format", "json"]])
+def test_log_format_is_accepted_before_or_after_the_command(argv):
+    from listenerd.cli import parser
+
+    assert parser().parse_args(argv).log_format == "json"
+    assert parser().parse_args(["run"]).log_format is None
