@@ -168,7 +168,7 @@ async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate
         datasift.feed(DATASIFT_HASH, interval=1.0 / rate)
         publisher = asyncio.create_task(publish_demo_events(pusher, salesforce, rate), name="demo-publisher")
         await stop.wait()
-        print("\nstopping...", file=sys.stderr, flush=True)
+        log.info("listenerd dev stopping", events_in_sink=sink.count)
         return 0
     finally:
         if publisher:
