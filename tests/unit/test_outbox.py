@@ -225,3 +225,15 @@ async def test_with_full_durability_acks_skip_the_fsync_and_the_setting_is_resto
     assert [r.seq for r in await outbox.lease(100)] == [r.seq + 4 for r in rows] + [9, 10]
     await outbox.close()
     await store.close()
+
+
+async def test_chunked_inserts_keep_append_order_across_chunk_sizes(tmp_path):
+    async with Harness(tmp_path) as h:
+        for total in (1, 255, 256, 257, 777):
+            for n in range(total):
+                await h.outbox.append("t", f"L{total}", "pusher", {"n": n})
+            await h.outbox.flush()
+        rows = await h.outbox.lease(10_000)
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+        for total in (1, 255, 256, 257, 777):
+            assert [e["event"]["n"] for e in await h.events("t", f"L{total}")] == list(range(total))
