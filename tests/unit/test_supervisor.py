@@ -167,3 +167,32 @@ async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
         await wait_for(lambda: record.status == "started")
         assert not await sup.restart(("t", "nope"))
         await sup.stop()
+
+
+async def test_backoff_resets_after_a_healthy_period(tmp_path, scripted_source):
+    script = iter(["fail", "fail", "fail", "healthy", "fail"])
+    healthy_done = asyncio.Event()
+
+    async def run(ctx):
+        step = next(script, "park")
+        if step == "fail":
+            raise ListenerRetry("connection refused")
+        if step == "healthy":
+            ctx.started("ok")
+            await asyncio.sleep(0.3)  # longer than healthy-after: the next failure starts back-off anew
+            healthy_done.set()
+            raise ListenerRetry("connection lost")
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path, **{"healthy-after": 0.2})) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "H"): desired(spec("H"), CREDS)})
+        record = sup.status(("t", "H"))
+        await wait_for(lambda: record.attempts == 3, what="three failed attempts")
+        await healthy_done.wait()
+        await wait_for(lambda: record.status == "retrying" and record.last_error == "connection lost")
+        assert record.attempts == 1  # reset by the healthy run, then this one failure
+        assert "next attempt in" in record.message and "(at 20" in record.message
+        await sup.stop()
