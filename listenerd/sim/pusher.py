@@ -42,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import WSMsgType, web
 
 SUPPORTED_PROTOCOLS = (5, 6, 7)
@@ -49,7 +50,8 @@ TIMESTAMP_GRACE = 600  # seconds, as Pusher allows
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON; orjson because the simulator encodes every event twice (data, then frame)."""
+    return orjson.dumps(value).decode()
 
 
 def _frame(event: str, data: Any, channel: str | None = None) -> str:
