@@ -91,10 +91,10 @@ async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
                              wants=options.wants, activity_timeout=settings.pusher_activity_timeout,
                              pong_timeout=settings.pusher_pong_timeout, connect_timeout=settings.connect_timeout,
                              user_id=f"listenerd-{ctx.tenant_id}-{ctx.listener_id}", now=loop.time())
-    clock_outcome: list[Outcome] = []
-    clock = asyncio.create_task(_clock(ws, machine, loop, clock_outcome), name=f"pusher-clock:{ctx.listener_id}")
+    link = _Link(ctx, ws, machine, loop)
+    clock = asyncio.create_task(link.clock(), name=f"pusher-clock:{ctx.listener_id}")
     try:
-        return await _converse(ctx, ws, machine, loop, clock_outcome)
+        return await link.converse()
     finally:
         clock.cancel()
         try:
@@ -103,65 +103,83 @@ async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
             pass
 
 
-async def _clock(ws: ClientConnection, machine: PusherProtocol, loop: asyncio.AbstractEventLoop,
-                 outcome: list[Outcome]) -> None:
-    """Sleep until the machine's deadline; ping, or end the connection when the machine gives up.
+class _Link:
+    """One open connection: the receive loop and the clock task around one machine."""
 
-    A separate task rather than a timeout around each `recv()`: frames move the deadline forward
-    without arming a timer per frame, and a timeout can never interrupt an `emit()` half-way.
-    """
-    while True:
-        delay = machine.deadline() - loop.time()
-        if delay > 0:
-            await asyncio.sleep(min(delay, 3600.0))
-            continue
-        for action in machine.tick(loop.time()):
-            if isinstance(action, Send):
-                try:
-                    await ws.send(action.text)
-                except ConnectionClosed:
+    def __init__(self, ctx: SourceContext, ws: ClientConnection, machine: PusherProtocol,
+                 loop: asyncio.AbstractEventLoop):
+        self.ctx, self.ws, self.machine, self.loop = ctx, ws, machine, loop
+        self.outcome: Outcome | None = None  # set by the clock when it ends the connection
+        self.emitting = False  # the receive loop waits in emit(): the outbox is full
+
+    async def clock(self) -> None:
+        """Sleep until the machine's deadline; ping, or end the connection when the machine gives up.
+
+        A separate task rather than a timeout around each `recv()`: frames move the deadline forward
+        without arming a timer per frame, and a timeout can never interrupt an `emit()` half-way.
+        While the receive loop is held by back-pressure the silence is ours, not the server's: unread
+        frames wait in the socket, so the connection is kept and reported alive.
+        """
+        machine, loop = self.machine, self.loop
+        while True:
+            delay = machine.deadline() - loop.time()
+            if delay > 0:
+                await asyncio.sleep(min(delay, 3600.0))
+                continue
+            if self.emitting:
+                machine.hold(loop.time())
+                self.ctx.alive()
+                continue
+            for action in machine.tick(loop.time()):
+                if isinstance(action, Send):
+                    try:
+                        await self.ws.send(action.text)
+                    except ConnectionClosed:
+                        return
+                elif isinstance(action, Retry | Fail | UpgradeTls):
+                    self.outcome = action
+                    if self.ws.transport is not None:
+                        self.ws.transport.abort()  # a peer that stopped answering will not answer a close
                     return
-            elif isinstance(action, Retry | Fail | UpgradeTls):
-                outcome.append(action)
-                if ws.transport is not None:
-                    ws.transport.abort()  # a peer that stopped answering will not answer a close handshake
-                return
 
-
-async def _converse(ctx: SourceContext, ws: ClientConnection, machine: PusherProtocol,
-                    loop: asyncio.AbstractEventLoop, clock_outcome: list[Outcome]) -> Outcome:
-    """Feed frames to the machine and perform its actions; return how the connection ends."""
-    while True:
-        try:
-            frame = await ws.recv()
-        except ConnectionClosed as exc:
-            if clock_outcome:
-                return clock_outcome[0]
-            if exc.sent is not None and exc.sent.code == 1009:
-                ctx.count("oversized")
-                ctx.log.warning("pusher sent a frame over the size limit", limit=ctx.settings.max_frame_bytes)
-                return machine.closed(1009, None)
-            code = exc.rcvd.code if exc.rcvd is not None else None
-            reason = exc.rcvd.reason if exc.rcvd is not None else None
-            return machine.closed(code, reason)
-        ctx.alive()
-        for action in machine.receive(frame, loop.time()):
-            if isinstance(action, Emit):
-                await ctx.emit(action.data, meta={"$channel": action.channel, "$event": action.event})
-            elif isinstance(action, Send):
-                try:
-                    await ws.send(action.text)
-                except ConnectionClosed:
-                    pass  # the next recv reports how the connection ended
-            elif isinstance(action, Subscribed):
-                ctx.started(f"Subscribed to channel: {action.channel}")
-            elif isinstance(action, Established):
-                ctx.set_heartbeat_bound(machine.heartbeat_bound + HEARTBEAT_MARGIN)
-            elif isinstance(action, Count):
-                ctx.count(action.kind)
-                ctx.log.warning("pusher frame problem", kind=action.kind, detail=action.detail)
-            else:
-                return action
+    async def converse(self) -> Outcome:
+        """Feed frames to the machine and perform its actions; return how the connection ends."""
+        ctx, ws, machine, loop = self.ctx, self.ws, self.machine, self.loop
+        while True:
+            try:
+                frame = await ws.recv()
+            except ConnectionClosed as exc:
+                if self.outcome is not None:
+                    return self.outcome
+                if exc.sent is not None and exc.sent.code == 1009:
+                    ctx.count("oversized")
+                    ctx.log.warning("pusher sent a frame over the size limit", limit=ctx.settings.max_frame_bytes)
+                    return machine.closed(1009, None)
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                reason = exc.rcvd.reason if exc.rcvd is not None else None
+                return machine.closed(code, reason)
+            ctx.alive()
+            for action in machine.receive(frame, loop.time()):
+                if isinstance(action, Emit):
+                    self.emitting = True
+                    try:
+                        await ctx.emit(action.data, meta={"$channel": action.channel, "$event": action.event})
+                    finally:
+                        self.emitting = False
+                elif isinstance(action, Send):
+                    try:
+                        await ws.send(action.text)
+                    except ConnectionClosed:
+                        pass  # the next recv reports how the connection ended
+                elif isinstance(action, Subscribed):
+                    ctx.started(f"Subscribed to channel: {action.channel}")
+                elif isinstance(action, Established):
+                    ctx.set_heartbeat_bound(machine.heartbeat_bound + HEARTBEAT_MARGIN)
+                elif isinstance(action, Count):
+                    ctx.count(action.kind)
+                    ctx.log.warning("pusher frame problem", kind=action.kind, detail=action.detail)
+                else:
+                    return action
 
 
 def _describe(exc: BaseException) -> str:

@@ -302,6 +302,12 @@ class PusherProtocol:
             candidates.append(self.subscribe_sent_at + self.subscribe_timeout)
         return min(candidates)
 
+    def hold(self, now: float) -> None:
+        """The client is not reading (back-pressure): unread frames may be waiting, so the silence is
+        not the server's. Restart the activity clock instead of pinging or giving up."""
+        self.last_rx = now
+        self.ping_sent_at = None
+
     def closed(self, code: int | None, reason: str | None) -> Outcome:
         """The socket closed with `code` (None or 1006 when it just dropped)."""
         outcome = classify_close(code, reason, error=self.last_error)

@@ -348,3 +348,27 @@ async def test_loses_nothing_it_received_across_closes_drops_and_stop(tmp_path, 
         assert len(ids) == received and ids == list(range(1, received + 1))
         assert received >= 601
         assert json.dumps(ids[:3]) == "[1, 2, 3]"
+
+
+async def test_back_pressure_is_not_mistaken_for_a_silent_server(tmp_path, sim):
+    config = make_config(tmp_path, **{"pusher-activity-timeout": 0.2, "pusher-pong-timeout": 0.2})
+    async with Harness(tmp_path, config, max_events=5) as h:
+        run = await start(h, spec(), creds(sim))
+        await run.status("started")
+        for n in range(1, 21):
+            await sim.publish("orders", "n", {"id": n})
+        await wait_for(lambda: "paused: outbox full" in run.record.message, what="paused by back-pressure")
+        # Proving an absence: well past the 0.9 s heartbeat bound, the paused connection is kept.
+        await asyncio.sleep(1.5)
+        assert sim.connects == 1 and run.record.status == "started"
+        assert run.record.last_error is None
+        delivered = []
+        while len(delivered) < 20:
+            rows = await h.outbox.lease(100)
+            delivered += [json.loads(r.body)["event"]["id"] for r in rows]
+            await h.outbox.ack(rows)
+            done = len(delivered)
+            await wait_for(lambda n=done: run.record.received > n or n == 20, what="more events")
+        assert delivered == list(range(1, 21))
+        assert sim.connects == 1
+        await run.sup.stop()
