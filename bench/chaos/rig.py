@@ -1,0 +1,572 @@
+"""Shared plumbing for the chaos scenarios: simulators, a subprocess daemon, a ledger, /proc samples.
+
+Why one module: every scenario asks the same questions (what did the simulators publish, what did the
+engine get, under which ids, what was durable in the outbox when the daemon died, how big is the
+process) and they must be answered the same way everywhere, in the CI tests and in the full runs.
+
+The simulators and the engine run in the caller's event loop; the daemon is a real child process
+(`python -m listenerd run`, via tests.daemon.DaemonProcess) so that `kill -9` is a real kill. Every
+payload carries a per-source sequence number `n`, mapped to the envelope field `seq`, so the ledger
+can tell loss from duplication without trusting the daemon. Secrets are fresh random values for
+each run, so a search for them in logs and answers cannot match anything but a leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import sqlite3
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from listenerd.sim.datasift import DataSiftSim
+from listenerd.sim.engine import EngineSim
+from listenerd.sim.pusher import PusherSim
+from listenerd.sim.salesforce import SalesforceSim, _reply
+from tests.daemon import Api, DaemonProcess
+
+SOURCES = ("pusher", "datasift", "salesforce")
+TENANT = "t"
+OTHER_TENANT = "other"
+TICK = 0.02  # publisher pacing step (seconds)
+
+
+# ---------------------------------------------------------------- /proc
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    at: float          # time.monotonic()
+    rss_kb: int
+    fds: int
+    threads: int
+    cpu_s: float       # user + system seconds so far
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def sample(pid: int) -> ProcSample:
+    """RSS, open fds, threads and CPU seconds of `pid`, straight from /proc (no psutil needed)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15 of stat)
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return ProcSample(time.monotonic(), rss, fds, threads, cpu)
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine() -> str:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"`nproc` {os.cpu_count()}, CPU \"{cpu}\""
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x (0 for fewer than two points): a growth trend, per unit of x."""
+    if len(points) < 2:
+        return 0.0
+    xs, ys = zip(*points, strict=True)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else 0.0
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@dataclass
+class Ledger:
+    """What was published (with how many sockets it reached), delivered (with ids), and seen durable."""
+
+    published: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
+    delivered: dict[str, dict[int, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    durable: dict[str, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))  # outbox snapshots
+    deliveries = 0
+
+    def on_engine(self, envelopes: list[dict[str, Any]]) -> None:
+        for envelope in envelopes:
+            seq = envelope["event"].get("seq")
+            if isinstance(seq, int):
+                self.delivered[envelope["source"]][seq].append(envelope["id"])
+            self.deliveries += 1
+
+    def delivered_count(self) -> int:
+        return sum(len(d) for d in self.delivered.values())
+
+    def remember_outbox(self, db_path: Path) -> int:
+        """Record every envelope durable in the (dead daemon's) outbox; returns how many."""
+        with contextlib.closing(sqlite3.connect(db_path)) as db:
+            rows = db.execute("SELECT body FROM outbox").fetchall()
+        for (body,) in rows:
+            envelope = orjson.loads(body)
+            seq = envelope["event"].get("seq")
+            if isinstance(seq, int):
+                self.durable[envelope["source"]][seq] = envelope["id"]
+        return len(rows)
+
+    def report(self, source: str) -> dict[str, Any]:
+        """Loss and duplication for one source.
+
+        - committed: delivered at least once, or seen in the outbox on disk after a kill;
+        - lost_committed: committed but never delivered (must be 0);
+        - not_received: published but never committed: for sockets without replay (Pusher, DataSift)
+          that is what arrived while the daemon was dead or sat in socket buffers at the kill;
+          `not_received_no_subscriber` is the part published while no socket was subscribed at all;
+        - duplicates: deliveries beyond the first; `mixed_ids`: events delivered under two ids (must be 0).
+        """
+        published = self.published.get(source, {})
+        delivered = self.delivered.get(source, {})
+        durable = self.durable.get(source, {})
+        committed = set(delivered) | set(durable)
+        lost = committed - set(delivered)
+        not_received = set(published) - committed
+        mixed = [n for n, ids in delivered.items() if len(set(ids)) > 1]
+        mixed += [n for n, i in durable.items() if n in delivered and i not in delivered[n]]
+        return {
+            "published": len(published),
+            "delivered_unique": len(delivered),
+            "committed": len(committed),
+            "lost_committed": len(lost),
+            "not_received": len(not_received),
+            "not_received_no_subscriber": sum(1 for n in not_received if published.get(n) == 0),
+            "duplicates": sum(len(ids) - 1 for ids in delivered.values()),
+            "mixed_ids": len(set(mixed)),
+            "invented": len(set(delivered) - set(published)),
+        }
+
+
+# ---------------------------------------------------------------- a Salesforce sim that can be fed junk
+
+
+class FuzzSalesforceSim(SalesforceSim):
+    """SalesforceSim plus `inject(body)`: the next held /meta/connect is answered with `body` exactly.
+
+    The base simulator can only corrupt an answer (and lose its events); fuzzing needs arbitrary
+    bodies, and the queued events must stay queued so a lost event would be the daemon's fault.
+    A `bytes` body is sent as is; a list of messages gets the real /meta/connect reply appended.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.injected: list[bytes | list[dict[str, Any]]] = []
+
+    def inject(self, body: bytes | list[dict[str, Any]]) -> None:
+        self.injected.append(body)
+        for client in self.bayeux.values():
+            client.wake.set()
+
+    async def _connect(self, request: Any, client: Any, message: dict[str, Any]) -> Any:
+        if self.injected and client.subscriptions:
+            client.connects += 1
+            client.held = client.connects
+            body = self.injected.pop(0)
+            if isinstance(body, bytes):
+                return body
+            advice = {"reconnect": "retry", "interval": 0, "timeout": int(self.long_poll * 1000)}
+            return [*body, _reply(message, True, advice=advice)]
+        return await super()._connect(request, client, message)
+
+
+# ---------------------------------------------------------------- the rig
+
+
+@dataclass
+class Secrets:
+    """Fresh per run: every value here must never appear in a log line or an API answer."""
+
+    ops_token: str = field(default_factory=lambda: "chaos-ops-" + secrets.token_hex(12))
+    other_token: str = field(default_factory=lambda: "chaos-other-" + secrets.token_hex(12))
+    engine_token: str = field(default_factory=lambda: "chaos-engine-" + secrets.token_hex(12))
+    pusher_secret: str = field(default_factory=lambda: "chaos-pusher-" + secrets.token_hex(12))
+    datasift_key: str = field(default_factory=lambda: "chaos-dskey-" + secrets.token_hex(12))
+    sf_consumer_secret: str = field(default_factory=lambda: "chaos-sfcs-" + secrets.token_hex(12))
+    sf_password: str = field(default_factory=lambda: "chaos-sfpw-" + secrets.token_hex(12))
+    sf_token: str = field(default_factory=lambda: "CHAOSSFTK" + secrets.token_hex(8).upper())
+
+    def values(self) -> list[str]:
+        return list(vars(self).values())
+
+
+class Rig:
+    """Sims + engine in this loop, the daemon as a child process, and the ledger between them.
+
+    `counts` is how many listeners of each source type (tenant `t`); DataSift listeners share one
+    socket (one tenant, one credential), Pusher and Salesforce listeners have a connection each.
+    """
+
+    def __init__(self, workdir: Path, counts: dict[str, int] | None = None, *, engine_delay: float = 0.0,
+                 long_poll: float = 0.5, sources_toml: str = "", engine_toml: str = "", keep_logs: bool = True):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.counts = {s: 1 for s in SOURCES} if counts is None else {s: counts.get(s, 0) for s in SOURCES}
+        self.secrets = Secrets()
+        self.ledger = Ledger()
+        self.engine = EngineSim(token=self.secrets.engine_token, on_events=self.ledger.on_engine, keep=False)
+        self.engine.delay = engine_delay
+        self.pusher = PusherSim("4242", "chaos-app-key", self.secrets.pusher_secret)
+        self.datasift = DataSiftSim(users={"chaos": self.secrets.datasift_key}, tick_interval=1.0)
+        self.salesforce = FuzzSalesforceSim(users={"sf@example.com": self.secrets.sf_password + self.secrets.sf_token},
+                                            clients={"chaos-ck": self.secrets.sf_consumer_secret},
+                                            long_poll=long_poll)
+        self.sources_toml = sources_toml
+        self.engine_toml = engine_toml
+        self.daemon: DaemonProcess | None = None
+        self.api: Api | None = None
+        self.responses: list[str] = []  # every API answer body the scenarios saw (searched for secrets)
+        self._seq = {s: 0 for s in SOURCES}
+        self._live_since: dict[str, int] = {}
+        self._pump: asyncio.Task[None] | None = None
+        self.keep_logs = keep_logs
+
+    # -- names
+
+    def listener_ids(self, source: str) -> list[str]:
+        prefix = {"pusher": "P", "datasift": "D", "salesforce": "S"}[source]
+        return [f"{prefix}{i}" for i in range(self.counts[source])]
+
+    def all_listener_ids(self) -> list[str]:
+        return [lid for s in SOURCES for lid in self.listener_ids(s)]
+
+    @staticmethod
+    def channel(i: int) -> str:
+        return f"private-chaos-{i}"  # private: signed with the integration secret on every (re)subscribe
+
+    @staticmethod
+    def hash(i: int) -> str:
+        return f"{i:032x}"
+
+    @staticmethod
+    def topic(i: int) -> str:
+        return f"Chaos{i}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "listenerd.db"
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.pusher.start()
+        await self.datasift.start()
+        for i in range(self.counts["salesforce"]):
+            self.salesforce.create_topic(self.topic(i), f"SELECT Id, n FROM Chaos{i}__c")
+        await self.salesforce.start()
+
+    def config_text(self) -> str:
+        s = self.secrets
+        listeners = []
+        for i, lid in enumerate(self.listener_ids("pusher")):
+            listeners.append(f'[[tenants.listeners]]\nid = "{lid}"\ntype = "pusher"\n'
+                             f'options = {{ channel = "{self.channel(i)}" }}\nmapping = {{ seq = "n" }}\n')
+        for i, lid in enumerate(self.listener_ids("datasift")):
+            listeners.append(f'[[tenants.listeners]]\nid = "{lid}"\ntype = "datasift"\n'
+                             f'options = {{ hash = "{self.hash(i)}" }}\nmapping = {{ seq = "n" }}\n')
+        for i, lid in enumerate(self.listener_ids("salesforce")):
+            listeners.append(f'[[tenants.listeners]]\nid = "{lid}"\ntype = "salesforce"\n'
+                             f'options = {{ topic = "{self.topic(i)}" }}\nmapping = {{ seq = "n" }}\n')
+        body = "\n".join(listeners)
+        return f"""
+[server]
+listen = "127.0.0.1:0"
+
+[[server.tokens]]
+name = "ops"
+token = "{s.ops_token}"
+tenants = ["{TENANT}"]
+
+[[server.tokens]]
+name = "other"
+token = "{s.other_token}"
+tenants = ["{OTHER_TENANT}"]
+
+[engine]
+url = "{self.engine.url}"
+token = "{s.engine_token}"
+linger-ms = 5
+retry-initial = 0.05
+retry-max = 0.5
+{self.engine_toml}
+
+[store]
+path = "{self.db_path}"
+
+[supervisor]
+backoff-initial = 0.05
+backoff-max = 0.5
+stop-timeout = 5
+
+[sources]
+{self.sources_toml}
+
+[[tenants]]
+id = "{OTHER_TENANT}"
+
+[[tenants]]
+id = "{TENANT}"
+
+[tenants.integrations.pusher]
+key = "{self.pusher.key}"
+secret = "{s.pusher_secret}"
+app-id = "{self.pusher.app_id}"
+host = "{self.pusher.host}"
+port = {self.pusher.port}
+tls = false
+
+[tenants.integrations.datasift]
+username = "chaos"
+api-key = "{s.datasift_key}"
+stream-url = "{self.datasift.url}"
+
+[tenants.integrations.salesforce]
+consumer-key = "chaos-ck"
+consumer-secret = "{s.sf_consumer_secret}"
+username = "sf@example.com"
+password = "{s.sf_password}"
+secret-token = "{s.sf_token}"
+login-url = "{self.salesforce.url}"
+
+{body}
+"""
+
+    async def start_daemon(self, timeout: float = 60.0) -> Api:
+        """Start (or restart after a kill) the daemon child; returns an API client with the ops token."""
+        if self.daemon is None:
+            self.daemon = DaemonProcess(self.workdir, self.config_text(), name="daemon")
+        if self.api is not None:
+            await self.api.close()
+        self.api = Api(await self.daemon.start(timeout=timeout), token=self.secrets.ops_token)
+        return self.api
+
+    @property
+    def pid(self) -> int:
+        assert self.daemon and self.daemon.process
+        return self.daemon.process.pid
+
+    def kill9(self) -> int:
+        """kill -9 the daemon, then record what its outbox held on disk; returns that count."""
+        assert self.daemon is not None
+        self.daemon.kill9()
+        return self.ledger.remember_outbox(self.db_path)
+
+    async def stop(self) -> None:
+        await self.stop_pump()
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
+        if self.daemon and self.daemon.process and self.daemon.process.poll() is None:
+            code = await self.daemon.stop()
+            if code != 0:
+                raise AssertionError(f"daemon exited {code} on SIGTERM")
+        for sim in (self.salesforce, self.datasift, self.pusher, self.engine):
+            with contextlib.suppress(Exception):
+                await sim.stop()
+
+    # -- publishing
+
+    async def publish(self, source: str, index: int) -> None:
+        """One event with the next sequence number on listener `index` of `source`."""
+        n = self._seq[source]
+        self._seq[source] = n + 1
+        if source == "pusher":
+            reached = await self.pusher.publish(self.channel(index), "chaos", {"n": n})
+        elif source == "datasift":
+            reached = await self.datasift.publish(self.hash(index), {"interaction": {"id": f"ds-{n}"}, "n": n})
+        else:
+            self.salesforce.publish(self.topic(index), {"Id": f"a00{n:015d}", "n": n})
+            reached = 1  # Salesforce keeps it for replay: reachable whether or not a client listens
+        self.ledger.published[source][n] = reached
+
+    def start_pump(self, rate: float, sources: tuple[str, ...] | None = None) -> None:
+        """Publish `rate` events/s in total, spread evenly over the given sources and their listeners."""
+        chosen = [s for s in (sources or SOURCES) if self.counts[s]]
+        self._pump = asyncio.create_task(self._run_pump(rate / len(chosen), chosen), name="chaos-pump")
+
+    async def stop_pump(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+
+    async def _run_pump(self, per_source: float, chosen: list[str]) -> None:
+        start = time.monotonic()
+        done = {s: 0 for s in chosen}
+        rr = {s: 0 for s in chosen}
+        while True:
+            due = int((time.monotonic() - start) * per_source)
+            for s in chosen:
+                while done[s] < due:
+                    await self.publish(s, rr[s])
+                    rr[s] = (rr[s] + 1) % self.counts[s]
+                    done[s] += 1
+            await asyncio.sleep(TICK)
+
+    def published_total(self) -> int:
+        return sum(len(p) for p in self.ledger.published.values())
+
+    # -- reading the daemon
+
+    async def get(self, path: str, token: str | None | bool = True) -> tuple[int, Any]:
+        assert self.api is not None
+        code, body = await self.api.call("GET", path, token=token)
+        self.responses.append(body if isinstance(body, str) else orjson.dumps(body).decode())
+        return code, body
+
+    async def metrics(self) -> dict[str, float]:
+        """`/metrics` as {"name{labels}": value} (comments dropped)."""
+        assert self.api is not None
+        async with self.api.session.get(self.api.base_url + "/metrics") as response:
+            text = await response.text()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    async def errors_by_kind(self) -> dict[str, float]:
+        """listenerd_listener_errors_total summed per kind over all listeners."""
+        totals: dict[str, float] = defaultdict(float)
+        for name, value in (await self.metrics()).items():
+            if name.startswith("listenerd_listener_errors_total{"):
+                kind = re.search(r'kind="([^"]*)"', name).group(1)  # type: ignore[union-attr]
+                totals[kind] += value
+        return dict(totals)
+
+    async def outbox_depth(self) -> float:
+        return (await self.metrics()).get("listenerd_outbox_depth", 0.0)
+
+    async def statuses(self) -> dict[str, str]:
+        code, body = await self.get(f"/1.0/tenants/{TENANT}/listeners")
+        assert code == 200, (code, body)
+        out = {}
+        for item in body:
+            code, status = await self.get(f"/1.0/tenants/{TENANT}/listeners/{item['id']}/status")
+            out[item["id"]] = status.get("status") if code == 200 else f"HTTP {code}"
+        return out
+
+    async def wait_all_started(self, timeout: float = 60.0) -> float:
+        """Wait until every listener reports `started`; returns the seconds it took."""
+        began = time.monotonic()
+        last: dict[str, str] = {}
+        while True:
+            last = await self.statuses()
+            if last and all(v == "started" for v in last.values()):
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                bad = {k: v for k, v in last.items() if v != "started"}
+                raise AssertionError(f"listeners not started after {timeout}s: {dict(list(bad.items())[:10])}")
+            await asyncio.sleep(0.1)
+
+    async def wait_delivered(self, timeout: float = 120.0, sources: tuple[str, ...] = SOURCES) -> float:
+        """Wait until every committed-or-replayable event is at the engine; returns seconds waited.
+
+        Salesforce: everything published. Pusher/DataSift: everything published to a live subscriber
+        since the last kill, and everything seen durable.
+        """
+        began = time.monotonic()
+
+        def missing() -> int:
+            total = 0
+            for source in sources:
+                delivered = self.ledger.delivered.get(source, {})
+                want = self._expected(source)
+                total += len(want - set(delivered))
+            return total
+
+        while missing():
+            if time.monotonic() - began > timeout:
+                raise AssertionError(f"{missing()} events still missing at the engine after {timeout}s")
+            await asyncio.sleep(0.05)
+        return time.monotonic() - began
+
+    def _expected(self, source: str) -> set[int]:
+        published = self.ledger.published.get(source, {})
+        durable = set(self.ledger.durable.get(source, {}))
+        if source == "salesforce":
+            return set(published) | durable
+        since = self._live_since.get(source, 0)
+        return {n for n, reached in published.items() if reached and n >= since} | durable
+
+    def mark_live(self) -> None:
+        """From here on, events published to a subscribed socket are expected (the daemon is up and subscribed)."""
+        self._live_since = dict(self._seq)
+
+    # -- security
+
+    def secret_hits(self, extra_texts: list[str] | None = None) -> dict[str, int]:
+        """How many times each secret appears in the daemon log and every API answer seen: must be all 0."""
+        texts = [self.daemon.log_text() if self.daemon else "", *self.responses, *(extra_texts or [])]
+        hits = {}
+        for name, value in vars(self.secrets).items():
+            hits[name] = sum(t.count(value) for t in texts)
+        return hits
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+
+def write_section(title: str, body: str, path: Path | None = None) -> None:
+    """Replace (or append) the `## {title}` section of bench/RESULTS.md, leaving every other section alone."""
+    path = path or Path(__file__).resolve().parents[1] / "RESULTS.md"
+    heading = f"## {title}"
+    text = path.read_text() if path.exists() else ""
+    block = f"{heading}\n\n{body.strip()}\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + block + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+    path.write_text(text)
+
+
+def header(run_note: str) -> str:
+    return (f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"load average at start {loadavg()} (2 cores shared with four other engineers' runs). {run_note}")
+
+
+# ---------------------------------------------------------------- hypothesis outside a test
+
+
+def draw(strategy: Any, count: int, seed: int = 0) -> list[Any]:
+    """Up to `count` distinct examples of a hypothesis strategy, reproducibly (fixed seed, no database).
+
+    Why not `strategy.example()`: it is meant for the REPL; running the strategy under `@given` with a
+    seed gives hypothesis's full case generation (boundaries, shrinking-friendly variety) and is stable.
+    """
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    seen: list[Any] = []
+
+    @hseed(seed)
+    @settings(max_examples=count, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(value: Any) -> None:
+        if value not in seen:
+            seen.append(value)
+
+    collect()
+    return seen[:count]
