@@ -37,6 +37,7 @@ import hmac
 import itertools
 import json
 import random
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class PusherSim:
     def __init__(self, app_id: str = "12345", key: str = "app-key", secret: str = "app-secret", *,
                  host: str = "127.0.0.1", port: int = 0, activity_timeout: float = 120.0,
                  pong_timeout: float = 30.0, max_payload: int = 10_240, client_events: bool = True,
-                 backlog: int = 4096):
+                 backlog: int = 4096, ssl_context: ssl.SSLContext | None = None):
         self.app_id = app_id
         self.key = key
         self.secret = secret
@@ -159,6 +160,7 @@ class PusherSim:
         self.max_payload = max_payload
         self.client_events = client_events
         self.backlog = backlog
+        self.ssl_context = ssl_context  # serve wss:// and https:// (tests of TLS verification)
         self.connections: list[SimConnection] = []
         self.subscriptions: list[SubscribeRecord] = []
         self.published = 0  # channel events accepted (HTTP API and publish())
@@ -177,10 +179,11 @@ class PusherSim:
     @property
     def url(self) -> str:
         """Base URL of the HTTP API and the WebSocket endpoint (`ws://host:port/app/{key}`)."""
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     def ws_url(self, protocol: int = 7) -> str:
-        return f"ws://{self.host}:{self.port}/app/{self.key}?protocol={protocol}&client=sim&version=0"
+        scheme = "wss" if self.ssl_context else "ws"
+        return f"{scheme}://{self.host}:{self.port}/app/{self.key}?protocol={protocol}&client=sim&version=0"
 
     async def start(self) -> None:
         app = web.Application(client_max_size=max(self.max_payload * 200, 1 << 20), middlewares=[_api_errors])
@@ -190,7 +193,7 @@ class PusherSim:
         app.router.add_get("/apps/{app_id}/channels", self._channels_handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog, ssl_context=self.ssl_context)
         await site.start()
         server = site._server
         assert server is not None and getattr(server, "sockets", None)
