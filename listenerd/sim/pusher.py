@@ -27,10 +27,14 @@ Use in-process (same event loop, e.g. `listenerd dev`):
     await sim.start()                      # sim.port: the bound port (port=0 picks a free one)
     await sim.publish("orders", "created", {"id": 1})
     await sim.stop()
+
+Standalone: `python -m listenerd.sim.pusher --port 6001 [--channel demo --every 2]` serves until
+interrupted and, with `--channel`, publishes a demo event every `--every` seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import hmac
@@ -584,3 +588,44 @@ async def _api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     except _ApiError as exc:
         return web.Response(status=exc.status, text=exc.message)
+
+
+# ---------------------------------------------------------------- standalone
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    sim = PusherSim(args.app_id, args.key, args.secret, host=args.host, port=args.port,
+                    activity_timeout=args.activity_timeout)
+    await sim.start()
+    print(f"Pusher simulator: WebSocket {sim.ws_url()}  HTTP API {sim.url}/apps/{sim.app_id}/events", flush=True)
+    n = 0
+    try:
+        while True:
+            await asyncio.sleep(args.every if args.channel else 3600)
+            if args.channel:
+                n += 1
+                await sim.publish(args.channel, args.event, {"n": n, "at": time.time()})
+    finally:
+        await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m listenerd.sim.pusher [--port 6001] [--channel demo --every 2]`."""
+    parser = argparse.ArgumentParser(prog="python -m listenerd.sim.pusher", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=6001)
+    parser.add_argument("--app-id", default="12345")
+    parser.add_argument("--key", default="app-key")
+    parser.add_argument("--secret", default="app-secret")
+    parser.add_argument("--activity-timeout", type=float, default=120.0)
+    parser.add_argument("--channel", help="publish a demo event on this channel every --every seconds")
+    parser.add_argument("--event", default="demo")
+    parser.add_argument("--every", type=float, default=2.0)
+    try:
+        asyncio.run(_serve(parser.parse_args(argv)))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
