@@ -444,7 +444,9 @@ class Stream:
 def _stream_for(ctx: SourceContext) -> Stream:
     registry: dict[str, Stream] = ctx.shared.setdefault(_REGISTRY_KEY, {})
     creds = ctx.integration
-    digest = hashlib.sha256(orjson.dumps([ctx.tenant_id, creds.username, creds.api_key, creds.stream_url]))
+    # settings too: after a reload that changes them, restarted listeners get a socket that uses them
+    digest = hashlib.sha256(orjson.dumps([ctx.tenant_id, creds.username, creds.api_key, creds.stream_url,
+                                          ctx.settings.dump()], option=orjson.OPT_SORT_KEYS))
     key = digest.hexdigest()
     stream = registry.get(key)
     if stream is None or stream.closed:
@@ -467,8 +469,7 @@ async def run(ctx: SourceContext) -> None:
         stream.remove(sub)
         task = stream.task
         if stream.closed and task is not None and not task.done() and task is not asyncio.current_task():
-            with contextlib.suppress(BaseException):
-                await asyncio.wait({task}, timeout=_CLOSE_WAIT + 0.5)
+            await asyncio.wait({task}, timeout=_CLOSE_WAIT + 0.5)  # the close handshake, bounded
     if kind == "failed":
         raise ListenerFailed(reason)
     raise ListenerRetry(reason, delay)
