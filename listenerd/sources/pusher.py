@@ -40,6 +40,11 @@ if TYPE_CHECKING:
     from listenerd.model import PusherIntegration, PusherOptions
     from listenerd.sources.base import SourceContext
 
+# "Reconnect at once" (4200-4299, a missing pong) is honoured this many times in a row; past it, a
+# server that keeps asking gets the supervisor's back-off instead of a reconnect storm. The count
+# is the supervisor's: it resets once a connection has been healthy for `supervisor.healthy-after`.
+IMMEDIATE_RETRIES = 3
+
 # The supervisor's watchdog backs the machine up; this margin lets the machine's own, more precise
 # pong timeout speak first.
 HEARTBEAT_MARGIN = 0.5
@@ -60,7 +65,10 @@ async def run(ctx: SourceContext) -> None:
             continue
         if isinstance(outcome, Fail):
             raise ListenerFailed(outcome.reason)
-        raise ListenerRetry(outcome.reason, outcome.delay)
+        delay = outcome.delay
+        if delay == 0 and ctx.status.attempts >= IMMEDIATE_RETRIES:
+            delay = None
+        raise ListenerRetry(outcome.reason, delay)
 
 
 @functools.lru_cache(maxsize=8)

@@ -428,3 +428,15 @@ async def test_tls_without_the_ca_bundle_is_refused_by_default(tmp_path):
         assert "CERTIFICATE_VERIFY_FAILED" in run.record.last_error
         assert server.connects == 0
         await run.sup.stop()
+
+
+async def test_a_server_that_keeps_asking_to_reconnect_gets_back_off_not_a_storm(tmp_path, sim):
+    sim.close_on_connect(4200, "Generic reconnect")
+    config = make_config(tmp_path, supervisor={"backoff-initial": 20, "backoff-max": 20})
+    async with Harness(tmp_path, config) as h:
+        run = await start(h, spec(), creds(sim))
+        await wait_for(lambda: run.record.status == "retrying" and next_attempt_in(run.record.message) > 10,
+                       what="back-off after repeated 4200s")
+        assert run.record.attempts == 4  # three immediate reconnects, then the back-off
+        assert "close code 4200" in run.record.message
+        await run.sup.stop()
