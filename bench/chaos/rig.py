@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
@@ -186,6 +187,34 @@ class FuzzSalesforceSim(SalesforceSim):
         return await super()._connect(request, client, message)
 
 
+# ---------------------------------------------------------------- a slow engine that acknowledges late
+
+
+class SlowAckEngine(EngineSim):
+    """EngineSim whose answers leave `ack_delay` seconds after the batch was accepted and counted.
+
+    Why not EngineSim.delay: it waits *before* accepting, so a daemon killed meanwhile leaves nothing
+    at the engine. A real slow engine has often processed the batch when the connection dies; the
+    daemon never hears the 200 and sends the batch again: that is where duplicates come from, and
+    where the rig must check that a duplicate carries the same id.
+    """
+
+    ack_delay = 0.0
+
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+
+        @web.middleware
+        async def late_ack(request: web.Request, handler: Any) -> web.StreamResponse:
+            response = await handler(request)
+            if self.ack_delay:
+                await asyncio.sleep(self.ack_delay)
+            return response
+
+        app.middlewares.append(late_ack)
+        return app
+
+
 # ---------------------------------------------------------------- the rig
 
 
@@ -220,8 +249,8 @@ class Rig:
         self.counts = {s: 1 for s in SOURCES} if counts is None else {s: counts.get(s, 0) for s in SOURCES}
         self.secrets = Secrets()
         self.ledger = Ledger()
-        self.engine = EngineSim(token=self.secrets.engine_token, on_events=self.ledger.on_engine, keep=False)
-        self.engine.delay = engine_delay
+        self.engine = SlowAckEngine(token=self.secrets.engine_token, on_events=self.ledger.on_engine, keep=False)
+        self.engine.ack_delay = engine_delay
         self.pusher = PusherSim("4242", "chaos-app-key", self.secrets.pusher_secret)
         self.datasift = DataSiftSim(users={"chaos": self.secrets.datasift_key}, tick_interval=1.0)
         self.salesforce = FuzzSalesforceSim(users={"sf@example.com": self.secrets.sf_password + self.secrets.sf_token},
@@ -412,13 +441,17 @@ login-url = "{self.salesforce.url}"
         start = time.monotonic()
         done = {s: 0 for s in chosen}
         rr = {s: 0 for s in chosen}
+        burst = max(1, int(per_source * TICK * 4))  # never more than 4 ticks' worth at once: the sims share this loop
         while True:
             due = int((time.monotonic() - start) * per_source)
             for s in chosen:
-                while done[s] < due:
+                count = min(burst, due - done[s])
+                for _ in range(count):
                     await self.publish(s, rr[s])
                     rr[s] = (rr[s] + 1) % self.counts[s]
-                    done[s] += 1
+                done[s] += max(0, count)
+                if due - done[s] > burst:  # fallen behind: skip ahead (the achieved rate is what gets reported)
+                    done[s] = due - burst
             await asyncio.sleep(TICK)
 
     def published_total(self) -> int:
