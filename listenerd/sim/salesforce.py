@@ -26,6 +26,7 @@ import itertools
 import re
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -85,7 +86,7 @@ class SalesforceSim:
         self.topics: dict[str, dict[str, Any]] = {}
         self.tokens: set[str] = set()
         self.bayeux: dict[str, _Client] = {}
-        self.events: list[_Event] = []
+        self.events: deque[_Event] = deque()  # in replayId order, oldest first
         self.purged_upto = 0
         self.requests: list[dict[str, Any]] = []  # every Bayeux message received, for tests
         self.logins = 0
@@ -165,14 +166,14 @@ class SalesforceSim:
     def purge(self, upto: int | None = None) -> None:
         """Drop retained events up to replayId `upto` (all when None), as the retention window does."""
         upto = self._last_replay if upto is None else upto
-        self.events = [e for e in self.events if e.replay_id > upto]
+        while self.events and self.events[0].replay_id <= upto:
+            self.events.popleft()
         self.purged_upto = max(self.purged_upto, upto)
 
     def _expire(self) -> None:
         horizon = time.time() - self.retention
-        old = [e for e in self.events if e.published < horizon]
-        if old:
-            self.purge(old[-1].replay_id)
+        while self.events and self.events[0].published < horizon:
+            self.purged_upto = max(self.purged_upto, self.events.popleft().replay_id)
 
     # ------------------------------------------------------------ faults
 
