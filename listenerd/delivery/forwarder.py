@@ -87,6 +87,9 @@ class Forwarder:
         self.in_flight = 0  # events in the batch being sent (0 when idle)
         self.last_error: str | None = None
         self.attempt = 0  # consecutive failed attempts of the current batch
+        self._cursor = 0  # seq of the last row sent and accepted (or refused); leases continue after it
+        self._acking: asyncio.Task[None] | None = None  # the previous batch's ack, committing
+        self._rewind = False  # an ack failed: lease from the head again (those rows are sent again)
 
     # -- lifecycle
 
@@ -115,6 +118,9 @@ class Forwarder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._acking is not None:  # an accepted batch: record it, or it is sent again next start
+            with contextlib.suppress(Exception):
+                await self._acking
         if self._session:
             await self._session.close()
             self._session = None
@@ -132,18 +138,56 @@ class Forwarder:
                 await self._deliver(rows)
             except Exception:  # a store error: the rows are still in the outbox; try again shortly
                 log.exception("forwarder step failed; retrying")
+                await self._settle()
+                self._cursor = 0
                 await asyncio.sleep(1.0)
             finally:
                 self.in_flight = 0
+
+    async def _settle(self) -> None:
+        """Wait for the previous batch's ack to be committed (acks stay in order, one pending at most)."""
+        if self._acking is not None:
+            acking, self._acking = self._acking, None
+            await acking
+
+    def _advance(self, seq: int) -> None:
+        """Move the cursor past a settled batch, or back to the head after a failed ack."""
+        if self._rewind:
+            self._cursor, self._rewind = 0, False
+        else:
+            self._cursor = seq
+
+    async def _ack(self, rows: list[Row]) -> None:
+        """Commit an accepted batch's ack while the next batch is already on its way.
+
+        The engine has accepted these rows, so sending the next batch now keeps per-listener order.
+        Should the ack fail (or the process die first), the rows are still in the outbox and go
+        again (same ids): the cursor goes back to the head.
+        """
+        try:
+            rows = await self.outbox.ack(rows, whole_range=True)  # a lease: every row of its seq range
+        except Exception:
+            log.exception("could not record an engine ack; those events will be sent again")
+            self._rewind = True
+            return
+        self.metrics.delivered.inc(len(rows))
+        if self.on_forwarded:
+            for (tenant_id, listener_id), count in _counts(rows).items():
+                self.on_forwarded(tenant_id, listener_id, count)
 
     async def _next_batch(self) -> list[Row] | None:
         """The next rows in commit order: up to batch-max, lingering up to linger-ms to fill it."""
         committed = self.outbox.committed
         while True:
             committed.clear()
-            rows = await self.outbox.lease(self.engine.batch_max)
+            if self._rewind:
+                self._cursor, self._rewind = 0, False
+            rows = await self.outbox.lease(self.engine.batch_max, after=self._cursor)
             if rows:
                 break
+            await self._settle()
+            if self._cursor and self.outbox.depth == 0:
+                self._cursor = 0  # everything sent is acked: lease from the head again
             if self._stopping and self.outbox.depth == 0:
                 return None
             with contextlib.suppress(TimeoutError):
@@ -182,18 +226,18 @@ class Forwarder:
                 await asyncio.sleep(delay)
                 continue
             except Refused as exc:
+                await self._settle()
                 await self.outbox.dead_letter(rows, exc.status, exc.response, whole_range=True)
+                self._advance(rows[-1].seq)
                 self.metrics.dead_lettered.inc(len(rows))
                 self.last_error = str(exc)
                 log.error("engine refused a batch; it is in the dead-letter table", status=exc.status,
                           events=len(rows))
                 return
-            await self.outbox.ack(rows, whole_range=True)  # a lease: every row of its seq range
             self.last_error = None
-            self.metrics.delivered.inc(len(rows))
-            if self.on_forwarded:
-                for (tenant_id, listener_id), count in _counts(rows).items():
-                    self.on_forwarded(tenant_id, listener_id, count)
+            await self._settle()
+            self._advance(rows[-1].seq)
+            self._acking = asyncio.create_task(self._ack(rows))
             return
 
     async def _post(self, body: bytes) -> None:

@@ -245,14 +245,20 @@ class Outbox:
             self._head_received = rows[0][4]
         return [Row(*r) for r in rows]
 
-    async def ack(self, rows: list[Row], *, whole_range: bool = False) -> None:
-        """Delete delivered rows. `whole_range`: rows are every outbox row from the first's seq to the
-        last's (as leases return them), so one range delete does instead of one delete per row."""
+    async def ack(self, rows: list[Row], *, whole_range: bool = False) -> list[Row]:
+        """Delete delivered rows; returns those that were still there (a row sent twice is acked once).
+
+        `whole_range`: rows are every outbox row from the first's seq to the last's (as leases
+        return them), so one range delete does instead of one delete per row.
+        """
         if self.store.synchronous == "FULL":
-            await self.store.run(lambda c: _relaxed(c, lambda c: _delete(c, rows, whole_range), "FULL"))
+            gone = await self.store.run(lambda c: _relaxed(c, lambda c: _delete(c, rows, whole_range), "FULL"))
         else:
-            await self.store.transaction(lambda c: _delete(c, rows, whole_range))
+            gone = await self.store.transaction(lambda c: _delete(c, rows, whole_range))
+        if gone is not None:
+            rows = [r for r in rows if r.seq in gone]
         self._release(rows)
+        return rows
 
     async def dead_letter(self, rows: list[Row], status_code: int, response: str, *,
                           whole_range: bool = False) -> None:
@@ -262,16 +268,20 @@ class Outbox:
         for row in rows:
             by_listener.setdefault((row.tenant_id, row.listener_id), []).append(row)
 
-        def move(c: sqlite3.Connection) -> None:
+        def move(c: sqlite3.Connection) -> set[int] | None:
+            gone = _delete(c, rows, whole_range)
             for (tenant_id, listener_id), group in by_listener.items():
+                group = [r for r in group if gone is None or r.seq in gone]  # acked meanwhile: not refused
+                if not group:
+                    continue
                 events = b"[" + b",".join(r.body for r in group) + b"]"
                 c.execute("INSERT INTO dead_letters (tenant_id, listener_id, status_code, response, failed_at, "
                           "events) VALUES (?, ?, ?, ?, ?, ?)",
                           (tenant_id, listener_id, status_code, response, now, events))
-            _delete(c, rows, whole_range)
+            return gone
 
-        await self.store.transaction(move)
-        self._release(rows)
+        gone = await self.store.transaction(move)
+        self._release(rows if gone is None else [r for r in rows if r.seq in gone])
 
     def _release(self, rows: list[Row]) -> None:
         self._usage.events -= len(rows)
@@ -395,11 +405,25 @@ def _relaxed(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], 
         conn.execute(f"PRAGMA synchronous={restore}")
 
 
-def _delete(conn: sqlite3.Connection, rows: list[Row], whole_range: bool) -> None:
-    if whole_range and rows:
-        conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (rows[0].seq, rows[-1].seq))
-    else:
-        conn.executemany("DELETE FROM outbox WHERE seq = ?", [(r.seq,) for r in rows])
+def _delete(conn: sqlite3.Connection, rows: list[Row], whole_range: bool) -> set[int] | None:
+    """Delete these rows; None when all were there (the usual case), else the seqs actually deleted.
+
+    A row can be gone already when it was sent twice (after a failed ack) and the first ack
+    landed; counting it again would make the outbox's usage drift.
+    """
+    if not rows:
+        return None
+    if whole_range:
+        first, last = rows[0].seq, rows[-1].seq
+        present = conn.execute("SELECT count(*) FROM outbox WHERE seq BETWEEN ? AND ?", (first, last)).fetchone()[0]
+        if present == len(rows):
+            conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
+            return None
+    gone = set()
+    for row in rows:
+        if conn.execute("DELETE FROM outbox WHERE seq = ?", (row.seq,)).rowcount:
+            gone.add(row.seq)
+    return None if len(gone) == len(rows) else gone
 
 
 _INSERT_CHUNK = 256

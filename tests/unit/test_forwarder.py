@@ -152,3 +152,28 @@ async def test_engine_sim_answers_a_scripted_body_and_headers(tmp_path):
         await wait_for(lambda: r.h.outbox.depth == 0, what="dead-lettered")
         letter, = await r.h.outbox.dead_letters("t")
         assert letter["status-code"] == 422 and letter["response"] == "event.username: required"
+
+
+async def test_a_failed_ack_sends_the_rows_again_with_the_same_ids(tmp_path):
+    async with Rig(tmp_path, **{"batch-max": 5}) as r:
+        store = r.h.store
+        await store.run(lambda c: c.execute("CREATE TABLE block (x)"))
+        await store.run(lambda c: c.execute("INSERT INTO block VALUES (1)"))
+        await store.run(lambda c: c.execute(
+            "CREATE TRIGGER keep BEFORE DELETE ON outbox WHEN EXISTS (SELECT 1 FROM block) "
+            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+        await r.emit(12)
+        await wait_for(lambda: len(r.sim.received) > 12, what="rows sent again after failed acks")
+        assert r.h.outbox.depth == 12  # nothing acked, nothing lost
+        await store.run(lambda c: c.execute("DELETE FROM block"))
+        await wait_for(lambda: r.h.outbox.depth == 0, what="acked once the store works")
+        by_n = {}
+        for e in r.sim.received:
+            by_n.setdefault(e["event"]["n"], set()).add(e["id"])
+        assert sorted(by_n) == list(range(12)) and all(len(ids) == 1 for ids in by_n.values())
+        firsts = []
+        for e in r.sim.received:
+            if e["event"]["n"] not in firsts:
+                firsts.append(e["event"]["n"])
+        assert firsts == list(range(12))
+        assert r.forwarded == {("t", "L"): 12}
