@@ -2,7 +2,7 @@
 # Both set up what they need on a fresh machine: a venv in .venv, and npm peer packages for the tests.
 VENV ?= .venv
 PYTHON ?= python3
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -q
 
 .PHONY: dev test lint bench clean
 
@@ -27,7 +27,7 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.test tests/peers/node_modules/.installed lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test tests/peers/node_modules/.installed
 	$(VENV)/bin/python bench/run_all.py
