@@ -55,6 +55,12 @@ APP_ID, KEY, SECRET, CHANNEL = "4242", "bench-key", "bench-secret", "bench"
 PAD = "x" * 100  # a small realistic payload beside the counters
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time, all threads (Pysher's two included)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
@@ -167,12 +173,14 @@ def pysher_main(conn: Any, port: int) -> None:
             received.clear()
             done.clear()
             expected[0] = args[0]
+            cpu0 = cpu_seconds()
             conn.send(True)
         elif cmd == "result":
             done.wait(args[0])
+            cpu = cpu_seconds() - cpu0
             latencies = [r - t for r, t in received]
             conn.send({"count": len(received), "last": received[-1][0] if received else 0.0,
-                       "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99)})
+                       "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99), "cpu": cpu})
         elif cmd == "stop":
             client.disconnect(1)
             return
@@ -210,6 +218,7 @@ async def one_run(sim: Any, pysher: Any, http: aiohttp.ClientSession, url: str, 
     tap.reset()
     pysher.send(("expect", count))
     pysher.recv()
+    cpu0 = cpu_seconds()
     sim.send(("publish", count, rate))
     loop = asyncio.get_running_loop()
     first, last_publish = await loop.run_in_executor(None, sim.recv)
@@ -218,6 +227,7 @@ async def one_run(sim: Any, pysher: Any, http: aiohttp.ClientSession, url: str, 
         if stats["accepted"] >= count:
             break
         await asyncio.sleep(0.05)
+    cpu = cpu_seconds() - cpu0
     pysher.send(("result", 300))
     peer = await loop.run_in_executor(None, pysher.recv)
     ours_s = stats["last"] - first
@@ -227,9 +237,9 @@ async def one_run(sim: Any, pysher: Any, http: aiohttp.ClientSession, url: str, 
         "commit": {"events": tap.count, "per_s": tap.count / (tap.last - first), "p50": pct(tap.latencies, 0.5),
                    "p99": pct(tap.latencies, 0.99)},
         "listenerd": {"events": stats["accepted"], "per_s": stats["accepted"] / ours_s, "p50": stats["p50"],
-                      "p99": stats["p99"]},
+                      "p99": stats["p99"], "cpu_us": cpu / count * 1e6},
         "pysher": {"events": peer["count"], "per_s": peer["count"] / theirs_s if theirs_s > 0 else 0,
-                   "p50": peer["p50"], "p99": peer["p99"]},
+                   "p50": peer["p50"], "p99": peer["p99"], "cpu_us": peer["cpu"] / count * 1e6},
     }
 
 
@@ -293,8 +303,9 @@ async def main(args: argparse.Namespace) -> None:
 def report(results: list[dict[str, Any]]) -> None:
     print(f"machine: {platform.node()}, nproc {os.cpu_count()}, {cpu_model()}, Python {platform.python_version()}")
     print("| run | events (listenerd/Pysher) | publish s | listenerd ev/s at commit | at engine | Pysher ev/s | "
-          "ratio commit / engine | listenerd p50/p99 ms commit | at engine | Pysher p50/p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ratio commit / engine | listenerd p50/p99 ms commit | at engine | Pysher p50/p99 ms | "
+          "CPU us/event listenerd / Pysher |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         commit, ours, theirs = r["commit"], r["listenerd"], r["pysher"]
         per = theirs["per_s"] or float("nan")
@@ -304,7 +315,8 @@ def report(results: list[dict[str, Any]]) -> None:
               f"{commit['per_s'] / per:.2f}x / {ours['per_s'] / per:.2f}x | "
               f"{commit['p50'] * 1000:.1f} / {commit['p99'] * 1000:.1f} | "
               f"{ours['p50'] * 1000:.1f} / {ours['p99'] * 1000:.1f} | "
-              f"{theirs['p50'] * 1000:.1f} / {theirs['p99'] * 1000:.1f} |")
+              f"{theirs['p50'] * 1000:.1f} / {theirs['p99'] * 1000:.1f} | "
+              f"{ours['cpu_us']:.0f} / {theirs['cpu_us']:.0f} |")
 
 
 def cpu_model() -> str:

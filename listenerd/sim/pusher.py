@@ -42,6 +42,7 @@ import itertools
 import json
 import random
 import ssl
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,7 +85,18 @@ class SubscribeRecord:
 
 
 _CLOSE = object()
-_DROP = object()
+_BATCH_BYTES = 64 * 1024
+_WRITE_HIGH = 256 * 1024
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """A final, unmasked server-to-client text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class SimConnection:
@@ -128,12 +140,43 @@ class SimConnection:
         if self.transport is not None:
             self.transport.abort()
 
+    def _write_batch(self) -> bool:
+        """Write a run of queued text frames in one transport write, as a busy server coalesces them.
+
+        The frames are plain unmasked text frames with RSV1 clear, valid whatever extension was
+        negotiated (permessage-deflate allows uncompressed messages). False when there is no transport.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        chunks: list[bytes] = []
+        size = 0
+        queue = self._queue
+        while queue and isinstance(queue[0], str) and size < _BATCH_BYTES:
+            payload = queue.popleft().encode()
+            chunks.append(_text_frame(payload))
+            size += len(payload)
+        transport.write(b"".join(chunks))
+        return True
+
+    async def _drain(self) -> None:
+        """Let other tasks run, and wait while this client is slow (its write buffer is over the mark)."""
+        await asyncio.sleep(0)
+        transport = self.transport
+        # A transport offers no public awaitable drain outside aiohttp's writer: poll, only when slow.
+        while transport is not None and not transport.is_closing() and (  # noqa: ASYNC110
+                transport.get_write_buffer_size() > _WRITE_HIGH):
+            await asyncio.sleep(0.005)
+
     async def _write_loop(self) -> None:
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._queue:
+                    if len(self._queue) > 1 and isinstance(self._queue[0], str) and self._write_batch():
+                        await self._drain()
+                        continue
                     frame = self._queue.popleft()
                     if isinstance(frame, str):
                         await self.ws.send_str(frame)
