@@ -340,10 +340,13 @@ class Stream:
     async def _read_loop(self) -> None:
         assert self.ws is not None
         silence = self.settings.datasift_silence_timeout
+        # End the socket a little before the supervisor's watchdog (same bound, measured from the same
+        # frame) could: this path reconnects at once, the watchdog's path waits out the back-off.
+        deadline = silence - min(0.25, silence * 0.2)
         max_bytes = self.settings.max_frame_bytes
         while True:
             try:
-                async with asyncio.timeout(silence):  # not wait_for: on 3.11 it can swallow a cancel
+                async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancel
                     raw = await self.ws.recv(decode=False)
             except TimeoutError:
                 raise _Ended("retry", f"No data or tick from DataSift for {silence:g}s; reconnecting", 0) from None

@@ -14,6 +14,7 @@ import time
 
 import pytest
 from structlog.testing import capture_logs
+from websockets.protocol import State
 
 from listenerd.delivery.outbox import event_id
 from listenerd.model import Config
@@ -62,6 +63,19 @@ async def running(tmp_path, listeners, cfg=None, **sim_args):
             await sup.stop()
 
 
+async def streaming(sim, *pairs):
+    """Each (status record, hash): the listener is `started` and an open simulator socket follows the hash.
+
+    A listener is `started` once its subscribe is sent; the simulator applies it a moment later, and
+    anything published before that would reach nobody.
+    """
+    def ready():
+        live = [c for c in sim.connections if c.ws.state is State.OPEN]
+        return all(r.status == "started" and any(h in c.hashes for c in live) for r, h in pairs)
+
+    await wait_for(ready, what="listeners started and subscribed at the simulator")
+
+
 def errors(h, lid, kind, tenant="t1"):
     return h.metrics.listener_errors.labels(tenant, lid, kind)._value.get()
 
@@ -71,7 +85,7 @@ async def test_interactions_and_deletes_are_mapped_with_stable_distinct_ids(tmp_
     with capture_logs() as logs:
         async with running(tmp_path, [("A", H1, on_sim)]) as (sim, h, sup):
             record = sup.status(("t1", "A"))
-            await wait_for(lambda: record.status == "started", what="started")
+            await streaming(sim, (record, H1))
             assert record.message == f"Connected to stream: {H1}"
             data = await sim.interaction(H1, username="alice", sentiment=3)
             await sim.delete(H1, data["interaction"]["id"])
@@ -93,7 +107,7 @@ async def test_interactions_and_deletes_are_mapped_with_stable_distinct_ids(tmp_
 async def test_listeners_share_one_socket_and_deleting_one_unsubscribes_it_live(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started", what="both started")
+        await streaming(sim, (a, H1), (b, H2))
         await wait_for(lambda: sim.subscribed() == {H1, H2}, what="both hashes subscribed")
         assert sim.connects == 1 and len(sim.connections) == 1
         assert b.message == f"Connected to stream: {H2}"
@@ -110,7 +124,7 @@ async def test_listeners_share_one_socket_and_deleting_one_unsubscribes_it_live(
                 ("t2", "D"): desired(d_spec, creds(sim.url, key="other-key", username="other"))}
         await sup.reconcile(want)
         c, d = sup.status(("t1", "C")), sup.status(("t2", "D"))
-        await wait_for(lambda: c.status == d.status == "started", what="C and D started")
+        await streaming(sim, (c, H3), (d, H1))
         await wait_for(lambda: sim.subscribed("user") == {H1, H2, H3} and sim.subscribed("other") == {H1})
         assert sim.connects == 2
 
@@ -134,7 +148,7 @@ async def test_listeners_share_one_socket_and_deleting_one_unsubscribes_it_live(
 async def test_two_listeners_on_the_same_hash_both_receive_it_and_it_stays_subscribed(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H1, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H1))
         data = await sim.interaction(H1)
         await wait_for(lambda: a.received == b.received == 1)
         ea, eb = (await h.events("t1", "A"))[0], (await h.events("t1", "B"))[0]
@@ -177,12 +191,12 @@ async def test_connection_refused_is_retried_with_back_off(tmp_path):
 async def test_abrupt_drop_reconnects_and_resubscribes_every_hash(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H2))
         await sim.interaction(H1)
         await wait_for(lambda: a.received == 1)
         await sim.drop()
         await wait_for(lambda: sim.connects >= 2 and sim.subscribed() == {H1, H2}, what="resubscribed")
-        await wait_for(lambda: a.status == b.status == "started", what="started again")
+        await streaming(sim, (a, H1), (b, H2))
         assert "Connection to DataSift lost" in a.last_error
         assert sim.actions_for(H1) == ["subscribe", "subscribe"] and sim.actions_for(H2) == ["subscribe", "subscribe"]
         await sim.interaction(H1)
@@ -194,29 +208,31 @@ async def test_reconnect_message_reconnects_at_once_despite_a_long_back_off(tmp_
     cfg = config(tmp_path, backoff=20)
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)], cfg=cfg) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H2))
         sent_at = time.monotonic()
         await sim.send_reconnect()
         await wait_for(lambda: sim.connects == 2 and sim.subscribed() == {H1, H2}, timeout=5, what="reconnect")
         assert time.monotonic() - sent_at < 5  # the back-off (20 s) was not applied
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H2))
         assert a.last_error == "DataSift asked for a reconnect"
-        assert len(sim.connections) == 1
+        await wait_for(lambda: len(sim.connections) == 1, what="the old socket closed")
 
 
-async def test_silence_past_the_bound_means_a_reconnect(tmp_path):
-    cfg = config(tmp_path, **{"datasift-silence-timeout": 0.6})
+async def test_silence_past_the_bound_means_a_reconnect_at_once(tmp_path):
+    cfg = config(tmp_path, backoff=20, **{"datasift-silence-timeout": 1.0})
     async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg, tick_interval=0.1) as (sim, h, sup):
         a = sup.status(("t1", "A"))
-        await wait_for(lambda: a.status == "started")
-        assert sup.runners[("t1", "A")].ctx.heartbeat_bound == 0.6  # the supervisor's watchdog uses it too
-        await asyncio.sleep(0.8)  # ticks every 0.1 s keep the 0.6 s bound satisfied
+        await streaming(sim, (a, H1))
+        assert sup.runners[("t1", "A")].ctx.heartbeat_bound == 1.0  # the supervisor's watchdog uses it too
+        await asyncio.sleep(1.3)  # ticks every 0.1 s keep the 1 s bound satisfied
         assert sim.connects == 1 and a.status == "started"
         sim.silence()
+        silent_at = time.monotonic()
         await wait_for(lambda: sim.connects >= 2, what="reconnect after silence")
-        assert "No data or" in a.last_error
+        assert time.monotonic() - silent_at < 5  # at once: the 20 s back-off was not applied
+        assert a.last_error == "No data or tick from DataSift for 1s; reconnecting"
         sim.silence(False)
-        await wait_for(lambda: a.status == "started")
+        await streaming(sim, (a, H1))
         await sim.interaction(H1)
         await wait_for(lambda: a.received == 1)
 
@@ -225,7 +241,7 @@ async def test_malformed_and_oversized_frames_are_counted_and_not_fatal(tmp_path
     cfg = config(tmp_path, **{"max-frame-bytes": 4096})
     async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg) as (sim, h, sup):
         a = sup.status(("t1", "A"))
-        await wait_for(lambda: a.status == "started")
+        await streaming(sim, (a, H1))
         await sim.warn("You are close to your stream limit", H1)
         await sim.send_malformed()
         await sim.send_oversized(20_000, H1)
@@ -241,7 +257,7 @@ async def test_malformed_and_oversized_frames_are_counted_and_not_fatal(tmp_path
 async def test_failure_naming_a_hash_fails_that_listener_only(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H2))
         await sim.fail_hash(H1)
         await wait_for(lambda: a.status == "failed", what="A failed")
         assert a.message == f"DataSift refused stream {H1}: The hash {H1} does not exist"
@@ -261,7 +277,7 @@ async def test_unknown_hash_at_subscribe_fails_that_listener_only(tmp_path):
 async def test_failure_about_credentials_on_a_live_socket_fails_all_its_listeners(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H2))
         await sim.fail_credentials()
         await wait_for(lambda: a.status == b.status == "failed", what="both failed")
         assert a.message.startswith("DataSift refused the credentials: ")
@@ -271,7 +287,7 @@ async def test_failure_about_credentials_on_a_live_socket_fails_all_its_listener
 async def test_a_changed_definition_restarts_one_listener_on_the_live_shared_socket(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
-        await wait_for(lambda: a.status == b.status == "started")
+        await streaming(sim, (a, H1), (b, H2))
         c = creds(sim.url)
         changed = listener(id="A", type="datasift", options={"hash": H3},
                            mapping={"who": "interaction.author.username"})
@@ -289,7 +305,7 @@ async def test_a_frame_beyond_the_transport_cap_ends_the_connection_and_is_retri
     cfg = config(tmp_path, **{"max-frame-bytes": 1024})  # counted-and-skipped up to 1 KiB x 16, closed beyond
     async with running(tmp_path, [("A", H1, on_sim)], cfg=cfg) as (sim, h, sup):
         a = sup.status(("t1", "A"))
-        await wait_for(lambda: a.status == "started")
+        await streaming(sim, (a, H1))
         await sim.send_oversized(8_000, H1)
         await wait_for(lambda: errors(h, "A", "oversized") == 1, what="skipped, counted")
         await sim.send_oversized(40_000, H1)

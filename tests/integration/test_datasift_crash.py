@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 
 import orjson
+from websockets.protocol import State
 
 from listenerd.delivery.outbox import event_id
 from listenerd.sim.datasift import DataSiftSim
@@ -41,6 +42,10 @@ username = "user"
 api-key = "{SECRET}"
 stream-url = "{url}"
 {listeners}"""
+
+
+def subscribed_live(sim: DataSiftSim) -> set[str]:
+    return {h for c in sim.connections if c.ws.state is State.OPEN for h in c.hashes}
 
 
 def source_key(envelope: dict) -> str:
@@ -101,6 +106,7 @@ async def test_kill_9_mid_stream_every_committed_event_reaches_the_engine_with_a
                            what="every committed event delivered after the restart")
             for lid in HASHES:
                 await api.wait_status("t", lid, "started")
+            await wait_for(lambda: subscribed_live(sim) >= set(HASHES.values()), what="resubscribed after restart")
             fresh = await sim.interaction(HASHES["A"], username="after_restart")
             await wait_for(lambda: any(e["event"]["iid"] == fresh["interaction"]["id"] for e in engine.received),
                            what="streaming again after the restart")
