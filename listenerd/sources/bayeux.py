@@ -230,8 +230,12 @@ class BayeuxClient:
             return self.malformed("answer is not a list of Bayeux messages")
         outputs: list[Output] = []
         answered = False
+        subscriptions = self.subscriptions
         for message in messages:
             channel = message.get("channel")
+            if channel in subscriptions and "data" in message:  # the hot path: events, in bulk
+                outputs.append(self._on_data(channel, message["data"]))
+                continue
             if channel == f"/meta/{awaited}":
                 answered = True
             if channel == "/meta/handshake":
@@ -240,10 +244,8 @@ class BayeuxClient:
                 outputs += self._on_subscribe(message)
             elif channel == "/meta/connect":
                 outputs += self._on_connect(message)
-            elif channel in ("/meta/unsubscribe", "/meta/disconnect"):
-                continue
-            elif isinstance(channel, str) and "data" in message and channel in self.subscriptions:
-                outputs.append(self._on_data(channel, message["data"]))
+            else:
+                continue  # unsubscribe/disconnect replies, other channels
             if self._ends(outputs):
                 return outputs
         if not answered and awaited not in (None, "disconnect"):

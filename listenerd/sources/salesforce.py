@@ -23,6 +23,7 @@ keep their ids, so the engine drops them) or -1 (`new`: the listener asked for n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,13 +236,28 @@ class Stream:
         self.bayeux = BayeuxClient({options.topic: replay}, replay_fallback=-1 if options.replay == "new" else -2,
                                    margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout)
         bound = None
+        outputs: list[Any] = []
         while True:
-            request = self.bayeux.next_request()
-            for output in await self.send(request):
-                await self.handle(output)
+            if not all(isinstance(o, Message) for o in outputs):
+                for output in outputs:  # anything but events: in order, before the next request
+                    await self.handle(output)
+                outputs = []
             if self.bayeux.subscribed and bound != self.bayeux.heartbeat_bound:
                 bound = self.bayeux.heartbeat_bound
                 ctx.set_heartbeat_bound(bound)
+            # Reconnect at once and hand the last answer's events on while the next poll is in flight:
+            # Salesforce wants the next connect soon after an answer with events (40 s), and the two
+            # overlap (the server prepares the next batch while the outbox takes this one).
+            in_flight = asyncio.create_task(self.send(self.bayeux.next_request()))
+            try:
+                for output in outputs:
+                    await self.emit(output)
+                outputs = await in_flight
+            finally:
+                if not in_flight.done():
+                    in_flight.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await in_flight
 
     async def login(self) -> None:
         async with aiohttp.ClientSession() as http:
@@ -328,10 +344,15 @@ class Stream:
             self.ctx.count("malformed")
             self.ctx.log.warning("event without sobject or replayId skipped", channel=message.channel)
             return
-        assert self.session is not None
+        replay_id = str(message.replay_id)
         await self.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel},
-                            key=f"{self.session.org_id}/{self.options.topic.removeprefix('/topic/')}/{message.replay_id}",
-                            checkpoint=str(message.replay_id))
+                            key=self.key_prefix + replay_id, checkpoint=replay_id)
+
+    @property
+    def key_prefix(self) -> str:
+        """`<orgId>/<topic name>/`: with the replayId, the event's identity across restarts."""
+        assert self.session is not None
+        return f"{self.session.org_id}/{self.options.topic.removeprefix('/topic/')}/"
 
     async def goodbye(self) -> None:
         """Free the server's client slot: unsubscribe and disconnect, best effort, bounded."""
