@@ -226,6 +226,7 @@ class Stream:
 
     key: str
     registry: dict[str, Stream]
+    tenant_id: str
     username: str
     api_key: str
     base_url: str
@@ -242,7 +243,13 @@ class Stream:
 
     def __post_init__(self) -> None:
         self.url = public_url(self.base_url)
-        self.log = structlog.get_logger("listenerd.source").bind(source="datasift", stream=self.url)
+        self.log = structlog.get_logger("listenerd.source").bind(tenant=self.tenant_id, source="datasift",
+                                                                 stream=self.url)
+
+    def log_for(self, stream_hash: str | None) -> Any:
+        """The stream's logger, naming the listener(s) that follow `stream_hash`."""
+        ids = sorted({s.ctx.listener_id for s in self.subscribers if s.hash == stream_hash})
+        return self.log.bind(listener=",".join(ids)) if ids else self.log
 
     # -- listeners joining and leaving (called from listener tasks)
 
@@ -311,7 +318,7 @@ class Stream:
             detail = self._mask(str(exc) or type(exc).__name__)
             raise _Ended("retry", f"Cannot connect to DataSift at {self.url}: {detail}") from None
         self.opened_at = time.monotonic()
-        self.log.info("datasift connected", listeners=len(self.subscribers))
+        self.log.info("datasift connected", listener=",".join(sorted({s.ctx.listener_id for s in self.subscribers})))
         writer = asyncio.create_task(self._sync_subscriptions(), name=f"datasift-sync:{self.url}")
         try:
             await self._read_loop()
@@ -330,7 +337,7 @@ class Stream:
             for stream_hash in sorted(wanted - self.sent - self.rejected):
                 await self.ws.send(orjson.dumps({"action": "subscribe", "hash": stream_hash}).decode())
                 self.sent.add(stream_hash)
-                self.log.info("datasift subscribe", hash=stream_hash)
+                self.log_for(stream_hash).info("datasift subscribe", hash=stream_hash)
             for stream_hash in sorted(self.sent - wanted):
                 self.sent.discard(stream_hash)
                 await self.ws.send(orjson.dumps({"action": "unsubscribe", "hash": stream_hash}).decode())
@@ -372,9 +379,10 @@ class Stream:
                 self._confirm()
                 text = self._mask(decision.message)
                 if decision.level == "warning":
-                    self.log.warning("datasift warning", message=text, hash=decision.hash)
+                    self.log_for(decision.hash).warning("datasift warning", message=text, hash=decision.hash)
                 else:
-                    self.log.info("datasift notice", level=decision.level, message=text, hash=decision.hash)
+                    self.log_for(decision.hash).info("datasift notice", level=decision.level, message=text,
+                                                     hash=decision.hash)
             case Failure():
                 self._fail(decision)
             case Reconnect():
@@ -453,7 +461,8 @@ def _stream_for(ctx: SourceContext) -> Stream:
     key = digest.hexdigest()
     stream = registry.get(key)
     if stream is None or stream.closed:
-        stream = Stream(key=key, registry=registry, username=creds.username, api_key=creds.api_key,
+        stream = Stream(key=key, registry=registry, tenant_id=ctx.tenant_id, username=creds.username,
+                        api_key=creds.api_key,
                         base_url=creds.stream_url, settings=ctx.settings)
         registry[key] = stream
     return stream

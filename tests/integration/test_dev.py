@@ -43,4 +43,8 @@ async def test_dev_run_streams_all_three_sources_and_stops_on_sigint(tmp_path):
         process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(process.wait(), 30)
     assert code == 0, err.read_text()[-3000:]
-    assert '"undelivered": 0' in err.read_text() or "undelivered=0" in err.read_text()
+    lines = [json.loads(line) for line in err.read_text().splitlines()]  # JSON mode: every line is JSON
+    assert any(x["event"] == "listenerd stopped" and x["undelivered"] == 0 for x in lines)
+    for line in lines:
+        if line.get("logger") in ("listenerd.source", "listenerd.supervisor"):
+            assert line.get("tenant") == "demo" and line.get("listener"), line
