@@ -529,7 +529,8 @@ login-url = "{self.salesforce.url}"
 
         while missing():
             if time.monotonic() - began > timeout:
-                raise AssertionError(f"{missing()} events still missing at the engine after {timeout}s")
+                detail = {s: sorted(self._expected(s) - set(self.ledger.delivered.get(s, {})))[:10] for s in sources}
+                raise AssertionError(f"{missing()} events still missing at the engine after {timeout}s: {detail}")
             await asyncio.sleep(0.05)
         return time.monotonic() - began
 
@@ -577,7 +578,7 @@ def write_section(title: str, body: str, path: Path | None = None) -> None:
 
 def header(run_note: str) -> str:
     return (f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-            f"load average at start {loadavg()} (2 cores shared with four other engineers' runs). {run_note}")
+            f"load average when written {loadavg()} (2 cores shared with four other engineers' runs). {run_note}")
 
 
 # ---------------------------------------------------------------- hypothesis outside a test

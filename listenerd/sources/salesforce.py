@@ -296,6 +296,9 @@ class Stream:
         except orjson.JSONDecodeError:
             self.ctx.count("malformed")
             return self.bayeux.malformed(f"{request.kind} answer is not JSON")
+        if not isinstance(messages, dict | list) or (isinstance(messages, list)
+                                                     and not all(isinstance(m, dict) for m in messages)):
+            self.ctx.count("malformed")  # JSON, but not Bayeux messages: the machine re-handshakes; count it too
         return self.bayeux.receive(messages)
 
     async def post(self, request: Request) -> tuple[int, bytes]:
