@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from listenerd.sources.base import ListenerFailed, ListenerRetry
 from listenerd.sources.pusher_protocol import (
-    _VERSION,
+    CLIENT_VERSION,
     Count,
     Emit,
     Established,
@@ -88,7 +88,7 @@ async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
         ws = await connect(url, open_timeout=settings.connect_timeout, ping_interval=None,
                            max_size=settings.max_frame_bytes, compression=None, proxy=None,
                            close_timeout=1, ssl=_ssl_context(settings.ca_bundle) if tls else None,
-                           user_agent_header=f"listenerd/{_VERSION}")
+                           user_agent_header=f"listenerd/{CLIENT_VERSION}")
     except InvalidStatus as exc:
         return Retry(f"Pusher refused the WebSocket handshake at {url}: HTTP {exc.response.status_code}")
     except InvalidURI as exc:

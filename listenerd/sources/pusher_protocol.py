@@ -33,7 +33,7 @@ def _version() -> str:
         return "0.1.0"
 
 
-_VERSION = _version()
+CLIENT_VERSION = _version()
 CLIENT = "listenerd"
 
 # Close code meanings, for the operator-facing status message (pusher.com protocol docs).
@@ -134,7 +134,7 @@ def build_url(*, key: str, cluster: str = "mt1", host: str | None = None, port: 
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
     return (f"{scheme}://{host}:{port}/app/{quote(key, safe='')}"
-            f"?protocol={PROTOCOL}&client={CLIENT}&version={_VERSION}")
+            f"?protocol={PROTOCOL}&client={CLIENT}&version={CLIENT_VERSION}")
 
 
 def sign(key: str, secret: str, socket_id: str, channel: str, channel_data: str | None = None) -> str:
