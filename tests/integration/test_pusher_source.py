@@ -12,6 +12,7 @@ import ssl
 
 import pusher
 import pytest
+from structlog.testing import capture_logs
 
 from listenerd.model import Config
 from listenerd.sim.pusher import PusherSim, sign_channel
@@ -147,8 +148,10 @@ async def test_unknown_app_key_fails_with_4001_and_is_not_retried(tmp_path, sim)
 
 async def test_wrong_signature_on_a_private_channel_fails_without_leaking_the_secret(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec("private-orders"), creds(sim, secret="wrong-secret-value"))
-        record = await run.status("failed")
+        with capture_logs() as logs:
+            run = await start(h, spec("private-orders"), creds(sim, secret="wrong-secret-value"))
+            record = await run.status("failed")
+        assert logs and "wrong-secret-value" not in repr(logs)  # raw log events, before any redaction
         assert record.message.startswith("Pusher refused the subscription to channel private-orders: "
                                          "Invalid signature")
         assert "(status 401)" in record.message
