@@ -44,6 +44,7 @@ async def run(workdir: Path, cycles: int = 3, rate: float = 300.0, engine_delay:
         await rig.start_daemon()
         await rig.wait_all_started()
         rig.mark_live()
+        await rig.prime()
         rig.start_pump(rate)
         for cycle in range(cycles):
             before = rig.ledger.deliveries

@@ -38,6 +38,7 @@ async def run(workdir: Path, outage: float = 10.0, rate: float = 300.0, every: f
         await rig.start_daemon()
         await rig.wait_all_started()
         rig.mark_live()
+        await rig.prime()
         rig.start_pump(rate)
         await wait_for(lambda: rig.ledger.deliveries >= 50, timeout=30, what="deliveries before the outage")
         before = sample(rig.pid)
