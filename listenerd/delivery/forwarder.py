@@ -4,7 +4,9 @@ One batch is in flight at a time, taken from the head of the outbox in commit or
 keeps every listener's events in order through retries: a later batch is never sent while an
 earlier one is unacknowledged, and a retry re-sends the same rows with the same ids (the engine
 de-duplicates on `id`). The engine is one endpoint, so an outage stalls every listener alike;
-concurrency would buy nothing there and would cost ordering.
+concurrency would buy nothing there and would cost ordering. Only the bookkeeping overlaps: once
+the engine has accepted a batch, its ack commits while the next batch is leased and sent (the
+engine has the earlier one, so order holds); a failed ack rewinds the cursor and those rows go again.
 
 Outcomes: 2xx acks (rows deleted); 408, 429, 5xx and network errors retry after a capped,
 jittered exponential back-off, or exactly the engine's `Retry-After` when it sends one; any other

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -49,12 +50,13 @@ class Request:
 class EngineSim:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None, *,
                  path: str = "/1.0/events", on_events: Callable[[list[dict[str, Any]]], None] | None = None,
-                 keep: bool = True):
+                 keep: bool = True, ssl_context: ssl.SSLContext | None = None):
         self.host = host
         self.port = port
         self.token = token
         self.path = path
         self.on_events = on_events
+        self.ssl_context = ssl_context  # serve https with it (tests of the forwarder's TLS checks)
         self.keep = keep  # False: count and call on_events, but keep no envelopes (long runs, benchmarks)
         self.accepted = 0                          # envelopes accepted, kept or not
         self.received: list[dict[str, Any]] = []   # accepted envelopes, arrival order
@@ -99,7 +101,8 @@ class EngineSim:
         assert self._runner is not None
         if self._site is not None:
             return
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                                 ssl_context=self.ssl_context)
         await self._site.start()
         if self.port == 0:
             server = self._site._server
@@ -108,7 +111,8 @@ class EngineSim:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}{self.path}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.path}"
 
     # -- faults
 
