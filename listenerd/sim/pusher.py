@@ -19,7 +19,8 @@ sent before it.
 
 Fault injection (for tests): `close_all(code)`, `drop_all()` (no close frame), `go_silent()`,
 `send_raw(text)` (malformed frames), `send_oversized(n)`, `refuse_connections(status)` (HTTP status
-at the handshake), `close_on_connect(code)`, `reject_subscriptions(channel)`.
+at the handshake), `stop_listening()`/`resume_listening()` (TCP connection refused),
+`close_on_connect(code)`, `reject_subscriptions(channel)`.
 
 Use in-process (same event loop, e.g. `listenerd dev`):
 
@@ -218,6 +219,7 @@ class PusherSim:
         self._reject: dict[str, tuple[int, str]] = {}
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -240,11 +242,7 @@ class PusherSim:
         app.router.add_get("/apps/{app_id}/channels", self._channels_handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog, ssl_context=self.ssl_context)
-        await site.start()
-        server = site._server
-        assert server is not None and getattr(server, "sockets", None)
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self.resume_listening()
         self._sweeper = asyncio.create_task(self._sweep(), name="pusher-sim-sweeper")
 
     async def stop(self) -> None:
@@ -260,7 +258,7 @@ class PusherSim:
             conn.drop()
         if self._runner:
             await self._runner.cleanup()
-            self._runner = None
+            self._runner = self._site = None
 
     async def __aenter__(self) -> PusherSim:
         await self.start()
@@ -334,6 +332,26 @@ class PusherSim:
         for conn in self.connections:
             target = channel or next(iter(conn.channels), "none")
             conn.send(_frame("oversized", _dumps({"filler": filler}), target))
+
+    async def stop_listening(self) -> None:
+        """Close the listening socket: new connections are refused (TCP) until `resume_listening()`.
+        Open sockets stay up; add `drop_all()` for a server that went away entirely."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def resume_listening(self) -> None:
+        """(Re)open the listening socket, on the same port once one was chosen."""
+        assert self._runner is not None, "start() first"
+        if self._site is not None:
+            return
+        self._site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog,
+                                 ssl_context=self.ssl_context, reuse_address=True)
+        await self._site.start()
+        if self.port == 0:
+            server = self._site._server
+            assert server is not None and getattr(server, "sockets", None)
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     def refuse_connections(self, status: int | None = 503) -> None:
         """Answer new WebSocket handshakes with this HTTP status (None: accept again)."""

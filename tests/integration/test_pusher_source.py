@@ -443,3 +443,17 @@ async def test_a_server_that_keeps_asking_to_reconnect_gets_back_off_not_a_storm
         assert run.record.attempts == 4  # three immediate reconnects, then the back-off
         assert "close code 4200" in run.record.message
         await run.sup.stop()
+
+
+async def test_server_gone_then_back_on_the_same_port(tmp_path, sim):
+    async with Harness(tmp_path, make_config(tmp_path)) as h:
+        run = await start(h, spec("private-orders"), creds(sim))
+        await run.status("started")
+        await sim.stop_listening()
+        sim.drop_all()
+        await wait_for(lambda: (run.record.last_error or "").endswith("connection refused"), what="refused")
+        assert run.record.status in ("retrying", "starting")
+        await sim.resume_listening()
+        await wait_for(lambda: run.record.status == "started" and sim.connects == 2, what="back on the same port")
+        assert [s.ok for s in sim.subscriptions] == [True, True]
+        await run.sup.stop()
