@@ -91,6 +91,7 @@ class Forwarder:
         self.attempt = 0  # consecutive failed attempts of the current batch
         self._cursor = 0  # seq of the last row sent and accepted (or refused); leases continue after it
         self._acking: asyncio.Task[None] | None = None  # the previous batch's ack, committing
+        self._ack_failures = 0
         self._rewind = False  # an ack failed: lease from the head again (those rows are sent again)
 
     # -- lifecycle
@@ -171,7 +172,9 @@ class Forwarder:
         except Exception:
             log.exception("could not record an engine ack; those events will be sent again")
             self._rewind = True
+            self._ack_failures += 1
             return
+        self._ack_failures = 0
         self.metrics.delivered.inc(len(rows))
         if self.on_forwarded:
             for (tenant_id, listener_id), count in _counts(rows).items():
@@ -182,8 +185,10 @@ class Forwarder:
         committed = self.outbox.committed
         while True:
             committed.clear()
-            if self._rewind:
+            if self._rewind:  # the store refused an ack: back off rather than resend in a tight loop
                 self._cursor, self._rewind = 0, False
+                await asyncio.sleep(backoff_delay(self._ack_failures, self.engine.retry_initial,
+                                                  self.engine.retry_max))
             rows = await self.outbox.lease(self.engine.batch_max, after=self._cursor)
             if rows:
                 break
