@@ -142,7 +142,7 @@ async def test_unknown_app_key_fails_with_4001_and_is_not_retried(tmp_path, sim)
                                          "exist - check the app key and cluster")
         assert "no-such-key not in this cluster" in record.message
         await asyncio.sleep(0.3)  # a retry would have come after the 0.05 s back-off
-        assert len([c for c in sim.connections]) == 0 and record.status == "failed"
+        assert record.status == "failed" and record.attempts == 0 and not sim.connections
         await run.sup.stop()
 
 
