@@ -257,7 +257,8 @@ class Supervisor:
     async def _watch_heartbeats(self) -> None:
         """Restart a `started` listener whose connection has been silent past its protocol's bound."""
         while True:
-            await asyncio.sleep(0.25)
+            bounds = [r.ctx.heartbeat_bound for r in self.runners.values() if r.ctx and r.ctx.heartbeat_bound]
+            await asyncio.sleep(min([1.0, *(b / 4 for b in bounds)]))  # a quarter of the tightest bound, <= 1 s
             now = time.monotonic()
             for runner in list(self.runners.values()):
                 ctx = runner.ctx
