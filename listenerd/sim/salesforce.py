@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import re
 import secrets
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -66,12 +67,12 @@ class SalesforceSim:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, public_host: str | None = None,
                  users: dict[str, str] | None = None, clients: dict[str, str] | None = None,
                  long_poll: float = 110.0, retention: float = 86400.0, batch: int = 1000,
-                 org_id: str = ORG_ID, http_401: bool = False):
+                 org_id: str = ORG_ID, http_401: bool = False, ssl_context: ssl.SSLContext | None = None):
         """`users`: username -> password + security token; `clients`: consumer key -> consumer secret.
 
         `long_poll` is how long a connect is held (Salesforce: 110 s); `retention` how long events stay
         replayable (24 h); `http_401` answers an expired session on /cometd with HTTP 401 instead of
-        a Bayeux `401::` error.
+        a Bayeux `401::` error. With `ssl_context` it serves https (for TLS verification tests).
         """
         self.host = host
         self.port = port
@@ -83,6 +84,7 @@ class SalesforceSim:
         self.batch = batch
         self.org_id = org_id
         self.http_401 = http_401
+        self.ssl_context = ssl_context
         self.topics: dict[str, dict[str, Any]] = {}
         self.tokens: set[str] = set()
         self.bayeux: dict[str, _Client] = {}
@@ -102,7 +104,8 @@ class SalesforceSim:
 
     @property
     def url(self) -> str:
-        return f"http://{self.public_host}:{self.port}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.public_host}:{self.port}"
 
     @property
     def token_url(self) -> str:
@@ -119,7 +122,7 @@ class SalesforceSim:
         self._closing = False
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

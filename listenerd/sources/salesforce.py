@@ -118,7 +118,8 @@ def describe(exc: BaseException) -> str:
 
 
 class RebasedSession(requests.Session):
-    """Sends simple-salesforce's `https://<instance>/...` URLs to the instance URL as configured."""
+    """Sends simple-salesforce's `https://<instance>/...` URLs to the instance URL as configured, verified
+    against the configured CA bundle (or the system's)."""
 
     def __init__(self, instance_url: str, verify: str | bool, timeout: float):
         super().__init__()
@@ -132,6 +133,8 @@ class RebasedSession(requests.Session):
         if isinstance(url, str) and url.startswith(self._from):
             url = self._to + url[len(self._from):]
         kwargs.setdefault("timeout", self._timeout)
+        # Per request, because requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's verify.
+        kwargs.setdefault("verify", self.verify)
         return super().request(method, url, *args, **kwargs)
 
 
