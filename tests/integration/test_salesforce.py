@@ -7,10 +7,12 @@ topic with and without a query, silence, malformed JSON, a server restart, and t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 
 import pytest
+import structlog
 
 from listenerd.delivery.outbox import event_id
 from listenerd.model import Config
@@ -85,6 +87,12 @@ async def test_events_flow_with_envelope_fields_ids_and_checkpoint(tmp_path, sim
 
 
 async def test_bad_credentials_fail_with_salesforce_words_and_no_secret(tmp_path, sim):
+    with structlog.testing.capture_logs() as logs:
+        async with running(tmp_path, sim, creds_over={"password": "wrong-password"}) as (_, _, record):
+            await wait_for(lambda: record.status == "failed", what="failed")
+            await asyncio.sleep(0.2)  # a retry would have happened by now at a 0.05 s back-off
+            assert record.attempts == 0
+    assert "wrong-password" not in repr(logs) and TOKEN not in repr(logs) and "cs-secret" not in repr(logs)
     async with running(tmp_path, sim, creds_over={"password": "wrong-password"}) as (_, _, record):
         await wait_for(lambda: record.status == "failed", what="failed")
         assert record.message == "Salesforce rejected the login: invalid_grant: authentication failure"
@@ -150,8 +158,10 @@ async def test_advice_handshake_and_retry_keep_the_stream(tmp_path, sim, reconne
         assert record.status == "started" and record.attempts == 0
 
 
-async def test_advice_none_is_reported_retrying_then_resumes_from_checkpoint(tmp_path, sim):
-    async with running(tmp_path, sim) as (h, sup, record):
+@pytest.mark.parametrize("replay", ["resume", "new"])
+async def test_advice_none_is_reported_retrying_then_resumes_from_checkpoint(tmp_path, sim, replay):
+    # `new` starts at -1 on launch, but a retry within the launch resumes from the checkpoint: no gap
+    async with running(tmp_path, sim, replay=replay) as (h, sup, record):
         await started(record)
         sim.publish("Invoices", {"Id": "a1", "Name": "one"})
         await wait_for(lambda: record.received == 1, what="first")
@@ -162,6 +172,8 @@ async def test_advice_none_is_reported_retrying_then_resumes_from_checkpoint(tmp
         await wait_for(lambda: record.received == 2, what="event after the retry")
         assert names(await h.events()) == ["one", "two"]
         assert record.status == "started"
+        subscribes = [m for m in sim.requests if m["channel"] == "/meta/subscribe"]
+        assert subscribes[-1]["ext"]["replay"]["/topic/Invoices"] > 0
 
 
 async def test_dropped_long_poll_reconnects_without_loss(tmp_path, sim):
