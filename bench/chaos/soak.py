@@ -91,7 +91,7 @@ def plot(result: dict[str, Any], path: Path = PNG) -> Path:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     top.plot(minutes, [p["rss_mib"] for p in series], color="tab:blue")
     top.set_ylabel("daemon RSS (MiB)")
-    top.set_ylim(bottom=0)
+    top.set_ylim(0, max(p["rss_mib"] for p in series) * 1.15)
     top.grid(alpha=0.3)
     bottom.plot(minutes, [p["cpu_pct"] for p in series], color="tab:red", label="daemon CPU (% of one core)")
     bottom.plot(minutes, [p["load1"] * 100 / 2 for p in series], color="tab:gray", alpha=0.5,

@@ -1,0 +1,92 @@
+"""Short versions of the chaos scenarios (bench/chaos/), run in CI: the same code, a few cycles each.
+
+Each test drives a real daemon child process against the real simulators over loopback and asserts
+the scenario's invariants (the scenario's own `check()` runs inside `run()`, and the key ones are
+asserted again here so a reader sees them): no committed event lost, duplicates only under the same
+id, every listener back to `started`, fds and threads back to baseline, every bad frame counted under
+its kind, no 500 from the API, and no secret value in any log line or answer of the whole file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.chaos import bad_input, crash_loop, engine_outage, flaps, security
+
+pytestmark = pytest.mark.timeout(120)
+
+_logs: list[Path] = []  # every daemon log of this file, searched for secrets at the end
+
+
+def _remember(workdir: Path, result: dict) -> None:
+    assert result["secret_hits" if "secret_hits" in result else "hits"] is not None
+    _logs.extend(workdir.glob("*.log"))
+
+
+def _say(_: str) -> None:
+    pass
+
+
+async def test_crash_loop_loses_no_committed_event_and_duplicates_keep_their_id(tmp_path):
+    result = await crash_loop.run(tmp_path, cycles=3, rate=300.0, engine_delay=0.1, up=(0.2, 0.8),
+                                  down=(0.0, 0.3), seed=1, say=_say)
+    _remember(tmp_path, result)
+    reports = result["reports"]
+    assert all(r["lost_committed"] == 0 for r in reports.values())
+    assert all(r["mixed_ids"] == 0 for r in reports.values())
+    assert reports["salesforce"]["not_received"] == 0  # replayed from the checkpoint
+    assert sum(r["duplicates"] for r in reports.values()) <= result["durable_at_kills"]
+    assert all(r["delivered_unique"] > 0 for r in reports.values())
+    assert result["final_outbox"] == 0
+
+
+async def test_engine_outage_backlog_waits_on_disk_and_drains(tmp_path):
+    result = await engine_outage.run(tmp_path, outage=4.0, rate=300.0, every=0.5, say=_say)
+    _remember(tmp_path, result)
+    assert result["depth_at_recovery"] > 300
+    assert result["leaked"] == 0
+    reports = result["reports"]
+    assert all(r["lost_committed"] == 0 and r["not_received"] == 0 for r in reports.values())
+
+
+async def test_provider_flaps_every_listener_back_to_started_no_leaked_fds(tmp_path):
+    result = await flaps.run(tmp_path, flaps=18, rate=30.0, sample_every=3, say=_say)
+    _remember(tmp_path, result)
+    assert result["end"].fds <= result["baseline"].fds + 2
+    assert result["end"].threads <= result["baseline"].threads + 1
+    assert len(result["kinds"]) == 8  # every kind of disconnect (3 Pusher, 2 DataSift, 3 Salesforce) at least once
+    assert result["reports"]["salesforce"]["not_received"] == 0
+
+
+async def test_bad_frames_and_fuzzed_api_are_counted_never_fatal(tmp_path):
+    result = await bad_input.run(tmp_path, per_kind=3, api_requests=60, seed=3, say=_say)
+    _remember(tmp_path, result)
+    assert result["alive"]
+    kinds = {(source, kind) for source, kind, _ in result["sent"]}
+    assert {("pusher", "malformed"), ("pusher", "oversized"), ("datasift", "malformed"), ("datasift", "oversized"),
+            ("salesforce", "malformed")} <= kinds
+    for (source, kind, _), _count in result["sent"].items():
+        assert result["deltas"][f"{source}/{kind}"] > 0
+    assert result["api"]["errors_counted"] == result["api"]["errors_answered"]
+
+
+async def test_security_every_route_guarded(tmp_path):
+    result = await security.run(tmp_path, say=_say)
+    _remember(tmp_path, result)
+    assert result["findings"] == []
+    assert result["table"]["no token"] == {401: len(security.ROUTES)}
+    assert result["table"]["other tenant's token"] == {403: len(security.ROUTES)}
+    assert sum(result["hits"].values()) == 0
+
+
+def test_no_secret_in_any_log_of_this_file():
+    """Each run searched its own log and answers; this searches every log again for every run's secrets
+    (the generated secrets all start with the same prefixes, so a leak of any run's value is caught)."""
+    if not _logs:
+        pytest.skip("run with the scenarios above")
+    prefixes = ("chaos-ops-", "chaos-other-", "chaos-engine-", "chaos-pusher-", "chaos-dskey-", "chaos-sfcs-",
+                "chaos-sfpw-", "CHAOSSFTK")
+    found = [(log.name, p) for log in _logs if log.exists() for p in prefixes if p in log.read_text(errors="replace")]
+    assert found == []
