@@ -45,7 +45,7 @@ class Request:
     delay: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per event, and frozen dataclasses construct 3x slower
 class Message:
     """A data message on a subscribed channel."""
 
@@ -348,12 +348,11 @@ class BayeuxClient:
         return self._transport_failure(f"connect answered {error}", "connect")
 
     def _on_data(self, channel: str, data: Any) -> Message:
-        replay_id = None
-        if isinstance(data, dict) and isinstance(data.get("event"), dict):
-            candidate = data["event"].get("replayId")
-            if isinstance(candidate, int) and not isinstance(candidate, bool):
-                replay_id = candidate
-                self.subscriptions[channel] = candidate
+        event = data.get("event") if type(data) is dict else None
+        replay_id = event.get("replayId") if type(event) is dict else None
+        if type(replay_id) is not int:  # exact type: a bool is not a replayId
+            return Message(channel, data, None)
+        self.subscriptions[channel] = replay_id
         return Message(channel, data, replay_id)
 
     # -- transitions
