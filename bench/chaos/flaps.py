@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -109,13 +110,17 @@ async def run(workdir: Path, flaps: int = 30, rate: float = 30.0, sample_every: 
         await rig.stop_pump()
         await rig.wait_delivered(timeout=60)
         await rig.wait_all_started()
+        baseline = next(s for n, s in samples if n >= warmup)
+        # "back to baseline": a socket closed by the last flap may take a moment to be released
+        with contextlib.suppress(AssertionError):
+            await wait_for(lambda: sample(rig.pid).fds <= baseline.fds, timeout=10, interval=0.1)
+        samples.append((flaps, sample(rig.pid)))
         errors = await rig.errors_by_kind()
         reconnects = sum(v for k, v in (await rig.metrics()).items() if k.startswith("listenerd_reconnects_total"))
         await rig.stop()
         hits = rig.secret_hits()
     finally:
         await rig.stop()
-    baseline = next(s for n, s in samples if n >= warmup)
     end = samples[-1][1]
     half = [(n, s.rss_kb) for n, s in samples if n >= flaps // 2]
     result = {"flaps": flaps, "kinds": kinds, "elapsed_s": time.monotonic() - began, "baseline": baseline,
