@@ -2,7 +2,7 @@
 //
 // Listens on 127.0.0.1, port 0 (the OS picks); prints {"port": N} on stdout once listening.
 // Reads JSON lines on stdin: {"publish": channel, "data": {...}} publishes through faye's own server-side
-// client. Prints one JSON line per client-side event it sees: {"subscribe": ch, "clientId": id},
+// client; {"forget": clientId} destroys that client's session on the server. Prints one JSON line per client-side event it sees: {"subscribe": ch, "clientId": id},
 // {"unsubscribe": ch, ...}, {"disconnect": id}, {"published": ch}.
 // Requests must carry "Authorization: Bearer <TOKEN>" (env FAYE_TOKEN, default "peer-token"): checked by
 // a server extension that sees the HTTP request, as Salesforce checks its bearer token.
@@ -41,6 +41,12 @@ const publisher = bayeux.getClient();
 readline.createInterface({ input: process.stdin }).on('line', (line) => {
   if (!line.trim()) return;
   const command = JSON.parse(line);
+  if (command.forget) {
+    // faye forgets the client, as a restarted or load-balanced Bayeux server does: its next
+    // request is answered "401:<id>:Unknown client" with advice handshake.
+    bayeux._server._engine.destroyClient(command.forget, () => say({ forgotten: command.forget }));
+    return;
+  }
   publisher.publish(command.publish, command.data).then(() => say({ published: command.publish }));
 });
 process.stdin.on('end', () => process.exit(0));

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -130,6 +131,12 @@ class Faye:
         await self.proc.stdin.drain()
         await wait_for(lambda: sum(1 for s in self.seen if "published" in s) > done, what="faye publish ack")
 
+    async def forget(self, client_id: str) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write((json.dumps({"forget": client_id}) + "\n").encode())
+        await self.proc.stdin.drain()
+        await wait_for(lambda: any(s.get("forgotten") == client_id for s in self.seen), what="faye forgets")
+
     async def close(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
@@ -203,3 +210,33 @@ async def test_listenerd_bayeux_client_is_refused_by_faye_without_the_token(tmp_
         assert "401::Authentication invalid" in info.value.reason and relogins == [1]
         await stream.close()
 
+
+
+async def test_listenerd_rehandshakes_and_resubscribes_when_faye_forgets_it(tmp_path, faye):
+    """faye's own words for a lost session ("401:<id>:Unknown client", advice handshake) mean a new
+    handshake and a resubscribe, not a login; events published afterwards arrive."""
+    config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")}})
+    creds = integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u",
+                                         "password": "p", "login-url": faye.url})
+    spec = listener(id="LF", type="salesforce", options={"topic": "Invoices"}, mapping={"replay": "$event.replayId"})
+    async with Harness(tmp_path, config) as h:
+        ctx = h.context("t", spec, creds)
+        stream = Stream(ctx, creds, spec.options)
+        stream.session = Session("peer-token", faye.url, "org")
+        task = asyncio.create_task(stream.follow(-1))
+        try:
+            await wait_for(lambda: any("subscribe" in s for s in faye.seen), what="subscribed")
+            first_client = next(s["clientId"] for s in faye.seen if "subscribe" in s)
+            await faye.forget(first_client)
+            await wait_for(lambda: sum("subscribe" in s for s in faye.seen) == 2, what="resubscribed after a handshake")
+            second_client = [s["clientId"] for s in faye.seen if "subscribe" in s][1]
+            assert second_client != first_client
+            await faye.publish("/topic/Invoices", {"event": {"replayId": 7, "type": "created"}, "sobject": {"Id": "a"}})
+            await wait_for(lambda: ctx.status.received == 1, what="event after the re-handshake")
+            assert [e["event"] for e in await h.events()] == [{"replay": 7}]
+            assert ctx.status.status == "started"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await stream.close()
