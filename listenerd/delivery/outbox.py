@@ -143,10 +143,21 @@ class Outbox:
         self._publish_usage()
         self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
 
-    async def close(self) -> None:
-        """Commit what is queued, then stop the writer."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Commit what is queued, then stop the writer.
+
+        With `timeout`, give up waiting after that long (a store that keeps failing must not hang
+        shutdown): what is still queued was never committed, so it never counted as received and no
+        checkpoint moved past it.
+        """
         self._closed = True
-        await self.flush()
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            log.error("outbox could not commit before shutdown; those events were never acknowledged",
+                      events=len(self._queue))
+            self._queue.clear()
+            self._idle.set()
         if self._writer:
             self._writer.cancel()
             try:

@@ -237,3 +237,15 @@ async def test_chunked_inserts_keep_append_order_across_chunk_sizes(tmp_path):
         assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
         for total in (1, 255, 256, 257, 777):
             assert [e["event"]["n"] for e in await h.events("t", f"L{total}")] == list(range(total))
+
+
+async def test_close_with_a_timeout_does_not_hang_on_a_failing_store(tmp_path):
+    async with Harness(tmp_path) as h:
+        await h.store.run(lambda c: c.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+        committed = []
+        await h.outbox.append("t", "sf", "salesforce", {"replay": 1}, key="1", checkpoint="1",
+                              on_commit=committed.append)
+        await wait_for(lambda: h.outbox.commit_failures >= 1, what="a failed commit")
+        await asyncio.wait_for(h.outbox.close(timeout=0.2), 5)
+        assert committed == [] and await h.store.get_checkpoint("t", "sf") is None
