@@ -15,9 +15,10 @@ The protocol decisions live in `sources/bayeux.py` (pure); this module only does
 
 Replay choice (documented in the report/README): start at the stored checkpoint for `resume`
 (else -1); `new` is -1 and `all` is -2 at each launch, but a retry inside one launch resumes from the
-checkpoint so a reconnect never skips events. A replayId the server no longer holds is reported in
-the status message and resubscribed from -2 (`resume`, `all`: every retained event; duplicates
-keep their ids, so the engine drops them) or -1 (`new`: the listener asked for new events only).
+checkpoint so a reconnect never skips events, and a checkpoint set through the API is honoured.
+A replayId the server no longer holds is reported in the status message and resubscribed from -2
+(`resume`, `all`: every retained event; duplicates keep their ids, so the engine drops them) or -1
+(`new`: the listener asked for new events only).
 """
 
 from __future__ import annotations
@@ -186,8 +187,21 @@ def rest_words(exc: Any) -> str:
 # ---------------------------------------------------------------- the source
 
 
-def start_replay(options: SalesforceOptions, stored: str | None, attempts: int) -> int:
-    if (options.replay == "resume" or attempts > 0) and stored is not None and stored.lstrip("-").isdigit():
+_UNSEEN = object()
+MEMORY = "salesforce.checkpoints"  # ctx.shared key: (tenant, listener) -> the checkpoint this process last saw
+
+
+def start_replay(options: SalesforceOptions, stored: str | None, attempts: int, seen: Any = _UNSEEN) -> int:
+    """Where a launch subscribes from.
+
+    `resume`: the stored checkpoint, else -1. `new` / `all`: -1 / -2 at each launch, except that (a) a
+    retry within a launch (`attempts` > 0) resumes from the checkpoint, so a reconnect never skips
+    events, and (b) a checkpoint changed by someone else since this process last saw it (the API's
+    `PUT .../checkpoint`, which restarts the listener "from there") is honoured.
+    """
+    changed = seen is not _UNSEEN and stored != seen
+    if (options.replay == "resume" or attempts > 0 or changed) and stored is not None \
+            and stored.lstrip("-").isdigit():
         return int(stored)
     return -2 if options.replay == "all" else -1
 
@@ -229,7 +243,10 @@ class Stream:
         outcome = await self.ensure_topic()
         if outcome == "created":
             ctx.log.info("PushTopic created", topic=name)
-        replay = start_replay(options, await ctx.checkpoint(), ctx.status.attempts)
+        stored = await ctx.checkpoint()
+        memory = ctx.shared.setdefault(MEMORY, {})
+        replay = start_replay(options, stored, ctx.status.attempts, memory.get(self.memory_key, _UNSEEN))
+        memory[self.memory_key] = stored
         ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
         await self.follow(replay)
 
@@ -353,6 +370,11 @@ class Stream:
         replay_id = str(message.replay_id)
         await self.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel},
                             key=self.key_prefix + replay_id, checkpoint=replay_id)
+        self.ctx.shared[MEMORY][self.memory_key] = replay_id
+
+    @property
+    def memory_key(self) -> tuple[str, str]:
+        return (self.ctx.tenant_id, self.ctx.listener_id)
 
     @property
     def key_prefix(self) -> str:

@@ -285,3 +285,17 @@ async def test_stop_unsubscribes_and_disconnects(tmp_path, sim):
     tail = [m["channel"] for m in sim.requests if m.get("clientId") == client_id][-2:]
     assert tail == ["/meta/unsubscribe", "/meta/disconnect"]
     assert client_id not in sim.bayeux
+
+
+@pytest.mark.parametrize("replay", ["resume", "new"])
+async def test_a_checkpoint_set_like_the_api_restarts_from_there(tmp_path, sim, replay):
+    async with running(tmp_path, sim, replay=replay) as (h, sup, record):
+        await started(record)
+        ids = [sim.publish("Invoices", {"Id": f"a{i}", "Name": f"n{i}"}) for i in range(4)]
+        await wait_for(lambda: record.received == 4, what="four events")
+        await h.store.set_checkpoint(*KEY, str(ids[1]))  # what PUT .../checkpoint does, then a restart
+        await sup.restart(KEY)
+        await wait_for(lambda: record.received == 6, what="the two events after the checkpoint, again")
+        assert names(await h.events()) == ["n0", "n1", "n2", "n3", "n2", "n3"]
+        events = await h.events()
+        assert events[2]["id"] == events[4]["id"]  # a replay keeps the id: the engine de-duplicates

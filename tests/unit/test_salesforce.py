@@ -24,6 +24,14 @@ def test_start_replay(replay, stored, attempts, expected):
     assert start_replay(options, stored, attempts) == expected
 
 
+@pytest.mark.parametrize("replay", ["new", "all"])
+def test_a_checkpoint_changed_since_this_process_saw_it_is_honoured(replay):
+    options = SalesforceOptions(topic="X", replay=replay)
+    assert start_replay(options, "42", 0, seen="42") == (-1 if replay == "new" else -2)  # ours: the option
+    assert start_replay(options, "7", 0, seen="42") == 7  # set through the API since: "restarts from there"
+    assert start_replay(options, "-2", 0, seen=None) == -2
+
+
 def test_org_id_from_the_identity_url_else_the_token():
     assert org_id_of({"id": "https://login.salesforce.com/id/00D5g0000000001AAA/0055g0000000001AAA"}) == (
         "00D5g0000000001AAA")
