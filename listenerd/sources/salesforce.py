@@ -233,6 +233,7 @@ class Stream:
         self.http: aiohttp.ClientSession | None = None  # one per Bayeux session (its cookie jar)
         self.bayeux: BayeuxClient | None = None
         self.note = ""
+        self.memory: dict[tuple[str, str], str | None] = ctx.shared.setdefault(MEMORY, {})
 
     async def run(self) -> None:
         ctx, options = self.ctx, self.options
@@ -244,9 +245,8 @@ class Stream:
         if outcome == "created":
             ctx.log.info("PushTopic created", topic=name)
         stored = await ctx.checkpoint()
-        memory = ctx.shared.setdefault(MEMORY, {})
-        replay = start_replay(options, stored, ctx.status.attempts, memory.get(self.memory_key, _UNSEEN))
-        memory[self.memory_key] = stored
+        replay = start_replay(options, stored, ctx.status.attempts, self.memory.get(self.memory_key, _UNSEEN))
+        self.memory[self.memory_key] = stored
         ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
         await self.follow(replay)
 
@@ -370,7 +370,7 @@ class Stream:
         replay_id = str(message.replay_id)
         await self.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel},
                             key=self.key_prefix + replay_id, checkpoint=replay_id)
-        self.ctx.shared[MEMORY][self.memory_key] = replay_id
+        self.memory[self.memory_key] = replay_id
 
     @property
     def memory_key(self) -> tuple[str, str]:
