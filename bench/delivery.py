@@ -176,11 +176,13 @@ async def run_case(url: str, *, batch: int, events: int, rate: float | None, syn
             if profile:
                 profile.enable()
             t0 = time.perf_counter()
+            cpu0 = time.process_time()
             await asyncio.gather(*(produce(f"L{i}") for i in range(producers)))
             await outbox.flush()
             t_committed = time.perf_counter()
             await delivered.wait()
             t_delivered = time.perf_counter()
+            cpu = time.process_time() - cpu0
             if profile:
                 profile.disable()
             async with http.get(url.replace("/1.0/events", "/stats")) as response:
@@ -198,6 +200,7 @@ async def run_case(url: str, *, batch: int, events: int, rate: float | None, syn
         "requests": stats["requests"], "p50_ms": stats.get("p50", 0) * 1000, "p99_ms": stats.get("p99", 0) * 1000,
         "max_ms": stats.get("max", 0) * 1000, "elapsed": elapsed,
         "post_ms": 1000 * post_sum / max(1, stats["requests"]),
+        "cpu_us": cpu / total * 1e6,
         "store_busy": {k: round(v / elapsed, 3) for k, v in sorted(store.busy.items(), key=lambda kv: -kv[1])},
     }
 
@@ -206,12 +209,12 @@ def fmt(r: dict[str, Any]) -> str:
     busy = ", ".join(f"{k} {v:.0%}" for k, v in list(r["store_busy"].items())[:4])
     return (f"| {r['batch']} | {r['synchronous']} | {r['rate'] or 'max'} | {r['events']} | "
             f"{r['appended_per_s']:,.0f} | {r['delivered_per_s']:,.0f} | {r['requests']} | "
-            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['post_ms']:.1f} | {busy} |")
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['post_ms']:.1f} | {r['cpu_us']:.1f} | {busy} |")
 
 
 HEADER = ("| batch-max | synchronous | offered (ev/s) | events | appended ev/s | delivered ev/s | engine requests | "
-          "p50 ms | p99 ms | mean POST ms | store thread busy (share of wall time) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "p50 ms | p99 ms | mean POST ms | daemon CPU µs/event | store thread busy (share of wall time) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 async def main(args: argparse.Namespace) -> None:
