@@ -22,6 +22,7 @@ retention window is `400::The replayId {N} you provided was invalid...`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import secrets
@@ -455,3 +456,46 @@ def _oauth_error(error: str, description: str) -> web.Response:
 
 def _rest_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response([{"message": message, "errorCode": code}], status=status)
+
+
+# ---------------------------------------------------------------- standalone
+
+
+async def _serve(args: Any) -> None:
+    sim = SalesforceSim(args.host, args.port, users={args.username: args.password},
+                        clients={args.consumer_key: args.consumer_secret}, long_poll=args.long_poll)
+    sim.create_topic(args.topic, args.query)
+    await sim.start()
+    print(f"Salesforce simulator at {sim.url} (login-url), PushTopic /topic/{args.topic}", flush=True)
+    n = 0
+    try:
+        while True:
+            await asyncio.sleep(1 / args.rate if args.rate > 0 else 3600)
+            if args.rate > 0:
+                n += 1
+                sim.publish(args.topic, {"Id": f"a00D0000008o{n:06d}", "Name": f"INV-{n:04d}"})
+    finally:
+        await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m listenerd.sim.salesforce --port 8443 --rate 1`: an org publishing demo record changes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Salesforce simulator (OAuth, PushTopic REST, CometD + replay)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--username", default="user@example.com")
+    parser.add_argument("--password", default="passwordTOKEN", help="password + security token")
+    parser.add_argument("--consumer-key", default="consumer-key")
+    parser.add_argument("--consumer-secret", default="consumer-secret")
+    parser.add_argument("--topic", default="Invoices")
+    parser.add_argument("--query", default="SELECT Id, Name FROM Invoice_Statement__c")
+    parser.add_argument("--long-poll", type=float, default=110.0)
+    parser.add_argument("--rate", type=float, default=1.0, help="demo events per second (0: none)")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
