@@ -101,7 +101,13 @@ class Ledger:
     published: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     delivered: dict[str, dict[int, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     durable: dict[str, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))  # outbox snapshots
+    published_at: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    windows: list[tuple[float, float]] = field(default_factory=list)  # forced disconnects (monotonic)
     deliveries = 0
+
+    def disrupted(self, source: str, n: int) -> bool:
+        at = self.published_at.get(source, {}).get(n)
+        return at is not None and any(start <= at <= end for start, end in self.windows)
 
     def on_engine(self, envelopes: list[dict[str, Any]]) -> None:
         for envelope in envelopes:
@@ -149,6 +155,8 @@ class Ledger:
             "lost_committed": len(lost),
             "not_received": len(not_received),
             "not_received_no_subscriber": sum(1 for n in not_received if published.get(n) == 0),
+            "not_received_in_disconnect": sum(1 for n in not_received if published.get(n)
+                                              and self.disrupted(source, n)),
             "duplicates": sum(len(ids) - 1 for ids in delivered.values()),
             "mixed_ids": len(set(mixed)),
             "invented": len(set(delivered) - set(published)),
@@ -424,6 +432,7 @@ login-url = "{self.salesforce.url}"
             self.salesforce.publish(self.topic(index), {"Id": f"a00{n:015d}", "n": n})
             reached = 1  # Salesforce keeps it for replay: reachable whether or not a client listens
         self.ledger.published[source][n] = reached
+        self.ledger.published_at[source][n] = time.monotonic()
 
     def start_pump(self, rate: float, sources: tuple[str, ...] | None = None) -> None:
         """Publish `rate` events/s in total, spread evenly over the given sources and their listeners."""
@@ -553,7 +562,19 @@ login-url = "{self.salesforce.url}"
         if source == "salesforce":
             return set(published) | durable
         since = self._live_since.get(source, 0)
-        return {n for n, reached in published.items() if reached and n >= since} | durable
+        return {n for n, reached in published.items() if reached and n >= since
+                and not self.ledger.disrupted(source, n)} | durable
+
+    @contextlib.asynccontextmanager
+    async def disconnect_window(self, lead: float = 0.5) -> Any:
+        """Mark a forced disconnect: events published from `lead` seconds before it until the block ends
+        (the daemon has reconnected) may have been in a socket torn down under them. A live socket
+        without replay cannot get those back; they are reported apart, and everything else must arrive."""
+        start = time.monotonic() - lead
+        try:
+            yield
+        finally:
+            self.ledger.windows.append((start, time.monotonic()))
 
     def mark_live(self) -> None:
         """From here on, events published to a subscribed socket are expected (the daemon is up and subscribed)."""
