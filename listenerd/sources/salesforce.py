@@ -49,6 +49,7 @@ from listenerd.sources.bayeux import (
 )
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
+MAX_ANSWER_BYTES = 64 << 20  # bound on one long-poll answer (EMP-Connector advises a 10 MB buffer)
 FATAL_LOGIN_ERRORS = ("invalid_grant", "invalid_client", "invalid_client_id", "unsupported_grant_type")
 
 
@@ -59,6 +60,10 @@ class Session:
     access_token: str = field(repr=False)
     instance_url: str
     org_id: str
+
+
+class AnswerTooLarge(Exception):
+    """A long-poll answer past the bound: never buffered whole."""
 
 
 def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -233,6 +238,7 @@ class Stream:
         self.http: aiohttp.ClientSession | None = None  # one per Bayeux session (its cookie jar)
         self.bayeux: BayeuxClient | None = None
         self.note = ""
+        self.max_answer = MAX_ANSWER_BYTES
         self.memory: dict[tuple[str, str], str | None] = ctx.shared.setdefault(MEMORY, {})
 
     async def run(self) -> None:
@@ -306,6 +312,9 @@ class Stream:
             await asyncio.sleep(request.delay)
         try:
             status, body = await self.post(request)
+        except AnswerTooLarge as exc:  # its events are lost to this session: a new one replays them
+            self.ctx.count("oversized")
+            return self.bayeux.malformed(str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}")
         self.ctx.alive()
@@ -328,7 +337,15 @@ class Stream:
         timeout = aiohttp.ClientTimeout(total=request.timeout, connect=self.timeout)
         async with self.http.post(url, data=orjson.dumps(request.messages), headers=headers, ssl=self.ssl,
                                   timeout=timeout) as response:
-            return response.status, await response.read()
+            length = response.content_length
+            if length is not None and length <= self.max_answer:
+                return response.status, await response.read()
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > self.max_answer:
+                    raise AnswerTooLarge(f"answer larger than {self.max_answer} bytes")
+            return response.status, bytes(body)
 
     async def handle(self, output: Any) -> None:
         ctx = self.ctx

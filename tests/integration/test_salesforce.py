@@ -299,3 +299,30 @@ async def test_a_checkpoint_set_like_the_api_restarts_from_there(tmp_path, sim, 
         assert names(await h.events()) == ["n0", "n1", "n2", "n3", "n2", "n3"]
         events = await h.events()
         assert events[2]["id"] == events[4]["id"]  # a replay keeps the id: the engine de-duplicates
+
+
+async def test_an_answer_past_the_size_bound_is_refused_not_buffered(tmp_path, sim):
+    from listenerd.sources.base import ListenerRetry
+    from listenerd.sources.salesforce import Stream
+
+    async with Harness(tmp_path) as h:
+        creds_ = creds(sim.url)
+        spec_ = spec()
+        stream = Stream(h.context(KEY[0], spec_, creds_), creds_, spec_.options)
+        stream.max_answer = 20_000
+        await stream.login()
+        task = asyncio.create_task(stream.follow(-1))
+        try:
+            await wait_for(lambda: any(c.subscriptions for c in sim.bayeux.values()), what="subscribed")
+            sim.publish("Invoices", {"Id": "a0", "Name": "small"})
+            await wait_for(lambda: stream.ctx.status.received == 1, what="a small event")
+            sim.publish("Invoices", {"Id": "a1", "Name": "x" * 50_000})
+            with pytest.raises(ListenerRetry) as info:
+                await asyncio.wait_for(task, 10)
+            # each new session asked for the events after "small" again (replay), until the machine gave up
+            assert "larger than 20000 bytes" in info.value.reason and "handshakes" in info.value.reason
+            assert names(await h.events()) == ["small"]
+            assert h.metrics.listener_errors.labels(*KEY, "oversized")._value.get() >= 3
+        finally:
+            task.cancel()
+            await stream.close()
