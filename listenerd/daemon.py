@@ -84,7 +84,7 @@ class Daemon:
         bound = self.config.supervisor.stop_timeout
         if self.supervisor:
             await self.supervisor.stop()
-        await self.outbox.close()
+        await self.outbox.close(timeout=bound)
         if self.forwarder:
             await self.forwarder.stop(flush_timeout=bound)
         if self._runner:
@@ -187,10 +187,6 @@ class Daemon:
         """Reconcile the supervisor with the store after an API change."""
         assert self.supervisor is not None
         return await self.supervisor.reconcile(await self.desired())
-
-    def refresh_metrics(self) -> None:
-        oldest = self.outbox.oldest_received_at() if hasattr(self.outbox, "oldest_received_at") else None
-        self.metrics.outbox_oldest_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
 
 
 def stored_listener(spec: ListenerBase) -> dict[str, Any]:

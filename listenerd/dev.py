@@ -138,7 +138,7 @@ async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate
     workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="listenerd-dev-"))
     workdir.mkdir(parents=True, exist_ok=True)
     sink = Sink(workdir / "engine-events.jsonl")
-    engine = EngineSim(on_events=sink)
+    engine = EngineSim(on_events=sink, keep=False)  # the sink keeps them on disk; memory stays flat
     pusher = PusherSim("12345", "demo-app-key", "demo-app-secret")
     datasift = DataSiftSim(users={"demo": "demo-datasift-key"}, tick_interval=10.0)
     salesforce = SalesforceSim(users={"demo@example.com": "demo-passwordDEMOTOKEN"},

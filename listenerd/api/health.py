@@ -27,6 +27,5 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    daemon.refresh_metrics()
     return web.Response(body=generate_latest(daemon.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
