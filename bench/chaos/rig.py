@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import platform
 import re
 import secrets
 import sqlite3
@@ -78,7 +79,7 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return f"`nproc` {os.cpu_count()}, CPU \"{cpu}\""
+    return f"`nproc` {os.cpu_count()}, CPU \"{cpu}\", Python {platform.python_version()}"
 
 
 def slope(points: list[tuple[float, float]]) -> float:
