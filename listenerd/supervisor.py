@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,8 +198,12 @@ class Supervisor:
             self.desired = dict(desired)
             return changes
 
-    async def restart(self, key: Key) -> bool:
-        """Restart one listener now, also out of `failed`. False when it is unknown."""
+    async def restart(self, key: Key, while_stopped: Callable[[], Awaitable[Any]] | None = None) -> bool:
+        """Restart one listener now, also out of `failed`. False when it is unknown.
+
+        `while_stopped` runs after the old run has stopped and before the new one starts: a checkpoint
+        written there cannot be overwritten by the old run's last commit.
+        """
         async with self._lock:
             want = self.desired.get(key)
             if want is None:
@@ -207,6 +211,9 @@ class Supervisor:
             runner = self.runners.pop(key, None)
             if runner:
                 await runner.stop("Restarting on request", self.config.supervisor.stop_timeout)
+            if while_stopped is not None:
+                await self.outbox.flush()  # the old run's queued events and checkpoints land first
+                await while_stopped()
             if want.listener.status:
                 self._launch(key, want, self.records[key])
             return True
@@ -262,7 +269,7 @@ class Supervisor:
             now = time.monotonic()
             for runner in list(self.runners.values()):
                 ctx = runner.ctx
-                if (ctx and ctx.heartbeat_bound and runner.record.status == "started"
+                if (ctx and ctx.heartbeat_bound and runner.record.status == "started" and not ctx.paused
                         and now - ctx.last_alive > ctx.heartbeat_bound):
                     silent = now - ctx.last_alive
                     runner.record.set("retrying", f"No data or heartbeat for {silent:.0f}s; reconnecting",

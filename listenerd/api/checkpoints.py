@@ -36,6 +36,11 @@ async def set_checkpoint(request: web.Request) -> web.Response:
     unknown = sorted(set(body) - {"replay"})
     if unknown:
         raise ApiError(400, f"{unknown[0]}: unknown field", fields=unknown)
-    await daemon.store.set_checkpoint(tenant_id, listener_id, str(replay))
-    await daemon.supervisor.restart((tenant_id, listener_id))
+
+    async def write() -> None:
+        await daemon.store.set_checkpoint(tenant_id, listener_id, str(replay))
+
+    # stop, then write, then start: the old run's last commit cannot overwrite the new checkpoint
+    if not await daemon.supervisor.restart((tenant_id, listener_id), while_stopped=write):
+        await write()
     return web.json_response({"replay": replay})

@@ -78,6 +78,8 @@ class SourceContext:
         self._tap = tap
         self.heartbeat_bound: float | None = None
         self.last_alive = time.monotonic()
+        self.paused = False  # waiting for outbox room: silence then is ours, not the provider's
+        self._received = metrics.received.labels(tenant_id, listener.id)
 
     # -- status reporting (the supervisor's record is the single writer)
 
@@ -139,11 +141,13 @@ class SourceContext:
     def _committed(self, envelope: dict[str, Any], count: int = 1) -> None:
         self._status.received += count
         self._status.last_event_at = time.time()
-        self._metrics.received.labels(self.tenant_id, self.listener_id).inc(count)
+        self._received.inc(count)
         if self._tap:
             self._tap(self.tenant_id, self.listener_id, envelope)
 
     def _paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.alive()  # the connection's silence while paused is back-pressure, not a dead provider
         suffix = " (paused: outbox full, waiting for the engine to drain it)"
         if self._status.status == "started":
             message = self._status.message.removesuffix(suffix)

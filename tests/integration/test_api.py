@@ -328,3 +328,39 @@ async def test_tap_two_clients_and_a_stalled_one(daemon, engine):
         await wait_for(lambda: len(engine.events()) > before + 50, what="delivery continues despite a stalled tap")
         for r in (r1, r2, stalled):
             r.close()
+
+
+async def test_checkpoint_put_is_not_overwritten_by_the_old_run(tmp_path, engine, scripted_source):
+    seen = []
+
+    async def busy_sf_source(ctx):
+        start = await ctx.checkpoint()
+        seen.append(start)
+        ctx.started(f"Subscribed to topic: {ctx.listener.options.topic}")
+        n = int(start or 1000)
+        while True:  # commits a newer checkpoint every few milliseconds, as a busy topic would
+            n += 1
+            await ctx.emit({"Id": n}, key=f"org/topic/{n}", checkpoint=str(n))
+            await asyncio.sleep(0.002)
+
+    scripted_source("salesforce", busy_sf_source)
+    tenants = """
+[[tenants]]
+id = "t4"
+[tenants.integrations.salesforce]
+consumer-key = "ck"
+consumer-secret = "cs-secret-value"
+username = "u@example.com"
+password = "pw-secret-value"
+[[tenants.listeners]]
+id = "SF1"
+type = "salesforce"
+options = { topic = "Busy" }
+"""
+    async with running_daemon(tmp_path, base_config(tmp_path, engine.url, tenants)) as (d, api):
+        await api.wait_status("t4", "SF1", "started")
+        await wait_for(lambda: d.supervisor.status(("t4", "SF1")).received > 20, what="a busy stream")
+        for target in (7, 3, 5):
+            code, _ = await api.call("PUT", "/1.0/tenants/t4/listeners/SF1/checkpoint", {"replay": target})
+            assert code == 200
+            await wait_for(lambda t=target: seen[-1] == str(t), what=f"the new run starts from {target}")

@@ -196,3 +196,24 @@ async def test_backoff_resets_after_a_healthy_period(tmp_path, scripted_source):
         assert record.attempts == 1  # reset by the healthy run, then this one failure
         assert "next attempt in" in record.message and "(at 20" in record.message
         await sup.stop()
+
+
+async def test_a_listener_paused_by_back_pressure_is_not_taken_for_silent(tmp_path, scripted_source):
+    runs = []
+
+    async def run(ctx):
+        runs.append(1)
+        ctx.set_heartbeat_bound(0.3)
+        ctx.started("Subscribed to channel: busy")
+        for n in range(100):
+            await ctx.emit({"n": n})  # the outbox holds 3: the fourth waits, nobody drains it
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path), max_events=3) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "P"): desired(spec("P"), CREDS)})
+        record = sup.status(("t", "P"))
+        await wait_for(lambda: "paused: outbox full" in record.message, what="paused")
+        await asyncio.sleep(1.0)  # over three heartbeat bounds of silence while paused
+        assert record.status == "started" and len(runs) == 1
+        await sup.stop()
