@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cpu_model, pct  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
 from listenerd.observability import Metrics, configure_logging  # noqa: E402
@@ -47,11 +48,6 @@ MAPPING = {"t": "bench.t", "n": "bench.n", "who": "interaction.author.username",
 
 def hashes(count: int) -> list[str]:
     return [f"{i:032x}" for i in range(1, count + 1)]
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
 # ---------------------------------------------------------------- simulator process
@@ -144,16 +140,6 @@ async def run_listenerd(port: int, commands: Any, done: Any, args: argparse.Name
     await outbox.close()
     await store.close()
     return results
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

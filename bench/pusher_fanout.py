@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import listenerd.sources.pusher  # noqa: E402,F401  (in the baseline: code is not per-listener memory)
+from bench.common import cpu_model  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
 from listenerd.observability import Metrics, configure_logging  # noqa: E402
@@ -125,14 +126,6 @@ async def main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {n} | {connections} | {subscriptions} | {startup:.2f} s | {rss_before / 2**20:.1f} / "
           f"{rss_after / 2**20:.1f} MiB | {per_listener / 1024:.1f} KiB | {idle_cpu:.2f} % | {still} |")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import json
 import multiprocessing as mp
@@ -39,13 +38,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
 
+from bench.common import cpu_model, engine_main, pct  # noqa: E402
 from listenerd.delivery.forwarder import Forwarder  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
 from listenerd.observability import Metrics, configure_logging  # noqa: E402
-from listenerd.sim.engine import EngineSim  # noqa: E402
 from listenerd.sim.pusher import PusherSim  # noqa: E402
 from listenerd.store import Store  # noqa: E402
 from listenerd.supervisor import Desired, Supervisor  # noqa: E402
@@ -59,11 +57,6 @@ def cpu_seconds() -> float:
     """This process's CPU time, all threads (Pysher's two included)."""
     t = os.times()
     return t.user + t.system
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
 # ---------------------------------------------------------------- simulator process
@@ -97,47 +90,6 @@ def sim_main(conn: Any) -> None:
                 return
 
     asyncio.run(serve())
-
-
-# ---------------------------------------------------------------- engine process
-
-
-class LatencyEngine(EngineSim):
-    def __init__(self) -> None:
-        super().__init__(keep=False, on_events=self._record)
-        self.latencies: list[float] = []
-        self.last = 0.0
-
-    def _record(self, envelopes: list[dict[str, Any]]) -> None:
-        now = time.time()
-        self.last = now
-        self.latencies.extend(now - e["event"]["t"] for e in envelopes)
-
-    def make_app(self) -> web.Application:
-        app = super().make_app()
-        app.router.add_get("/stats", self._stats)
-        app.router.add_post("/reset", self._reset)
-        return app
-
-    async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"accepted": self.accepted, "last": self.last, "p50": pct(self.latencies, 0.5),
-                                  "p99": pct(self.latencies, 0.99)})
-
-    async def _reset(self, request: web.Request) -> web.Response:
-        self.latencies.clear()
-        self.accepted = 0
-        return web.json_response({})
-
-
-def engine_main(conn: Any) -> None:
-    async def serve() -> None:
-        sim = LatencyEngine()
-        await sim.start()
-        conn.send(sim.url)
-        await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
 
 
 # ---------------------------------------------------------------- Pysher process
@@ -317,14 +269,6 @@ def report(results: list[dict[str, Any]]) -> None:
               f"{ours['p50'] * 1000:.1f} / {ours['p99'] * 1000:.1f} | "
               f"{theirs['p50'] * 1000:.1f} / {theirs['p99'] * 1000:.1f} | "
               f"{ours['cpu_us']:.0f} / {theirs['cpu_us']:.0f} |")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -40,13 +40,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
 
+from bench.common import engine_main, pct  # noqa: E402
 from listenerd.delivery.forwarder import Forwarder  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
 from listenerd.observability import Metrics, configure_logging  # noqa: E402
-from listenerd.sim.engine import EngineSim  # noqa: E402
 from listenerd.sim.salesforce import SalesforceSim  # noqa: E402
 from listenerd.store import Store  # noqa: E402
 from listenerd.supervisor import Desired, Supervisor  # noqa: E402
@@ -54,11 +53,6 @@ from tests.harness import integration, listener, wait_for  # noqa: E402
 
 USER, PASSWORD, KEY, SECRET, TOPIC = "bench@example.com", "benchpassTOKEN", "bench-key", "bench-secret", "Bench"
 PAD = "x" * 100  # a small realistic field beside the counters
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
 # ---------------------------------------------------------------- simulator process
@@ -108,46 +102,6 @@ def sim_main(conn: Any) -> None:
                 return
 
     asyncio.run(serve())
-
-
-# ---------------------------------------------------------------- engine process
-
-
-class LatencyEngine(EngineSim):
-    def __init__(self) -> None:
-        super().__init__(keep=False, on_events=self._record)
-        self.latencies: list[float] = []
-        self.last = 0.0
-
-    def _record(self, envelopes: list[dict[str, Any]]) -> None:
-        now = time.time()
-        self.last = now
-        self.latencies.extend(now - e["event"]["t"] for e in envelopes)
-
-    def make_app(self) -> web.Application:
-        app = super().make_app()
-        app.router.add_get("/stats", self._stats)
-        app.router.add_post("/reset", self._reset)
-        return app
-
-    async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"accepted": len(self.latencies), "last": self.last,
-                                  "p50": pct(self.latencies, 0.5), "p99": pct(self.latencies, 0.99)})
-
-    async def _reset(self, request: web.Request) -> web.Response:
-        self.latencies.clear()
-        return web.json_response({})
-
-
-def engine_main(conn: Any) -> None:
-    async def serve() -> None:
-        engine = LatencyEngine()
-        await engine.start()
-        conn.send(engine.url)
-        await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
 
 
 # ---------------------------------------------------------------- aiosfstream-ng process
