@@ -130,6 +130,7 @@ def summary(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="accepted for symmetry: the checks are the same")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     start_load = loadavg()

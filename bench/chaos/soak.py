@@ -9,7 +9,7 @@ Listeners: 400 Pusher (a socket each), 300 DataSift (one shared socket, a hash e
 (a session and a long poll each). All must be `started` at the start and at the end, and every event
 published to a subscribed socket must reach the engine.
 
-    .venv/bin/python -m bench.chaos.soak --minutes 2            # quick look
+    .venv/bin/python -m bench.chaos.soak                        # quick look: 150 listeners, 1 minute
     .venv/bin/python -m bench.chaos.soak --full --write         # 30 minutes; RESULTS.md and soak.png
 """
 
@@ -117,7 +117,7 @@ def summary(result: dict[str, Any]) -> str:
     counts = result["counts"]
     reports = result["reports"]
     return (f"{sum(counts.values())} listeners ({', '.join(f'{v} {k}' for k, v in counts.items())}) for "
-            f"{result['minutes']:.0f} minutes at {result['rate']:.0f} events/s in total. All `started` "
+            f"{result['minutes']:g} minutes at {result['rate']:.0f} events/s in total. All `started` "
             f"{result['startup_s']:.0f} s after launch, and again at the end.\n\n"
             "| | first sample | last sample | min | max |\n|---|---|---|---|---|\n"
             f"| RSS (MiB) | {rss[0]:.1f} | {rss[-1]:.1f} | {min(rss):.1f} | {max(rss):.1f} |\n"
@@ -135,12 +135,16 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="30 minutes")
     parser.add_argument("--minutes", type=float)
     parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--listeners", type=int, help="total, split 40/30/30 (default 1,000 with --full, else 150)")
     parser.add_argument("--write", action="store_true", help="RESULTS.md section and bench/chaos/soak.png")
     args = parser.parse_args()
-    minutes = args.minutes or (30.0 if args.full else 2.0)
+    minutes = args.minutes or (30.0 if args.full else 1.0)
+    total = args.listeners or (1000 if args.full or args.minutes else 150)
+    counts = {"pusher": total * 4 // 10, "datasift": total * 3 // 10}
+    counts["salesforce"] = total - sum(counts.values())
     start_load = loadavg()
     with tempfile.TemporaryDirectory(prefix="chaos-soak-") as tmp:
-        result = asyncio.run(run(Path(tmp), minutes, rate=args.rate, every=10.0 if minutes >= 10 else 2.0))
+        result = asyncio.run(run(Path(tmp), minutes, counts, rate=args.rate, every=10.0 if minutes >= 10 else 2.0))
     text = summary(result)
     print(text)
     if args.write:
