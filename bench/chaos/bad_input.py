@@ -42,6 +42,8 @@ from bench.chaos.rig import OTHER_TENANT, SOURCES, Rig, draw, header, loadavg, w
 from tests.harness import wait_for  # noqa: E402
 
 MAX_FRAME = 65_536
+NOTE = ("Salesforce has no `oversized` row: its frames are HTTP long-poll answers, which the source reads whole "
+        "(`response.read()`) with no size bound of its own; noted for the Salesforce source, not changed here.")
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                     | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -262,7 +264,7 @@ def summary(result: dict[str, Any]) -> str:
             f"\n\nAPI fuzz (tenant `other`, its own token, every route but the SSE tap, random methods, ids and "
             f"bodies): {api['requests']} requests, answers {api['codes']}, no 500; every error answer JSON with "
             f"`error`, and counted in `listenerd_api_errors_total` ({api['errors_counted']:.0f} of "
-            f"{api['errors_answered']}). Secrets found in logs and answers: {result['secret_hits']}.")
+            f"{api['errors_answered']}). Secrets found in logs and answers: {result['secret_hits']}.\n\n" + NOTE)
 
 
 def main() -> None:
