@@ -48,7 +48,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
              "--max-examples", "12", "--seed", "20261123", "--request-timeout", "10",
              "--header", f"Authorization: Bearer {TOKEN}", "--exclude-path-regex", "/tap$",
              "--phases", "examples,coverage,fuzzing",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
             env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
         output, _ = await asyncio.wait_for(process.communicate(), 400)
         assert process.returncode == 0, output.decode(errors="replace")[-6000:]
