@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import bad_input, crash_loop, engine_outage, flaps, security
+from bench.chaos.rig import Rig
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,3 +92,31 @@ def test_no_secret_in_any_log_of_this_file():
                 "chaos-sfpw-", "CHAOSSFTK")
     found = [(log.name, p) for log in _logs if log.exists() for p in prefixes if p in log.read_text(errors="replace")]
     assert found == []
+
+
+async def test_salesforce_json_answer_that_is_not_bayeux_messages_is_counted(tmp_path):
+    """Regression: a long-poll answer that is JSON but not a list of Bayeux messages (`5`, `"x"`, `[1]`)
+    made the source re-handshake without counting anything; now each is `malformed` in metrics."""
+    rig = Rig(tmp_path, {"salesforce": 1})
+    try:
+        await rig.start()
+        await rig.start_daemon()
+        await rig.wait_all_started()
+        rig.mark_live()
+        await rig.prime()
+        before = (await rig.errors_by_kind()).get("malformed", 0)
+        for body in (b"5", b'"x"', b"[1, 2]", b"null"):
+            rig.salesforce.inject(body)
+            await wait_for(lambda: not rig.salesforce.injected, timeout=30, what="injected answer taken")
+            await rig.publish("salesforce", 0)
+
+        async def counted() -> bool:
+            return (await rig.errors_by_kind()).get("malformed", 0) - before >= 4
+
+        await wait_for(counted, timeout=30, interval=0.1, what="4 malformed answers counted")
+        await rig.wait_all_started()
+        await rig.wait_delivered(timeout=30)  # replayed from the checkpoint after each new handshake
+        assert (await rig.errors_by_kind()).get("malformed", 0) - before == 4
+    finally:
+        await rig.stop()
+    assert rig.ledger.report("salesforce")["not_received"] == 0
