@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -130,6 +131,12 @@ async def running_daemon(tmp_path: Path, text: str, env: dict | None = None,
         await daemon.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, so a killed run leaves no daemon behind (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 class DaemonProcess:
     """`python -m listenerd run --config ...` as a child process, with its JSON log captured."""
 
@@ -151,7 +158,8 @@ class DaemonProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - the child owns it
         argv = [*self.entry, "--log-format", "json", "run", "--config", str(self.config_path)]
-        self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)  # noqa: ASYNC220
+        self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env,  # noqa: ASYNC220
+                                        preexec_fn=_die_with_parent)
         log.close()
         ready = await wait_for(lambda: self._find("listenerd ready") or self._exited(), timeout=timeout,
                                interval=0.05, what="daemon ready")
