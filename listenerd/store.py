@@ -77,6 +77,28 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX IF EXISTS outbox_listener;
     """,
+    # 3: the outbox stores one row per group-committed *segment* (one listener's events of one commit):
+    # the envelopes concatenated in `bodies`, `ends` their end offsets (uint32, little-endian; NULL for a
+    # one-event segment), `first` the index of the first undelivered event (a delivered event past it is
+    # a zero-length tombstone), `events`/`size` what is still undelivered. Insert, lease and ack then cost
+    # one row per segment, not per event. Existing rows become one-event segments, keeping their seq
+    # (so their order) and their bytes (so their ids).
+    """
+    CREATE TABLE outbox_segments (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant_id TEXT NOT NULL,
+        listener_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        events INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        first INTEGER NOT NULL DEFAULT 0,
+        ends BLOB,
+        bodies BLOB NOT NULL
+    );
+    INSERT INTO outbox_segments (seq, tenant_id, listener_id, received_at, events, size, first, ends, bodies)
+        SELECT seq, tenant_id, listener_id, received_at, 1, length(body), 0, NULL, body FROM outbox ORDER BY seq;
+    DROP TABLE outbox;
+    """,
 ]
 
 
