@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import structlog
@@ -40,32 +40,37 @@ def event_id(tenant_id: str, listener_id: str, key: str | None) -> str:
     """Stable for one source event (UUIDv5 of tenant, listener, source key); else fresh, stored once.
 
     Computed directly from SHA-1 and random bytes: the same values as `uuid.uuid5`/`uuid.uuid4`,
-    at a fraction of their cost, because this runs once per event on the hot path.
+    at a fraction of their cost, because this runs once per event on the hot path: fresh ids are
+    formatted in bulk from one `os.urandom` call, and the SHA-1 of a listener's namespace prefix is
+    computed once and copied per key.
     """
     if key is None:
-        raw = bytearray(_random(16))
-        raw[6] = (raw[6] & 0x0F) | 0x40
-    else:
-        raw = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{tenant_id}\x00{listener_id}\x00{key}".encode(),
-                                     usedforsecurity=False).digest()[:16])
-        raw[6] = (raw[6] & 0x0F) | 0x50
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        if not _fresh:
+            _fresh.extend(_fresh_ids(4096))
+        return _fresh.pop()
+    hasher = _hashers.get((tenant_id, listener_id))
+    if hasher is None:
+        if len(_hashers) > 10_000:
+            _hashers.clear()
+        hasher = _hashers[(tenant_id, listener_id)] = hashlib.sha1(
+            _NAMESPACE_BYTES + f"{tenant_id}\x00{listener_id}\x00".encode(), usedforsecurity=False)
+    hasher = hasher.copy()
+    hasher.update(key.encode())
+    x = hasher.hexdigest()
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 _NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
-_pool = bytearray()
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 4122 variant: top bits 10
+_hashers: dict[tuple[str, str], Any] = {}
+_fresh: list[str] = []
 
 
-def _random(n: int) -> bytes:
-    """Random bytes from a refilled pool of os.urandom: one system call per 4,096 ids."""
-    global _pool
-    if len(_pool) < n:
-        _pool = bytearray(os.urandom(n * 4096))
-    chunk = bytes(_pool[-n:])
-    del _pool[-n:]
-    return chunk
+def _fresh_ids(n: int) -> list[str]:
+    """`n` random (version 4) UUIDs, from one system call."""
+    x = os.urandom(16 * n).hex()
+    return [f"{x[i:i + 8]}-{x[i + 8:i + 12]}-4{x[i + 13:i + 16]}-{_VARIANT[x[i + 16]]}{x[i + 17:i + 20]}-"
+            f"{x[i + 20:i + 32]}" for i in range(0, 32 * n, 32)]
 
 
 _stamp_second = -1
@@ -90,12 +95,12 @@ _MASK = (1 << SHIFT) - 1
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-@dataclass(slots=True)
-class Row:
+class Row(NamedTuple):
     """One leased event: the envelope exactly as it will be sent.
 
     `seq` orders events (commit order) and names this one: its segment's seq shifted left by
     SHIFT, or'ed with its index in the segment. `received` is its segment's first receipt time.
+    A named tuple: leases make one per event, and a tuple is the cheapest object to make.
     """
 
     seq: int
@@ -116,6 +121,16 @@ class _Segment:
         self.received = received
         self.bodies: list[bytes] = []
         self.checkpoint: str | None = None
+
+
+class _Lane:
+    """What append needs per listener, looked up once: the envelope's bytes between id and receipt time."""
+
+    __slots__ = ("prefix", "listener")
+
+    def __init__(self, prefix: bytes, listener: tuple[str, str]):
+        self.prefix = prefix
+        self.listener = listener  # (tenant, listener): a commit group's key for this listener's segment
 
 
 class _Group:
@@ -159,7 +174,7 @@ class Outbox:
         self.committed = asyncio.Event()  # set after each commit; the forwarder waits on it
         self.commit_failures = 0
         self._head_received: float | None = None  # receipt time of the oldest waiting event
-        self._prefixes: dict[tuple[str, str, str], bytes] = {}  # envelope bytes after the id, per listener
+        self._lanes: dict[tuple[str, str, str], _Lane] = {}  # per listener: its envelope prefix
         if metrics is not None:
             metrics.outbox_oldest_age.set_function(self.oldest_age)
 
@@ -212,13 +227,13 @@ class Outbox:
         if self._closed:
             raise RuntimeError("outbox is closed")
         now = time.time()
-        prefix = self._prefixes.get((tenant_id, listener_id, source))
-        if prefix is None:
-            prefix = self._prefix(tenant_id, listener_id, source)
+        lane = self._lanes.get((tenant_id, listener_id, source))
+        if lane is None:
+            lane = self._lane(tenant_id, listener_id, source)
         # the bytes orjson.dumps gives the envelope dict {"id", "tenant-id", "listener-id", "source",
         # "received-at", "event"}, built without the dict (the constant middle is encoded once)
-        body = b'{"id":"%s%s%s","event":%s}' % (event_id(tenant_id, listener_id, key).encode(), prefix,
-                                                 received_at(now).encode(), orjson.dumps(event))
+        body = b"".join((b'{"id":"', event_id(tenant_id, listener_id, key).encode(), lane.prefix,
+                         received_at(now).encode(), b'","event":', orjson.dumps(event), b"}"))
         usage = self._usage
         if usage.events >= self.max_events or (usage.events and usage.bytes + len(body) > self.max_bytes):
             await self._wait_for_room(len(body), on_wait)
@@ -232,9 +247,9 @@ class Outbox:
         else:
             group = _Group()
             groups.append(group)
-        segment = group.segments.get((tenant_id, listener_id))
+        segment = group.segments.get(lane.listener)
         if segment is None:
-            segment = group.segments[(tenant_id, listener_id)] = _Segment(tenant_id, listener_id, now)
+            segment = group.segments[lane.listener] = _Segment(tenant_id, listener_id, now)
         segment.bodies.append(body)
         if checkpoint is not None:
             segment.checkpoint = checkpoint
@@ -249,11 +264,13 @@ class Outbox:
         self._idle.clear()
         self._wake.set()
 
-    def _prefix(self, tenant_id: str, listener_id: str, source: str) -> bytes:
+    def _lane(self, tenant_id: str, listener_id: str, source: str) -> _Lane:
+        if len(self._lanes) > 10_000:  # listeners come and go: never grow without bound
+            self._lanes.clear()
         prefix = (b'","tenant-id":' + orjson.dumps(tenant_id) + b',"listener-id":' + orjson.dumps(listener_id)
                   + b',"source":' + orjson.dumps(source) + b',"received-at":"')
-        self._prefixes[(tenant_id, listener_id, source)] = prefix
-        return prefix
+        lane = self._lanes[(tenant_id, listener_id, source)] = _Lane(prefix, (tenant_id, listener_id))
+        return lane
 
     def _full(self, size: int) -> bool:
         usage = self._usage
@@ -533,10 +550,14 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
             checkpoints: list[tuple[str, str, str]]) -> None:
     """Insert segments (one row per listener of a commit group) and their listeners' checkpoints."""
     for row in rows:
-        conn.execute("INSERT INTO outbox_segments (tenant_id, listener_id, received_at, events, size, ends, bodies) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        seq = conn.execute("INSERT INTO outbox_segments (tenant_id, listener_id, received_at, total, events, size) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (*row[:4], *row[3:5])).lastrowid
+        conn.execute("INSERT INTO outbox_bodies (seq, ends, bodies) VALUES (?, ?, ?)", (seq, row[5], row[6]))
     for tenant_id, listener_id, value in checkpoints:
         put_checkpoint(conn, tenant_id, listener_id, value)
+
+
+_new_row = tuple.__new__  # Row(...) without the Python-level __new__ of a named tuple
 
 
 def _lease(conn: sqlite3.Connection, limit: int, after: int) -> list[Row]:
@@ -545,24 +566,38 @@ def _lease(conn: sqlite3.Connection, limit: int, after: int) -> list[Row]:
     if limit <= 0:
         return out
     after_segment, after_index = after >> SHIFT, after & _MASK
-    cursor = conn.execute("SELECT seq, tenant_id, listener_id, received_at, first, ends, bodies FROM outbox_segments "
-                          "WHERE seq >= ? ORDER BY seq", (after_segment,))
+    cursor = conn.execute("SELECT s.seq, tenant_id, listener_id, received_at, first, events, ends, bodies "
+                          "FROM outbox_segments s JOIN outbox_bodies b ON b.seq = s.seq WHERE s.seq >= ? "
+                          "ORDER BY s.seq", (after_segment,))
     try:
-        for seq, tenant_id, listener_id, received, first, blob, bodies in cursor:  # a row (a blob) at a time
+        for seq, tenant_id, listener_id, received, first, events, blob, bodies in cursor:  # a blob at a time
             start = max(first, after_index + 1) if after and seq == after_segment else first
             if blob is None:  # one event
                 if start == 0:
-                    out.append(Row(seq << SHIFT, tenant_id, listener_id, bodies, received))
+                    out.append(_new_row(Row, (seq << SHIFT, tenant_id, listener_id, bodies, received)))
                     if len(out) >= limit:
                         return out
                 continue
             ends = _ends(blob, len(bodies))
             base = seq << SHIFT
+            count = len(ends)
+            if events == count - first:  # no tombstones (the usual case): slice every event at C speed
+                stop = min(count, start + limit - len(out))
+                if stop <= start:
+                    continue
+                upper = ends[start:stop]
+                lower = [ends[start - 1] if start else 0]
+                lower.extend(upper[:-1])
+                out.extend([_new_row(Row, (base | i, tenant_id, listener_id, bodies[a:b], received))
+                            for i, a, b in zip(range(start, stop), lower, upper, strict=True)])
+                if len(out) >= limit:
+                    return out
+                continue
             prev = ends[start - 1] if start else 0
             for index in range(start, len(ends)):
                 end = ends[index]
                 if end != prev:
-                    out.append(Row(base | index, tenant_id, listener_id, bodies[prev:end], received))
+                    out.append(_new_row(Row, (base | index, tenant_id, listener_id, bodies[prev:end], received)))
                     if len(out) >= limit:
                         return out
                 prev = end
@@ -589,20 +624,24 @@ def _remove(conn: sqlite3.Connection, rows: list[Row]) -> set[int] | None:
             indexes.append(seq & _MASK)
     missing = False
     gone: set[int] = set()
+    whole: list[int] = []
+    # one statement for every segment involved (each statement costs the store thread a GIL hand-off)
+    state = {seq: rest for seq, *rest in conn.execute(
+        "SELECT seq, first, total, events, size FROM outbox_segments WHERE seq BETWEEN ? AND ?",
+        (min(by_segment), max(by_segment)))} if by_segment else {}
     for segment, indexes in by_segment.items():
-        found = conn.execute("SELECT first, ends, events, size FROM outbox_segments WHERE seq = ?",
-                             (segment,)).fetchone()
+        found = state.get(segment)
         if found is None:
             missing = True
             continue
-        first, blob, events, size = found
-        count = 1 if blob is None else len(blob) // 4
+        first, count, events, size = found
         indexes.sort()
         if (len(indexes) == events == count - first and indexes[0] == first and indexes[-1] == count - 1
                 and len(set(indexes)) == len(indexes)):
-            conn.execute("DELETE FROM outbox_segments WHERE seq = ?", (segment,))  # all of it: the usual case
+            whole.append(segment)  # all of it: the usual case
             gone.update((segment << SHIFT) | i for i in indexes)
             continue
+        blob, = conn.execute("SELECT ends FROM outbox_bodies WHERE seq = ?", (segment,)).fetchone()
         ends = _ends(blob, size)
         hit = {i for i in indexes if first <= i < count and ends[i] != (ends[i - 1] if i else 0)}
         if len(hit) != len(indexes):
@@ -612,7 +651,7 @@ def _remove(conn: sqlite3.Connection, rows: list[Row]) -> set[int] | None:
         gone.update((segment << SHIFT) | i for i in hit)
         left = events - len(hit)
         if not left:
-            conn.execute("DELETE FROM outbox_segments WHERE seq = ?", (segment,))
+            _drop(conn, segment)
             continue
         new_size = size - sum(ends[i] - (ends[i - 1] if i else 0) for i in hit)
         head = first  # the first event still waiting once these go
@@ -623,7 +662,7 @@ def _remove(conn: sqlite3.Connection, rows: list[Row]) -> set[int] | None:
                          (head, left, new_size, segment))
             continue
         # a hole (an ack that is not a prefix: rare): rewrite with zero-length tombstones, indexes stable
-        bodies, = conn.execute("SELECT bodies FROM outbox_segments WHERE seq = ?", (segment,)).fetchone()
+        bodies, = conn.execute("SELECT bodies FROM outbox_bodies WHERE seq = ?", (segment,)).fetchone()
         kept = []
         new_ends = array("I")
         offset = 0
@@ -635,15 +674,27 @@ def _remove(conn: sqlite3.Connection, rows: list[Row]) -> set[int] | None:
                 offset += end - prev
             new_ends.append(offset)
             prev = end
-        conn.execute("UPDATE outbox_segments SET first = ?, events = ?, size = ?, ends = ?, bodies = ? WHERE seq = ?",
-                     (head, left, new_size, _ends_bytes(new_ends), b"".join(kept), segment))
+        conn.execute("UPDATE outbox_segments SET first = ?, events = ?, size = ? WHERE seq = ?",
+                     (head, left, new_size, segment))
+        conn.execute("UPDATE outbox_bodies SET ends = ?, bodies = ? WHERE seq = ?",
+                     (_ends_bytes(new_ends), b"".join(kept), segment))
+    if whole:
+        seqs = orjson.dumps(whole)
+        conn.execute("DELETE FROM outbox_segments WHERE seq IN (SELECT value FROM json_each(?))", (seqs,))
+        conn.execute("DELETE FROM outbox_bodies WHERE seq IN (SELECT value FROM json_each(?))", (seqs,))
     return gone if missing else None
+
+
+def _drop(conn: sqlite3.Connection, segment: int) -> None:
+    conn.execute("DELETE FROM outbox_segments WHERE seq = ?", (segment,))
+    conn.execute("DELETE FROM outbox_bodies WHERE seq = ?", (segment,))
 
 
 def stored_envelopes(conn: sqlite3.Connection) -> list[bytes]:
     """Every waiting envelope's bytes, in order, read straight from a database (tests, tools)."""
     out = []
-    for first, blob, bodies in conn.execute("SELECT first, ends, bodies FROM outbox_segments ORDER BY seq"):
+    for first, blob, bodies in conn.execute("SELECT first, ends, bodies FROM outbox_segments s JOIN outbox_bodies b "
+                                            "ON b.seq = s.seq ORDER BY s.seq"):
         ends = _ends(blob, len(bodies))
         for i in range(first, len(ends)):
             start = ends[i - 1] if i else 0
