@@ -66,6 +66,9 @@ _hashers: dict[tuple[str, str], Any] = {}
 _fresh: list[str] = []
 
 
+os.register_at_fork(after_in_child=_fresh.clear)  # a forked child must never hand out its parent's ids
+
+
 def _fresh_ids(n: int) -> list[str]:
     """`n` random (version 4) UUIDs, from one system call."""
     x = os.urandom(16 * n).hex()
@@ -627,8 +630,8 @@ def _remove(conn: sqlite3.Connection, rows: list[Row]) -> set[int] | None:
     whole: list[int] = []
     # one statement for every segment involved (each statement costs the store thread a GIL hand-off)
     state = {seq: rest for seq, *rest in conn.execute(
-        "SELECT seq, first, total, events, size FROM outbox_segments WHERE seq BETWEEN ? AND ?",
-        (min(by_segment), max(by_segment)))} if by_segment else {}
+        "SELECT seq, first, total, events, size FROM outbox_segments WHERE seq IN (SELECT value FROM json_each(?))",
+        (orjson.dumps(list(by_segment)),))} if by_segment else {}
     for segment, indexes in by_segment.items():
         found = state.get(segment)
         if found is None:

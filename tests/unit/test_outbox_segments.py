@@ -169,3 +169,67 @@ async def test_a_restarted_outbox_counts_segments_left_partly_delivered(tmp_path
     assert ns(await again.lease(100)) == [3, 4, 6, 7]
     await again.close()
     await store.close()
+
+
+async def test_random_leases_acks_and_dead_letters_agree_with_a_per_event_model(tmp_path):
+    """Random appends, leases from random cursors, partial and out-of-order acks, duplicate acks,
+    dead letters and restarts: what waits is always exactly the events never acked, in order per
+    listener, with the outbox's counts matching."""
+    import random
+
+    rng = random.Random(20261123)
+    store = Store(str(tmp_path / "model.db"))
+    await store.open()
+    outbox = Outbox(store, max_events=1_000_000, max_bytes=1 << 30, max_batch=7)
+    await outbox.start()
+    waiting: dict[int, bytes] = {}  # seq -> body, for every event neither acked nor dead-lettered
+    counter = 0
+    leased: list = []
+
+    async def arrived(count):  # the new rows are exactly those the model does not know yet
+        new = {r.seq: r.body for r in await outbox.lease(1_000_000) if r.seq not in waiting}
+        assert len(new) == count
+        waiting.update(new)
+
+    for step in range(400):
+        op = rng.random()
+        if op < 0.3 or not waiting:
+            added = rng.randint(1, 20)
+            for _ in range(added):
+                counter += 1
+                await outbox.append("t", rng.choice(["A", "B", "C"]), "pusher", {"n": counter})
+            await outbox.flush()
+            await arrived(added)
+        elif op < 0.5:
+            after = rng.choice([0] + [r.seq for r in leased]) if leased else 0
+            leased = await outbox.lease(rng.randint(1, 15), after=after)
+            assert all(r.seq > after for r in leased)
+            assert [r.seq for r in leased] == sorted(s for s in waiting if s > after)[:len(leased)], step
+        elif op < 0.8 and leased:
+            pick = sorted(rng.sample(range(len(leased)), rng.randint(1, len(leased))))
+            chosen = [leased[i] for i in pick]
+            gone = await outbox.ack(chosen, whole_range=True)
+            assert gone == [r for r in chosen if r.seq in waiting], step
+            for r in gone:
+                assert waiting.pop(r.seq) == r.body
+        elif op < 0.9 and leased:
+            chosen = leased[: rng.randint(1, len(leased))]
+            await outbox.dead_letter(chosen, 400, "no")
+            for r in chosen:
+                waiting.pop(r.seq, None)
+            letters = await outbox.dead_letters("t")
+            if letters and rng.random() < 0.5:
+                letter = rng.choice(letters)
+                assert await outbox.requeue_dead_letter("t", int(letter["id"])) == len(letter["events"])
+                await arrived(len(letter["events"]))
+        else:
+            await outbox.close()
+            outbox = Outbox(store, max_events=1_000_000, max_bytes=1 << 30, max_batch=7)
+            await outbox.start()
+            leased = []
+        everything = await outbox.lease(1_000_000)
+        assert {r.seq: r.body for r in everything} == waiting, step
+        assert [r.seq for r in everything] == sorted(waiting), step
+        assert outbox.depth == len(waiting) and outbox.size_bytes == sum(map(len, waiting.values())), step
+    await outbox.close()
+    await store.close()
