@@ -93,6 +93,7 @@ def received_at(ts: float) -> str:
     return f"{_stamp_prefix}.{micros:06d}Z"
 
 
+GROUP_BYTES = 8 << 20  # a commit group (so a segment, whose offsets are uint32) stays well below 4 GiB
 SHIFT = 20  # a Row's seq is (segment seq << SHIFT) | index of the event in its segment
 _MASK = (1 << SHIFT) - 1
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -139,11 +140,12 @@ class _Lane:
 class _Group:
     """What one transaction commits: a segment per listener, and who to tell once it is on disk."""
 
-    __slots__ = ("segments", "events", "sealed", "callbacks", "counters")
+    __slots__ = ("segments", "events", "bytes", "sealed", "callbacks", "counters")
 
     def __init__(self) -> None:
         self.segments: dict[tuple[str, str], _Segment] = {}
         self.events = 0
+        self.bytes = 0
         self.sealed = False  # the writer has taken it (or it is full): appends open the next group
         self.callbacks: list[tuple[Callable[[dict[str, Any]], None], bytes]] = []
         self.counters: dict[Callable[[int], None], int] = {}
@@ -261,7 +263,8 @@ class Outbox:
         if on_commit_count is not None:
             group.counters[on_commit_count] = group.counters.get(on_commit_count, 0) + 1
         group.events += 1
-        if group.events >= self.max_batch:
+        group.bytes += len(body)
+        if group.events >= self.max_batch or group.bytes >= GROUP_BYTES:
             group.sealed = True
         self._queued += 1
         self._idle.clear()

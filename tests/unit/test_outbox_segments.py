@@ -233,3 +233,16 @@ async def test_random_leases_acks_and_dead_letters_agree_with_a_per_event_model(
         assert outbox.depth == len(waiting) and outbox.size_bytes == sum(map(len, waiting.values())), step
     await outbox.close()
     await store.close()
+
+
+async def test_big_events_split_commit_groups_by_bytes(tmp_path):
+    from listenerd.delivery import outbox as module
+
+    async with Harness(tmp_path) as h:
+        text = "x" * (module.GROUP_BYTES // 3)
+        for n in range(7):
+            await h.outbox.append("t", "L", "pusher", {"n": n, "text": text})
+        await h.outbox.flush()
+        sizes = await h.store.run(lambda c: c.execute("SELECT size FROM outbox_segments ORDER BY seq").fetchall())
+        assert len(sizes) >= 3 and all(size < 2 * module.GROUP_BYTES for (size,) in sizes)
+        assert ns(await h.outbox.lease(100)) == list(range(7))
