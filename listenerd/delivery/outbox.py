@@ -554,13 +554,43 @@ def _segment_row(segment: _Segment) -> tuple[Any, ...]:
 
 def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
             checkpoints: list[tuple[str, str, str]]) -> None:
-    """Insert segments (one row per listener of a commit group) and their listeners' checkpoints."""
-    for row in rows:
-        seq = conn.execute("INSERT INTO outbox_segments (tenant_id, listener_id, received_at, total, events, size) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (*row[:4], *row[3:5])).lastrowid
-        conn.execute("INSERT INTO outbox_bodies (seq, ends, bodies) VALUES (?, ?, ?)", (seq, row[5], row[6]))
+    """Insert segments (one row per listener of a commit group) and their listeners' checkpoints.
+
+    Multi-row INSERTs, seqs numbered here from the AUTOINCREMENT counter (never reused): every
+    statement costs the store thread a GIL hand-off with the event loop, so a commit is a few
+    statements whatever the number of listeners in it.
+    """
+    if rows:
+        last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox_segments'").fetchone()
+        seq = last[0] if last else 0
+        i = 0
+        while i < len(rows):
+            size = _INSERT_CHUNK
+            while size > len(rows) - i:
+                size //= 2
+            chunk = rows[i:i + size]
+            seqs = range(seq + 1, seq + 1 + size)
+            conn.execute(_insert_sql("outbox_segments (seq, tenant_id, listener_id, received_at, total, events, size)",
+                                     7, size),
+                         [v for s, r in zip(seqs, chunk, strict=True) for v in (s, r[0], r[1], r[2], r[3], r[3], r[4])])
+            conn.execute(_insert_sql("outbox_bodies (seq, ends, bodies)", 3, size),
+                         [v for s, r in zip(seqs, chunk, strict=True) for v in (s, r[5], r[6])])
+            seq += size
+            i += size
     for tenant_id, listener_id, value in checkpoints:
         put_checkpoint(conn, tenant_id, listener_id, value)
+
+
+_INSERT_CHUNK = 256  # rows per statement (powers of two: at most nine statements are ever prepared per table)
+_INSERT_SQL: dict[tuple[str, int], str] = {}
+
+
+def _insert_sql(table: str, columns: int, size: int) -> str:
+    sql = _INSERT_SQL.get((table, size))
+    if sql is None:
+        values = "(" + ", ".join(["?"] * columns) + ")"
+        sql = _INSERT_SQL[(table, size)] = f"INSERT INTO {table} VALUES " + ", ".join([values] * size)
+    return sql
 
 
 _new_row = tuple.__new__  # Row(...) without the Python-level __new__ of a named tuple

@@ -246,3 +246,19 @@ async def test_big_events_split_commit_groups_by_bytes(tmp_path):
         sizes = await h.store.run(lambda c: c.execute("SELECT size FROM outbox_segments ORDER BY seq").fetchall())
         assert len(sizes) >= 3 and all(size < 2 * module.GROUP_BYTES for (size,) in sizes)
         assert ns(await h.outbox.lease(100)) == list(range(7))
+
+
+async def test_a_commit_of_many_listeners_keeps_each_listeners_order_and_seqs_are_never_reused(tmp_path):
+    async with Harness(tmp_path) as h:
+        for n in range(2):
+            for i in range(300):  # more listeners than one multi-row INSERT takes
+                await h.outbox.append("t", f"L{i}", "pusher", {"n": n, "i": i})
+        await h.outbox.flush()
+        rows = await h.outbox.lease(10_000)
+        assert len(rows) == 600 and [r.seq for r in rows] == sorted({r.seq for r in rows})
+        for i in (0, 255, 256, 299):
+            assert [orjson.loads(r.body)["event"]["n"] for r in rows if r.listener_id == f"L{i}"] == [0, 1]
+        await h.outbox.ack(rows)
+        await append(h, "L0", [2])
+        newer, = await h.outbox.lease(10)
+        assert newer.seq > rows[-1].seq
