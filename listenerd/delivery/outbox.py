@@ -70,10 +70,20 @@ os.register_at_fork(after_in_child=_fresh.clear)  # a forked child must never ha
 
 
 def _fresh_ids(n: int) -> list[str]:
-    """`n` random (version 4) UUIDs, from one system call."""
-    x = os.urandom(16 * n).hex()
-    return [f"{x[i:i + 8]}-{x[i + 8:i + 12]}-4{x[i + 13:i + 16]}-{_VARIANT[x[i + 16]]}{x[i + 17:i + 20]}-"
-            f"{x[i + 20:i + 32]}" for i in range(0, 32 * n, 32)]
+    """`n` random (version 4) UUIDs from one system call, laid out column by column in C (strided
+    slice copies), not formatted one by one."""
+    digits = os.urandom(16 * n).hex().encode()
+    text = bytearray(b"-" * (36 * n))
+    for k, at in enumerate(_DIGIT_AT):
+        text[at::36] = digits[k::32]
+    text[14::36] = b"4" * n  # version
+    text[19::36] = digits[16::32].translate(_VARIANT_BYTES)  # variant: top bits 10
+    ids = text.decode()
+    return [ids[i:i + 36] for i in range(0, 36 * n, 36)]
+
+
+_DIGIT_AT = [k + (k >= 8) + (k >= 12) + (k >= 16) + (k >= 20) for k in range(32)]  # hex digit -> 8-4-4-4-12
+_VARIANT_BYTES = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 
 
 _stamp_second = -1
