@@ -10,7 +10,7 @@ engine would be), recording for each envelope the time from its `received-at` to
   engine has acknowledged the last one (the outbox is empty). events/s = N / that time.
 - latency: producers append at a fixed rate (5,000 events/s); p50/p99 of arrival - received-at.
 
-For each batch size (engine.batch-max 1, 100, 1000) and `store.synchronous` setting. Store-thread
+For each batch size (engine.batch-max 1, 100, 500 (the default), 1000) and `store.synchronous` setting. Store-thread
 time is measured per operation (commit of appends, lease, ack) to show what bounds the run.
 """
 
@@ -225,7 +225,7 @@ async def main(args: argparse.Namespace) -> None:
     url = parent.recv()
     syncs = ["NORMAL", "FULL"] if args.synchronous == "both" else [args.synchronous]
     scale = 0.2 if args.quick else 1.0
-    sizes = {1: int(4000 * scale), 100: int(100_000 * scale), 1000: int(200_000 * scale)}
+    sizes = {1: int(4000 * scale), 100: int(100_000 * scale), 500: int(200_000 * scale), 1000: int(200_000 * scale)}
     print(HEADER, flush=True)
     try:
         for synchronous in syncs:

@@ -77,6 +77,35 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX IF EXISTS outbox_listener;
     """,
+    # 3: the outbox stores one row per group-committed *segment* (one listener's events of one commit),
+    # so insert, lease and ack cost a row per segment, not per event. `outbox_segments` holds what
+    # changes, in small rows: `total` events stored, `first` the index of the first undelivered one,
+    # `events`/`size` what is still undelivered. `outbox_bodies` holds what does not: the envelopes
+    # concatenated in `bodies`, `ends` their end offsets (uint32 little-endian; NULL for a one-event
+    # segment; a delivered event past `first` is a zero-length tombstone). A partial ack so rewrites a
+    # small row, never the envelopes. Existing rows become one-event segments keeping their seq (so
+    # their order) and their bytes (so their ids).
+    """
+    CREATE TABLE outbox_segments (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant_id TEXT NOT NULL,
+        listener_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        total INTEGER NOT NULL,
+        events INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        first INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE outbox_bodies (
+        seq INTEGER PRIMARY KEY,
+        ends BLOB,
+        bodies BLOB NOT NULL
+    );
+    INSERT INTO outbox_segments (seq, tenant_id, listener_id, received_at, total, events, size, first)
+        SELECT seq, tenant_id, listener_id, received_at, 1, 1, length(body), 0 FROM outbox ORDER BY seq;
+    INSERT INTO outbox_bodies (seq, ends, bodies) SELECT seq, NULL, body FROM outbox ORDER BY seq;
+    DROP TABLE outbox;
+    """,
 ]
 
 

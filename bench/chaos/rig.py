@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from listenerd.delivery.outbox import stored_envelopes
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
@@ -123,8 +124,8 @@ class Ledger:
     def remember_outbox(self, db_path: Path) -> int:
         """Record every envelope durable in the (dead daemon's) outbox; returns how many."""
         with contextlib.closing(sqlite3.connect(db_path)) as db:
-            rows = db.execute("SELECT body FROM outbox").fetchall()
-        for (body,) in rows:
+            rows = stored_envelopes(db)
+        for body in rows:
             envelope = orjson.loads(body)
             seq = envelope["event"].get("seq")
             if isinstance(seq, int):

@@ -269,8 +269,17 @@ class Forwarder:
 
 
 def _counts(rows: list[Row]) -> dict[tuple[str, str], int]:
+    """Events per listener; rows of one segment share their id strings, so runs are counted cheaply."""
     counts: dict[tuple[str, str], int] = {}
+    tenant_id = listener_id = None
+    run = 0
     for row in rows:
-        key = (row.tenant_id, row.listener_id)
-        counts[key] = counts.get(key, 0) + 1
+        if row.listener_id is listener_id and row.tenant_id is tenant_id:
+            run += 1
+            continue
+        if run:
+            counts[(tenant_id, listener_id)] = counts.get((tenant_id, listener_id), 0) + run  # type: ignore[index]
+        tenant_id, listener_id, run = row.tenant_id, row.listener_id, 1
+    if run:
+        counts[(tenant_id, listener_id)] = counts.get((tenant_id, listener_id), 0) + run  # type: ignore[index]
     return counts

@@ -76,6 +76,10 @@ class SourceContext:
         self._metrics = metrics
         self._mapping: CompiledMapping = compile_mapping(listener.mapping)
         self._tap = tap
+        # the tap's hub, when it can say whether anyone is listening: then envelopes are decoded for it
+        # only while someone is (the outbox otherwise reports commits as counts, not per event)
+        self._tap_clients: Callable[[str, str], int] | None = getattr(getattr(tap, "__self__", None), "clients", None)
+        self._on_commit_count = self._committed_count
         self.heartbeat_bound: float | None = None
         self.last_alive = time.monotonic()
         self.paused = False  # waiting for outbox room: silence then is ours, not the provider's
@@ -127,9 +131,11 @@ class SourceContext:
             self.count("mapping")
             self.log.warning("payload could not be mapped", error=str(exc))
             return
+        tapped = self._tap is not None and (self._tap_clients is None
+                                            or self._tap_clients(self.tenant_id, self.listener_id) > 0)
         await self._outbox.append(self.tenant_id, self.listener_id, self.listener.type, event,
-                                  key=key, checkpoint=checkpoint, on_commit=self._committed,
-                                  on_wait=self._paused)
+                                  key=key, checkpoint=checkpoint, on_commit=self._tapped if tapped else None,
+                                  on_commit_count=self._on_commit_count, on_wait=self._paused)
 
     async def flush(self) -> None:
         """Wait until everything this listener emitted is durable."""
@@ -139,9 +145,16 @@ class SourceContext:
         return await self._outbox.store.get_checkpoint(self.tenant_id, self.listener_id)
 
     def _committed(self, envelope: dict[str, Any], count: int = 1) -> None:
+        self._committed_count(count)
+        self._tapped(envelope)
+
+    def _committed_count(self, count: int) -> None:
+        """The outbox committed `count` of this listener's events (called once per commit)."""
         self._status.received += count
         self._status.last_event_at = time.time()
         self._received.inc(count)
+
+    def _tapped(self, envelope: dict[str, Any]) -> None:
         if self._tap:
             self._tap(self.tenant_id, self.listener_id, envelope)
 

@@ -15,7 +15,7 @@ import sqlite3
 import orjson
 from websockets.protocol import State
 
-from listenerd.delivery.outbox import event_id
+from listenerd.delivery.outbox import event_id, stored_envelopes
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from tests.daemon import Api, DaemonProcess, base_config
@@ -55,7 +55,7 @@ def source_key(envelope: dict) -> str:
 
 def outbox_envelopes(db_path) -> list[dict]:
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        return [orjson.loads(body) for (body,) in db.execute("SELECT body FROM outbox ORDER BY seq")]
+        return [orjson.loads(body) for body in stored_envelopes(db)]
 
 
 async def test_kill_9_mid_stream_every_committed_event_reaches_the_engine_with_a_stable_id(tmp_path):

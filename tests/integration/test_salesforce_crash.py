@@ -13,7 +13,7 @@ import sqlite3
 
 import orjson
 
-from listenerd.delivery.outbox import event_id
+from listenerd.delivery.outbox import event_id, stored_envelopes
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.salesforce import ORG_ID, SalesforceSim
 from tests.daemon import Api, DaemonProcess, base_config
@@ -45,7 +45,7 @@ mapping = {{ name = "Name", replay = "$event.replayId" }}
 
 def outbox_envelopes(db_path) -> list[dict]:
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        return [orjson.loads(body) for (body,) in db.execute("SELECT body FROM outbox ORDER BY seq")]
+        return [orjson.loads(body) for body in stored_envelopes(db)]
 
 
 async def test_kill_9_mid_stream_no_event_lost_none_under_two_ids(tmp_path):

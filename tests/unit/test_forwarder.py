@@ -159,9 +159,10 @@ async def test_a_failed_ack_sends_the_rows_again_with_the_same_ids(tmp_path):
         store = r.h.store
         await store.run(lambda c: c.execute("CREATE TABLE block (x)"))
         await store.run(lambda c: c.execute("INSERT INTO block VALUES (1)"))
-        await store.run(lambda c: c.execute(
-            "CREATE TRIGGER keep BEFORE DELETE ON outbox WHEN EXISTS (SELECT 1 FROM block) "
-            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+        for change in ("DELETE", "UPDATE"):  # an ack deletes a delivered segment or moves past its head
+            await store.run(lambda c, change=change: c.execute(
+                f"CREATE TRIGGER keep_{change} BEFORE {change} ON outbox_segments WHEN EXISTS (SELECT 1 FROM block) "
+                "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
         await r.emit(12)
         await wait_for(lambda: len(r.sim.received) > 12, what="rows sent again after failed acks")
         assert r.h.outbox.depth == 12  # nothing acked, nothing lost
