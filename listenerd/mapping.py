@@ -70,7 +70,3 @@ def resolve(payload: Any, meta: Mapping[str, Any] | None, path: tuple[str, ...])
         if current is _MISSING:
             return _MISSING
     return current
-
-
-def is_missing(value: Any) -> bool:
-    return value is _MISSING

@@ -18,12 +18,10 @@ and reported `retrying`, so a status never claims a dead connection is live.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
 import structlog
 
 from listenerd.mapping import CompiledMapping, compile_mapping
@@ -144,10 +142,6 @@ class SourceContext:
     async def checkpoint(self) -> str | None:
         return await self._outbox.store.get_checkpoint(self.tenant_id, self.listener_id)
 
-    def _committed(self, envelope: dict[str, Any], count: int = 1) -> None:
-        self._committed_count(count)
-        self._tapped(envelope)
-
     def _committed_count(self, count: int) -> None:
         """The outbox committed `count` of this listener's events (called once per commit)."""
         self._status.received += count
@@ -165,12 +159,3 @@ class SourceContext:
         if self._status.status == "started":
             message = self._status.message.removesuffix(suffix)
             self._status.set("started", message + suffix if paused else message)
-
-
-def decode_json(raw: str | bytes) -> Any:
-    """orjson with the same error type as json, so sources catch one thing."""
-    return orjson.loads(raw)
-
-
-async def sleep_or_cancel(seconds: float) -> None:
-    await asyncio.sleep(seconds)
