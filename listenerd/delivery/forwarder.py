@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("listenerd.forwarder")
 
+RETRY_AFTER_MAX = 3600.0  # seconds: a longer Retry-After is read as this
 RESPONSE_KEEP = 64 * 1024  # bytes of the engine's answer kept in a dead letter
 _IDLE_TICK = 1.0  # seconds between idle checks (stop requests also wake the loop at once)
 
@@ -225,9 +226,9 @@ class Forwarder:
                 self.attempt += 1
                 self.last_error = exc.reason
                 self.metrics.retried.labels(exc.reason.split(":")[0]).inc()
-                delay = exc.retry_after
-                if delay is None:
-                    delay = backoff_delay(self.attempt, self.engine.retry_initial, self.engine.retry_max)
+                delay = backoff_delay(self.attempt, self.engine.retry_initial, self.engine.retry_max)
+                if exc.retry_after is not None:  # honoured, but never a tight loop nor a stall past an hour
+                    delay = min(max(exc.retry_after, self.engine.retry_initial), RETRY_AFTER_MAX)
                 log.warning("engine delivery will be retried", reason=exc.reason, delay=round(delay, 3),
                             attempt=self.attempt, events=len(rows))
                 await asyncio.sleep(delay)
@@ -251,12 +252,17 @@ class Forwarder:
         assert self._session is not None
         started = time.perf_counter()
         try:
-            async with self._session.post(self.engine.url, data=body) as response:
+            # never follow a redirect: aiohttp would re-send the POST as a bodyless GET (and the token to
+            # another host), and a 2xx there would ack a batch the engine never got
+            async with self._session.post(self.engine.url, data=body, allow_redirects=False) as response:
                 status = response.status
                 if 200 <= status < 300:
                     await response.read()
                     return
                 text = (await response.content.read(RESPONSE_KEEP)).decode("utf-8", "replace")
+                if 300 <= status < 400:
+                    raise Retry(f"HTTP {status}: the engine redirects to {response.headers.get('Location')!r}; "
+                                f"set engine.url to the final URL")
                 if retryable(status):
                     raise Retry(f"HTTP {status}", retry_after_seconds(response.headers.get("Retry-After")))
                 raise Refused(status, text)

@@ -229,3 +229,23 @@ async def test_tls_is_verified_with_the_configured_ca_bundle_and_refused_without
             await trusted.stop(1.0)
     finally:
         await sim.stop()
+
+
+async def test_a_redirect_is_retried_never_followed_so_nothing_is_acked_unseen(tmp_path):
+    async with Rig(tmp_path) as r:
+        r.sim.script([Answer(301, {"Location": r.sim.url + "/elsewhere"}, {}),
+                      Answer(302, {"Location": "/elsewhere"}, {})])
+        await r.emit(5)
+        await wait_for(lambda: len(r.sim.received) == 5, what="delivered after the redirects")
+        assert [e["event"]["n"] for e in r.sim.received] == [0, 1, 2, 3, 4]
+        assert len(r.sim.requests) == 3 and all(len(req.envelopes) == 5 for req in r.sim.requests)
+        assert await r.h.outbox.dead_letters("t") == []
+
+
+async def test_retry_after_zero_is_not_a_tight_loop(tmp_path):
+    async with Rig(tmp_path, **{"retry-initial": 0.3}) as r:
+        r.sim.script([Answer(503, {"Retry-After": "0"}, {})])
+        started = time.monotonic()
+        await r.emit(1)
+        await wait_for(lambda: len(r.sim.received) == 1, what="delivered")
+        assert time.monotonic() - started >= 0.3  # the floor is engine.retry-initial
