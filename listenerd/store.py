@@ -106,6 +106,17 @@ MIGRATIONS: list[str] = [
     INSERT INTO outbox_bodies (seq, ends, bodies) SELECT seq, NULL, body FROM outbox ORDER BY seq;
     DROP TABLE outbox;
     """,
+    # 4: listener ids assigned by the API (LI<n>) only grow, so a deleted listener's id, and with it its
+    # dead letters and event ids, is never handed to a new one
+    """
+    CREATE TABLE listener_ids (
+        tenant_id TEXT PRIMARY KEY,
+        last INTEGER NOT NULL
+    );
+    INSERT INTO listener_ids (tenant_id, last)
+        SELECT tenant_id, max(CAST(substr(id, 3) AS INTEGER)) FROM listeners
+        WHERE id GLOB 'LI[0-9]*' AND substr(id, 3) NOT GLOB '*[^0-9]*' GROUP BY tenant_id;
+    """,
 ]
 
 
@@ -181,6 +192,36 @@ class Store:
         else:
             raise ValueError(table)
         await self.transaction(lambda c: c.execute(sql, params))
+
+    async def insert_listener(self, tenant_id: str, listener_id: str | None, build: Callable[[str], dict[str, Any]],
+                              managed_by: str = "api") -> str | None:
+        """Insert a new listener in one transaction; None when the id is taken (never an upsert).
+
+        Without an id, the next `LI<n>` is assigned: above every id this tenant ever had. `build(id)` gives
+        the stored body for the id.
+        """
+        now = time.time()
+
+        def insert(c: sqlite3.Connection) -> str | None:
+            row = c.execute("SELECT last FROM listener_ids WHERE tenant_id = ?", (tenant_id,)).fetchone()
+            last = row[0] if row else 0
+            ids = [r[0] for r in c.execute("SELECT id FROM listeners WHERE tenant_id = ? AND id GLOB 'LI[0-9]*'",
+                                           (tenant_id,))]
+            last = max([last, *(int(i[2:]) for i in ids if i[2:].isdigit())])
+            new_id = listener_id or f"LI{last + 1}"
+            try:
+                c.execute("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", (tenant_id, new_id, orjson.dumps(build(new_id)), managed_by,
+                                                        now, now))
+            except sqlite3.IntegrityError:
+                return None
+            if new_id.startswith("LI") and new_id[2:].isdigit():
+                last = max(last, int(new_id[2:]))
+            c.execute("INSERT INTO listener_ids (tenant_id, last) VALUES (?, ?) ON CONFLICT (tenant_id) "
+                      "DO UPDATE SET last = max(last, excluded.last)", (tenant_id, last))
+            return new_id
+
+        return await self.transaction(insert)
 
     async def delete_object(self, table: str, tenant_id: str, key: str) -> bool:
         column = {"listeners": "id", "integrations": "type"}[table]

@@ -8,7 +8,6 @@ survives a restart.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from aiohttp import web
@@ -49,12 +48,6 @@ def validate(body: dict[str, Any]) -> ListenerBase:
                        fields=[p.location for p in problems]) from None
 
 
-async def next_id(daemon: Daemon, tenant_id: str) -> str:
-    numbers = [int(m.group(1)) for t, lid, _, _ in await daemon.store.objects("listeners")
-               if t == tenant_id and (m := re.fullmatch(r"LI(\d+)", lid))]
-    return f"LI{max(numbers, default=0) + 1}"
-
-
 @routes.get(BASE)
 async def list_listeners(request: web.Request) -> web.Response:
     daemon, tenant_id = request.app[DAEMON], request.match_info["tid"]
@@ -68,16 +61,18 @@ async def create_listener(request: web.Request) -> web.Response:
     body = await json_body(request)
     if "managed-by" in body:
         raise ApiError(400, "managed-by: set by listenerd, not by the API", fields=["managed-by"])
-    body.setdefault("id", await next_id(daemon, tenant_id))
-    if not isinstance(body["id"], str):
+    given = body.get("id")
+    if given is not None and not isinstance(given, str):
         raise ApiError(400, "id: must be a string", fields=["id"])
-    spec = validate(body)
-    existing = {lid for t, lid, _, _ in await daemon.store.objects("listeners") if t == tenant_id}
-    if spec.id in existing:
-        raise ApiError(409, f"id: listener {spec.id!r} already exists in tenant {tenant_id!r}", fields=["id"])
-    await daemon.store.put_object("listeners", tenant_id, spec.id, stored_listener(spec), "api")
+    spec = validate({**body, "id": given or "LI0"})  # a stand-in id until the store assigns one
+    # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a 409
+    # (never an overwrite), and an assigned LI<n> is above every id this tenant ever had
+    listener_id = await daemon.store.insert_listener(
+        tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})))
+    if listener_id is None:
+        raise ApiError(409, f"id: listener {given!r} already exists in tenant {tenant_id!r}", fields=["id"])
     await daemon.apply()
-    return web.json_response(listener_json(spec), status=201)
+    return web.json_response(listener_json(spec.model_copy(update={"id": listener_id})), status=201)
 
 
 @routes.get(BASE + "/{id}")

@@ -364,3 +364,24 @@ options = { topic = "Busy" }
             code, _ = await api.call("PUT", "/1.0/tenants/t4/listeners/SF1/checkpoint", {"replay": target})
             assert code == 200
             await wait_for(lambda t=target: seen[-1] == str(t), what=f"the new run starts from {target}")
+
+
+async def test_concurrent_creates_never_share_or_reuse_an_id(daemon):
+    d, api = daemon
+    body = {"type": "pusher", "options": {"channel": "c"}, "status": False}
+    answers = await asyncio.gather(*(api.call("POST", "/1.0/tenants/t1/listeners", body) for _ in range(8)))
+    assert [code for code, _ in answers] == [201] * 8
+    ids = sorted(created["id"] for _, created in answers)
+    assert ids == sorted(f"LI{n}" for n in range(1, 9))
+    code, listed = await api.call("GET", "/1.0/tenants/t1/listeners")
+    assert {x["id"] for x in listed} >= set(ids)
+    assert (await api.call("DELETE", "/1.0/tenants/t1/listeners/LI8"))[0] == 204
+    code, created = await api.call("POST", "/1.0/tenants/t1/listeners", body)
+    assert code == 201 and created["id"] == "LI9"  # a deleted listener's id is never handed out again
+    code, created = await api.call("POST", "/1.0/tenants/t1/listeners", {**body, "id": "LI20"})
+    assert code == 201
+    code, created = await api.call("POST", "/1.0/tenants/t1/listeners", body)
+    assert created["id"] == "LI21"
+    explicit = await asyncio.gather(*(api.call("POST", "/1.0/tenants/t1/listeners", {**body, "id": "SAME"})
+                                      for _ in range(4)))
+    assert sorted(code for code, _ in explicit) == [201, 409, 409, 409]

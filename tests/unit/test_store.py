@@ -41,3 +41,23 @@ async def test_config_objects_replace_only_config_rows(tmp_path):
     await store.set_checkpoint("t", "C2", None)
     assert await store.get_checkpoint("t", "C2") is None
     await store.close()
+
+
+async def test_migration_4_seeds_listener_ids_from_existing_listeners(tmp_path):
+    path = str(tmp_path / "s.db")
+    store = Store(path)
+    await store.open()
+    for lid in ("LI5", "LI12x", "other"):
+        await store.put_object("listeners", "t", lid, {"id": lid}, "api")
+    await store.close()
+    conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3, as a database from before it
+    conn.execute("DROP TABLE listener_ids")
+    conn.execute("PRAGMA user_version = 3")
+    assert migrate(conn) == len(MIGRATIONS)
+    assert conn.execute("SELECT tenant_id, last FROM listener_ids").fetchall() == [("t", 5)]
+    conn.close()
+    store = Store(path)
+    await store.open()
+    assert await store.insert_listener("t", None, lambda lid: {"id": lid}) == "LI6"
+    assert await store.insert_listener("t", "LI6", lambda lid: {"id": lid}) is None
+    await store.close()
