@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from typing import Any
@@ -139,12 +140,7 @@ class Daemon:
                                                      f"still running the previous config. {self.status_line()}")
                 return False
             redactor.register(*new.secret_values())
-            unsupported = [name for name, old, fresh in (("server.listen", self.config.server.listen,
-                                                          new.server.listen),
-                                                         ("store.path", self.config.store.path, new.store.path))
-                           if old != fresh]
-            if unsupported:
-                log.warning("config change needs a restart to take effect", keys=unsupported)
+            await self._apply_settings(self.config, new)
             self.config = new
             await self.apply_config_objects(new)
             assert self.supervisor is not None
@@ -152,6 +148,29 @@ class Daemon:
             log.info("config reloaded", **{k: [f"{t}/{i}" for t, i in v] for k, v in changes.items() if v})
             self.notifier.notify(READY=1, STATUS=self.status_line())
             return True
+
+    async def _apply_settings(self, old: Config, new: Config) -> None:
+        """Apply what a reload can change in place; name what needs a restart."""
+        if new.engine != old.engine and self.forwarder is not None:
+            previous = self.forwarder  # stopped before the new one starts: one sender, so order holds
+            self.forwarder = Forwarder(new.engine, self.outbox, self.metrics, self.supervisor.forwarded
+                                       if self.supervisor else None)
+            await previous.stop(flush_timeout=min(1.0, new.supervisor.stop_timeout))
+            await self.forwarder.start()
+            log.info("engine settings reloaded", engine=new.engine.url)
+        if (new.store.outbox_max_events, new.store.outbox_max_bytes) != (old.store.outbox_max_events,
+                                                                         old.store.outbox_max_bytes):
+            self.outbox.set_bounds(new.store.outbox_max_events, new.store.outbox_max_bytes)
+        self.tap.queue_size = new.server.tap_queue
+        logging.getLogger().setLevel(new.log.level.upper())
+        needs_restart = [name for name, before, after in (
+            ("server.listen", old.server.listen, new.server.listen),
+            ("server.max-body-bytes", old.server.max_body_bytes, new.server.max_body_bytes),
+            ("store.path", old.store.path, new.store.path),
+            ("store.synchronous", old.store.synchronous, new.store.synchronous),
+            ("log.format", old.log.format, new.log.format)) if before != after]
+        if needs_restart:
+            log.warning("config change needs a restart to take effect", keys=needs_restart)
 
     async def apply_config_objects(self, config: Config) -> None:
         tenants = [(t.id, t.name) for t in config.tenants]

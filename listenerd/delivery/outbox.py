@@ -288,6 +288,11 @@ class Outbox:
         lane = self._lanes[(tenant_id, listener_id, source)] = _Lane(prefix, (tenant_id, listener_id))
         return lane
 
+    def set_bounds(self, max_events: int, max_bytes: int) -> None:
+        """New bounds from a reload; sources waiting for room re-check at once."""
+        self.max_events, self.max_bytes = max_events, max_bytes
+        self._usage.changed.set()
+
     def _full(self, size: int) -> bool:
         usage = self._usage
         return usage.events >= self.max_events or (usage.events > 0 and usage.bytes + size > self.max_bytes)
