@@ -6,8 +6,8 @@ machine's next deadline, and turns the machine's outcome into `ListenerRetry`/`L
 the supervisor. Every connection gets a fresh machine, so private and presence channels are signed
 with that connection's `socket_id`.
 
-Close code 4000 (TLS only) is handled here, not by the supervisor: the next connection goes over
-`wss` at once, keeping the configured host and port.
+Close code 4000 (TLS only) is `failed` like the rest of 4000-4099: the URL is used as configured,
+scheme included, and the status message tells the operator to set `tls = true`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from listenerd.sources.pusher_protocol import (
     Retry,
     Send,
     Subscribed,
-    UpgradeTls,
     build_url,
 )
 
@@ -53,22 +52,15 @@ HEARTBEAT_MARGIN = 0.5
 async def run(ctx: SourceContext) -> None:
     integration: PusherIntegration = ctx.integration  # type: ignore[assignment]
     tls = integration.tls
-    while True:
-        url = build_url(key=integration.key, cluster=integration.cluster, host=integration.host,
-                        port=integration.port, tls=tls)
-        outcome = await _connection(ctx, url, tls)
-        if isinstance(outcome, UpgradeTls):
-            if tls:
-                raise ListenerFailed(outcome.reason.replace("; reconnecting over TLS", " though already on TLS"))
-            ctx.log.warning("pusher requires TLS; reconnecting over wss", reason=outcome.reason)
-            tls = True
-            continue
-        if isinstance(outcome, Fail):
-            raise ListenerFailed(outcome.reason)
-        delay = outcome.delay
-        if delay == 0 and ctx.status.attempts >= IMMEDIATE_RETRIES:
-            delay = None
-        raise ListenerRetry(outcome.reason, delay)
+    url = build_url(key=integration.key, cluster=integration.cluster, host=integration.host,
+                    port=integration.port, tls=tls)
+    outcome = await _connection(ctx, url, tls)
+    if isinstance(outcome, Fail):
+        raise ListenerFailed(outcome.reason)
+    delay = outcome.delay
+    if delay == 0 and ctx.status.attempts >= IMMEDIATE_RETRIES:
+        delay = None
+    raise ListenerRetry(outcome.reason, delay)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,7 +136,7 @@ class _Link:
                         await self.ws.send(action.text)
                     except ConnectionClosed:
                         return
-                elif isinstance(action, Retry | Fail | UpgradeTls):
+                elif isinstance(action, Retry | Fail):
                     self.outcome = action
                     if self.ws.transport is not None:
                         self.ws.transport.abort()  # a peer that stopped answering will not answer a close

@@ -111,15 +111,8 @@ class Fail:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class UpgradeTls:
-    """Close code 4000: connect again at once over TLS."""
-
-    reason: str
-
-
-Action = Send | Emit | Subscribed | Count | Established | Retry | Fail | UpgradeTls
-Outcome = Retry | Fail | UpgradeTls
+Action = Send | Emit | Subscribed | Count | Established | Retry | Fail
+Outcome = Retry | Fail
 
 
 # ---------------------------------------------------------------- helpers
@@ -184,8 +177,8 @@ def classify_close(code: int | None, reason: str | None, *, error: str | None = 
         return Retry("Connection to Pusher dropped without a close frame")
     if code == 1009:
         return Retry("Pusher sent a frame over the size limit (sources.max-frame-bytes); reconnecting")
-    if code == 4000:
-        return UpgradeTls(f"Pusher closed the connection with {said}; reconnecting over TLS")
+    if code == 4000:  # the contract: 4000-4099 mean failed; URLs are used as given, scheme included
+        return Fail(f"Pusher refused the connection with {said}; set tls = true in the pusher integration")
     if 4001 <= code <= 4099:
         return Fail(f"Pusher refused the connection with {said}")
     if 4100 <= code <= 4199:

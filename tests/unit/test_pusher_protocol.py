@@ -16,7 +16,6 @@ from listenerd.sources.pusher_protocol import (
     Retry,
     Send,
     Subscribed,
-    UpgradeTls,
     build_url,
     classify_close,
     decode_data,
@@ -198,7 +197,7 @@ def test_configured_activity_wins_when_shorter_than_the_servers():
 
 
 @pytest.mark.parametrize(("code", "kind", "delay"), [
-    (4000, UpgradeTls, None), (4001, Fail, None), (4009, Fail, None), (4099, Fail, None),
+    (4000, Fail, None), (4001, Fail, None), (4009, Fail, None), (4099, Fail, None),
     (4100, Retry, None), (4199, Retry, None), (4200, Retry, 0), (4201, Retry, 0), (4299, Retry, 0),
     (4301, Retry, None), (1000, Retry, None), (1006, Retry, None), (None, Retry, None), (1009, Retry, None),
 ])
