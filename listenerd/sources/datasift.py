@@ -398,7 +398,8 @@ class Stream:
         if failure.hash is None:
             if failure.credentials:
                 raise _Ended("failed", f"DataSift refused the credentials: {text}")
-            raise _Ended("failed", f"DataSift reported a failure: {text}")
+            # neither credentials nor a stream: not known to be permanent, so back off and try again
+            raise _Ended("retry", f"DataSift reported a failure: {text}")
         self.rejected.add(failure.hash)
         self.sent.discard(failure.hash)
         hit = [s for s in self.subscribers if s.hash == failure.hash]

@@ -284,6 +284,16 @@ async def test_failure_about_credentials_on_a_live_socket_fails_all_its_listener
         assert sim.connects == 1
 
 
+async def test_a_failure_about_neither_credentials_nor_a_stream_is_retried(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await streaming(sim, (a, H1), (b, H2))
+        await sim.send_raw('{"status": "failure", "message": "Internal error, please try again"}')
+        await wait_for(lambda: a.attempts >= 1 and b.attempts >= 1, what="both retried")
+        assert a.last_error.startswith("DataSift reported a failure: Internal error")
+        await wait_for(lambda: a.status == b.status == "started" and sim.connects == 2, what="back on a new socket")
+
+
 async def test_a_changed_definition_restarts_one_listener_on_the_live_shared_socket(tmp_path):
     async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
         a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
