@@ -55,12 +55,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/1.0/") or request.path == "/1.0/openapi.json":
+    if not request.path.startswith("/1.0/"):
         return await handler(request)
     daemon = request.app[DAEMON]
     token = authenticate(daemon, request.headers.get("Authorization", ""))
     if token is None:
-        raise ApiError(401, "missing or invalid bearer token", )
+        raise ApiError(401, "missing or invalid bearer token")
     tenant_id = request.match_info.get("tid")
     if tenant_id is not None:
         if not token.allows(tenant_id):
@@ -83,13 +83,20 @@ def authenticate(daemon: Daemon, header: str) -> Any:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400/415 that says what is wrong."""
+    """The request body as a JSON object, or a 400 that says what is wrong (the contract's code for a bad body)."""
     if request.content_type != "application/json":
-        raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
+        raise ApiError(400, "the body must be JSON, sent with Content-Type: application/json")
     try:
-        body = json.loads(await request.read() or b"null")
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(400, f"the body is too large: at most {request.app[DAEMON].config.server.max_body_bytes} "
+                            f"bytes") from None
+    try:
+        body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not acceptable JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body

@@ -31,8 +31,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "bad body or parameters; the error names the field", 401: "no or bad token",
             403: "the token may not use that tenant", 404: "no such tenant or item",
-            409: "declared in the config file, or the id is taken", 413: "body too large",
-            415: "body is not JSON", 503: "not loaded yet"}
+            409: "declared in the config file, or the id is taken", 503: "not loaded yet"}
     return {str(code): _json(ERROR, text[code]) for code in codes}
 
 
@@ -53,7 +52,7 @@ def document() -> dict[str, Any]:
     for schema in defs.values():
         schema.get("properties", {}).pop("managed-by", None)
     auth = (401, 403, 404)
-    body_errors = (400, 401, 403, 404, 413, 415)
+    body_errors = (400, 401, 403, 404)
     listener = {"$ref": "#/components/schemas/Listener"}
     lparams = [TENANT, LISTENER_ID]
     paths = {
@@ -123,7 +122,7 @@ def document() -> dict[str, Any]:
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text format", "content": {
             "text/plain": {"schema": {"type": "string"}}}}}, [], auth=False)},
         "/1.0/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [],
-                                         auth=False)},
+                                         401)},
     }
     nullable_time = {"type": ["string", "null"], "format": "date-time"}
     schemas: dict[str, Any] = {

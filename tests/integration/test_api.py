@@ -137,13 +137,17 @@ async def test_create_validation_names_the_field(daemon):
                                 headers={"Content-Type": "application/json"})
     assert code == 400 and "not valid JSON" in body["error"]
     code, body = await api.call("POST", "/1.0/tenants/t1/listeners", raw=b"{}", headers={"Content-Type": "text/plain"})
-    assert code == 415
+    assert code == 400 and "Content-Type: application/json" in body["error"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    code, body = await api.call("POST", "/1.0/tenants/t1/listeners", raw=deep,
+                                headers={"Content-Type": "application/json"})
+    assert code == 400 and "nested too deeply" in body["error"]
     code, body = await api.call("POST", "/1.0/tenants/t1/listeners", raw=b"[1]",
                                 headers={"Content-Type": "application/json"})
     assert code == 400
     code, body = await api.call("POST", "/1.0/tenants/t1/listeners", raw=b"{" + b" " * 2_000_000 + b"}",
                                 headers={"Content-Type": "application/json"})
-    assert code == 413 and "error" in body
+    assert code == 400 and "too large" in body["error"]
 
 
 async def test_config_objects_are_listed_and_refuse_changes(daemon):
