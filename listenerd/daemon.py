@@ -82,12 +82,16 @@ class Daemon:
         log.info("listenerd stopping")
         self.ready = False
         self.notifier.notify(STOPPING=1, STATUS="Stopping: flushing events to the engine")
-        bound = self.config.supervisor.stop_timeout
+        deadline = time.monotonic() + self.config.supervisor.stop_timeout  # one bound for all three steps
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
         if self.supervisor:
-            await self.supervisor.stop()
-        await self.outbox.close(timeout=bound)
+            await self.supervisor.stop(timeout=left())
+        await self.outbox.close(timeout=left())
         if self.forwarder:
-            await self.forwarder.stop(flush_timeout=bound)
+            await self.forwarder.stop(flush_timeout=left())
         if self._runner:
             await self._runner.cleanup()
         log.info("listenerd stopped", undelivered=self.outbox.depth)

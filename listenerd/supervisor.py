@@ -151,12 +151,12 @@ class Supervisor:
         self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="heartbeat-watchdog")
         await self.reconcile(desired)
 
-    async def stop(self) -> None:
-        """Stop every listener within the stop timeout; statuses end `stopped`."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop every listener within `timeout` (default: the stop timeout); statuses end `stopped`."""
         self.running = False
         if self._watchdog:
             self._watchdog.cancel()
-        timeout = self.config.supervisor.stop_timeout
+        timeout = self.config.supervisor.stop_timeout if timeout is None else timeout
         await asyncio.gather(*(r.stop("Stopped: listenerd is shutting down", timeout)
                                for r in self.runners.values()))
         self.runners.clear()
