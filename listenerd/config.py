@@ -24,6 +24,8 @@ DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FILE_SUFFIX = "-file"
 _TAGS = set(SOURCE_TYPES)
+_UNSET = "<unset-value-reported-above>"  # stands in for a missing value so validation can go on
+_MAPPING_PROBLEM = re.compile(r"^mapping\.(?P<field>[^:]+): (?P<problem>.*)$", re.S)
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,14 @@ def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path
         raise ConfigError([Problem(name, f"not valid TOML: {exc}")]) from None
     problems: list[Problem] = []
     expanded = _expand(raw, (), os.environ if environ is None else environ, base_dir or Path("."), problems)
+    try:
+        config = validate(expanded)  # validated even when a value is missing: every problem in one report
+    except ConfigError as exc:
+        reported = {p.location for p in problems}
+        raise ConfigError(problems + [p for p in exc.problems if p.location not in reported]) from None
     if problems:
         raise ConfigError(problems)
-    return validate(expanded)
+    return config
 
 
 def validate(data: dict[str, Any]) -> Config:
@@ -108,6 +115,9 @@ def format_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Pr
             message = "required"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
+        if loc and loc[-1] == "mapping" and (found := _MAPPING_PROBLEM.match(message)):
+            loc.append(found["field"])  # the mapping's field belongs in the location, not the message
+            message = found["problem"]
         problems.append(Problem(location(loc), message))
     return problems
 
@@ -155,6 +165,7 @@ def _expand(node: Any, loc: tuple[Any, ...], environ: Mapping[str, str], base_di
                 except OSError as exc:
                     problems.append(Problem(where, f"cannot read secret file {str(file_path)!r}: "
                                                    f"{exc.strerror or exc}"))
+                    out[target] = _UNSET  # reported above; a stand-in lets the rest be validated
                 continue
             out[key] = _expand(value, loc + (key,), environ, base_dir, problems)
         return out
@@ -172,7 +183,7 @@ def _substitute(text: str, loc: tuple[Any, ...], environ: Mapping[str, str], pro
         name = match.group(1)
         if name not in environ:
             problems.append(Problem(location(loc), f"environment variable {name} is not set"))
-            return ""
+            return _UNSET
         return environ[name]
 
     return _VAR.sub(replace, text)

@@ -70,7 +70,7 @@ def test_base_is_valid():
     (('api-key = "k-123456"', 'api-key = "${DATASIFT_API_KEY}"'),
      "tenants[0].integrations.datasift.api-key: environment variable DATASIFT_API_KEY is not set"),
     (('id = "LI1"', 'id = "LI1"\nmapping = { user = "a..b" }'),
-     "tenants[0].listeners[0].mapping: mapping.user: path 'a..b' has an empty segment"),
+     "tenants[0].listeners[0].mapping.user: path 'a..b' has an empty segment"),
     (('id = "tenant1"', 'id = "bad id!"'), "tenants[0].id: must be 1-64 letters"),
 ])
 def test_each_mistake_names_its_location(change, expected):
@@ -162,3 +162,15 @@ def test_log_format_is_accepted_before_or_after_the_command(argv):
 
     assert parser().parse_args(argv).log_format == "json"
     assert parser().parse_args(["run"]).log_format is None
+
+
+def test_every_problem_is_reported_at_once_even_with_a_missing_variable(tmp_path):
+    text = BASE.replace('api-key = "k-123456"', 'api-key = "${DATASIFT_API_KEY}"').replace(
+        'options = { hash = "abc" }', 'options = {}\nmapping = { who = "a..b" }').replace(
+        'token = "ops-token-123456"', 'token = "${LISTENERD_TOKEN}"')
+    assert set(problems(text)) == {
+        "server.tokens[0].token: environment variable LISTENERD_TOKEN is not set",
+        "tenants[0].integrations.datasift.api-key: environment variable DATASIFT_API_KEY is not set",
+        "tenants[0].listeners[0].options.hash: required",
+        "tenants[0].listeners[0].mapping.who: path 'a..b' has an empty segment",
+    }
