@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import socket
-import ssl
 
 import pusher
 import pytest
@@ -17,6 +16,7 @@ from structlog.testing import capture_logs
 from listenerd.model import Config
 from listenerd.sim.pusher import PusherSim, sign_channel
 from tests.harness import Harness, desired, integration, listener, wait_for
+from tests.tls import self_signed
 
 APP_ID, KEY, SECRET = "4242", "app-key", "app-secret-value-1"
 T = "t1"
@@ -379,33 +379,6 @@ async def test_back_pressure_is_not_mistaken_for_a_silent_server(tmp_path, sim):
 # ---------------------------------------------------------------- TLS
 
 
-def self_signed(tmp_path):
-    """A CA-flagged self-signed certificate for 127.0.0.1: the server's chain and the client's CA bundle."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "listenerd test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_path, key_path)
-    return server, str(cert_path)
 
 
 async def test_tls_is_verified_against_the_configured_ca_bundle(tmp_path):

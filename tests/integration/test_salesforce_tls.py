@@ -3,44 +3,17 @@ verified by default, and trusted through `sources.ca-bundle` when the server's C
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import ssl
-
 import pytest
 import structlog
 
 from listenerd.model import Config
 from listenerd.sim.salesforce import SalesforceSim
 from tests.harness import Harness, desired, integration, listener, wait_for
+from tests.tls import self_signed
 
 PASSWORD, TOKEN, SECRET = "tls-pass-777", "TLSTOKEN", "tls-consumer-secret"
 
 
-def self_signed(tmp_path):
-    """A CA-flagged self-signed certificate for localhost / 127.0.0.1: server context and CA bundle path."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "listenerd salesforce test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(san, critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "sf-cert.pem", tmp_path / "sf-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_path, key_path)
-    return server, str(cert_path)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from listenerd.delivery.forwarder import Forwarder, retry_after_seconds, retryab
 from listenerd.model import Engine
 from listenerd.sim.engine import Answer, EngineSim
 from tests.harness import Harness, wait_for
+from tests.tls import self_signed
 
 
 def engine_config(url, **extra):
@@ -180,34 +181,6 @@ async def test_a_failed_ack_sends_the_rows_again_with_the_same_ids(tmp_path):
         assert r.forwarded == {("t", "L"): 12}
 
 
-def self_signed(tmp_path):
-    """A CA-flagged self-signed certificate for 127.0.0.1: the server's context and the CA bundle path."""
-    import datetime
-    import ipaddress
-    import ssl
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "listenerd engine test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "engine-cert.pem", tmp_path / "engine-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_path, key_path)
-    return server, str(cert_path)
 
 
 async def test_tls_is_verified_with_the_configured_ca_bundle_and_refused_without(tmp_path):
