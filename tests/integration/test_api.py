@@ -196,6 +196,23 @@ id = "t2"
         await api.wait_status("t2", "LI1", "started")
 
 
+def salesforce_tenant(tenant_id: str, topic: str) -> str:
+    """A tenant with Salesforce credentials and one listener SF1 on `topic`."""
+    return f"""
+[[tenants]]
+id = "{tenant_id}"
+[tenants.integrations.salesforce]
+consumer-key = "ck"
+consumer-secret = "cs-secret-value"
+username = "u@example.com"
+password = "pw-secret-value"
+[[tenants.listeners]]
+id = "SF1"
+type = "salesforce"
+options = {{ topic = "{topic}" }}
+"""
+
+
 async def test_checkpoint_routes(tmp_path, engine, scripted_source):
     seen = []
 
@@ -205,20 +222,8 @@ async def test_checkpoint_routes(tmp_path, engine, scripted_source):
         await asyncio.Event().wait()
 
     scripted_source("salesforce", sf_source)
-    tenants = """
-[[tenants]]
-id = "t3"
-[tenants.integrations.salesforce]
-consumer-key = "ck"
-consumer-secret = "cs-secret-value"
-username = "u@example.com"
-password = "pw-secret-value"
-[[tenants.listeners]]
-id = "SF1"
-type = "salesforce"
-options = { topic = "Orders" }
-"""
-    async with running_daemon(tmp_path, base_config(tmp_path, engine.url, tenants)) as (d, api):
+    async with running_daemon(tmp_path, base_config(tmp_path, engine.url, salesforce_tenant("t3", "Orders"))) \
+            as (d, api):
         await api.wait_status("t3", "SF1", "started")
         assert (await api.call("GET", "/1.0/tenants/t3/listeners/SF1/checkpoint"))[0] == 404
         code, body = await api.call("PUT", "/1.0/tenants/t3/listeners/SF1/checkpoint", {"replay": 42})
@@ -348,20 +353,8 @@ async def test_checkpoint_put_is_not_overwritten_by_the_old_run(tmp_path, engine
             await asyncio.sleep(0.002)
 
     scripted_source("salesforce", busy_sf_source)
-    tenants = """
-[[tenants]]
-id = "t4"
-[tenants.integrations.salesforce]
-consumer-key = "ck"
-consumer-secret = "cs-secret-value"
-username = "u@example.com"
-password = "pw-secret-value"
-[[tenants.listeners]]
-id = "SF1"
-type = "salesforce"
-options = { topic = "Busy" }
-"""
-    async with running_daemon(tmp_path, base_config(tmp_path, engine.url, tenants)) as (d, api):
+    async with running_daemon(tmp_path, base_config(tmp_path, engine.url, salesforce_tenant("t4", "Busy"))) \
+            as (d, api):
         await api.wait_status("t4", "SF1", "started")
         await wait_for(lambda: d.supervisor.status(("t4", "SF1")).received > 20, what="a busy stream")
         for target in (7, 3, 5):
