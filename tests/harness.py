@@ -8,6 +8,8 @@ sleeps, so tests wait exactly as long as the event takes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter
 
-from listenerd.delivery.outbox import Outbox
+from listenerd.delivery.outbox import Outbox, stored_envelopes
 from listenerd.model import INTEGRATION_TYPES, Config, Integration, Listener
 from listenerd.observability import Metrics
 from listenerd.sources.base import SourceContext
@@ -83,6 +85,12 @@ class Harness:
         envelopes = [orjson.loads(r.body) for r in rows]
         return [e for e in envelopes if (tenant_id is None or e["tenant-id"] == tenant_id)
                 and (listener_id is None or e["listener-id"] == listener_id)]
+
+
+def outbox_envelopes(db_path: str | Path) -> list[dict]:
+    """Every envelope waiting in the outbox of the store at `db_path`, read straight from disk (after a kill)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        return [orjson.loads(body) for body in stored_envelopes(db)]
 
 
 def desired(spec: Any, creds: Integration | None) -> Desired:

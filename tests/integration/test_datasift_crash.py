@@ -10,16 +10,14 @@ while the daemon is down are not expected (at least once from receipt, per CONTR
 
 import asyncio
 import contextlib
-import sqlite3
 
-import orjson
 from websockets.protocol import State
 
-from listenerd.delivery.outbox import event_id, stored_envelopes
+from listenerd.delivery.outbox import event_id
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from tests.daemon import Api, DaemonProcess, base_config
-from tests.harness import wait_for
+from tests.harness import outbox_envelopes, wait_for
 
 SECRET = "datasift-crash-key-9876"
 HASHES = {"A": "4f3af38ad1c31646561bc814c3e69af5", "B": "0123456789abcdef0123456789abcdef"}
@@ -51,11 +49,6 @@ def subscribed_live(sim: DataSiftSim) -> set[str]:
 def source_key(envelope: dict) -> str:
     event = envelope["event"]
     return f"deleted:{event['iid']}" if event["deleted"] else event["iid"]
-
-
-def outbox_envelopes(db_path) -> list[dict]:
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        return [orjson.loads(body) for body in stored_envelopes(db)]
 
 
 async def test_kill_9_mid_stream_every_committed_event_reaches_the_engine_with_a_stable_id(tmp_path):

@@ -9,15 +9,12 @@ single id derived from (org, topic, replayId): no loss, no event under two ids.
 
 import asyncio
 import contextlib
-import sqlite3
 
-import orjson
-
-from listenerd.delivery.outbox import event_id, stored_envelopes
+from listenerd.delivery.outbox import event_id
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.salesforce import ORG_ID, SalesforceSim
 from tests.daemon import Api, DaemonProcess, base_config
-from tests.harness import wait_for
+from tests.harness import outbox_envelopes, wait_for
 
 PASSWORD, TOKEN, SECRET = "crash-pass-4321", "CRASHTOKEN77", "crash-consumer-secret"
 
@@ -41,11 +38,6 @@ type = "salesforce"
 options = {{ topic = "Invoices" }}
 mapping = {{ name = "Name", replay = "$event.replayId" }}
 """
-
-
-def outbox_envelopes(db_path) -> list[dict]:
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        return [orjson.loads(body) for body in stored_envelopes(db)]
 
 
 async def test_kill_9_mid_stream_no_event_lost_none_under_two_ids(tmp_path):
