@@ -173,11 +173,7 @@ async def run(workdir: Path, per_kind: int = 5, api_requests: int = 100, seed: i
     began = time.monotonic()
     sent: Counter[tuple[str, str, str]] = Counter()
     try:
-        await rig.start()
-        await rig.start_daemon()
-        await rig.wait_all_started()
-        rig.mark_live()
-        await rig.prime()
+        await rig.begin()
         before = await errors_of(rig)
         plan = frames(rig, per_kind, seed)
         listener = {s: rig.listener_ids(s)[0] for s in SOURCES}

@@ -40,12 +40,7 @@ async def run(workdir: Path, cycles: int = 3, rate: float = 300.0, engine_delay:
     kills: list[dict[str, Any]] = []
     began = time.monotonic()
     try:
-        await rig.start()
-        await rig.start_daemon()
-        await rig.wait_all_started()
-        rig.mark_live()
-        await rig.prime()
-        rig.start_pump(rate)
+        await rig.begin(rate)
         for cycle in range(cycles):
             before = rig.ledger.deliveries
             # the kill comes after the restarted daemon has delivered something, then at a random moment

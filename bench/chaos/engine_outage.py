@@ -34,12 +34,7 @@ async def run(workdir: Path, outage: float = 10.0, rate: float = 300.0, every: f
     rig = Rig(workdir, engine_toml="")
     series: list[dict[str, float]] = []
     try:
-        await rig.start()
-        await rig.start_daemon()
-        await rig.wait_all_started()
-        rig.mark_live()
-        await rig.prime()
-        rig.start_pump(rate)
+        await rig.begin(rate)
         await wait_for(lambda: rig.ledger.deliveries >= 50, timeout=30, what="deliveries before the outage")
         before = sample(rig.pid)
         await rig.engine.refuse()

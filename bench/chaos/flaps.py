@@ -90,12 +90,7 @@ async def run(workdir: Path, flaps: int = 30, rate: float = 30.0, sample_every: 
     kinds: dict[str, int] = {}
     began = time.monotonic()
     try:
-        await rig.start()
-        await rig.start_daemon()
-        await rig.wait_all_started()
-        rig.mark_live()
-        await rig.prime()
-        rig.start_pump(rate)
+        await rig.begin(rate)
         warmup = max(3, flaps // 10)  # baseline after every kind of flap has happened once (lazy imports, pools)
         for number in range(flaps):
             async with rig.disconnect_window():

@@ -387,6 +387,16 @@ login-url = "{self.salesforce.url}"
 {body}
 """
 
+    async def begin(self, rate: float | None = None) -> None:
+        """The common opening: simulators, daemon, every listener started and primed, then the pump at `rate`."""
+        await self.start()
+        await self.start_daemon()
+        await self.wait_all_started()
+        self.mark_live()
+        await self.prime()
+        if rate is not None:
+            self.start_pump(rate)
+
     async def start_daemon(self, timeout: float = 60.0) -> Api:
         """Start (or restart after a kill) the daemon child; returns an API client with the ops token."""
         if self.daemon is None:
