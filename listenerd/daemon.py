@@ -61,7 +61,8 @@ class Daemon:
         await self.store.open()
         await self.apply_config_objects(self.config)
         await self.outbox.start()
-        self.supervisor = Supervisor(self.config, self.outbox, self.metrics, tap=self.tap.publish)
+        self.supervisor = Supervisor(self.config, self.outbox, self.metrics, tap=self.tap.publish,
+                                     tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
         self._runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
@@ -113,9 +114,6 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.stop()
-
-    def request_stop(self) -> None:
-        self._stopping.set()
 
     async def _report_status(self) -> None:
         while True:

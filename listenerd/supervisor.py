@@ -131,11 +131,13 @@ class Runner:
 
 class Supervisor:
     def __init__(self, config: Config, outbox: Any, metrics: Any,
-                 tap: Callable[[str, str, dict[str, Any]], None] | None = None):
+                 tap: Callable[[str, str, dict[str, Any]], None] | None = None,
+                 tap_clients: Callable[[str, str], int] | None = None):
         self.config = config
         self.outbox = outbox
         self.metrics = metrics
         self.tap = tap
+        self.tap_clients = tap_clients
         self.records: dict[Key, ListenerStatus] = {}
         self.runners: dict[Key, Runner] = {}
         self.desired: dict[Key, Desired] = {}
@@ -244,7 +246,7 @@ class Supervisor:
         assert want.integration is not None
         return SourceContext(tenant_id=key[0], listener=want.listener, integration=want.integration,
                              config=self.config, status=record, outbox=self.outbox, metrics=self.metrics,
-                             shared=self.shared, tap=self.tap)
+                             shared=self.shared, tap=self.tap, tap_clients=self.tap_clients)
 
     def status(self, key: Key) -> ListenerStatus | None:
         return self.records.get(key)

@@ -496,15 +496,11 @@ class Outbox:
     def full(self) -> bool:
         return self._full(0)
 
-    def oldest_received_at(self) -> float | None:
-        """Receipt time (epoch seconds) of the oldest waiting event, or None when empty.
-
-        Per segment: the first receipt of the oldest segment still waiting (at most one commit
-        group's span older than its oldest undelivered event)."""
-        return self._head_received if self._usage.events > 0 else None
-
     def oldest_age(self) -> float:
-        """Seconds the oldest waiting event has waited (0 when the outbox is empty)."""
+        """Seconds the oldest waiting event has waited (0 when the outbox is empty).
+
+        Per segment: from the first receipt of the oldest segment still waiting, so at most one commit
+        group's span more than its oldest undelivered event."""
         head = self._head_received
         return max(0.0, time.time() - head) if head is not None and self._usage.events > 0 else 0.0
 

@@ -59,7 +59,8 @@ class SourceContext:
 
     def __init__(self, *, tenant_id: str, listener: ListenerBase, integration: Integration,
                  config: Config, status: ListenerStatus, outbox: Outbox, metrics: Metrics,
-                 shared: dict[str, Any], tap: Callable[[str, str, dict[str, Any]], None] | None = None):
+                 shared: dict[str, Any], tap: Callable[[str, str, dict[str, Any]], None] | None = None,
+                 tap_clients: Callable[[str, str], int] | None = None):
         self.tenant_id = tenant_id
         self.listener = listener
         self.listener_id = listener.id
@@ -74,9 +75,9 @@ class SourceContext:
         self._metrics = metrics
         self._mapping: CompiledMapping = compile_mapping(listener.mapping)
         self._tap = tap
-        # the tap's hub, when it can say whether anyone is listening: then envelopes are decoded for it
-        # only while someone is (the outbox otherwise reports commits as counts, not per event)
-        self._tap_clients: Callable[[str, str], int] | None = getattr(getattr(tap, "__self__", None), "clients", None)
+        # when the tap can say whether anyone is listening, envelopes are handed to it only while someone
+        # is (the outbox otherwise reports commits as counts, not per event); without it, always
+        self._tap_clients = tap_clients
         self._on_commit_count = self._committed_count
         self.heartbeat_bound: float | None = None
         self.last_alive = time.monotonic()
