@@ -21,6 +21,7 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from listenerd import config as config_module
+from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.delivery.outbox import Outbox
 from listenerd.model import INTEGRATION_TYPES, SOURCE_TYPES, Config, Integration, Listener, ListenerBase
@@ -43,6 +44,7 @@ class Daemon:
         self.store = Store(config.store.path, config.store.synchronous)
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
                              max_bytes=config.store.outbox_max_bytes, metrics=self.metrics)
+        self.dead_letters = DeadLetters(self.store, self.outbox)
         self.tap = TapHub(config.server.tap_queue)
         self.supervisor: Supervisor | None = None
         self.forwarder: Forwarder | None = None

@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter
 
-from listenerd.delivery.outbox import Outbox, stored_envelopes
+from listenerd.delivery.dead_letters import DeadLetters
+from listenerd.delivery.outbox import Outbox
+from listenerd.delivery.segments import stored_envelopes
 from listenerd.model import INTEGRATION_TYPES, Config, Integration, Listener
 from listenerd.observability import Metrics
 from listenerd.sources.base import SourceContext
@@ -60,6 +62,7 @@ class Harness:
         self.metrics = Metrics()
         self.outbox = Outbox(self.store, max_events=outbox_bounds.get("max_events", 1_000_000),
                              max_bytes=outbox_bounds.get("max_bytes", 1 << 30), metrics=self.metrics)
+        self.dead_letters = DeadLetters(self.store, self.outbox)
         self.shared: dict[str, Any] = {}
 
     async def __aenter__(self) -> Harness:

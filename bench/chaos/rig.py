@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from listenerd.delivery.outbox import stored_envelopes
+from listenerd.delivery.segments import stored_envelopes
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim

@@ -8,10 +8,15 @@ app's middleware; ids are per daemon, and another tenant's id answers 404 like a
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from aiohttp import web
 
 from listenerd.api.app import DAEMON
 from listenerd.api.errors import ApiError
+from listenerd.delivery.dead_letters import DeadLetter
+from listenerd.status import rfc3339
 
 routes = web.RouteTableDef()
 BASE = "/1.0/tenants/{tid}/dead-letters"
@@ -28,26 +33,32 @@ def _missing(request: web.Request) -> ApiError:
     return ApiError(404, f"no dead letter {request.match_info['id']!r} in tenant {request.match_info['tid']!r}")
 
 
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter as the API shows it: its events are the envelopes exactly as they were sent."""
+    return {"id": str(letter.id), "listener-id": letter.listener_id, "status-code": letter.status_code,
+            "response": letter.response, "failed-at": rfc3339(letter.failed_at), "events": orjson.loads(letter.events)}
+
+
 @routes.get(BASE)
 async def list_dead_letters(request: web.Request) -> web.Response:
     """Oldest first; `?listener-id=LI1` narrows to one listener."""
     daemon = request.app[DAEMON]
     listener_id = request.query.get("listener-id") or None
-    letters = await daemon.outbox.dead_letters(request.match_info["tid"], listener_id)
-    return web.json_response(letters)
+    letters = await daemon.dead_letters.of_tenant(request.match_info["tid"], listener_id)
+    return web.json_response([dead_letter_json(letter) for letter in letters])
 
 
 @routes.get(BASE + "/{id}")
 async def get_dead_letter(request: web.Request) -> web.Response:
-    letter = await request.app[DAEMON].outbox.dead_letter_by_id(request.match_info["tid"], _id(request))
+    letter = await request.app[DAEMON].dead_letters.get(request.match_info["tid"], _id(request))
     if letter is None:
         raise _missing(request)
-    return web.json_response(letter)
+    return web.json_response(dead_letter_json(letter))
 
 
 @routes.post(BASE + "/{id}/retry")
 async def retry_dead_letter(request: web.Request) -> web.Response:
-    queued = await request.app[DAEMON].outbox.requeue_dead_letter(request.match_info["tid"], _id(request))
+    queued = await request.app[DAEMON].dead_letters.requeue(request.match_info["tid"], _id(request))
     if queued is None:
         raise _missing(request)
     return web.json_response({"id": request.match_info["id"], "queued": queued}, status=202)
@@ -55,6 +66,6 @@ async def retry_dead_letter(request: web.Request) -> web.Response:
 
 @routes.delete(BASE + "/{id}")
 async def delete_dead_letter(request: web.Request) -> web.Response:
-    if not await request.app[DAEMON].outbox.discard_dead_letter(request.match_info["tid"], _id(request)):
+    if not await request.app[DAEMON].dead_letters.discard(request.match_info["tid"], _id(request)):
         raise _missing(request)
     return web.Response(status=204)

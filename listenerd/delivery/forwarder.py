@@ -31,7 +31,8 @@ import structlog
 from listenerd.backoff import backoff_delay
 
 if TYPE_CHECKING:
-    from listenerd.delivery.outbox import Outbox, Row
+    from listenerd.delivery.outbox import Outbox
+    from listenerd.delivery.segments import Row
     from listenerd.model import Engine
     from listenerd.observability import Metrics
 
@@ -169,7 +170,7 @@ class Forwarder:
         again (same ids): the cursor goes back to the head.
         """
         try:
-            rows = await self.outbox.ack(rows, whole_range=True)  # a lease: every row of its seq range
+            rows = await self.outbox.ack(rows)
         except Exception:
             log.exception("could not record an engine ack; those events will be sent again")
             self._rewind = True
@@ -235,7 +236,7 @@ class Forwarder:
                 continue
             except Refused as exc:
                 await self._settle()
-                await self.outbox.dead_letter(rows, exc.status, exc.response, whole_range=True)
+                await self.outbox.dead_letter(rows, exc.status, exc.response)
                 self._advance(rows[-1].seq)
                 self.metrics.dead_lettered.inc(len(rows))
                 self.last_error = str(exc)

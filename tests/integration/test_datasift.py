@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 from websockets.protocol import State
 
-from listenerd.delivery.outbox import event_id
+from listenerd.delivery.ids import event_id
 from listenerd.model import Config
 from listenerd.sim.datasift import DataSiftSim
 from tests.harness import Harness, desired, integration, listener, wait_for

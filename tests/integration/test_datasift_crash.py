@@ -13,7 +13,7 @@ import contextlib
 
 from websockets.protocol import State
 
-from listenerd.delivery.outbox import event_id
+from listenerd.delivery.ids import event_id
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from tests.daemon import Api, DaemonProcess, base_config

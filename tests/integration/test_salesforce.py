@@ -14,7 +14,7 @@ import socket
 import pytest
 import structlog
 
-from listenerd.delivery.outbox import event_id
+from listenerd.delivery.ids import event_id
 from listenerd.model import Config
 from listenerd.sim.salesforce import ORG_ID, SalesforceSim
 from tests.harness import Harness, desired, integration, listener, wait_for

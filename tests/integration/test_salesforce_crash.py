@@ -10,7 +10,7 @@ single id derived from (org, topic, replayId): no loss, no event under two ids.
 import asyncio
 import contextlib
 
-from listenerd.delivery.outbox import event_id
+from listenerd.delivery.ids import event_id
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.salesforce import ORG_ID, SalesforceSim
 from tests.daemon import Api, DaemonProcess, base_config

@@ -92,9 +92,9 @@ async def test_wrong_token_is_a_dead_letter_not_a_retry_loop(tmp_path):
     async with Rig(tmp_path, token="right-token", engine_token="wrong-token") as r:
         await r.emit(3)
         await wait_for(lambda: r.h.outbox.depth == 0, what="dead-lettered")
-        letters = await r.h.outbox.dead_letters("t")
-        assert len(letters) == 1 and letters[0]["status-code"] == 401
-        assert "invalid bearer token" in letters[0]["response"]
+        letters = await r.h.dead_letters.of_tenant("t")
+        assert len(letters) == 1 and letters[0].status_code == 401
+        assert "invalid bearer token" in letters[0].response
         assert len(r.sim.requests) == 1 and r.sim.received == []
         assert r.h.metrics.dead_lettered._value.get() == 3
 
@@ -151,8 +151,8 @@ async def test_engine_sim_answers_a_scripted_body_and_headers(tmp_path):
         r.sim.script([Answer(422, {"X-Why": "schema"}, "event.username: required")])
         await r.emit(2)
         await wait_for(lambda: r.h.outbox.depth == 0, what="dead-lettered")
-        letter, = await r.h.outbox.dead_letters("t")
-        assert letter["status-code"] == 422 and letter["response"] == "event.username: required"
+        letter, = await r.h.dead_letters.of_tenant("t")
+        assert letter.status_code == 422 and letter.response == "event.username: required"
 
 
 async def test_a_failed_ack_sends_the_rows_again_with_the_same_ids(tmp_path):
@@ -212,7 +212,7 @@ async def test_a_redirect_is_retried_never_followed_so_nothing_is_acked_unseen(t
         await wait_for(lambda: len(r.sim.received) == 5, what="delivered after the redirects")
         assert [e["event"]["n"] for e in r.sim.received] == [0, 1, 2, 3, 4]
         assert len(r.sim.requests) == 3 and all(len(req.envelopes) == 5 for req in r.sim.requests)
-        assert await r.h.outbox.dead_letters("t") == []
+        assert await r.h.dead_letters.of_tenant("t") == []
 
 
 async def test_retry_after_zero_is_not_a_tight_loop(tmp_path):

@@ -1,9 +1,9 @@
-"""The segmented outbox: one row per listener per commit, event-exact leases and acks, and the upgrade.
+"""The outbox over segments: one row per listener per commit, event-exact leases and acks, and the upgrade.
 
 Events of one listener appended in one commit share one `outbox_segments` row. Everything the
-per-event outbox guaranteed must still hold event by event: order, ids, partial and duplicate acks,
-restarts, and a database written by the per-event outbox (schema 2) must deliver every waiting
-event after the upgrade.
+per-event outbox guaranteed must still hold event by event through the `Outbox`: order, ids, partial
+and duplicate acks, restarts, and a database written by the per-event outbox (schema 2) must deliver
+every waiting event after the upgrade. The segment functions alone are `test_segments.py`.
 """
 
 import sqlite3
@@ -11,8 +11,10 @@ import time
 
 import orjson
 
-from listenerd.delivery.outbox import SHIFT, Outbox, stored_envelopes
-from listenerd.store import MIGRATIONS, Store, migrate
+from listenerd.delivery.dead_letters import DeadLetters
+from listenerd.delivery.outbox import Outbox
+from listenerd.delivery.segments import SHIFT, stored_envelopes
+from listenerd.store import MIGRATIONS, Store
 from tests.harness import Harness
 
 
@@ -62,7 +64,7 @@ async def test_leases_continue_inside_a_segment_and_acks_may_be_partial_or_out_o
         assert len({r.seq >> SHIFT for r in rows}) == 1, "ten events appended at once should share a segment"
         assert ns(await h.outbox.lease(3, after=rows[4].seq)) == [5, 6, 7]
         # an ack of the middle (an earlier batch's ack failed and will be re-sent): tombstones
-        assert ns(await h.outbox.ack(rows[3:6], whole_range=True)) == [3, 4, 5]
+        assert ns(await h.outbox.ack(rows[3:6])) == [3, 4, 5]
         assert ns(await h.outbox.lease(100)) == [0, 1, 2, 6, 7, 8, 9]
         assert ns(await h.outbox.lease(2, after=rows[2].seq)) == [6, 7]
         assert h.outbox.depth == 7 and h.outbox.size_bytes == sum(len(r.body) for r in rows[:3] + rows[6:])
@@ -85,21 +87,6 @@ async def test_leases_continue_inside_a_segment_and_acks_may_be_partial_or_out_o
         assert h.outbox.depth == 0 and h.outbox.size_bytes == 0
         for table in ("outbox_segments", "outbox_bodies"):  # nothing left behind
             assert await h.store.run(lambda c, t=table: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) == 0
-
-
-async def test_dead_letter_of_part_of_a_segment_and_requeue_with_the_same_ids(tmp_path):
-    async with Harness(tmp_path) as h:
-        await append(h, "L", range(6))
-        rows = await h.outbox.lease(6)
-        await h.outbox.dead_letter(rows[2:4], 400, "no")
-        assert ns(await h.outbox.lease(100)) == [0, 1, 4, 5]
-        letter, = await h.outbox.dead_letters("t")
-        assert [e["event"]["n"] for e in letter["events"]] == [2, 3]
-        assert await h.outbox.requeue_dead_letter("t", int(letter["id"])) == 2
-        again = await h.outbox.lease(100)
-        assert ns(again) == [0, 1, 4, 5, 2, 3]
-        assert [orjson.loads(r.body)["id"] for r in again[4:]] == [orjson.loads(r.body)["id"] for r in rows[2:4]]
-        assert h.outbox.depth == 6 and h.outbox.size_bytes == sum(len(r.body) for r in again)
 
 
 def schema_2_database(path, rows):
@@ -142,15 +129,6 @@ async def test_upgrade_from_the_per_event_outbox_keeps_every_waiting_event_in_or
         assert h.outbox.depth == 3
 
 
-def test_migration_3_runs_once_and_refuses_nothing_on_an_empty_outbox(tmp_path):
-    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
-    assert migrate(conn) == len(MIGRATIONS)
-    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"outbox_segments", "outbox_bodies"} <= tables and "outbox" not in tables
-    assert migrate(conn) == len(MIGRATIONS)
-    conn.close()
-
-
 async def test_a_restarted_outbox_counts_segments_left_partly_delivered(tmp_path):
     store = Store(str(tmp_path / "s.db"))
     await store.open()
@@ -182,6 +160,7 @@ async def test_random_leases_acks_and_dead_letters_agree_with_a_per_event_model(
     await store.open()
     outbox = Outbox(store, max_events=1_000_000, max_bytes=1 << 30, max_batch=7)
     await outbox.start()
+    dead_letters = DeadLetters(store, outbox)
     waiting: dict[int, bytes] = {}  # seq -> body, for every event neither acked nor dead-lettered
     counter = 0
     leased: list = []
@@ -208,7 +187,7 @@ async def test_random_leases_acks_and_dead_letters_agree_with_a_per_event_model(
         elif op < 0.8 and leased:
             pick = sorted(rng.sample(range(len(leased)), rng.randint(1, len(leased))))
             chosen = [leased[i] for i in pick]
-            gone = await outbox.ack(chosen, whole_range=True)
+            gone = await outbox.ack(chosen)
             assert gone == [r for r in chosen if r.seq in waiting], step
             for r in gone:
                 assert waiting.pop(r.seq) == r.body
@@ -217,15 +196,17 @@ async def test_random_leases_acks_and_dead_letters_agree_with_a_per_event_model(
             await outbox.dead_letter(chosen, 400, "no")
             for r in chosen:
                 waiting.pop(r.seq, None)
-            letters = await outbox.dead_letters("t")
+            letters = await dead_letters.of_tenant("t")
             if letters and rng.random() < 0.5:
                 letter = rng.choice(letters)
-                assert await outbox.requeue_dead_letter("t", int(letter["id"])) == len(letter["events"])
-                await arrived(len(letter["events"]))
+                events = len(orjson.loads(letter.events))
+                assert await dead_letters.requeue("t", letter.id) == events
+                await arrived(events)
         else:
             await outbox.close()
             outbox = Outbox(store, max_events=1_000_000, max_bytes=1 << 30, max_batch=7)
             await outbox.start()
+            dead_letters = DeadLetters(store, outbox)
             leased = []
         everything = await outbox.lease(1_000_000)
         assert {r.seq: r.body for r in everything} == waiting, step

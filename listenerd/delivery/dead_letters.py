@@ -1,0 +1,148 @@
+"""Dead letters: batches the engine refused, kept whole for an operator to retry or discard.
+
+The forwarder refuses rows through `Outbox.dead_letter`, which runs `refuse` here in one transaction
+with their removal from the outbox. Everything else (list, get, retry, discard) is `DeadLetters`,
+which the daemon owns and the API calls; it answers plain `DeadLetter`s (the JSON shape is the
+API's). A retry goes back into the outbox with the same envelope bytes, so the same ids, and tells
+the outbox what it added (`Outbox.requeued`) so depth, bytes and the forwarder follow.
+The SQL functions are plain functions over a connection, like `segments.py`: a second store backend
+provides them too.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from listenerd.delivery.segments import MASK, Row, insert, remove, segment_row
+from listenerd.store import Store
+
+if TYPE_CHECKING:
+    from listenerd.delivery.outbox import Outbox
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One refused batch of one listener: `events` is the JSON array of its envelopes, as sent."""
+
+    id: int
+    listener_id: str
+    status_code: int
+    response: str
+    failed_at: float
+    events: bytes
+
+
+class DeadLetters:
+    """The operator's side of dead letters, over the store; `outbox` is told what a retry queued."""
+
+    def __init__(self, store: Store, outbox: Outbox):
+        self.store = store
+        self.outbox = outbox
+
+    async def of_tenant(self, tenant_id: str, listener_id: str | None = None) -> list[DeadLetter]:
+        """Every dead letter of a tenant (or of one of its listeners), oldest first."""
+        return await self.store.run(lambda c: select(c, tenant_id, listener_id))
+
+    async def get(self, tenant_id: str, dead_letter_id: int) -> DeadLetter | None:
+        letters = await self.store.run(lambda c: select(c, tenant_id, dead_letter_id=dead_letter_id))
+        return letters[0] if letters else None
+
+    async def requeue(self, tenant_id: str, dead_letter_id: int) -> int | None:
+        """Put a dead letter's events back into the outbox (same ids), in one transaction.
+
+        Returns how many events were queued, or None when there is no such dead letter. The events
+        go to the back of the outbox: an operator retry is a new delivery, after what is waiting.
+        The bound is not applied: the operator asked for it, and these events were counted before.
+        """
+        moved = await self.store.transaction(lambda c: requeue(c, tenant_id, dead_letter_id))
+        if moved is None:
+            return None
+        count, size, received = moved
+        self.outbox.requeued(count, size, received)
+        return count
+
+    async def discard(self, tenant_id: str, dead_letter_id: int) -> bool:
+        return await self.store.transaction(lambda c: discard(c, tenant_id, dead_letter_id))
+
+
+# -- SQL
+
+
+def refuse(conn: sqlite3.Connection, rows: Sequence[Row], status_code: int, response: str,
+           failed_at: float) -> set[int] | None:
+    """Move refused rows from the outbox to dead letters, one entry per listener; `remove`'s answer.
+
+    A row acked meanwhile (sent twice) is gone from the outbox and was not refused: it is left out.
+    """
+    by_listener: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        by_listener.setdefault((row.tenant_id, row.listener_id), []).append(row)
+    gone = remove(conn, rows)
+    for (tenant_id, listener_id), group in by_listener.items():
+        group = [r for r in group if gone is None or r.seq in gone]
+        if not group:
+            continue
+        events = b"[" + b",".join(r.body for r in group) + b"]"
+        conn.execute("INSERT INTO dead_letters (tenant_id, listener_id, status_code, response, failed_at, "
+                     "events) VALUES (?, ?, ?, ?, ?, ?)",
+                     (tenant_id, listener_id, status_code, response, failed_at, events))
+    return gone
+
+
+def select(conn: sqlite3.Connection, tenant_id: str, listener_id: str | None = None, *,
+           dead_letter_id: int | None = None) -> list[DeadLetter]:
+    """A tenant's dead letters, oldest first, narrowed to one listener or one id."""
+    sql = "SELECT id, listener_id, status_code, response, failed_at, events FROM dead_letters WHERE tenant_id = ?"
+    params: tuple[Any, ...] = (tenant_id,)
+    if listener_id is not None:
+        sql += " AND listener_id = ?"
+        params += (listener_id,)
+    if dead_letter_id is not None:
+        sql += " AND id = ?"
+        params += (dead_letter_id,)
+    return [DeadLetter(*row) for row in conn.execute(sql + " ORDER BY id", params)]
+
+
+def requeue(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> tuple[int, int, float] | None:
+    """Move a dead letter's envelopes back into the outbox, unchanged; (events, bytes, receipt time
+    of the first) or None when the tenant has no such dead letter."""
+    row = conn.execute("SELECT listener_id, events FROM dead_letters WHERE tenant_id = ? AND id = ?",
+                       (tenant_id, dead_letter_id)).fetchone()
+    if row is None:
+        return None
+    listener_id, events = row
+    envelopes = orjson.loads(events)
+    by_listener: dict[str, list[dict[str, Any]]] = {}  # a dead letter is one listener's: kept general
+    for envelope in envelopes:
+        by_listener.setdefault(envelope.get("listener-id", listener_id), []).append(envelope)
+    size = 0
+    for lid, group in by_listener.items():
+        for i in range(0, len(group), MASK):
+            chunk = group[i:i + MASK]
+            bodies = [orjson.dumps(e) for e in chunk]
+            size += sum(len(b) for b in bodies)
+            insert(conn, [segment_row(tenant_id, lid, _epoch(chunk[0].get("received-at")), bodies)], [])
+    conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+    return len(envelopes), size, _epoch(envelopes[0].get("received-at")) if envelopes else time.time()
+
+
+def discard(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> bool:
+    cursor = conn.execute("DELETE FROM dead_letters WHERE tenant_id = ? AND id = ?", (tenant_id, dead_letter_id))
+    return cursor.rowcount > 0
+
+
+def _epoch(stamp: str | None) -> float:
+    """A `received-at` stamp back to seconds (now, when it is missing or not ours)."""
+    if not stamp:
+        return time.time()
+    try:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return time.time()
