@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from listenerd.api.app import DAEMON
+from listenerd.api.context import DAEMON
 from listenerd.api.errors import ApiError
 
 routes = web.RouteTableDef()
