@@ -1,4 +1,4 @@
-"""The running daemon: wires store, outbox, forwarder, supervisor, API and systemd, and owns the lifecycle.
+"""The running daemon: wires store, outbox, forwarder, supervisor, control, API and systemd, and owns the lifecycle.
 
 Start: open the store, apply the config's objects to it, start the outbox and forwarder, launch the
 listeners, serve the API, then READY=1. SIGHUP: re-read the config; a config that does not validate
