@@ -8,23 +8,15 @@ import functools
 import json
 import os
 import sys
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from typing import Any
 
 import structlog
 
 from listenerd import config as config_module
+from listenerd import version
 from listenerd.observability import configure_logging, redactor
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
-
-
-def version() -> str:
-    try:
-        return package_version("listenerd")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class _Parser(argparse.ArgumentParser):

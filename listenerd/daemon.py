@@ -1,4 +1,4 @@
-"""The running daemon: wires store, outbox, forwarder, supervisor, API and systemd, and owns the lifecycle.
+"""The running daemon: wires store, outbox, forwarder, supervisor, control, API and systemd, and owns the lifecycle.
 
 Start: open the store, apply the config's objects to it, start the outbox and forwarder, launch the
 listeners, serve the API, then READY=1. SIGHUP: re-read the config; a config that does not validate
@@ -14,17 +14,26 @@ import contextlib
 import logging
 import signal
 import time
-from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from listenerd import config as config_module
+from listenerd.api.app import create_app
+from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.delivery.outbox import Outbox
-from listenerd.model import INTEGRATION_TYPES, SOURCE_TYPES, Config, Integration, Listener, ListenerBase
+from listenerd.model import (
+    INTEGRATION_TYPES,
+    SOURCE_TYPES,
+    Config,
+    Integration,
+    load_integration,
+    load_listener,
+    stored_listener,
+)
 from listenerd.observability import Metrics, redactor
 from listenerd.store import Store
 from listenerd.supervisor import Desired, Key, Supervisor
@@ -32,7 +41,6 @@ from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
 log = structlog.get_logger("listenerd.daemon")
-LISTENER: TypeAdapter[ListenerBase] = TypeAdapter(Listener)
 
 
 class Daemon:
@@ -53,13 +61,12 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP's, kept so that stop can wait for them
         redactor.register(*config.secret_values())
 
     # -- lifecycle
 
     async def start(self) -> None:
-        from listenerd.api.app import create_app
-
         await self.store.open()
         await self.apply_config_objects(self.config)
         await self.outbox.start()
@@ -67,7 +74,8 @@ class Daemon:
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
-        self._runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
+        control = Control(self.store, self.supervisor, self.apply)
+        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
         await self._runner.setup()
         server = self.config.server
         site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
@@ -84,12 +92,13 @@ class Daemon:
     async def stop(self) -> None:
         log.info("listenerd stopping")
         self.ready = False
-        self.notifier.notify(STOPPING=1, STATUS="Stopping: flushing events to the engine")
-        deadline = time.monotonic() + self.config.supervisor.stop_timeout  # one bound for all three steps
+        deadline = time.monotonic() + self.config.supervisor.stop_timeout  # one bound for every step
 
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
 
+        await self._finish_reloads(timeout=left())  # first: a reload's READY=1 must not follow STOPPING=1
+        self.notifier.notify(STOPPING=1, STATUS="Stopping: flushing events to the engine")
         if self.supervisor:
             await self.supervisor.stop(timeout=left())
         await self.outbox.close(timeout=left())
@@ -106,21 +115,47 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        status_task: asyncio.Task[None] | None = None
         try:
             await self.start()
             status_task = asyncio.create_task(self._report_status())
             await self._stopping.wait()
-            status_task.cancel()
         finally:
+            if status_task is not None:
+                status_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await status_task
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+    def _reload_in_background(self) -> None:
+        task = asyncio.create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Task[bool]) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("config reload failed", exc_info=task.exception())
+
+    async def _finish_reloads(self, timeout: float) -> None:
+        """Let a reload under way finish within the stop bound; cancel it past that."""
+        if not self._reloads:
+            return
+        _, late = await asyncio.wait(set(self._reloads), timeout=timeout)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def _report_status(self) -> None:
         while True:
             await asyncio.sleep(10)
             self.notifier.notify(STATUS=self.status_line())
+
+    def components(self) -> dict[str, bool]:
+        return {"store": self.store.is_open, "supervisor": self.supervisor is not None and self.supervisor.running}
 
     def status_line(self) -> str:
         listeners = self.supervisor.summary() if self.supervisor else "starting"
@@ -187,23 +222,23 @@ class Daemon:
         """Every listener of a configured tenant, with its tenant's integration, from the store."""
         tenant_ids = {t.id for t in self.config.tenants}
         integrations: dict[tuple[str, str], Integration] = {}
-        for tenant_id, kind, body, managed_by in await self.store.objects("integrations"):
-            if tenant_id in tenant_ids and kind in INTEGRATION_TYPES:
+        for row in await self.store.all_integrations():
+            if row.tenant_id in tenant_ids and row.key in INTEGRATION_TYPES:
                 with contextlib.suppress(ValidationError):
-                    integration = load_integration(kind, body, managed_by)
-                    integrations[(tenant_id, kind)] = integration
+                    integration = load_integration(row.key, row.body, row.managed_by)
+                    integrations[(row.tenant_id, row.key)] = integration
                     redactor.register(*integration.secret_values())
         desired: dict[Key, Desired] = {}
-        for tenant_id, listener_id, body, managed_by in await self.store.objects("listeners"):
-            if tenant_id not in tenant_ids:
+        for row in await self.store.all_listeners():
+            if row.tenant_id not in tenant_ids:
                 continue
             try:
-                spec = load_listener(body, managed_by)
+                spec = load_listener(row.body, row.managed_by)
             except ValidationError as exc:
-                log.error("stored listener is invalid; skipped", tenant=tenant_id, listener=listener_id,
+                log.error("stored listener is invalid; skipped", tenant=row.tenant_id, listener=row.key,
                           error=str(exc))
                 continue
-            desired[(tenant_id, listener_id)] = Desired(spec, integrations.get((tenant_id, spec.type)))
+            desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get((row.tenant_id, spec.type)))
         return desired
 
     async def apply(self) -> dict[str, list[Key]]:
@@ -211,16 +246,3 @@ class Daemon:
         assert self.supervisor is not None
         return await self.supervisor.reconcile(await self.desired())
 
-
-def stored_listener(spec: ListenerBase) -> dict[str, Any]:
-    body = spec.dump()
-    body.pop("managed-by", None)
-    return body
-
-
-def load_listener(body: dict[str, Any], managed_by: str) -> ListenerBase:
-    return LISTENER.validate_python({**body, "managed-by": managed_by})
-
-
-def load_integration(kind: str, body: dict[str, Any], managed_by: str) -> Integration:
-    return INTEGRATION_TYPES[kind].model_validate({**body, "managed-by": managed_by})

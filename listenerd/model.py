@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from listenerd.mapping import compile_mapping
 
@@ -321,3 +321,23 @@ class Config(Model):
                 if integration:
                     values.extend(integration.secret_values())
         return values
+
+
+# ---------------------------------------------------------------- the stored form
+# The store keeps `managed-by` in a column of its own, beside the body; these add and remove it.
+
+_LISTENER: TypeAdapter[ListenerBase] = TypeAdapter(Listener)
+
+
+def stored_listener(spec: ListenerBase) -> dict[str, Any]:
+    body = spec.dump()
+    body.pop("managed-by", None)
+    return body
+
+
+def load_listener(body: dict[str, Any], managed_by: str) -> ListenerBase:
+    return _LISTENER.validate_python({**body, "managed-by": managed_by})
+
+
+def load_integration(kind: str, body: dict[str, Any], managed_by: str) -> Integration:
+    return INTEGRATION_TYPES[kind].model_validate({**body, "managed-by": managed_by})

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -120,6 +120,15 @@ MIGRATIONS: list[str] = [
 ]
 
 
+class Row(NamedTuple):
+    """One stored listener or integration: `key` is the listener id or the integration type."""
+
+    tenant_id: str
+    key: str
+    body: dict[str, Any]
+    managed_by: str
+
+
 class Store:
     """Async front of one SQLite database. `run(fn)` executes `fn(conn)` on the store thread."""
 
@@ -173,25 +182,28 @@ class Store:
     async def _call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    # -- objects
+    # -- listeners and integrations: one query per question, each on its own table
 
-    async def put_object(self, table: str, tenant_id: str, key: str, body: dict[str, Any],
-                         managed_by: str) -> None:
+    async def get_listener(self, tenant_id: str, listener_id: str) -> Row | None:
+        return await self._one("SELECT tenant_id, id, spec, managed_by FROM listeners WHERE tenant_id = ? AND id = ?",
+                               (tenant_id, listener_id))
+
+    async def listeners(self, tenant_id: str) -> list[Row]:
+        """One tenant's listeners, oldest first."""
+        return await self._rows("SELECT tenant_id, id, spec, managed_by FROM listeners WHERE tenant_id = ? "
+                                "ORDER BY rowid", (tenant_id,))
+
+    async def all_listeners(self) -> list[Row]:
+        """Every tenant's listeners, oldest first: what the daemon reconciles against."""
+        return await self._rows("SELECT tenant_id, id, spec, managed_by FROM listeners ORDER BY rowid", ())
+
+    async def put_listener(self, tenant_id: str, listener_id: str, body: dict[str, Any],
+                           managed_by: str = "api") -> None:
         now = time.time()
-        blob = orjson.dumps(body)
-        if table == "listeners":
-            sql = ("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO UPDATE SET "
-                   "spec = excluded.spec, managed_by = excluded.managed_by, updated_at = excluded.updated_at")
-            params: tuple[Any, ...] = (tenant_id, key, blob, managed_by, now, now)
-        elif table == "integrations":
-            sql = ("INSERT INTO integrations (tenant_id, type, fields, managed_by, updated_at) "
-                   "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, type) DO UPDATE SET "
-                   "fields = excluded.fields, managed_by = excluded.managed_by, updated_at = excluded.updated_at")
-            params = (tenant_id, key, blob, managed_by, now)
-        else:
-            raise ValueError(table)
-        await self.transaction(lambda c: c.execute(sql, params))
+        await self.transaction(lambda c: c.execute(
+            "INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant_id, id) DO UPDATE SET spec = excluded.spec, managed_by = excluded.managed_by, "
+            "updated_at = excluded.updated_at", (tenant_id, listener_id, orjson.dumps(body), managed_by, now, now)))
 
     async def insert_listener(self, tenant_id: str, listener_id: str | None, build: Callable[[str], dict[str, Any]],
                               managed_by: str = "api") -> str | None:
@@ -223,22 +235,40 @@ class Store:
 
         return await self.transaction(insert)
 
-    async def delete_object(self, table: str, tenant_id: str, key: str) -> bool:
-        column = {"listeners": "id", "integrations": "type"}[table]
-        cursor = await self.transaction(
-            lambda c: c.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND {column} = ?", (tenant_id, key)))
-        return cursor.rowcount > 0
+    async def delete_listener(self, tenant_id: str, listener_id: str) -> bool:
+        """Delete a listener and its checkpoint in one transaction; False when there was none."""
+        def delete(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM checkpoints WHERE tenant_id = ? AND listener_id = ?", (tenant_id, listener_id))
+            return c.execute("DELETE FROM listeners WHERE tenant_id = ? AND id = ?",
+                             (tenant_id, listener_id)).rowcount > 0
 
-    async def objects(self, table: str, managed_by: str | None = None) -> list[tuple[str, str, dict, str]]:
-        """(tenant_id, key, body, managed_by) for every row of `listeners` or `integrations`."""
-        column, blob = {"listeners": ("id", "spec"), "integrations": ("type", "fields")}[table]
-        sql = f"SELECT tenant_id, {column}, {blob}, managed_by FROM {table}"
-        params: tuple[Any, ...] = ()
-        if managed_by:
-            sql += " WHERE managed_by = ?"
-            params = (managed_by,)
-        rows = await self.run(lambda c: c.execute(sql + " ORDER BY rowid", params).fetchall())
-        return [(t, k, orjson.loads(b), m) for t, k, b, m in rows]
+        return await self.transaction(delete)
+
+    async def get_integration(self, tenant_id: str, kind: str) -> Row | None:
+        return await self._one("SELECT tenant_id, type, fields, managed_by FROM integrations "
+                               "WHERE tenant_id = ? AND type = ?", (tenant_id, kind))
+
+    async def integrations(self, tenant_id: str) -> list[Row]:
+        return await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations WHERE tenant_id = ? "
+                                "ORDER BY rowid", (tenant_id,))
+
+    async def all_integrations(self) -> list[Row]:
+        return await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations ORDER BY rowid", ())
+
+    async def put_integration(self, tenant_id: str, kind: str, body: dict[str, Any], managed_by: str = "api") -> None:
+        now = time.time()
+        await self.transaction(lambda c: c.execute(
+            "INSERT INTO integrations (tenant_id, type, fields, managed_by, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant_id, type) DO UPDATE SET fields = excluded.fields, managed_by = excluded.managed_by, "
+            "updated_at = excluded.updated_at", (tenant_id, kind, orjson.dumps(body), managed_by, now)))
+
+    async def _one(self, sql: str, params: tuple[Any, ...]) -> Row | None:
+        row = await self.run(lambda c: c.execute(sql, params).fetchone())
+        return Row(row[0], row[1], orjson.loads(row[2]), row[3]) if row else None
+
+    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
+        rows = await self.run(lambda c: c.execute(sql, params).fetchall())
+        return [Row(t, k, orjson.loads(b), m) for t, k, b, m in rows]
 
     async def sync_config_objects(self, tenants: list[tuple[str, str]],
                                   integrations: list[tuple[str, str, dict]],

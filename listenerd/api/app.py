@@ -9,22 +9,20 @@ handlers start from an authorized, existing tenant.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
-from listenerd.api.errors import ApiError, error_response
+from listenerd.api import checkpoints, dead_letters, health, integrations, listeners, openapi, tap
+from listenerd.api.context import CONTROL, DAEMON, DaemonView
+from listenerd.api.errors import ApiError, error_response, refused
+from listenerd.control import Control, ControlError
+from listenerd.model import Token
 
-if TYPE_CHECKING:
-    from listenerd.daemon import Daemon
-
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
-TOKEN_KEY: web.RequestKey[Any] = web.RequestKey("token")
 log = structlog.get_logger("listenerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RESOURCES = (health, listeners, integrations, checkpoints, dead_letters, tap, openapi)
 _REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "forbidden",
             404: "not found", 405: "method not allowed", 413: "request body too large",
             415: "unsupported media type"}
@@ -33,11 +31,12 @@ _REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "fo
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into a JSON error; a bug is a logged 500 without details."""
-    daemon = request.app[DAEMON]
     try:
         return await handler(request)
     except ApiError as exc:
         response = exc.response()
+    except ControlError as exc:
+        response = refused(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -49,7 +48,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("API handler failed", method=request.method, path=request.path)
         response = error_response(500, "internal error; see the daemon's log")
-    daemon.metrics.api_errors.labels(str(response.status)).inc()
+    request.app[DAEMON].metrics.api_errors.labels(str(response.status)).inc()
     return response
 
 
@@ -58,7 +57,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/1.0/"):
         return await handler(request)
     daemon = request.app[DAEMON]
-    token = authenticate(daemon, request.headers.get("Authorization", ""))
+    token = authenticate(daemon.config.server.tokens, request.headers.get("Authorization", ""))
     if token is None:
         raise ApiError(401, "missing or invalid bearer token")
     tenant_id = request.match_info.get("tid")
@@ -67,46 +66,24 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(403, f"this token may not use tenant {tenant_id!r}")
         if daemon.config.tenant(tenant_id) is None:
             raise ApiError(404, f"no tenant {tenant_id!r}")
-    request[TOKEN_KEY] = token
     return await handler(request)
 
 
-def authenticate(daemon: Daemon, header: str) -> Any:
+def authenticate(tokens: list[Token], header: str) -> Token | None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return None
     found = None
-    for token in daemon.config.server.tokens:  # compare against all: timing says nothing
+    for token in tokens:  # compare against all: timing says nothing
         if hmac.compare_digest(token.token.encode(), presented.strip().encode()):
             found = token
     return found
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong (the contract's code for a bad body)."""
-    if request.content_type != "application/json":
-        raise ApiError(400, "the body must be JSON, sent with Content-Type: application/json")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(400, f"the body is too large: at most {request.app[DAEMON].config.server.max_body_bytes} "
-                            f"bytes") from None
-    try:
-        body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "the body is not acceptable JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
-
-
-def create_app(daemon: Daemon) -> web.Application:
-    from listenerd.api import resources
-
+def create_app(daemon: DaemonView, control: Control) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=daemon.config.server.max_body_bytes)
     app[DAEMON] = daemon
-    for routes in resources():
-        app.add_routes(routes)
+    app[CONTROL] = control
+    for resource in RESOURCES:
+        app.add_routes(resource.routes)
     return app

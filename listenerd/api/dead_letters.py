@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from listenerd.api.app import DAEMON
+from listenerd.api.context import DAEMON
 from listenerd.api.errors import ApiError
 from listenerd.delivery.dead_letters import DeadLetter
 from listenerd.status import rfc3339

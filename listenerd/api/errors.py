@@ -6,6 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
+from listenerd.control import Conflict, ControlError, Invalid, NotFound, NotLoaded
+
+STATUS: dict[type[ControlError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, NotLoaded: 503}
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, **extra: Any):
@@ -20,3 +24,9 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def refused(exc: ControlError) -> web.Response:
+    """The answer to a request the control refused: its status code, message and fields."""
+    extra = {"fields": exc.fields} if exc.fields is not None else {}
+    return error_response(STATUS[type(exc)], exc.message, **extra)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from listenerd.api.app import DAEMON
+from listenerd.api.context import DAEMON
 
 routes = web.RouteTableDef()
 
@@ -19,8 +19,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     ready = daemon.ready
-    body = {"status": "ready" if ready else "not ready", "store": daemon.store.is_open,
-            "supervisor": daemon.supervisor is not None and daemon.supervisor.running}
+    body = {"status": "ready" if ready else "not ready", **daemon.components()}
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import TypeAdapter
 
-from listenerd.cli import version
+from listenerd import version
 from listenerd.model import INTEGRATION_TYPES, Listener
 
 routes = web.RouteTableDef()

@@ -11,8 +11,8 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from listenerd.api.app import DAEMON
-from listenerd.api.listeners import BASE, find
+from listenerd.api.context import CONTROL, DAEMON
+from listenerd.api.listeners import BASE, ids
 
 routes = web.RouteTableDef()
 KEEPALIVE_SECONDS = 15.0
@@ -20,12 +20,12 @@ KEEPALIVE_SECONDS = 15.0
 
 @routes.get(BASE + "/{id}/tap")
 async def tap(request: web.Request) -> web.StreamResponse:
-    daemon, tenant_id, listener_id = request.app[DAEMON], request.match_info["tid"], request.match_info["id"]
-    await find(daemon, tenant_id, listener_id)
+    hub, (tenant_id, listener_id) = request.app[DAEMON].tap, ids(request)
+    await request.app[CONTROL].get_listener(tenant_id, listener_id)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    sub = daemon.tap.subscribe(tenant_id, listener_id)
+    sub = hub.subscribe(tenant_id, listener_id)
     try:
         await response.write(f": tapping {tenant_id}/{listener_id}\n\n".encode())
         while True:
@@ -43,5 +43,5 @@ async def tap(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        daemon.tap.unsubscribe(tenant_id, listener_id, sub)
+        hub.unsubscribe(tenant_id, listener_id, sub)
     return response

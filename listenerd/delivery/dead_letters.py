@@ -16,15 +16,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from listenerd.delivery.segments import MASK, Row, insert, remove, segment_row
 from listenerd.store import Store
 
-if TYPE_CHECKING:
-    from listenerd.delivery.outbox import Outbox
+
+class Requeued(Protocol):
+    """What a retry tells the outbox (`Outbox.requeued`): events and bytes added, the oldest receipt time."""
+
+    def requeued(self, events: int, size: int, received: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,7 @@ class DeadLetter:
 class DeadLetters:
     """The operator's side of dead letters, over the store; `outbox` is told what a retry queued."""
 
-    def __init__(self, store: Store, outbox: Outbox):
+    def __init__(self, store: Store, outbox: Requeued):
         self.store = store
         self.outbox = outbox
 

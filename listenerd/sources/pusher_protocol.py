@@ -22,18 +22,10 @@ from urllib.parse import quote
 
 import orjson
 
+from listenerd import version
+
 PROTOCOL = 7
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("listenerd")
-    except Exception:  # running from a source tree that is not installed
-        return "0.1.0"
-
-
-CLIENT_VERSION = _version()
+CLIENT_VERSION = version()
 CLIENT = "listenerd"
 
 # Close code meanings, for the operator-facing status message (pusher.com protocol docs).

@@ -1,10 +1,10 @@
-"""Store: WAL, versioned migrations, config objects synced, checkpoints."""
+"""Store: WAL, versioned migrations, config objects synced, typed queries by key, checkpoints."""
 
 import sqlite3
 
 import pytest
 
-from listenerd.store import MIGRATIONS, Store, migrate
+from listenerd.store import MIGRATIONS, Row, Store, migrate
 
 
 async def test_open_migrates_and_uses_wal(tmp_path):
@@ -28,14 +28,14 @@ def test_refuses_a_newer_schema(tmp_path):
 async def test_config_objects_replace_only_config_rows(tmp_path):
     store = Store(str(tmp_path / "s.db"))
     await store.open()
-    await store.put_object("listeners", "t", "API1", {"id": "API1"}, "api")
+    await store.put_listener("t", "API1", {"id": "API1"}, "api")
     await store.sync_config_objects([("t", "T")], [("t", "pusher", {"key": "k"})], [("t", "C1", {"id": "C1"})])
     await store.sync_config_objects([("t", "T")], [], [("t", "C2", {"id": "C2"})])
-    rows = await store.objects("listeners")
+    rows = await store.all_listeners()
     assert [(r[1], r[3]) for r in rows] == [("API1", "api"), ("C2", "config")]
-    assert await store.objects("integrations") == []
-    assert await store.delete_object("listeners", "t", "API1")
-    assert not await store.delete_object("listeners", "t", "API1")
+    assert await store.all_integrations() == []
+    assert await store.delete_listener("t", "API1")
+    assert not await store.delete_listener("t", "API1")
     await store.set_checkpoint("t", "C2", "42")
     assert await store.get_checkpoint("t", "C2") == "42"
     await store.set_checkpoint("t", "C2", None)
@@ -48,7 +48,7 @@ async def test_migration_4_seeds_listener_ids_from_existing_listeners(tmp_path):
     store = Store(path)
     await store.open()
     for lid in ("LI5", "LI12x", "other"):
-        await store.put_object("listeners", "t", lid, {"id": lid}, "api")
+        await store.put_listener("t", lid, {"id": lid}, "api")
     await store.close()
     conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3, as a database from before it
     conn.execute("DROP TABLE listener_ids")
@@ -60,4 +60,36 @@ async def test_migration_4_seeds_listener_ids_from_existing_listeners(tmp_path):
     await store.open()
     assert await store.insert_listener("t", None, lambda lid: {"id": lid}) == "LI6"
     assert await store.insert_listener("t", "LI6", lambda lid: {"id": lid}) is None
+    await store.close()
+
+
+async def test_typed_queries_read_one_tenant_or_one_key(tmp_path):
+    store = Store(str(tmp_path / "s.db"))
+    await store.open()
+    await store.put_listener("t", "A", {"id": "A", "v": 1})
+    await store.put_listener("u", "A", {"id": "A", "v": 2})
+    await store.put_listener("t", "B", {"id": "B"})
+    await store.put_listener("t", "A", {"id": "A", "v": 3})  # an update keeps its place in the order
+    assert await store.get_listener("t", "A") == Row("t", "A", {"id": "A", "v": 3}, "api")
+    assert await store.get_listener("t", "C") is None
+    assert [r.key for r in await store.listeners("t")] == ["A", "B"]
+    assert [(r.tenant_id, r.key) for r in await store.all_listeners()] == [("t", "A"), ("u", "A"), ("t", "B")]
+    await store.put_integration("t", "pusher", {"key": "k"})
+    await store.sync_config_objects([("u", "")], [("u", "pusher", {"key": "c"})], [])
+    assert await store.get_integration("t", "pusher") == Row("t", "pusher", {"key": "k"}, "api")
+    assert await store.get_integration("t", "datasift") is None
+    assert await store.integrations("u") == [Row("u", "pusher", {"key": "c"}, "config")]
+    assert len(await store.all_integrations()) == 2
+    await store.close()
+
+
+async def test_deleting_a_listener_deletes_its_checkpoint_only(tmp_path):
+    store = Store(str(tmp_path / "s.db"))
+    await store.open()
+    for lid in ("A", "B"):
+        await store.put_listener("t", lid, {"id": lid})
+        await store.set_checkpoint("t", lid, "7")
+    assert await store.delete_listener("t", "A")
+    assert await store.get_checkpoint("t", "A") is None
+    assert await store.get_checkpoint("t", "B") == "7"
     await store.close()

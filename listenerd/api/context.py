@@ -1,0 +1,59 @@
+"""What every resource module reads from its app: the daemon as the API sees it, the control, the body.
+
+The API reaches the daemon only through these two: `DaemonView` (config, metrics, tap, outbox,
+dead letters, readiness) and the `Control` that owns every change, so `api/` never imports `daemon.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from listenerd.api.errors import ApiError
+from listenerd.control import Control
+from listenerd.delivery.dead_letters import DeadLetters
+from listenerd.delivery.outbox import Outbox
+from listenerd.model import Config
+from listenerd.observability import Metrics
+from listenerd.tap import TapHub
+
+
+class DaemonView(Protocol):
+    """The daemon, as much as the routes use; `config` is read per request, since a reload replaces it."""
+
+    config: Config
+    metrics: Metrics
+    tap: TapHub
+    outbox: Outbox
+    dead_letters: DeadLetters
+    ready: bool
+
+    def components(self) -> dict[str, bool]:
+        """Whether each part /readyz reports on is up."""
+        ...
+
+
+DAEMON: web.AppKey[DaemonView] = web.AppKey("daemon")
+CONTROL: web.AppKey[Control] = web.AppKey("control")
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong (the contract's code for a bad body)."""
+    if request.content_type != "application/json":
+        raise ApiError(400, "the body must be JSON, sent with Content-Type: application/json")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(400, f"the body is too large: at most {request.app[DAEMON].config.server.max_body_bytes} "
+                            f"bytes") from None
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not acceptable JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body

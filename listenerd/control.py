@@ -1,0 +1,216 @@
+"""What an operator may change while the daemon runs, and the order each change is made in.
+
+Every change is written to the store first and then reconciled, so what was made survives a restart;
+a checkpoint is written while its listener is stopped, so the old run's last commit cannot overwrite
+it. Requests arrive as the fields a client sent and are validated by the same model as the config
+file. Refusals are domain errors (`NotFound`, `Conflict`, `Invalid` naming the fields at fault,
+`NotLoaded`) that the HTTP API maps to its status codes: nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from listenerd.config import format_errors
+from listenerd.model import (
+    INTEGRATION_TYPES,
+    SAFE_ID,
+    Integration,
+    ListenerBase,
+    load_integration,
+    load_listener,
+    stored_listener,
+)
+from listenerd.observability import redactor
+from listenerd.status import ListenerStatus
+from listenerd.store import Store
+from listenerd.supervisor import Supervisor
+
+EDITABLE = ("name", "description", "status", "type", "options", "mapping")
+
+
+class ControlError(Exception):
+    """A refused request; `fields` names the request fields at fault, when the refusal is about some."""
+
+    def __init__(self, message: str, fields: list[str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+
+class NotFound(ControlError):
+    pass
+
+
+class Conflict(ControlError):
+    """Declared in the config file (changed there, not here), or the id is taken."""
+
+
+class Invalid(ControlError):
+    pass
+
+
+class NotLoaded(ControlError):
+    """It exists in the store, but the supervisor has not picked it up yet."""
+
+
+class Control:
+    """Listeners, integrations and checkpoints of the running daemon: reads, and changes in order."""
+
+    def __init__(self, store: Store, supervisor: Supervisor, reconcile: Callable[[], Awaitable[object]]):
+        self.store = store
+        self.supervisor = supervisor
+        self._reconcile = reconcile  # the daemon's: running listeners brought in line with the store
+
+    # -- listeners
+
+    async def get_listener(self, tenant_id: str, listener_id: str) -> ListenerBase:
+        if not SAFE_ID.match(listener_id):
+            raise NotFound(f"no listener {listener_id[:64]!r} in tenant {tenant_id!r}")
+        row = await self.store.get_listener(tenant_id, listener_id)
+        if row is None:
+            raise NotFound(f"no listener {listener_id!r} in tenant {tenant_id!r}")
+        return load_listener(row.body, row.managed_by)
+
+    async def listeners(self, tenant_id: str) -> list[ListenerBase]:
+        return [load_listener(row.body, row.managed_by) for row in await self.store.listeners(tenant_id)]
+
+    async def create_listener(self, tenant_id: str, fields: Mapping[str, Any]) -> ListenerBase:
+        """Store a new listener and start it; without an id, the store assigns the next `LI<n>`."""
+        if "managed-by" in fields:
+            raise Invalid("managed-by: set by listenerd, not by the API", ["managed-by"])
+        given = fields.get("id")
+        if given is not None and not isinstance(given, str):
+            raise Invalid("id: must be a string", ["id"])
+        spec = _validated({**fields, "id": given or "LI0"})  # a stand-in id until the store assigns one
+        # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a
+        # conflict (never an overwrite), and an assigned LI<n> is above every id this tenant ever had
+        listener_id = await self.store.insert_listener(
+            tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})))
+        if listener_id is None:
+            raise Conflict(f"id: listener {given!r} already exists in tenant {tenant_id!r}", ["id"])
+        await self._reconcile()
+        return spec.model_copy(update={"id": listener_id})
+
+    async def update_listener(self, tenant_id: str, listener_id: str, fields: Mapping[str, Any]) -> ListenerBase:
+        """Replace the fields given; the listener restarts if its definition changed."""
+        current = await self.get_listener(tenant_id, listener_id)
+        if current.managed_by == "config":
+            raise Conflict(f"listener {listener_id!r} is declared in the config file; change it there")
+        if fields.get("id", listener_id) != listener_id:
+            raise Invalid("id: cannot be changed", ["id"])
+        unknown = sorted(set(fields) - set(EDITABLE) - {"id"})
+        if unknown:
+            raise Invalid(f"{unknown[0]}: unknown or read-only field", unknown)
+        spec = _validated({**stored_listener(current), **{k: v for k, v in fields.items() if k in EDITABLE}})
+        await self.store.put_listener(tenant_id, listener_id, stored_listener(spec))
+        await self._reconcile()
+        return spec
+
+    async def delete_listener(self, tenant_id: str, listener_id: str) -> None:
+        """Delete it with its checkpoint and stop it; its undelivered events stay in the outbox and go on."""
+        current = await self.get_listener(tenant_id, listener_id)
+        if current.managed_by == "config":
+            raise Conflict(f"listener {listener_id!r} is declared in the config file; remove it there")
+        await self.store.delete_listener(tenant_id, listener_id)
+        await self._reconcile()
+
+    async def restart_listener(self, tenant_id: str, listener_id: str) -> None:
+        await self.get_listener(tenant_id, listener_id)
+        await self.supervisor.restart((tenant_id, listener_id))
+
+    async def status(self, tenant_id: str, listener_id: str) -> ListenerStatus:
+        record = self.supervisor.status((tenant_id, listener_id))
+        if record is None:
+            await self.get_listener(tenant_id, listener_id)
+            raise NotLoaded("the listener is not loaded yet; try again")
+        return record
+
+    # -- checkpoints
+
+    async def checkpoint(self, tenant_id: str, listener_id: str) -> str:
+        await self.get_listener(tenant_id, listener_id)
+        value = await self.store.get_checkpoint(tenant_id, listener_id)
+        if value is None:
+            raise NotFound(f"listener {listener_id!r} has no stored checkpoint")
+        return value
+
+    async def set_checkpoint(self, tenant_id: str, listener_id: str, fields: Mapping[str, Any]) -> int:
+        """Set a Salesforce listener's resume point (`{"replay": n}`) and restart it from there."""
+        spec = await self.get_listener(tenant_id, listener_id)
+        replay = fields.get("replay")
+        if spec.type != "salesforce":
+            raise Invalid(f"replay: only salesforce listeners have checkpoints ({listener_id!r} is {spec.type})",
+                          ["replay"])
+        if isinstance(replay, bool) or not isinstance(replay, int) or replay < -2:
+            raise Invalid("replay: must be a replayId (an integer >= 0), -1 (new events) or -2 (all retained)",
+                          ["replay"])
+        unknown = sorted(set(fields) - {"replay"})
+        if unknown:
+            raise Invalid(f"{unknown[0]}: unknown field", unknown)
+
+        async def write() -> None:
+            await self.store.set_checkpoint(tenant_id, listener_id, str(replay))
+
+        # stop, then write, then start: the old run's last commit cannot overwrite the new checkpoint
+        if not await self.supervisor.restart((tenant_id, listener_id), while_stopped=write):
+            await write()
+        return replay
+
+    # -- integrations
+
+    async def integrations(self, tenant_id: str) -> list[Integration]:
+        """A tenant's integrations, in the order of `INTEGRATION_TYPES`."""
+        found = {row.key: load_integration(row.key, row.body, row.managed_by)
+                 for row in await self.store.integrations(tenant_id) if row.key in INTEGRATION_TYPES}
+        return [found[kind] for kind in INTEGRATION_TYPES if kind in found]
+
+    async def get_integration(self, tenant_id: str, kind: str) -> Integration:
+        row = await self.store.get_integration(tenant_id, kind) if kind in INTEGRATION_TYPES else None
+        if row is None:
+            raise NotFound(f"no {kind[:64]!r} integration in tenant {tenant_id!r}")
+        return load_integration(kind, row.body, row.managed_by)
+
+    async def set_integration(self, tenant_id: str, kind: str, fields: Mapping[str, Any]) -> Integration:
+        """Set up or replace a tenant's credentials of one type; the listeners using them restart."""
+        integration_type(kind)
+        body = dict(fields)
+        for key in ("id", "type"):
+            if key in body and body.pop(key) != kind:
+                raise Invalid(f"{key}: must be {kind!r} (it is the path's type)", [key])
+        if "managed-by" in body:
+            raise Invalid("managed-by: set by listenerd, not by the API", ["managed-by"])
+        current = await self.store.get_integration(tenant_id, kind)
+        if current is not None and current.managed_by == "config":
+            raise Conflict(f"the {kind} integration of tenant {tenant_id!r} is declared in the config file")
+        try:
+            integration = load_integration(kind, body, "api")
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        redactor.register(*integration.secret_values())  # before it is stored: no log line can show them
+        await self.store.put_integration(tenant_id, kind, integration.dump())
+        await self._reconcile()
+        return integration
+
+
+def integration_type(kind: str) -> str:
+    """`kind` when it names an integration type, else Invalid."""
+    if kind not in INTEGRATION_TYPES:
+        raise Invalid(f"type: unknown integration type {kind[:64]!r} (known: {', '.join(INTEGRATION_TYPES)})",
+                      ["type"])
+    return kind
+
+
+def _validated(body: dict[str, Any]) -> ListenerBase:
+    try:
+        return load_listener(body, "api")
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> Invalid:
+    problems = format_errors(exc)
+    return Invalid("; ".join(str(p) for p in problems), [p.location for p in problems])
