@@ -106,8 +106,8 @@ async def test_salesforce_json_answer_that_is_not_bayeux_messages_is_counted(tmp
         await rig.prime()
         before = (await rig.errors_by_kind()).get("malformed", 0)
         for body in (b"5", b'"x"', b"[1, 2]", b"null"):
-            rig.salesforce.inject(body)
-            await wait_for(lambda: not rig.salesforce.injected, timeout=30, what="injected answer taken")
+            await rig.salesforce.send_raw(body)
+            await wait_for(lambda: not rig.salesforce.raw_pending, timeout=30, what="injected answer taken")
             await rig.publish("salesforce", 0)
 
         async def counted() -> bool:

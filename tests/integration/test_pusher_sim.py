@@ -122,9 +122,9 @@ async def test_client_event_on_a_public_channel_is_rejected(sim):
     await ws.close()
 
 
-async def test_go_silent_black_holes_current_sockets_only(sim):
+async def test_silence_black_holes_current_sockets_only(sim):
     old, _ = await open_socket(sim, "orders")
-    sim.go_silent()
+    sim.silence()
     new, _ = await open_socket(sim, "orders")
     assert await sim.publish("orders", "e", {"n": 1}) == 2
     assert json.loads(json.loads(await new.recv())["data"]) == {"n": 1}

@@ -264,7 +264,7 @@ async def test_silent_server_is_detected_by_missing_pong_and_reconnected_at_once
     async with Harness(tmp_path, config) as h:
         run = await start(h, spec(), creds(sim))
         await run.status("started")
-        sim.go_silent()
+        sim.silence()
         await wait_for(lambda: run.record.last_error and "No pong" in run.record.last_error, what="pong timeout")
         assert run.record.last_error == "No pong from Pusher within 0.4s of a ping; reconnecting"
         await wait_for(lambda: sim.connects >= 2 and run.record.status == "started", what="reconnected at once")
@@ -278,9 +278,9 @@ async def test_malformed_frames_are_counted_and_the_stream_goes_on(tmp_path, sim
     async with Harness(tmp_path, make_config(tmp_path)) as h:
         run = await start(h, spec(), creds(sim))
         await run.status("started")
-        sim.send_raw("{not json")
-        sim.send_raw('{"no":"event"}')
-        sim.send_raw(b"\x01\x02")
+        await sim.send_raw("{not json")
+        await sim.send_raw('{"no":"event"}')
+        await sim.send_raw(b"\x01\x02")
         await sim.publish("orders", "x", {"id": 1})
         await wait_for(lambda: run.record.received == 1)
         assert run.errors("malformed") == 3
@@ -292,7 +292,7 @@ async def test_oversized_frame_is_counted_and_the_listener_reconnects(tmp_path, 
     async with Harness(tmp_path, make_config(tmp_path, **{"max-frame-bytes": 4096})) as h:
         run = await start(h, spec(), creds(sim))
         await run.status("started")
-        sim.send_oversized(10_000)
+        await sim.send_oversized(10_000)
         await wait_for(lambda: run.errors("oversized") == 1, what="oversized counted")
         await wait_for(lambda: sim.connects == 2 and run.record.status == "started", what="reconnected")
         assert "frame over the size limit" in run.record.last_error

@@ -242,10 +242,10 @@ async def test_silence_is_reported_retrying_then_recovers(tmp_path, sim):
         await started(record)
         sim.publish("Invoices", {"Id": "a0", "Name": "zero"})
         await wait_for(lambda: record.received == 1, what="first event")
-        sim.stall(True)
+        sim.silence(True)
         await wait_for(lambda: record.status == "retrying", what="retrying on silence")
         assert "timed out" in record.message or "No data or heartbeat" in record.message
-        sim.stall(False)
+        sim.silence(False)
         sim.publish("Invoices", {"Id": "a1", "Name": "after-silence"})
         await wait_for(lambda: record.received == 2, what="event after recovery")
         assert names(await h.events()) == ["zero", "after-silence"]
