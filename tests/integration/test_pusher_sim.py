@@ -19,10 +19,8 @@ APP_ID, KEY, SECRET = "4242", "sim-key", "sim-secret"
 
 @pytest.fixture
 async def sim():
-    server = PusherSim(APP_ID, KEY, SECRET)
-    await server.start()
-    yield server
-    await server.stop()
+    async with PusherSim(APP_ID, KEY, SECRET) as server:
+        yield server
 
 
 async def frames_until_close(ws):

@@ -40,9 +40,8 @@ def spec(**options):
 async def sim():
     s = SalesforceSim(users={"u@example.com": PASSWORD + TOKEN}, clients={"ck": "cs-secret"}, long_poll=0.5)
     s.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
-    await s.start()
-    yield s
-    await s.stop()
+    async with s:
+        yield s
 
 
 @contextlib.asynccontextmanager
