@@ -1,5 +1,7 @@
 """Shared plumbing for the chaos scenarios: simulators, a subprocess daemon, a ledger, /proc samples.
 
+(Past 400 lines on purpose: it is the one vocabulary every scenario shares, kept in one place.)
+
 Why one module: every scenario asks the same questions (what did the simulators publish, what did the
 engine get, under which ids, what was durable in the outbox when the daemon died, how big is the
 process) and they must be answered the same way everywhere, in the CI tests and in the full runs.

@@ -1,5 +1,8 @@
 """A Pusher Channels server on loopback, faithful enough that real Pusher clients accept it.
 
+(One module past 400 lines on purpose: the WebSocket side, the signed HTTP API and the faults share
+one app's state, its connections and channels, and read best together.)
+
 Why: listenerd's Pusher source, `listenerd dev` and the tests need a Pusher that can be told to
 misbehave. The simulator speaks the WebSocket protocol (7, and 5-6 so Pysher works) at
 `/app/{key}` and the HTTP events API (`POST /apps/{app_id}/events` and `/batch_events`, signed as

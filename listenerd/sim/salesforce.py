@@ -1,5 +1,8 @@
 """A Salesforce org over loopback: OAuth token endpoint, the PushTopic REST calls, and CometD with replay.
 
+(One module past 400 lines on purpose: OAuth, REST and CometD share one org's state: tokens, topics,
+Bayeux clients and the replay buffer.)
+
 Why a project-owned simulator: no open-source Bayeux server has Salesforce's token endpoint, its
 error strings, `ext.sfdc.failureReason`, cookies (`BAYEUX_BROWSER`) and a replay buffer with a
 retention window: faye (`src/protocol/server.js`) and cometd-nodejs-server answer unknown clients their
