@@ -43,10 +43,12 @@ class Harness:
 
     async def __aexit__(self, *exc: Any) -> None:
         """Stop every supervisor built here first: a test that failed half-way leaves no listener running."""
-        for supervisor in reversed(self.supervisors):
-            await supervisor.stop()
-        await self.outbox.close()
-        await self.store.close()
+        try:
+            for supervisor in reversed(self.supervisors):
+                await supervisor.stop()
+        finally:
+            await self.outbox.close()
+            await self.store.close()
 
     def context(self, tenant_id: str, spec: Any, creds: Integration) -> SourceContext:
         status = ListenerStatus(tenant_id, spec.id)

@@ -7,9 +7,11 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def no_sockets(monkeypatch):
-    def refuse(self, *args, **kwargs):
-        pytest.fail(f"a unit test opened a {self.family.name} socket ({args[0] if args else ''}); "
-                    "tests that need the network go in tests/integration", pytrace=True)
+    def refusing(method):
+        def refuse(self, address, *args, **kwargs):
+            pytest.fail(f"unit tests open no socket, this one called {method}({address!r}) on a "
+                        f"{self.family.name} socket: tests that need the network go in tests/integration")
+        return refuse
 
     for method in ("connect", "connect_ex", "bind"):
-        monkeypatch.setattr(socket.socket, method, refuse)
+        monkeypatch.setattr(socket.socket, method, refusing(method))
