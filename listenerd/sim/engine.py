@@ -32,7 +32,7 @@ ENVELOPE_FIELDS = ("id", "tenant-id", "listener-id", "source", "received-at", "e
 
 @dataclass
 class Answer:
-    """One scripted answer: status, headers, body (str or JSON-able)."""
+    """One scripted answer: status, headers, body (str or bytes as is, else JSON-encoded)."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
@@ -149,7 +149,7 @@ class EngineSim:
 
     async def send_raw(self, body: str | bytes, status: int = 200) -> None:
         """Answer the next request with `body` exactly, after any answers already scripted."""
-        self.script([Answer(status, {}, body.decode() if isinstance(body, bytes) else body)])
+        self.script([Answer(status, {}, body)])
 
     def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None) -> None:
         self.script(Answer(status, dict(headers or {})) for _ in range(count))
@@ -197,8 +197,9 @@ class EngineSim:
         body = answer.body
         if body is None:
             body = {"status": answer.status}
-        payload = body.encode() if isinstance(body, str) else orjson.dumps(body)
-        content_type = "text/plain" if isinstance(body, str) else "application/json"
+        raw = isinstance(body, str | bytes)
+        payload = (body.encode() if isinstance(body, str) else body) if raw else orjson.dumps(body)
+        content_type = "text/plain" if raw else "application/json"
         return web.Response(status=answer.status, body=payload, headers=answer.headers, content_type=content_type)
 
 

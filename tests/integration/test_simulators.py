@@ -40,7 +40,7 @@ async def test_engine_silence_holds_answers_and_send_raw_answers_the_next_reques
             async with http.post(engine.url, json=[ENVELOPE]) as response:
                 return response.status, await response.text()
 
-        await engine.send_raw("not json at all")
+        await engine.send_raw(b"not json at all")
         engine.silence()
         held = asyncio.create_task(post())
         await asyncio.sleep(0.2)
