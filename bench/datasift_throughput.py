@@ -39,7 +39,7 @@ from listenerd.observability import Metrics, configure_logging  # noqa: E402
 from listenerd.sim.datasift import DataSiftSim  # noqa: E402
 from listenerd.store import Store  # noqa: E402
 from listenerd.supervisor import Desired, Supervisor  # noqa: E402
-from tests.harness import integration, listener  # noqa: E402
+from listenerd.testing import integration, listener  # noqa: E402
 
 USER, KEY = "bench", "bench-key-0000"
 MAPPING = {"t": "bench.t", "n": "bench.n", "who": "interaction.author.username",

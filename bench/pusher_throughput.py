@@ -47,7 +47,7 @@ from listenerd.observability import Metrics, configure_logging  # noqa: E402
 from listenerd.sim.pusher import PusherSim  # noqa: E402
 from listenerd.store import Store  # noqa: E402
 from listenerd.supervisor import Desired, Supervisor  # noqa: E402
-from tests.harness import integration, listener  # noqa: E402
+from listenerd.testing import integration, listener  # noqa: E402
 
 APP_ID, KEY, SECRET, CHANNEL = "4242", "bench-key", "bench-secret", "bench"
 PAD = "x" * 100  # a small realistic payload beside the counters

@@ -49,7 +49,7 @@ from listenerd.observability import Metrics, configure_logging  # noqa: E402
 from listenerd.sim.salesforce import SalesforceSim  # noqa: E402
 from listenerd.store import Store  # noqa: E402
 from listenerd.supervisor import Desired, Supervisor  # noqa: E402
-from tests.harness import integration, listener, wait_for  # noqa: E402
+from listenerd.testing import integration, listener, wait_for  # noqa: E402
 
 USER, PASSWORD, KEY, SECRET, TOPIC = "bench@example.com", "benchpassTOKEN", "bench-key", "bench-secret", "Bench"
 PAD = "x" * 100  # a small realistic field beside the counters
@@ -78,12 +78,12 @@ def sim_main(conn: Any) -> None:
             elif cmd == "publish":
                 count, rate = args
                 if not rate:  # burst: the backlog builds up at the server, then both consumers drain it
-                    sim.stall(True)
+                    sim.silence(True)
                     for n in range(count):
                         sim.publish(TOPIC, {"Id": f"a0B{n:012d}", "Name": f"INV-{n}", "n": n, "t": time.time(),
                                             "pad": PAD})
                     first = time.time()
-                    sim.stall(False)
+                    sim.silence(False)
                     conn.send((first, first))
                     continue
                 first = time.time()

@@ -3,7 +3,8 @@
 Starts the Pusher, DataSift and Salesforce simulators, a local engine sink that prints every
 normalized event and appends it to a JSON-lines file, and the daemon itself with a demo tenant
 holding one listener of each kind; demo publishers send realistic payloads at a gentle rate.
-Everything runs in this one process and event loop; Ctrl-C stops it all cleanly.
+Everything runs in this one process and event loop; Ctrl-C stops it all cleanly. There is no config
+file for it: the config is built here (`demo_config`), because it points at the simulators' ports.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 import structlog
 
+from listenerd import config as config_module
 from listenerd.daemon import Daemon
 from listenerd.model import Config
 from listenerd.sim.datasift import DataSiftSim
@@ -63,7 +65,8 @@ class Sink:
 
 def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherSim, datasift: DataSiftSim,
                 salesforce: SalesforceSim) -> Config:
-    return Config.model_validate({
+    """The demo's config, validated as a config file is (cross-checks included)."""
+    return config_module.validate({
         "server": {"listen": listen, "tokens": [{"name": "dev", "token": DEV_TOKEN, "tenants": ["*"]}]},
         "engine": {"url": engine.url},
         "store": {"path": str(directory / "listenerd.db")},
@@ -134,15 +137,21 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate: float = 1.0) -> int:
-    workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="listenerd-dev-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    sink = Sink(workdir / "engine-events.jsonl")
+def simulators(sink: Sink | None = None) -> tuple[EngineSim, PusherSim, DataSiftSim, SalesforceSim]:
+    """The four simulators of a dev run, not started; their credentials are the ones `demo_config` holds."""
     engine = EngineSim(on_events=sink, keep=False)  # the sink keeps them on disk; memory stays flat
     pusher = PusherSim("12345", "demo-app-key", "demo-app-secret")
     datasift = DataSiftSim(users={"demo": "demo-datasift-key"}, tick_interval=10.0)
     salesforce = SalesforceSim(users={"demo@example.com": "demo-passwordDEMOTOKEN"},
                                clients={"demo-consumer-key": "demo-consumer-secret"}, long_poll=30.0)
+    return engine, pusher, datasift, salesforce
+
+
+async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate: float = 1.0) -> int:
+    workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="listenerd-dev-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    sink = Sink(workdir / "engine-events.jsonl")
+    engine, pusher, datasift, salesforce = simulators(sink)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 
 from listenerd import sources
@@ -15,3 +17,11 @@ def scripted_source():
     yield use
     for source_type in registered:
         sources._EXTRA.pop(source_type, None)
+
+
+@pytest.fixture
+async def started():
+    """`thing = await started(thing)`: enter a simulator, a `DaemonProcess`, an `Api`, a `Harness` (any async
+    context manager) and leave it at teardown, last in first out, so a failing assertion still stops it."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield stack.enter_async_context

@@ -1,58 +1,31 @@
 """Test harness: real store, outbox, metrics and status record for driving one source or a supervisor.
 
 No mocks of our own pieces: a `Harness` opens a real SQLite store in a temp dir, a real outbox, and
-builds `SourceContext`s exactly as the supervisor does. `wait_for` polls a condition without fixed
-sleeps, so tests wait exactly as long as the event takes.
+builds `SourceContext`s exactly as the supervisor does; the supervisors it builds stop when it closes.
+`wait_for`, `listener` and `integration` come from `listenerd.testing` (the benchmarks use them too).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import TypeAdapter
 
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.outbox import Outbox
 from listenerd.delivery.segments import stored_envelopes
-from listenerd.model import INTEGRATION_TYPES, Config, Integration, Listener
+from listenerd.model import Config, Integration
 from listenerd.observability import Metrics
 from listenerd.sources.base import SourceContext
 from listenerd.status import ListenerStatus
 from listenerd.store import Store
 from listenerd.supervisor import Desired, Supervisor
+from listenerd.testing import integration, listener, wait_for
 
-LISTENER = TypeAdapter(Listener)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-                   what: str = "condition") -> Any:
-    """Poll `predicate` until truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-def listener(**fields: Any) -> Any:
-    fields.setdefault("managed-by", "config")
-    return LISTENER.validate_python(fields)
-
-
-def integration(source_type: str, **fields: Any) -> Integration:
-    return INTEGRATION_TYPES[source_type].model_validate(fields)
+__all__ = ["Harness", "desired", "integration", "listener", "outbox_envelopes", "wait_for"]
 
 
 class Harness:
@@ -64,6 +37,7 @@ class Harness:
                              max_bytes=outbox_bounds.get("max_bytes", 1 << 30), metrics=self.metrics)
         self.dead_letters = DeadLetters(self.store, self.outbox)
         self.shared: dict[str, Any] = {}
+        self.supervisors: list[Supervisor] = []
 
     async def __aenter__(self) -> Harness:
         await self.store.open()
@@ -71,8 +45,13 @@ class Harness:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.outbox.close()
-        await self.store.close()
+        """Stop every supervisor built here first: a test that failed half-way leaves no listener running."""
+        try:
+            for supervisor in reversed(self.supervisors):
+                await supervisor.stop()
+        finally:
+            await self.outbox.close()
+            await self.store.close()
 
     def context(self, tenant_id: str, spec: Any, creds: Integration) -> SourceContext:
         status = ListenerStatus(tenant_id, spec.id)
@@ -80,7 +59,10 @@ class Harness:
                              status=status, outbox=self.outbox, metrics=self.metrics, shared=self.shared)
 
     def supervisor(self) -> Supervisor:
-        return Supervisor(self.config, self.outbox, self.metrics)
+        """A supervisor over this harness's outbox, stopped when the harness closes (stopping twice is harmless)."""
+        supervisor = Supervisor(self.config, self.outbox, self.metrics)
+        self.supervisors.append(supervisor)
+        return supervisor
 
     async def events(self, tenant_id: str | None = None, listener_id: str | None = None) -> list[dict]:
         """Envelopes in the outbox, in order."""

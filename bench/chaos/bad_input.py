@@ -39,7 +39,7 @@ if __package__ in (None, ""):
 from hypothesis import strategies as st  # noqa: E402
 
 from bench.chaos.rig import OTHER_TENANT, SOURCES, Rig, draw, header, loadavg, write_section  # noqa: E402
-from tests.harness import wait_for  # noqa: E402
+from listenerd.testing import wait_for  # noqa: E402
 
 MAX_FRAME = 65_536
 NOTE = ("Salesforce has no `oversized` row: its frames are HTTP long-poll answers, which the source reads whole "
@@ -119,19 +119,19 @@ async def send(rig: Rig, source: str, kind: str, payload: Any) -> None:
     if source == "pusher":
         if kind == "oversized":
             before = rig.pusher.connects
-            rig.pusher.send_oversized(payload, rig.channel(0))
+            await rig.pusher.send_oversized(payload, rig.channel(0))
             await wait_for(lambda: rig.pusher.connects > before, timeout=30, what="pusher reconnect after 1009")
             await rig.pusher.wait_subscribed(rig.channel(0), timeout=30)
         else:
-            rig.pusher.send_raw(payload)
+            await rig.pusher.send_raw(payload)
     elif source == "datasift":
         if kind == "oversized":
             await rig.datasift.send_oversized(payload, rig.hash(0))
         else:
             await rig.datasift.send_raw(payload)
     else:
-        rig.salesforce.inject(payload)
-        await wait_for(lambda: not rig.salesforce.injected, timeout=30, what="salesforce injected answer taken")
+        await rig.salesforce.send_raw(payload)
+        await wait_for(lambda: not rig.salesforce.raw_pending, timeout=30, what="salesforce injected answer taken")
 
 
 async def fuzz_api(rig: Rig, count: int, seed: int) -> dict[str, Any]:

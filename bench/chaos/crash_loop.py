@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.chaos.rig import SOURCES, Rig, header, loadavg, write_section  # noqa: E402
-from tests.harness import wait_for  # noqa: E402
+from listenerd.testing import wait_for  # noqa: E402
 
 
 async def run(workdir: Path, cycles: int = 3, rate: float = 300.0, engine_delay: float = 0.05,

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.chaos.rig import SOURCES, Rig, header, loadavg, sample, slope, write_section  # noqa: E402
-from tests.harness import wait_for  # noqa: E402
+from listenerd.testing import wait_for  # noqa: E402
 
 
 async def run(workdir: Path, outage: float = 10.0, rate: float = 300.0, every: float = 1.0,

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.chaos.rig import SOURCES, Rig, header, loadavg, sample, slope, write_section  # noqa: E402
-from tests.harness import wait_for  # noqa: E402
+from listenerd.testing import wait_for  # noqa: E402
 
 
 def _handshakes(rig: Rig, since: int) -> int:

@@ -1,11 +1,13 @@
 """Shared plumbing for the chaos scenarios: simulators, a subprocess daemon, a ledger, /proc samples.
 
+(Past 400 lines on purpose: it is the one vocabulary every scenario shares, kept in one place.)
+
 Why one module: every scenario asks the same questions (what did the simulators publish, what did the
 engine get, under which ids, what was durable in the outbox when the daemon died, how big is the
 process) and they must be answered the same way everywhere, in the CI tests and in the full runs.
 
 The simulators and the engine run in the caller's event loop; the daemon is a real child process
-(`python -m listenerd run`, via tests.daemon.DaemonProcess) so that `kill -9` is a real kill. Every
+(`python -m listenerd run`, via listenerd.testing.DaemonProcess) so that `kill -9` is a real kill. Every
 payload carries a per-source sequence number `n`, mapped to the envelope field `seq`, so the ledger
 can tell loss from duplication without trusting the daemon. Secrets are fresh random values for
 each run, so a search for them in logs and answers cannot match anything but a leak.
@@ -34,8 +36,8 @@ from listenerd.delivery.segments import stored_envelopes
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
-from listenerd.sim.salesforce import SalesforceSim, _reply
-from tests.daemon import Api, DaemonProcess
+from listenerd.sim.salesforce import SalesforceSim
+from listenerd.testing import Api, DaemonProcess
 
 SOURCES = ("pusher", "datasift", "salesforce")
 TENANT = "t"
@@ -165,38 +167,6 @@ class Ledger:
         }
 
 
-# ---------------------------------------------------------------- a Salesforce sim that can be fed junk
-
-
-class FuzzSalesforceSim(SalesforceSim):
-    """SalesforceSim plus `inject(body)`: the next held /meta/connect is answered with `body` exactly.
-
-    The base simulator can only corrupt an answer (and lose its events); fuzzing needs arbitrary
-    bodies, and the queued events must stay queued so a lost event would be the daemon's fault.
-    A `bytes` body is sent as is; a list of messages gets the real /meta/connect reply appended.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.injected: list[bytes | list[dict[str, Any]]] = []
-
-    def inject(self, body: bytes | list[dict[str, Any]]) -> None:
-        self.injected.append(body)
-        for client in self.bayeux.values():
-            client.wake.set()
-
-    async def _connect(self, request: Any, client: Any, message: dict[str, Any]) -> Any:
-        if self.injected and client.subscriptions:
-            client.connects += 1
-            client.held = client.connects
-            body = self.injected.pop(0)
-            if isinstance(body, bytes):
-                return body
-            advice = {"reconnect": "retry", "interval": 0, "timeout": int(self.long_poll * 1000)}
-            return [*body, _reply(message, True, advice=advice)]
-        return await super()._connect(request, client, message)
-
-
 # ---------------------------------------------------------------- a slow engine that acknowledges late
 
 
@@ -263,9 +233,9 @@ class Rig:
         self.engine.ack_delay = engine_delay
         self.pusher = PusherSim("4242", "chaos-app-key", self.secrets.pusher_secret)
         self.datasift = DataSiftSim(users={"chaos": self.secrets.datasift_key}, tick_interval=1.0)
-        self.salesforce = FuzzSalesforceSim(users={"sf@example.com": self.secrets.sf_password + self.secrets.sf_token},
-                                            clients={"chaos-ck": self.secrets.sf_consumer_secret},
-                                            long_poll=long_poll)
+        self.salesforce = SalesforceSim(users={"sf@example.com": self.secrets.sf_password + self.secrets.sf_token},
+                                        clients={"chaos-ck": self.secrets.sf_consumer_secret},
+                                        long_poll=long_poll)
         self.sources_toml = sources_toml
         self.engine_toml = engine_toml
         self.daemon: DaemonProcess | None = None

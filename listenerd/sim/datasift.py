@@ -1,7 +1,7 @@
 """A DataSift `/multi` WebSocket simulator: a real server on loopback for tests and `listenerd dev`.
 
 DataSift's streaming service is gone and there is no peer client to test against, so this server
-follows the documented message shapes exactly (see /work/shared/protocols/pusher-datasift.md B1-B2):
+follows the documented message shapes exactly, from these public sources:
 
 - endpoint `ws://HOST:PORT/multi?username=U&api_key=K` (dev.datasift.com/docs/streaming-api/
   multiple-streams; datasift-java `ConnectionManager.java`): credentials only in the query;
@@ -25,7 +25,9 @@ HTTP errors): the upgrade succeeds, a `failure` status follows, then the server 
 
 Fault methods (`send_reconnect`, `fail_hash`, `fail_credentials`, `silence`, `send_malformed`,
 `send_oversized`, `drop`) script the failures a client must survive. Everything the server received
-is recorded in `actions`, and `subscribed()` tells which hashes live sockets follow.
+is recorded in `actions`, and `subscribed()` tells which hashes live sockets follow. Like every
+simulator here: `async start() -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`,
+`async send_raw(...)`.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 It is what the forwarder's tests talk to and what `listenerd dev` prints with, so it checks what the
 real engine would: the bearer token (when one is set), a JSON array body of envelopes with the
 contract's fields. Faults are programmed, never random: a script of answers for the next requests
-(`script`), a per-request delay (a slow engine), and refusing connections (`refuse()`/`accept()`:
-the listening socket closes and reopens on the same port).
+(`script`, `send_raw`), a per-request delay (a slow engine), holding every answer (`silence()`: a hung
+engine), and refusing connections (`refuse()`/`accept()`: the listening socket closes and reopens on
+the same port). Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`,
+`port`, `silence(on)`, `async send_raw(...)`.
 
 Standalone: `python -m listenerd.sim.engine --port 9000 [--token T]` prints each accepted envelope
 as one JSON line on stdout.
@@ -30,7 +32,7 @@ ENVELOPE_FIELDS = ("id", "tenant-id", "listener-id", "source", "received-at", "e
 
 @dataclass
 class Answer:
-    """One scripted answer: status, headers, body (str or JSON-able)."""
+    """One scripted answer: status, headers, body (str or bytes as is, else JSON-encoded)."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
@@ -67,6 +69,8 @@ class EngineSim:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.changed = asyncio.Event()             # set on every request (tests await it)
+        self._speaking = asyncio.Event()           # cleared while silenced: answers wait for it
+        self._speaking.set()
 
     # -- lifecycle
 
@@ -76,16 +80,24 @@ class EngineSim:
         app.router.add_post(self.path, self._handle)
         return app
 
-    async def start(self) -> None:
+    async def start(self) -> EngineSim:
         app = self.make_app()
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await self.accept()
+        return self
 
     async def stop(self) -> None:
+        self._speaking.set()  # let held answers go, so their connections close
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = self._site = None
+
+    async def __aenter__(self) -> EngineSim:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
 
     async def refuse(self) -> None:
         """Close the listening socket: new connections are refused until `accept()`."""
@@ -128,6 +140,17 @@ class EngineSim:
                 answer = Answer(*answer)
             self._script.append(answer)
 
+    def silence(self, on: bool = True) -> None:
+        """Hold every answer (requests are read, nothing comes back) until `silence(False)`: a hung engine."""
+        if on:
+            self._speaking.clear()
+        else:
+            self._speaking.set()
+
+    async def send_raw(self, body: str | bytes, status: int = 200) -> None:
+        """Answer the next request with `body` exactly, after any answers already scripted."""
+        self.script([Answer(status, {}, body)])
+
     def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None) -> None:
         self.script(Answer(status, dict(headers or {})) for _ in range(count))
 
@@ -151,6 +174,7 @@ class EngineSim:
         authorization = request.headers.get("Authorization")
         if self.delay:
             await asyncio.sleep(self.delay)
+        await self._speaking.wait()
         envelopes, problem = _parse(raw, request.content_type)
         if self.token is not None and not hmac.compare_digest(
                 (authorization or "").encode(), f"Bearer {self.token}".encode()):
@@ -173,8 +197,9 @@ class EngineSim:
         body = answer.body
         if body is None:
             body = {"status": answer.status}
-        payload = body.encode() if isinstance(body, str) else orjson.dumps(body)
-        content_type = "text/plain" if isinstance(body, str) else "application/json"
+        raw = isinstance(body, str | bytes)
+        payload = (body.encode() if isinstance(body, str) else body) if raw else orjson.dumps(body)
+        content_type = "text/plain" if raw else "application/json"
         return web.Response(status=answer.status, body=payload, headers=answer.headers, content_type=content_type)
 
 
@@ -205,14 +230,10 @@ async def _serve(args: argparse.Namespace) -> None:
             out.write(orjson.dumps(envelope) + b"\n")
         out.flush()
 
-    sim = EngineSim(args.host, args.port, args.token, path=args.path, on_events=show)
-    await sim.start()
-    sys.stderr.write(f"engine simulator listening on {sim.url}\n")
-    sys.stderr.flush()
-    try:
+    async with EngineSim(args.host, args.port, args.token, path=args.path, on_events=show) as sim:
+        sys.stderr.write(f"engine simulator listening on {sim.url}\n")
+        sys.stderr.flush()
         await asyncio.Event().wait()
-    finally:
-        await sim.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,8 @@
 """A Pusher Channels server on loopback, faithful enough that real Pusher clients accept it.
 
+(One module past 400 lines on purpose: the WebSocket side, the signed HTTP API and the faults share
+one app's state, its connections and channels, and read best together.)
+
 Why: listenerd's Pusher source, `listenerd dev` and the tests need a Pusher that can be told to
 misbehave. The simulator speaks the WebSocket protocol (7, and 5-6 so Pysher works) at
 `/app/{key}` and the HTTP events API (`POST /apps/{app_id}/events` and `/batch_events`, signed as
@@ -17,17 +20,16 @@ Each connection has its own outgoing queue and writer task, as a real server has
 buffers: a slow client never slows the others, and frames published before a scripted close are
 sent before it.
 
-Fault injection (for tests): `close_all(code)`, `drop_all()` (no close frame), `go_silent()`,
+Fault injection (for tests): `close_all(code)`, `drop_all()` (no close frame), `silence()`,
 `send_raw(text)` (malformed frames), `send_oversized(n)`, `refuse_connections(status)` (HTTP status
 at the handshake), `stop_listening()`/`resume_listening()` (TCP connection refused),
-`close_on_connect(code)`, `reject_subscriptions(channel)`.
+`close_on_connect(code)`, `reject_subscriptions(channel)`. Like every simulator here: `async start()
+-> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`, `async send_raw(...)`.
 
 Use in-process (same event loop, e.g. `listenerd dev`):
 
-    sim = PusherSim("12345", "app-key", "app-secret")  # the pusher library wants a numeric app id
-    await sim.start()                      # sim.port: the bound port (port=0 picks a free one)
-    await sim.publish("orders", "created", {"id": 1})
-    await sim.stop()
+    async with PusherSim("12345", "app-key", "app-secret") as sim:  # the pusher library wants a numeric app id
+        await sim.publish("orders", "created", {"id": 1})          # sim.port: the bound port (0 picks one)
 
 Standalone: `python -m listenerd.sim.pusher --port 6001 [--channel demo --every 2]` serves until
 interrupted and, with `--channel`, publishes a demo event every `--every` seconds.
@@ -234,7 +236,7 @@ class PusherSim:
         scheme = "wss" if self.ssl_context else "ws"
         return f"{scheme}://{self.host}:{self.port}/app/{self.key}?protocol={protocol}&client=sim&version=0"
 
-    async def start(self) -> None:
+    async def start(self) -> PusherSim:
         app = web.Application(client_max_size=max(self.max_payload * 200, 1 << 20), middlewares=[_api_errors])
         app.router.add_get("/app/{key}", self._ws_handler)
         app.router.add_post("/apps/{app_id}/events", self._events_handler)
@@ -244,6 +246,7 @@ class PusherSim:
         await self._runner.setup()
         await self.resume_listening()
         self._sweeper = asyncio.create_task(self._sweep(), name="pusher-sim-sweeper")
+        return self
 
     async def stop(self) -> None:
         """Close every socket with 4200 (as a Pusher server going down does) and stop listening."""
@@ -261,8 +264,7 @@ class PusherSim:
             self._runner = self._site = None
 
     async def __aenter__(self) -> PusherSim:
-        await self.start()
-        return self
+        return await self.start()
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
@@ -315,23 +317,25 @@ class PusherSim:
         for conn in list(self.connections):
             conn.drop()
 
-    def go_silent(self, silent: bool = True) -> None:
+    def silence(self, on: bool = True) -> None:
         """Make the current sockets black holes: nothing sent (events, pongs, pings), nothing answered,
         never closed. New connections behave normally, as after a dead network path."""
         for conn in self.connections:
-            conn.silent = silent
+            conn.silent = on
 
-    def send_raw(self, payload: str | bytes) -> None:
-        """Send `payload` as is to every socket (malformed JSON, binary frames ...)."""
+    async def send_raw(self, payload: str | bytes) -> int:
+        """Send `payload` as is to every socket (malformed JSON, binary frames ...); returns how many."""
         for conn in self.connections:
             conn.send(payload)
+        return len(self.connections)
 
-    def send_oversized(self, size: int, channel: str | None = None) -> None:
-        """Send a channel event frame of at least `size` bytes to every socket."""
+    async def send_oversized(self, size: int, channel: str | None = None) -> int:
+        """Send a channel event frame of at least `size` bytes to every socket; returns how many."""
         filler = "x" * size
         for conn in self.connections:
             target = channel or next(iter(conn.channels), "none")
             conn.send(_frame("oversized", _dumps({"filler": filler}), target))
+        return len(self.connections)
 
     async def stop_listening(self) -> None:
         """Close the listening socket: new connections are refused (TCP) until `resume_listening()`.
@@ -657,17 +661,13 @@ async def _api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 async def _serve(args: argparse.Namespace) -> None:
     sim = PusherSim(args.app_id, args.key, args.secret, host=args.host, port=args.port,
                     activity_timeout=args.activity_timeout)
-    await sim.start()
-    print(f"Pusher simulator: WebSocket {sim.ws_url()}  HTTP API {sim.url}/apps/{sim.app_id}/events", flush=True)
-    n = 0
-    try:
-        while True:
+    async with sim:
+        print(f"Pusher simulator: WebSocket {sim.ws_url()}  HTTP API {sim.url}/apps/{sim.app_id}/events",
+              flush=True)
+        for n in itertools.count(1):
             await asyncio.sleep(args.every if args.channel else 3600)
             if args.channel:
-                n += 1
                 await sim.publish(args.channel, args.event, {"n": n, "at": time.time()})
-    finally:
-        await sim.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,17 +1,25 @@
 """A Salesforce org over loopback: OAuth token endpoint, the PushTopic REST calls, and CometD with replay.
 
+(One module past 400 lines on purpose: OAuth, REST and CometD share one org's state: tokens, topics,
+Bayeux clients and the replay buffer.)
+
 Why a project-owned simulator: no open-source Bayeux server has Salesforce's token endpoint, its
 error strings, `ext.sfdc.failureReason`, cookies (`BAYEUX_BROWSER`) and a replay buffer with a
-retention window (see /work/shared/protocols/salesforce-streaming.md, section 8). It is checked
-against aiosfstream-ng, a real Salesforce client written by others, in tests/peers.
+retention window: faye (`src/protocol/server.js`) and cometd-nodejs-server answer unknown clients their
+own way and keep no replay. What Salesforce answers is in its Streaming API guide:
+https://developer.salesforce.com/docs/platform/api-streaming/guide/streaming-error-codes.html and
+https://developer.salesforce.com/docs/atlas.en-us.260.0.api_streaming.meta/api_streaming/using_streaming_api_durability.htm
+It is checked against aiosfstream-ng, a real Salesforce client written by others, in tests/peers.
 
-    sim = SalesforceSim(users={"alice@example.com": "pw" + "TOKEN"}, clients={"key": "secret"})
-    await sim.start(); sim.url                  # http://localhost:<port>
-    sim.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
-    sim.publish("Invoices", {"Id": "a00...", "Name": "INV-1"})     # -> replayId
-    sim.expire_sessions(); sim.forget_clients(); sim.advise("handshake"); sim.drop_long_polls()
-    sim.stall(True); sim.corrupt_next_connect(); await sim.restart(); sim.purge(upto=...)
-    await sim.stop()
+    async with SalesforceSim(users={"alice@example.com": "pw" + "TOKEN"}, clients={"key": "secret"}) as sim:
+        sim.url                                                     # http://localhost:<port>
+        sim.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
+        sim.publish("Invoices", {"Id": "a00...", "Name": "INV-1"})  # -> replayId
+        sim.expire_sessions(); sim.forget_clients(); sim.advise("handshake"); sim.drop_long_polls()
+        sim.silence(); sim.corrupt_next_connect(); await sim.send_raw(b"5"); await sim.restart(); sim.purge(upto=...)
+
+Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`,
+`async send_raw(...)`.
 
 Faults are answered the way Salesforce answers them: an expired session is `401::Authentication
 invalid` on connect (advice none) or `403::Handshake denied` with `ext.sfdc.failureReason` on a
@@ -98,6 +106,7 @@ class SalesforceSim:
         self._topic_ids = itertools.count(1)
         self._stalled = False
         self._corrupt = 0
+        self.raw_pending: list[bytes | list[dict[str, Any]]] = []  # answers queued by send_raw, in order
         self._runner: web.AppRunner | None = None
         self._closing = False
 
@@ -112,7 +121,7 @@ class SalesforceSim:
     def token_url(self) -> str:
         return f"{self.url}/services/oauth2/token"
 
-    async def start(self) -> None:
+    async def start(self) -> SalesforceSim:
         app = web.Application(client_max_size=32 * 1024)
         app.router.add_post("/services/oauth2/token", self._token)
         app.router.add_get("/services/data/v{version}/query/", self._query)
@@ -126,6 +135,7 @@ class SalesforceSim:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
 
     async def stop(self) -> None:
         self._closing = True
@@ -134,6 +144,12 @@ class SalesforceSim:
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
+
+    async def __aenter__(self) -> SalesforceSim:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
 
     async def restart(self) -> None:
         """The streaming servers restart: every Bayeux client is forgotten; tokens and events stay."""
@@ -205,12 +221,22 @@ class SalesforceSim:
             client.held = -1
             client.wake.set()
 
-    def stall(self, on: bool = True) -> None:
+    def silence(self, on: bool = True) -> None:
         """Hold connects forever and send nothing (a silent, half-dead connection)."""
         self._stalled = on
         if not on:
             for client in self.bayeux.values():
                 client.wake.set()
+
+    async def send_raw(self, body: bytes | list[dict[str, Any]]) -> None:
+        """Answer the next held /meta/connect of a subscribed client with `body`; queued events stay queued.
+
+        `bytes` go out exactly as given (not JSON, not Bayeux ...); a list of messages gets the real
+        /meta/connect reply appended. `raw_pending` empties as the answers are taken.
+        """
+        self.raw_pending.append(body)
+        for client in self.bayeux.values():
+            client.wake.set()
 
     def corrupt_next_connect(self, count: int = 1) -> None:
         """The next connect answers carry a body that is not JSON (events in it are lost to the client)."""
@@ -394,6 +420,9 @@ class SalesforceSim:
         client.last_seen = time.monotonic()
         seq = client.held = client.connects
         advice = {"reconnect": "retry", "interval": 0, "timeout": int(self.long_poll * 1000)}
+        if self.raw_pending and client.subscriptions:
+            body = self.raw_pending.pop(0)
+            return body if isinstance(body, bytes) else [*body, _reply(message, True, advice=advice)]
         if client.connects > 1 and client.advice_once is None and not self._corrupt:
             deadline = time.monotonic() + self.long_poll
             while not self._closing:
@@ -465,17 +494,12 @@ async def _serve(args: Any) -> None:
     sim = SalesforceSim(args.host, args.port, users={args.username: args.password},
                         clients={args.consumer_key: args.consumer_secret}, long_poll=args.long_poll)
     sim.create_topic(args.topic, args.query)
-    await sim.start()
-    print(f"Salesforce simulator at {sim.url} (login-url), PushTopic /topic/{args.topic}", flush=True)
-    n = 0
-    try:
-        while True:
+    async with sim:
+        print(f"Salesforce simulator at {sim.url} (login-url), PushTopic /topic/{args.topic}", flush=True)
+        for n in itertools.count(1):
             await asyncio.sleep(1 / args.rate if args.rate > 0 else 3600)
             if args.rate > 0:
-                n += 1
                 sim.publish(args.topic, {"Id": f"a00D0000008o{n:06d}", "Name": f"INV-{n:04d}"})
-    finally:
-        await sim.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

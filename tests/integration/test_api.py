@@ -45,10 +45,8 @@ async def ticking_source(ctx):
 
 @pytest.fixture
 async def engine():
-    sim = EngineSim()
-    await sim.start()
-    yield sim
-    await sim.stop()
+    async with EngineSim() as sim:
+        yield sim
 
 
 @pytest.fixture

@@ -54,10 +54,8 @@ options = {{ hash = "abc" }}
 
 @pytest.fixture
 async def engine():
-    sim = EngineSim(token=ENGINE_TOKEN)
-    await sim.start()
-    yield sim
-    await sim.stop()
+    async with EngineSim(token=ENGINE_TOKEN) as sim:
+        yield sim
 
 
 def config_text(tmp_path, engine, b_channel="b"):
@@ -87,13 +85,13 @@ class NotifySocket:
 
 
 @pytest.mark.parametrize("kind", ["path", "abstract"])
-async def test_sd_notify_ready_watchdog_stopping(tmp_path, engine, kind):
+async def test_sd_notify_ready_watchdog_stopping(tmp_path, engine, kind, started):
     address = str(tmp_path / "notify.sock") if kind == "path" else f"@listenerd-test-{id(tmp_path)}"
     notify = NotifySocket(address)
     daemon = DaemonProcess(tmp_path, config_text(tmp_path, engine), scripted=True,
                            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
                                 "PUSHER_SECRET": SECRETS["pusher"]})
-    await daemon.start()
+    await started(daemon)
     await wait_for(lambda: notify.seen("READY=1") is not None, what="READY=1")
     ready = notify.seen("READY=1")
     await wait_for(lambda: (i := notify.seen("WATCHDOG=1")) is not None and i > ready, what="WATCHDOG=1")

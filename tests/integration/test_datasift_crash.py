@@ -51,12 +51,10 @@ def source_key(envelope: dict) -> str:
     return f"deleted:{event['iid']}" if event["deleted"] else event["iid"]
 
 
-async def test_kill_9_mid_stream_every_committed_event_reaches_the_engine_with_a_stable_id(tmp_path):
-    engine = EngineSim()
-    await engine.start()
+async def test_kill_9_mid_stream_every_committed_event_reaches_the_engine_with_a_stable_id(tmp_path, started):
+    engine = await started(EngineSim())
     engine.delay = 0.05  # a slow engine: a backlog waits in the outbox when the kill comes
-    sim = DataSiftSim(users={"user": SECRET}, tick_interval=0.5)
-    await sim.start()
+    sim = await started(DataSiftSim(users={"user": SECRET}, tick_interval=0.5))
     daemon = DaemonProcess(tmp_path, base_config(tmp_path, engine.url, tenants(sim.url)))
     published: dict[str, set[str]] = {lid: set() for lid in HASHES}
 
@@ -111,8 +109,6 @@ async def test_kill_9_mid_stream_every_committed_event_reaches_the_engine_with_a
             publisher.cancel()
         if daemon.process and daemon.process.poll() is None:
             daemon.kill9()
-        await sim.stop()
-        await engine.stop()
 
     ids_per_event: dict[tuple[str, str], set[str]] = {}
     for envelope in engine.received:

@@ -37,9 +37,8 @@ async def test_document_describes_exactly_the_routes(tmp_path):
         assert documented == served
 
 
-async def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
-    engine = EngineSim()
-    await engine.start()
+async def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path, started):
+    engine = await started(EngineSim())
     daemon = DaemonProcess(tmp_path, base_config(tmp_path, engine.url, TENANT), scripted=True)
     url = await daemon.start()
     try:
@@ -61,5 +60,4 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
         assert process.returncode == 0, output.decode(errors="replace")[-6000:]
     finally:
         assert await daemon.stop() == 0
-        await engine.stop()
     assert "Traceback" not in daemon.log_text()

@@ -19,10 +19,8 @@ APP_ID, KEY, SECRET = "4242", "sim-key", "sim-secret"
 
 @pytest.fixture
 async def sim():
-    server = PusherSim(APP_ID, KEY, SECRET)
-    await server.start()
-    yield server
-    await server.stop()
+    async with PusherSim(APP_ID, KEY, SECRET) as server:
+        yield server
 
 
 async def frames_until_close(ws):
@@ -122,9 +120,9 @@ async def test_client_event_on_a_public_channel_is_rejected(sim):
     await ws.close()
 
 
-async def test_go_silent_black_holes_current_sockets_only(sim):
+async def test_silence_black_holes_current_sockets_only(sim):
     old, _ = await open_socket(sim, "orders")
-    sim.go_silent()
+    sim.silence()
     new, _ = await open_socket(sim, "orders")
     assert await sim.publish("orders", "e", {"n": 1}) == 2
     assert json.loads(json.loads(await new.recv())["data"]) == {"n": 1}

@@ -43,10 +43,8 @@ def spec(channel="orders", lid="L1", **options):
 
 @pytest.fixture
 async def sim():
-    server = PusherSim(APP_ID, KEY, SECRET)
-    await server.start()
-    yield server
-    await server.stop()
+    async with PusherSim(APP_ID, KEY, SECRET) as server:
+        yield server
 
 
 class Run:
@@ -116,7 +114,6 @@ async def test_answers_the_servers_pings_and_stays_connected(tmp_path):
         conn = server.connections[0]
         await wait_for(lambda: conn.pongs >= 3, what="three pongs to the server's pings")
         assert server.connects == 1 and run.record.status == "started"
-        await run.sup.stop()
 
 
 async def test_presence_channel_is_signed_and_joins(tmp_path, sim):
@@ -128,7 +125,6 @@ async def test_presence_channel_is_signed_and_joins(tmp_path, sim):
         await sim.publish("presence-room", "said", {"id": 7})
         await wait_for(lambda: run.record.received == 1)
         assert await run.events() == [{"id": 7, "channel": "presence-room", "event": "said"}]
-        await run.sup.stop()
 
 
 # ---------------------------------------------------------------- credentials and refusals
@@ -143,7 +139,6 @@ async def test_unknown_app_key_fails_with_4001_and_is_not_retried(tmp_path, sim)
         assert "no-such-key not in this cluster" in record.message
         await asyncio.sleep(0.3)  # a retry would have come after the 0.05 s back-off
         assert record.status == "failed" and record.attempts == 0 and not sim.connections
-        await run.sup.stop()
 
 
 async def test_wrong_signature_on_a_private_channel_fails_without_leaking_the_secret(tmp_path, sim):
@@ -157,7 +152,6 @@ async def test_wrong_signature_on_a_private_channel_fails_without_leaking_the_se
         assert "(status 401)" in record.message
         assert "wrong-secret-value" not in record.message and SECRET not in record.message
         assert [s.ok for s in sim.subscriptions] == [False]
-        await run.sup.stop()
 
 
 async def test_rejected_subscription_fails_the_listener(tmp_path, sim):
@@ -166,7 +160,6 @@ async def test_rejected_subscription_fails_the_listener(tmp_path, sim):
         run = await start(h, spec(), creds(sim))
         record = await run.status("failed")
         assert record.message == "Pusher refused the subscription to channel orders: Channel is forbidden (status 403)"
-        await run.sup.stop()
 
 
 async def test_connection_refused_retries_with_back_off(tmp_path):
@@ -180,7 +173,6 @@ async def test_connection_refused_retries_with_back_off(tmp_path):
         assert run.record.status in ("retrying", "starting")
         assert run.record.last_error.startswith(f"Could not connect to ws://127.0.0.1:{port}/app/{KEY}?protocol=7")
         assert run.record.last_error.endswith("connection refused")
-        await run.sup.stop()
 
 
 async def test_refused_handshake_retries_until_the_server_accepts(tmp_path, sim):
@@ -191,7 +183,6 @@ async def test_refused_handshake_retries_until_the_server_accepts(tmp_path, sim)
         assert "refused the WebSocket handshake" in run.record.last_error and "HTTP 503" in run.record.last_error
         sim.refuse_connections(None)
         await run.status("started")
-        await run.sup.stop()
 
 
 # ---------------------------------------------------------------- close codes and drops
@@ -206,7 +197,6 @@ async def test_close_codes_4001_to_4099_fail(tmp_path, sim, code):
         record = await run.status("failed")
         assert record.message.startswith(f"Pusher refused the connection with close code {code}")
         assert record.message.endswith("(server said: go away)")
-        await run.sup.stop()
 
 
 @pytest.mark.parametrize("code", [4100, 4150])
@@ -219,7 +209,6 @@ async def test_close_codes_4100_to_4199_back_off(tmp_path, sim, code):
         record = await run.status("retrying")
         assert record.message.startswith(f"Pusher closed the connection with close code {code}")
         assert next_attempt_in(record.message) >= 3  # the back-off, never at once
-        await run.sup.stop()
 
 
 @pytest.mark.parametrize("code", [4200, 4201, 4299])
@@ -232,7 +221,6 @@ async def test_close_codes_4200_to_4299_reconnect_at_once(tmp_path, sim, code):
         await wait_for(lambda: sim.connects == 2, timeout=5, what="an immediate reconnect (back-off is 20 s)")
         await run.status("started")
         assert f"Pusher asked to reconnect now with close code {code}" in run.record.last_error
-        await run.sup.stop()
 
 
 async def test_close_code_4000_is_failed_and_says_to_use_tls(tmp_path, sim):
@@ -242,7 +230,6 @@ async def test_close_code_4000_is_failed_and_says_to_use_tls(tmp_path, sim):
         await run.status("failed")
         assert "close code 4000" in run.record.message and "set tls = true" in run.record.message
         assert run.record.attempts == 0  # failed at once: no retry, and never switched to wss behind the operator
-        await run.sup.stop()
 
 
 async def test_abrupt_drop_backs_off_and_reconnects(tmp_path, sim):
@@ -255,7 +242,6 @@ async def test_abrupt_drop_backs_off_and_reconnects(tmp_path, sim):
         await wait_for(lambda: sim.connects == 2 and run.record.status == "started", what="back and subscribed")
         await sim.publish("orders", "x", {"id": 1})
         await wait_for(lambda: run.record.received == 1)
-        await run.sup.stop()
 
 
 async def test_silent_server_is_detected_by_missing_pong_and_reconnected_at_once(tmp_path, sim):
@@ -264,11 +250,10 @@ async def test_silent_server_is_detected_by_missing_pong_and_reconnected_at_once
     async with Harness(tmp_path, config) as h:
         run = await start(h, spec(), creds(sim))
         await run.status("started")
-        sim.go_silent()
+        sim.silence()
         await wait_for(lambda: run.record.last_error and "No pong" in run.record.last_error, what="pong timeout")
         assert run.record.last_error == "No pong from Pusher within 0.4s of a ping; reconnecting"
         await wait_for(lambda: sim.connects >= 2 and run.record.status == "started", what="reconnected at once")
-        await run.sup.stop()
 
 
 # ---------------------------------------------------------------- bad frames
@@ -278,25 +263,23 @@ async def test_malformed_frames_are_counted_and_the_stream_goes_on(tmp_path, sim
     async with Harness(tmp_path, make_config(tmp_path)) as h:
         run = await start(h, spec(), creds(sim))
         await run.status("started")
-        sim.send_raw("{not json")
-        sim.send_raw('{"no":"event"}')
-        sim.send_raw(b"\x01\x02")
+        await sim.send_raw("{not json")
+        await sim.send_raw('{"no":"event"}')
+        await sim.send_raw(b"\x01\x02")
         await sim.publish("orders", "x", {"id": 1})
         await wait_for(lambda: run.record.received == 1)
         assert run.errors("malformed") == 3
         assert run.record.status == "started" and sim.connects == 1
-        await run.sup.stop()
 
 
 async def test_oversized_frame_is_counted_and_the_listener_reconnects(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path, **{"max-frame-bytes": 4096})) as h:
         run = await start(h, spec(), creds(sim))
         await run.status("started")
-        sim.send_oversized(10_000)
+        await sim.send_oversized(10_000)
         await wait_for(lambda: run.errors("oversized") == 1, what="oversized counted")
         await wait_for(lambda: sim.connects == 2 and run.record.status == "started", what="reconnected")
         assert "frame over the size limit" in run.record.last_error
-        await run.sup.stop()
 
 
 # ---------------------------------------------------------------- resubscription and loss
@@ -318,7 +301,6 @@ async def test_private_channel_is_resubscribed_with_a_fresh_signature_after_reco
         await run.status("started")
         await sim.publish("private-orders", "x", {"id": 9})
         await wait_for(lambda: run.record.received == 1)
-        await run.sup.stop()
 
 
 async def test_loses_nothing_it_received_across_closes_drops_and_stop(tmp_path, sim):
@@ -373,7 +355,6 @@ async def test_back_pressure_is_not_mistaken_for_a_silent_server(tmp_path, sim):
             await wait_for(lambda n=done: run.record.received > n or n == 20, what="more events")
         assert delivered == list(range(1, 21))
         assert sim.connects == 1
-        await run.sup.stop()
 
 
 # ---------------------------------------------------------------- TLS
@@ -389,7 +370,6 @@ async def test_tls_is_verified_against_the_configured_ca_bundle(tmp_path):
         await run.status("started")
         await server.publish("private-orders", "x", {"id": 1})
         await wait_for(lambda: run.record.received == 1)
-        await run.sup.stop()
 
 
 async def test_tls_without_the_ca_bundle_is_refused_by_default(tmp_path):
@@ -401,7 +381,6 @@ async def test_tls_without_the_ca_bundle_is_refused_by_default(tmp_path):
         assert run.record.last_error.startswith(f"Could not connect to wss://127.0.0.1:{server.port}/")
         assert "CERTIFICATE_VERIFY_FAILED" in run.record.last_error
         assert server.connects == 0
-        await run.sup.stop()
 
 
 async def test_a_server_that_keeps_asking_to_reconnect_gets_back_off_not_a_storm(tmp_path, sim):
@@ -413,7 +392,6 @@ async def test_a_server_that_keeps_asking_to_reconnect_gets_back_off_not_a_storm
                        what="back-off after repeated 4200s")
         assert run.record.attempts == 4  # three immediate reconnects, then the back-off
         assert "close code 4200" in run.record.message
-        await run.sup.stop()
 
 
 async def test_server_gone_then_back_on_the_same_port(tmp_path, sim):
@@ -427,4 +405,3 @@ async def test_server_gone_then_back_on_the_same_port(tmp_path, sim):
         await sim.resume_listening()
         await wait_for(lambda: run.record.status == "started" and sim.connects == 2, what="back on the same port")
         assert [s.ok for s in sim.subscriptions] == [True, True]
-        await run.sup.stop()

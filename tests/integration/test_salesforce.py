@@ -40,9 +40,8 @@ def spec(**options):
 async def sim():
     s = SalesforceSim(users={"u@example.com": PASSWORD + TOKEN}, clients={"ck": "cs-secret"}, long_poll=0.5)
     s.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
-    await s.start()
-    yield s
-    await s.stop()
+    async with s:
+        yield s
 
 
 @contextlib.asynccontextmanager
@@ -242,10 +241,10 @@ async def test_silence_is_reported_retrying_then_recovers(tmp_path, sim):
         await started(record)
         sim.publish("Invoices", {"Id": "a0", "Name": "zero"})
         await wait_for(lambda: record.received == 1, what="first event")
-        sim.stall(True)
+        sim.silence(True)
         await wait_for(lambda: record.status == "retrying", what="retrying on silence")
         assert "timed out" in record.message or "No data or heartbeat" in record.message
-        sim.stall(False)
+        sim.silence(False)
         sim.publish("Invoices", {"Id": "a1", "Name": "after-silence"})
         await wait_for(lambda: record.received == 2, what="event after recovery")
         assert names(await h.events()) == ["zero", "after-silence"]

@@ -40,13 +40,12 @@ mapping = {{ name = "Name", replay = "$event.replayId" }}
 """
 
 
-async def test_kill_9_mid_stream_no_event_lost_none_under_two_ids(tmp_path):
-    engine = EngineSim()
-    await engine.start()
+async def test_kill_9_mid_stream_no_event_lost_none_under_two_ids(tmp_path, started):
+    engine = await started(EngineSim())
     engine.delay = 0.05
     sim = SalesforceSim(users={"u@example.com": PASSWORD + TOKEN}, clients={"ck": SECRET}, long_poll=0.5)
     sim.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
-    await sim.start()
+    await started(sim)
     daemon = DaemonProcess(tmp_path, base_config(tmp_path, engine.url, tenants(sim.url)))
     published: list[int] = []
 
@@ -93,8 +92,6 @@ async def test_kill_9_mid_stream_no_event_lost_none_under_two_ids(tmp_path):
             publisher.cancel()
         if daemon.process and daemon.process.poll() is None:
             daemon.kill9()
-        await sim.stop()
-        await engine.stop()
 
     ids: dict[int, set[str]] = {}
     for envelope in engine.received:

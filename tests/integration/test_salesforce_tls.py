@@ -19,11 +19,9 @@ PASSWORD, TOKEN, SECRET = "tls-pass-777", "TLSTOKEN", "tls-consumer-secret"
 @pytest.fixture
 async def tls_sim(tmp_path):
     server_ctx, ca_bundle = self_signed(tmp_path)
-    sim = SalesforceSim(users={"u@example.com": PASSWORD + TOKEN}, clients={"ck": SECRET}, long_poll=0.5,
-                        ssl_context=server_ctx)
-    await sim.start()
-    yield sim, ca_bundle
-    await sim.stop()
+    async with SalesforceSim(users={"u@example.com": PASSWORD + TOKEN}, clients={"ck": SECRET}, long_poll=0.5,
+                             ssl_context=server_ctx) as sim:
+        yield sim, ca_bundle
 
 
 def setup(tmp_path, sim, ca_bundle=None):
@@ -54,7 +52,6 @@ async def test_every_leg_is_verified_against_the_configured_ca_bundle(tmp_path, 
             sim.publish("Tls", {"Id": "002", "Name": "again"})
             await wait_for(lambda: record.received == 2, what="event after a fresh login")
             assert [e["event"]["name"] for e in await h.events()] == ["secure", "again"]
-            await sup.stop()
     text = repr(logs)
     assert PASSWORD not in text and SECRET not in text and TOKEN not in text
 
@@ -69,4 +66,3 @@ async def test_an_untrusted_certificate_is_refused_by_default(tmp_path, tls_sim)
         await wait_for(lambda: record.attempts >= 1, what="a refused attempt")
         assert "certificate" in (record.last_error or "").lower()
         assert sim.logins == 0
-        await sup.stop()

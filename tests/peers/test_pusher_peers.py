@@ -26,10 +26,8 @@ NODE_CLIENT = Path(__file__).parent / "pusher_js_client.js"
 
 @pytest.fixture
 async def sim():
-    server = PusherSim(APP_ID, KEY, SECRET)
-    await server.start()
-    yield server
-    await server.stop()
+    async with PusherSim(APP_ID, KEY, SECRET) as server:
+        yield server
 
 
 def official(sim, secret=SECRET):

@@ -45,9 +45,8 @@ class SimAuthenticator(PasswordAuthenticator):
 async def sim():
     s = SalesforceSim(users={"u@example.com": "pwTOKEN"}, clients={"ck": "cs"}, long_poll=0.5)
     s.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
-    await s.start()
-    yield s
-    await s.stop()
+    async with s:
+        yield s
 
 
 def authenticator(sim):

@@ -8,6 +8,7 @@ import pytest
 
 from listenerd import config
 from listenerd.cli import main
+from listenerd.dev import demo_config, simulators
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_ENV = {"LISTENERD_TOKEN": "ops-token-123456", "DATASIFT_API_KEY": "ds-key-9876",
@@ -47,8 +48,13 @@ def test_example_config_is_valid():
     assert "sf-password" in cfg.secret_values()
 
 
-def test_dev_config_is_valid():
-    config.load(ROOT / "config" / "dev.toml", {})
+def test_dev_config_is_valid(tmp_path):
+    """`listenerd dev` builds its config from its simulators (not started: no socket in a unit test)."""
+    sims = simulators()
+    for port, sim in enumerate(sims, start=9001):
+        sim.port = port  # as if started
+    cfg = demo_config("127.0.0.1:0", tmp_path, *sims)
+    assert [s.type for s in cfg.tenants[0].listeners] == ["datasift", "salesforce", "pusher"]
 
 
 def test_base_is_valid():

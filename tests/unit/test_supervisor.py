@@ -76,7 +76,6 @@ async def test_failed_source_is_not_retried_until_its_definition_changes(tmp_pat
         assert changes["restarted"] == [("t", "L")]
         await wait_for(lambda: record.status == "started", what="started after fix")
         assert calls == ["wrong", "right"]
-        await sup.stop()
 
 
 async def test_reconcile_restarts_only_the_changed_listener(tmp_path, scripted_source):
@@ -105,7 +104,6 @@ async def test_reconcile_restarts_only_the_changed_listener(tmp_path, scripted_s
         changes = await sup.reconcile({("t", "C"): desired(c, CREDS)})
         assert sorted(changes["removed"]) == [("t", "A"), ("t", "B")]
         assert sup.status(("t", "A")) is None
-        await sup.stop()
 
 
 async def test_disabled_listener_is_stopped_and_transient_retry_honours_delay(tmp_path, scripted_source):
@@ -123,7 +121,6 @@ async def test_disabled_listener_is_stopped_and_transient_retry_honours_delay(tm
         await wait_for(lambda: len(runs) >= 3, what="immediate reconnects")
         assert sup.status(("t", "off")).status == "stopped"
         assert "status is false" in sup.status(("t", "off")).message
-        await sup.stop()
 
 
 async def test_silent_started_connection_is_reported_retrying_and_restarted(tmp_path, scripted_source):
@@ -144,7 +141,6 @@ async def test_silent_started_connection_is_reported_retrying_and_restarted(tmp_
         await wait_for(lambda: record.status == "retrying", what="heartbeat watchdog")
         assert "No data or heartbeat" in record.message
         await wait_for(lambda: len(runs) >= 2, what="restart after silence")
-        await sup.stop()
 
 
 async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
@@ -166,7 +162,6 @@ async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
         assert await sup.restart(("t", "R"))
         await wait_for(lambda: record.status == "started")
         assert not await sup.restart(("t", "nope"))
-        await sup.stop()
 
 
 async def test_backoff_resets_after_a_healthy_period(tmp_path, scripted_source):
@@ -195,7 +190,6 @@ async def test_backoff_resets_after_a_healthy_period(tmp_path, scripted_source):
         await wait_for(lambda: record.status == "retrying" and record.last_error == "connection lost")
         assert record.attempts == 1  # reset by the healthy run, then this one failure
         assert "next attempt in" in record.message and "(at 20" in record.message
-        await sup.stop()
 
 
 async def test_a_listener_paused_by_back_pressure_is_not_taken_for_silent(tmp_path, scripted_source):
@@ -216,4 +210,3 @@ async def test_a_listener_paused_by_back_pressure_is_not_taken_for_silent(tmp_pa
         await wait_for(lambda: "paused: outbox full" in record.message, what="paused")
         await asyncio.sleep(1.0)  # over three heartbeat bounds of silence while paused
         assert record.status == "started" and len(runs) == 1
-        await sup.stop()

@@ -2,11 +2,8 @@
 
 import asyncio
 import time
-from email.utils import formatdate
 
-import pytest
-
-from listenerd.delivery.forwarder import Forwarder, retry_after_seconds, retryable
+from listenerd.delivery.forwarder import Forwarder
 from listenerd.model import Engine
 from listenerd.sim.engine import Answer, EngineSim
 from tests.harness import Harness, wait_for
@@ -48,21 +45,6 @@ class Rig:
     async def emit(self, n, listener="L", start=0):
         for i in range(start, start + n):
             await self.h.outbox.append("t", listener, "pusher", {"n": i}, key=f"{listener}-{i}")
-
-
-def test_retry_after_parsing():
-    assert retry_after_seconds("2") == 2.0
-    assert retry_after_seconds(" 120 ") == 120.0
-    now = time.time()
-    assert retry_after_seconds(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
-    assert retry_after_seconds(formatdate(now - 30, usegmt=True), now=now) == 0.0
-    assert retry_after_seconds("soon") is None
-    assert retry_after_seconds(None) is None
-
-
-def test_which_statuses_retry():
-    assert all(retryable(s) for s in (408, 429, 500, 502, 503, 504))
-    assert not any(retryable(s) for s in (400, 401, 403, 404, 409, 413, 422))
 
 
 async def test_delivers_in_batches_with_bearer_token_and_counts(tmp_path):

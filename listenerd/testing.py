@@ -1,0 +1,214 @@
+"""Helpers shared by the test suite and the benchmarks: polling, spec builders, the daemon as a child process.
+
+Why in the package: `tests/` and `bench/` both drive listenerd the same way, and neither should import
+the other (as aiohttp ships `aiohttp.test_utils`). Nothing here runs in production; it imports only
+public pieces of listenerd, so the daemon never depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import TypeAdapter
+
+from listenerd.model import INTEGRATION_TYPES, Integration, Listener
+
+_LISTENER = TypeAdapter(Listener)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+                   what: str = "condition") -> Any:
+    """Poll `predicate` (plain or async) until truthy and return its value; fail with `what` after `timeout` s.
+
+    Why polling: tests and scenarios then wait exactly as long as the event takes, never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def listener(**fields: Any) -> Any:
+    """A listener definition from its config fields (managed by config unless told otherwise)."""
+    fields.setdefault("managed-by", "config")
+    return _LISTENER.validate_python(fields)
+
+
+def integration(source_type: str, **fields: Any) -> Integration:
+    """An integration (credentials) of `source_type` from its config fields."""
+    return INTEGRATION_TYPES[source_type].model_validate(fields)
+
+
+class Api:
+    """A small client for the daemon's API, bearer token included."""
+
+    def __init__(self, base_url: str, token: str | None = None):
+        self.base_url = base_url
+        self.token = token
+        self.session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def __aenter__(self) -> Api:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def call(self, method: str, path: str, body: Any = None, token: str | None | bool = True,
+                   raw: bytes | None = None, headers: dict | None = None) -> tuple[int, Any]:
+        """(status, JSON body or text); `token=True` sends this client's token, a string sends that one."""
+        hdrs = dict(headers or {})
+        use = self.token if token is True else token
+        if use:
+            hdrs["Authorization"] = f"Bearer {use}"
+        kwargs: dict[str, Any] = {"headers": hdrs}
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.session.request(method, self.base_url + path, **kwargs) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text) if text else None
+            except ValueError:
+                return response.status, text
+
+    async def status(self, tenant: str, listener: str) -> dict:
+        code, body = await self.call("GET", f"/1.0/tenants/{tenant}/listeners/{listener}/status")
+        assert code == 200, (code, body)
+        return body
+
+    async def wait_status(self, tenant: str, listener: str, want: str, timeout: float = 15.0) -> dict:
+        last: dict = {}
+
+        async def check() -> bool:
+            nonlocal last
+            last = await self.status(tenant, listener)
+            return last["status"] == want
+
+        try:
+            await wait_for(check, timeout=timeout, interval=0.05, what=f"{tenant}/{listener} {want}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status {last}") from None
+        return last
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a killed run leaves no daemon behind (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+DAEMON = (sys.executable, "-m", "listenerd")
+
+
+class DaemonProcess:
+    """`listenerd run --config ...` as a child process, with its JSON log captured in `<name>.log`.
+
+    The API address is read from the log line "listenerd ready" (the config listens on port 0), so
+    callers never race for ports. `entry` replaces `python -m listenerd` (a scripted build of it).
+    """
+
+    def __init__(self, workdir: Path, text: str, env: dict | None = None, name: str = "daemon",
+                 entry: tuple[str, ...] | list[str] = DAEMON):
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(text)
+        self.log_path = workdir / f"{name}.log"
+        self.env = {**os.environ, **(env or {})}
+        if "NOTIFY_SOCKET" not in (env or {}):
+            self.env.pop("NOTIFY_SOCKET", None)
+        self.entry = list(entry)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.api_url: str | None = None
+        self._log_offset = 0
+
+    async def start(self, timeout: float = 30.0) -> str:
+        """Start (or start again after a kill) and wait for "listenerd ready"; returns the API URL."""
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - the child owns it
+        argv = [*self.entry, "--log-format", "json", "run", "--config", str(self.config_path)]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env,  # noqa: ASYNC220
+                                        preexec_fn=_die_with_parent)
+        log.close()
+        ready = await wait_for(lambda: self._find("listenerd ready") or self._exited(), timeout=timeout,
+                               interval=0.05, what="daemon ready")
+        if ready == "exited":
+            raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+        self.api_url = ready["api"]
+        return self.api_url
+
+    async def __aenter__(self) -> DaemonProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    def _exited(self) -> str | None:
+        return "exited" if self.process and self.process.poll() is not None else None
+
+    def _find(self, event: str) -> dict | None:
+        for line in self.lines(since_start=True):
+            if line.get("event") == event:
+                return line
+        return None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def lines(self, since_start: bool = False) -> list[dict]:
+        """The log as JSON objects; a line that is not JSON becomes {"event": "NOT JSON", "raw": ...}."""
+        text = self.log_text()[self._log_offset:] if since_start else self.log_text()
+        out = []
+        for raw in text.splitlines():
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                out.append({"event": "NOT JSON", "raw": raw})
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError("daemon did not exit in time")
+            await asyncio.sleep(0.05)
+        return self.process.returncode
+
+    async def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code (also when it had already exited)."""
+        if self.process and self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            return await self.wait_exit()
+        return self.process.returncode if self.process else 0
