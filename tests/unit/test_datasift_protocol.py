@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listenerd.sources.datasift import (
+from listenerd.sources.datasift_protocol import (
     Failure,
     Item,
     Malformed,

@@ -4,7 +4,7 @@ import asyncio
 import time
 
 from listenerd.model import Config
-from listenerd.sources.base import ListenerFailed, ListenerRetry
+from listenerd.outcome import Ended, Fail, Retry
 from tests.harness import Harness, desired, integration, listener, wait_for
 
 CREDS = integration("pusher", key="k", secret="s3cr3t-value")
@@ -55,7 +55,7 @@ async def test_failed_source_is_not_retried_until_its_definition_changes(tmp_pat
     async def run(ctx):
         calls.append(ctx.listener.options.channel)
         if ctx.listener.options.channel == "wrong":
-            raise ListenerFailed("Pusher closed the connection: 4001 application does not exist")
+            raise Ended(Fail("Pusher closed the connection: 4001 application does not exist"))
         ctx.started("Subscribed to channel: right")
         await asyncio.Event().wait()
 
@@ -113,7 +113,7 @@ async def test_disabled_listener_is_stopped_and_transient_retry_honours_delay(tm
 
     async def run(ctx):
         runs.append(time.monotonic())
-        raise ListenerRetry("Pusher asked to reconnect now (4200)", delay=0)
+        raise Ended(Retry("reconnect-advice", "Pusher asked to reconnect now (4200)", delay=0))
 
     scripted_source("pusher", run)
     async with Harness(tmp_path, fast_config(tmp_path, **{"backoff-initial": 5, "backoff-max": 5})) as h:
@@ -153,7 +153,7 @@ async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
     async def run(ctx):
         runs.append(1)
         if len(runs) == 1:
-            raise ListenerFailed("bad credentials")
+            raise Ended(Fail("bad credentials"))
         ctx.started("ok")
         await asyncio.Event().wait()
 
@@ -176,12 +176,12 @@ async def test_backoff_resets_after_a_healthy_period(tmp_path, scripted_source):
     async def run(ctx):
         step = next(script, "park")
         if step == "fail":
-            raise ListenerRetry("connection refused")
+            raise Ended(Retry("network", "connection refused"))
         if step == "healthy":
             ctx.started("ok")
             await asyncio.sleep(0.3)  # longer than healthy-after: the next failure starts back-off anew
             healthy_done.set()
-            raise ListenerRetry("connection lost")
+            raise Ended(Retry("network", "connection lost"))
         ctx.started("ok")
         await asyncio.Event().wait()
 
