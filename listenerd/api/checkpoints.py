@@ -41,6 +41,6 @@ async def set_checkpoint(request: web.Request) -> web.Response:
         await daemon.store.set_checkpoint(tenant_id, listener_id, str(replay))
 
     # stop, then write, then start: the old run's last commit cannot overwrite the new checkpoint
-    if not await daemon.supervisor.restart((tenant_id, listener_id), while_stopped=write):
+    if not await daemon.supervisor.restart((tenant_id, listener_id), while_stopped=write, replay_from=str(replay)):
         await write()
     return web.json_response({"replay": replay})
