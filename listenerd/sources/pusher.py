@@ -1,10 +1,13 @@
 """Pusher source: one WebSocket per listener, protocol 7 on `websockets`.
 
-Why not Pysher: see DESIGN.md. The protocol decisions live in `pusher_protocol.PusherProtocol`; this
-driver only opens the socket, moves frames between the socket and the machine, sleeps until the
-machine's next deadline, and raises the machine's outcome (`listenerd.outcome`) to the supervisor,
-which decides how soon to honour a "reconnect at once". Every connection gets a fresh machine, so
-private and presence channels are signed with that connection's `socket_id`.
+Why not Pysher (deepbrook/Pysher `src/pysher/connection.py`): it speaks protocol 6, runs two threads
+per connection, ignores close codes and cannot re-sign a private channel after a reconnect. The
+protocol (https://pusher.com/docs/channels/library_auth_reference/pusher-websockets-protocol) lives in
+`pusher_protocol.PusherProtocol`; this driver only opens the socket, moves frames between the socket
+and the machine, sleeps until the machine's next deadline, and raises the machine's outcome
+(`listenerd.outcome`) to the supervisor, which decides how soon to honour a "reconnect at once".
+Every connection gets a fresh machine, so private and presence channels are signed with that
+connection's `socket_id`.
 
 Close code 4000 (TLS only) is `failed` like the rest of 4000-4099: the URL is used as configured,
 scheme included, and the status message tells the operator to set `tls = true`.

@@ -1,10 +1,15 @@
-"""The supervisor with scripted sources: isolation, back-off, failed, reconcile, heartbeat bound."""
+"""The supervisor with scripted sources: isolation, back-off, failed, reconcile, heartbeat bound, and what a
+source is told (its launch, its own settings, typed shared resources)."""
 
 import asyncio
 import time
 
+import pytest
+
 from listenerd.model import Config
 from listenerd.outcome import Ended, Fail, Retry
+from listenerd.sources.base import Launch
+from listenerd.supervisor import IMMEDIATE_RETRIES, retry_delay
 from tests.harness import Harness, desired, integration, listener, wait_for
 
 CREDS = integration("pusher", key="k", secret="s3cr3t-value")
@@ -217,3 +222,42 @@ async def test_a_listener_paused_by_back_pressure_is_not_taken_for_silent(tmp_pa
         await asyncio.sleep(1.0)  # over three heartbeat bounds of silence while paused
         assert record.status == "started" and len(runs) == 1
         await sup.stop()
+
+
+@pytest.mark.parametrize(("delay", "attempt", "immediate"), [
+    (0, 1, True), (0, IMMEDIATE_RETRIES, True), (0, IMMEDIATE_RETRIES + 1, False), (None, 1, False),
+])
+def test_an_immediate_retry_is_honoured_a_few_times_in_a_row_then_the_back_off(delay, attempt, immediate):
+    settings = Config.model_validate({"supervisor": {"backoff-initial": 5, "backoff-max": 5}}).supervisor
+    got = retry_delay(Retry("reconnect-advice", "asked", delay), attempt, settings)
+    assert (got == 0) if immediate else (4 <= got <= 5)
+    assert retry_delay(Retry("refused", "wait", 2.5), 99, settings) == 2.5  # a delay the server asked for
+
+
+async def test_a_source_sees_its_launch_its_settings_and_typed_shared_resources(tmp_path, scripted_source):
+    seen = []
+
+    class Pool:
+        """A resource the listeners of one source type share."""
+
+    async def run(ctx):
+        seen.append((ctx.launch, ctx.shared.get(Pool), ctx.settings))
+        assert not hasattr(ctx, "config") and not hasattr(ctx, "status")  # no other tenant's secrets, no policy
+        if len(seen) in (1, 3):
+            raise Ended(Retry("network", "dropped"))
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    config = fast_config(tmp_path)
+    async with Harness(tmp_path, config) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "L"): desired(spec("L"), CREDS)})
+        record = sup.status(("t", "L"))
+        await wait_for(lambda: len(seen) == 2 and record.status == "started")
+        assert await sup.restart(("t", "L"), replay_from="42")
+        await wait_for(lambda: len(seen) == 4 and record.status == "started")
+        await sup.stop()
+    assert [launch for launch, _, _ in seen] == [Launch(0), Launch(1), Launch(0, "42"), Launch(1)]
+    assert len({id(pool) for _, pool, _ in seen}) == 1
+    assert all(settings == config.sources for _, _, settings in seen)
