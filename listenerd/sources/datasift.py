@@ -34,20 +34,20 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from listenerd.model import Sources
 from listenerd.net import client_tls, describe
 from listenerd.outcome import Ended, Outcome, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.datasift_protocol import (
     Action,
-    Count,
     DataSiftProtocol,
-    Emit,
     End,
-    Note,
+    Item,
+    Malformed,
+    Notice,
     Resolve,
+    Send,
     Started,
-    Subscribe,
-    Unsubscribe,
     public_url,
     stream_url,
 )
@@ -81,7 +81,7 @@ class Stream:
     username: str
     api_key: str
     base_url: str
-    settings: Any
+    settings: Sources
     subscribers: list[_Subscriber] = field(default_factory=list)
     closed: bool = False
     task: asyncio.Task[None] | None = None
@@ -183,12 +183,9 @@ class Stream:
             self._outgoing.extend(self.machine.sync())
             while self._outgoing:
                 action = self._outgoing.popleft()
-                if isinstance(action, Subscribe):
+                if isinstance(action, Send):
                     await self.ws.send(action.text)
-                    self.log_for(action.hash).info("datasift subscribe", hash=action.hash)
-                elif isinstance(action, Unsubscribe):
-                    await self.ws.send(action.text)
-                    self.log.info("datasift unsubscribe", hash=action.hash)
+                    self.log_for(action.hash).info(f"datasift {action.action}", hash=action.hash)
                 elif isinstance(action, Started):
                     self._mark_started(action.hashes)
 
@@ -216,20 +213,20 @@ class Stream:
     async def _perform(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
-                case Emit():
+                case Item():
                     meta = {"$hash": action.hash, "$deleted": action.deleted}
                     for sub in [s for s in self.subscribers if s.hash == action.hash]:
                         await sub.ctx.emit(action.data, meta=meta, key=action.key)
                 case Started():
                     self._outgoing.append(action)  # behind any subscribe still being written
                     self._dirty.set()
-                case Note():
+                case Notice():
                     log = self.log_for(action.hash)
                     if action.level == "warning":
                         log.warning("datasift warning", message=action.message, hash=action.hash)
                     else:
                         log.info("datasift notice", level=action.level, message=action.message, hash=action.hash)
-                case Count():
+                case Malformed():
                     for sub in self.subscribers:
                         if action.hash is None or sub.hash == action.hash:
                             sub.ctx.count(action.kind)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -183,25 +183,15 @@ def public_url(base: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Subscribe:
-    """Send the subscribe frame for `hash`."""
+class Send:
+    """Send `{"action": "subscribe"|"unsubscribe", "hash": ...}` (unsubscribe once no listener follows it)."""
 
+    action: Literal["subscribe", "unsubscribe"]
     hash: str
 
     @property
     def text(self) -> str:
-        return orjson.dumps({"action": "subscribe", "hash": self.hash}).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """Send the unsubscribe frame for `hash` (no listener follows it any more)."""
-
-    hash: str
-
-    @property
-    def text(self) -> str:
-        return orjson.dumps({"action": "unsubscribe", "hash": self.hash}).decode()
+        return orjson.dumps({"action": self.action, "hash": self.hash}).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,16 +199,6 @@ class Started:
     """The listeners of these hashes are `started` (once each: their subscribe is out, the socket answers)."""
 
     hashes: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Emit:
-    """Hand `data` to every listener of `hash`."""
-
-    hash: str
-    data: dict[str, Any]
-    deleted: bool
-    key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,25 +216,9 @@ class End:
     outcome: Outcome
 
 
-@dataclass(frozen=True, slots=True)
-class Count:
-    """A skipped frame, counted for the listeners of `hash` (all of them when None)."""
-
-    kind: str
-    reason: str
-    hash: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """Something to log at `level` (the server's notices and warnings, a failure nobody follows)."""
-
-    level: str
-    message: str
-    hash: str | None = None
-
-
-Action = Subscribe | Unsubscribe | Started | Emit | Resolve | End | Count | Note
+# Three decisions are also actions, their text masked: an `Item` is handed to the listeners of its
+# hash, a `Malformed` frame is counted for them (for all when it names no hash), a `Notice` is logged.
+Action = Send | Started | Item | Malformed | Notice | Resolve | End
 
 
 # ---------------------------------------------------------------- the machine
@@ -302,10 +266,10 @@ class DataSiftProtocol:
         actions: list[Action] = []
         for stream_hash in sorted(set(self.wanted) - self.sent - self.rejected):
             self.sent.add(stream_hash)
-            actions.append(Subscribe(stream_hash))
+            actions.append(Send("subscribe", stream_hash))
         for stream_hash in sorted(self.sent - set(self.wanted)):
             self.sent.discard(stream_hash)
-            actions.append(Unsubscribe(stream_hash))
+            actions.append(Send("unsubscribe", stream_hash))
         return actions + self._started()
 
     # -- the socket
@@ -336,17 +300,17 @@ class DataSiftProtocol:
         decision = decode_frame(raw, self.max_frame_bytes, self.sent)
         match decision:
             case Item():
-                return [*self._confirm(), Emit(decision.hash, decision.data, decision.deleted, decision.key)]
+                return [*self._confirm(), decision]
             case Tick():
                 return self._confirm()
             case Notice():
-                return [*self._confirm(), Note(decision.level, self.mask(decision.message), decision.hash)]
+                return [*self._confirm(), Notice(decision.level, self.mask(decision.message), decision.hash)]
             case Failure():
                 return self._failure(decision)
             case Reconnect():
                 return [End(Retry("reconnect-advice", "DataSift asked for a reconnect", 0))]
             case Malformed():
-                return [Count(decision.kind, self.mask(decision.reason), decision.hash)]
+                return [Malformed(self.mask(decision.reason), decision.kind, decision.hash)]
         raise AssertionError(f"unhandled decision {decision!r}")
 
     def mask(self, text: str) -> str:
@@ -406,5 +370,5 @@ class DataSiftProtocol:
         self.rejected.add(failure.hash)
         self.sent.discard(failure.hash)
         if failure.hash not in self.wanted:
-            return [Note("warning", f"datasift failure for a hash no listener follows: {text}", failure.hash)]
+            return [Notice("warning", f"datasift failure for a hash no listener follows: {text}", failure.hash)]
         return [Resolve(failure.hash, Fail(f"DataSift refused stream {failure.hash}: {text}"))]

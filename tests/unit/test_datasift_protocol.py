@@ -9,21 +9,17 @@ from hypothesis import strategies as st
 from listenerd.model import SECRET_MASK
 from listenerd.outcome import Fail, Retry
 from listenerd.sources.datasift_protocol import (
-    Count,
     DataSiftProtocol,
-    Emit,
     End,
     Failure,
     Item,
     Malformed,
-    Note,
     Notice,
     Reconnect,
     Resolve,
+    Send,
     Started,
-    Subscribe,
     Tick,
-    Unsubscribe,
     classify,
     decode_frame,
     public_url,
@@ -155,17 +151,18 @@ def test_nothing_is_sent_before_the_socket_opens_then_every_hash_once():
     m.join(H2)
     m.join(H)
     assert m.sync() == []
-    assert m.opened(0) == [Subscribe(H2), Subscribe(H)]  # sorted, and nobody is started before an answer
+    assert m.opened(0) == [Send("subscribe", H2), Send("subscribe", H)]  # sorted; nobody started before an answer
     assert m.sync() == []
-    assert orjson.loads(Subscribe(H).text) == {"action": "subscribe", "hash": H}
-    assert orjson.loads(Unsubscribe(H).text) == {"action": "unsubscribe", "hash": H}
+    assert orjson.loads(Send("subscribe", H).text) == {"action": "subscribe", "hash": H}
+    assert orjson.loads(Send("unsubscribe", H).text) == {"action": "unsubscribe", "hash": H}
 
 
 def test_a_listener_is_started_once_its_hash_is_sent_and_the_socket_answers():
     m = machine(confirm=False)
     assert m.sync() == []  # subscribed at open, but nothing heard yet
-    assert [type(a) for a in m.receive(b"{bad", 1)] == [Count]  # a skipped frame confirms nothing
-    assert [type(a) for a in m.receive(frame(status="failure", message="gone", hash=H2), 1)] == [Note]  # nor a failure
+    assert [type(a) for a in m.receive(b"{bad", 1)] == [Malformed]  # a skipped frame confirms nothing
+    nobody = frame(status="failure", message="gone", hash=H2)
+    assert [type(a) for a in m.receive(nobody, 1)] == [Notice]  # nor a failure
     assert not m.confirmed
     m = machine(confirm=False)
     assert m.receive(frame(status="warning", message="w"), 1)[0] == Started(frozenset({H}))
@@ -177,9 +174,9 @@ def test_a_listener_is_started_once_its_hash_is_sent_and_the_socket_answers():
 def test_subscribe_and_unsubscribe_while_connected():
     m = machine()
     m.join(H2)
-    assert m.sync() == [Subscribe(H2), Started(frozenset({H, H2}))]
+    assert m.sync() == [Send("subscribe", H2), Started(frozenset({H, H2}))]
     m.leave(H)
-    assert m.sync() == [Unsubscribe(H), Started(frozenset({H2}))]
+    assert m.sync() == [Send("unsubscribe", H), Started(frozenset({H2}))]
     assert m.sync() == [Started(frozenset({H2}))]  # nothing more to send
 
 
@@ -188,9 +185,9 @@ def test_a_second_listener_of_a_hash_shares_its_subscription():
     m.join(H)
     assert m.sync() == [Started(frozenset({H}))]  # the newcomer is started, nothing is sent again
     m.leave(H)
-    assert not any(isinstance(a, Unsubscribe) for a in m.sync())  # one listener still follows it
+    assert not any(isinstance(a, Send) for a in m.sync())  # one listener still follows it
     m.leave(H)
-    assert m.sync() == [Unsubscribe(H)]
+    assert m.sync() == [Send("unsubscribe", H)]
 
 
 def test_a_quick_leave_and_join_sends_nothing():
@@ -203,7 +200,7 @@ def test_a_quick_leave_and_join_sends_nothing():
 def test_items_and_deletes_are_emitted_to_their_hash():
     m = machine()
     [emit] = m.receive(frame(hash=H, data=INTERACTION), 1)
-    assert emit == Emit(H, INTERACTION, False, "1e1e875ab43fa233e074337458bc1dca")
+    assert emit == Item(H, INTERACTION, False, "1e1e875ab43fa233e074337458bc1dca")
     [delete] = m.receive(frame(hash=H, data={"interaction": {"id": "abc"}, "deleted": True}), 2)
     assert delete.deleted and delete.key == "deleted:abc"
 
@@ -224,13 +221,13 @@ def test_a_rejected_hash_is_never_unsubscribed_and_retried_only_after_a_new_defi
     m.leave(H)  # the failed listener ends
     assert m.sync() == []  # never unsubscribed: the server already dropped it
     m.join(H)  # a new definition with the same hash
-    assert m.sync() == [Subscribe(H), Started(frozenset({H}))]
+    assert m.sync() == [Send("subscribe", H), Started(frozenset({H}))]
 
 
 def test_a_failure_for_a_hash_nobody_follows_is_noted_not_resolved():
     m = machine()
     [note] = m.receive(frame(status="failure", message="x", hash=H2), 1)
-    assert isinstance(note, Note) and note.level == "warning" and note.hash == H2
+    assert isinstance(note, Notice) and note.level == "warning" and note.hash == H2
 
 
 def test_a_failure_about_credentials_ends_the_socket_as_failed_and_any_other_as_retry():
@@ -264,14 +261,14 @@ def test_malformed_and_oversized_frames_are_counted_for_their_hash_or_everyone()
     [count] = m.receive(b"{not json", 1)
     assert count.kind == "malformed" and count.hash is None
     [count] = m.receive(frame(hash=H, data=[1]), 2)
-    assert count == Count("malformed", "stream message without a data object", H)
+    assert count == Malformed("stream message without a data object", "malformed", H)
     [count] = m.receive(orjson.dumps({"hash": H, "data": {"x": "y" * 300}}), 3)
     assert count.kind == "oversized"
 
 
 def test_notices_are_masked_and_scoped():
     [note] = machine().receive(frame(status="warning", message=f"close to your limit, key {KEY}", hash=H), 1)
-    assert note == Note("warning", f"close to your limit, key {SECRET_MASK}", H)
+    assert note == Notice("warning", f"close to your limit, key {SECRET_MASK}", H)
 
 
 @pytest.mark.parametrize(("code", "outcome"), [
