@@ -161,6 +161,7 @@ class Supervisor:
         self.runners: dict[Key, Runner] = {}
         self.desired: dict[Key, Desired] = {}
         self.shared = Shared()
+        self._replay_from: dict[Key, str] = {}  # resume points set through the API, for each key's next launch
         self.running = False
         self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -197,6 +198,7 @@ class Supervisor:
                 if runner:
                     await runner.stop("Stopped: listener deleted", timeout)
                 self.records.pop(key, None)
+                self._replay_from.pop(key, None)
                 self.metrics.forget_listener(*key)
                 changes["removed"].append(key)
             for key, want in desired.items():
@@ -225,7 +227,8 @@ class Supervisor:
 
         `while_stopped` runs after the old run has stopped and before the new one starts: a checkpoint
         written there cannot be overwritten by the old run's last commit. `replay_from` is where the
-        new run resumes (the checkpoint API's "restart from there"), whatever the listener's replay option.
+        next run resumes (the checkpoint API's "restart from there"), whatever the listener's replay
+        option; a disabled listener keeps it for when it is enabled.
         """
         async with self._lock:
             want = self.desired.get(key)
@@ -237,12 +240,14 @@ class Supervisor:
             if while_stopped is not None:
                 await self.outbox.flush()  # the old run's queued events and checkpoints land first
                 await while_stopped()
+            if replay_from is not None:
+                self._replay_from[key] = replay_from
             if want.listener.status:
-                self._launch(key, want, self.records[key], replay_from)
+                self._launch(key, want, self.records[key])
             return True
 
-    def _launch(self, key: Key, want: Desired, record: ListenerStatus, replay_from: str | None = None) -> None:
-        runner = Runner(self, key, want, record, replay_from)
+    def _launch(self, key: Key, want: Desired, record: ListenerStatus) -> None:
+        runner = Runner(self, key, want, record, self._replay_from.pop(key, None))
         self.runners[key] = runner
         if self.running:
             runner.start()

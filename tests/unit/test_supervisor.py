@@ -261,3 +261,23 @@ async def test_a_source_sees_its_launch_its_settings_and_typed_shared_resources(
     assert [launch for launch, _, _ in seen] == [Launch(0), Launch(1), Launch(0, "42"), Launch(1)]
     assert len({id(pool) for _, pool, _ in seen}) == 1
     assert all(settings == config.sources for _, _, settings in seen)
+
+
+async def test_a_resume_point_set_while_disabled_reaches_the_next_launch(tmp_path, scripted_source):
+    launches = []
+
+    async def run(ctx):
+        launches.append(ctx.launch)
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "D"): desired(spec("D", status=False), CREDS)})
+        assert await sup.restart(("t", "D"), replay_from="7")
+        await asyncio.sleep(0.1)
+        assert launches == []  # disabled: nothing runs, the resume point waits
+        await sup.reconcile({("t", "D"): desired(spec("D"), CREDS)})
+        await wait_for(lambda: launches == [Launch(0, "7")], what="launched from the resume point")
+        await sup.stop()
