@@ -25,6 +25,11 @@ def describe(exc: BaseException, limit: int | None = None) -> str:
     return text[:limit] if limit is not None else text
 
 
+def kind_of(exc: BaseException) -> str:
+    """The outcome kind of a connection error: "timeout" when nothing answered in time, else "network"."""
+    return "timeout" if isinstance(exc, TimeoutError) else "network"
+
+
 def mask(text: str, *secrets: str, shortest: int = 1) -> str:
     """`text` with every secret of at least `shortest` characters replaced by the mask."""
     for secret in secrets:

@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from listenerd.model import Sources
-from listenerd.net import client_tls, describe
+from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Ended, Outcome, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.datasift_protocol import (
@@ -162,7 +162,7 @@ class Stream:
         except InvalidStatus as exc:
             raise Ended(machine.handshake_refused(exc.response.status_code)) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise Ended(machine.unreachable(describe(exc), timed_out=isinstance(exc, TimeoutError))) from None
+            raise Ended(machine.unreachable(describe(exc), kind_of(exc))) from None
         loop = asyncio.get_running_loop()
         self._outgoing.extend(machine.opened(loop.time()))
         self.log.info("datasift connected", listener=",".join(sorted({s.ctx.listener_id for s in self.subscribers})))

@@ -330,9 +330,8 @@ class DataSiftProtocol:
     def invalid_url(self) -> Outcome:
         return Fail(f"stream-url is not a valid WebSocket URL: {self.url}")
 
-    def unreachable(self, detail: str, *, timed_out: bool = False) -> Outcome:
-        return Retry("timeout" if timed_out else "network",
-                     f"Cannot connect to DataSift at {self.url}: {self.mask(detail)}")
+    def unreachable(self, detail: str, kind: str = "network") -> Outcome:
+        return Retry(kind, f"Cannot connect to DataSift at {self.url}: {self.mask(detail)}")
 
     def closed(self, received: tuple[int, str] | None, sent: tuple[int, str] | None) -> Outcome:
         """The socket closed: the close frame `received` from the server and the one we `sent` (code, reason)."""

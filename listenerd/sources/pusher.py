@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from listenerd.net import client_tls, describe
+from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources.pusher_protocol import (
     CLIENT_VERSION,
@@ -68,8 +68,7 @@ async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
     except InvalidURI as exc:
         return Fail(f"Invalid Pusher URL {url}: {exc}")
     except (OSError, TimeoutError, InvalidHandshake) as exc:
-        return Retry("timeout" if isinstance(exc, TimeoutError) else "network",
-                     f"Could not connect to {url}: {describe(exc, limit=200)}")
+        return Retry(kind_of(exc), f"Could not connect to {url}: {describe(exc, limit=200)}")
     machine = PusherProtocol(key=integration.key, secret=integration.secret, channel=options.channel,
                              wants=options.wants, activity_timeout=settings.pusher_activity_timeout,
                              pong_timeout=settings.pusher_pong_timeout, connect_timeout=settings.connect_timeout,

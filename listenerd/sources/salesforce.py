@@ -36,7 +36,7 @@ import orjson
 import requests
 
 from listenerd.model import SalesforceIntegration, SalesforceOptions
-from listenerd.net import client_tls, describe, mask
+from listenerd.net import client_tls, describe, kind_of, mask
 from listenerd.outcome import Ended, Fail, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.bayeux import (
@@ -92,8 +92,7 @@ async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration,
                              headers={"Accept": "application/json"}) as response:
             status, body = response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise Ended(Retry("timeout" if isinstance(exc, TimeoutError) else "network",
-                          f"Cannot reach {integration.login_url}: {describe(exc)}")) from None
+        raise Ended(Retry(kind_of(exc), f"Cannot reach {integration.login_url}: {describe(exc)}")) from None
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -298,8 +297,7 @@ class Stream:
             self.ctx.count("oversized")
             return self.bayeux.malformed(str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}",
-                                               "timeout" if isinstance(exc, TimeoutError) else "network")
+            return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}", kind_of(exc))
         self.ctx.alive()
         if status != 200:
             return self.bayeux.http_error(status, body[:200].decode("utf-8", "replace"))

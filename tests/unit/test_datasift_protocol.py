@@ -292,5 +292,5 @@ def test_how_a_socket_ends_is_worded_and_kinded():
     assert m.closed((1000, f"bye {KEY}"), None) == Retry(
         "closed", f"DataSift closed the connection (code 1000: bye {SECRET_MASK})")
     assert m.unreachable(f"refused at ?api_key={KEY}").reason.endswith(SECRET_MASK)
-    assert m.unreachable("timed out", timed_out=True).kind == "timeout"
+    assert m.unreachable("timed out", "timeout").kind == "timeout"
     assert isinstance(m.invalid_url(), Fail)
