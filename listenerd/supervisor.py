@@ -291,7 +291,8 @@ class Supervisor:
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no listeners"
 
     async def _watch_heartbeats(self) -> None:
-        """Restart a `started` listener whose connection has been silent past its protocol's bound."""
+        """Restart a `started` listener whose connection has been silent past its declared bound: a guard for
+        a source that stopped reporting; the protocol cores own liveness (why: `sources/base.py`)."""
         while True:
             bounds = [r.ctx.heartbeat_bound for r in self.runners.values() if r.ctx and r.ctx.heartbeat_bound]
             await asyncio.sleep(min([1.0, *(b / 4 for b in bounds)]))  # a quarter of the tightest bound, <= 1 s
