@@ -156,7 +156,7 @@ class Control:
             await self.store.set_checkpoint(tenant_id, listener_id, str(replay))
 
         # stop, then write, then start: the old run's last commit cannot overwrite the new checkpoint
-        if not await self.supervisor.restart((tenant_id, listener_id), while_stopped=write):
+        if not await self.supervisor.restart((tenant_id, listener_id), while_stopped=write, replay_from=str(replay)):
             await write()
         return replay
 

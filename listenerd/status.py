@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+PAUSED = " (paused: outbox full, waiting for the engine to drain it)"
 State = Literal["starting", "started", "retrying", "failed", "stopped"]
 STATES: tuple[State, ...] = ("starting", "started", "retrying", "failed", "stopped")
 
@@ -49,6 +50,17 @@ class ListenerStatus:
             self.last_error = error
         if self.on_change:
             self.on_change(self, previous)
+
+    def committed(self, count: int) -> None:
+        """`count` of this listener's events became durable."""
+        self.received += count
+        self.last_event_at = time.time()
+
+    def paused(self, paused: bool) -> None:
+        """Back-pressure holds (or releases) the source: a started listener's message says so."""
+        if self.status == "started":
+            message = self.message.removesuffix(PAUSED)
+            self.set("started", message + PAUSED if paused else message)
 
     def as_json(self) -> dict[str, Any]:
         return {

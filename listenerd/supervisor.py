@@ -6,6 +6,12 @@ retried after a capped, jittered exponential back-off that resets once a run has
 `healthy-after` seconds; a permanent failure is reported `failed` and left alone until the
 listener's definition changes or an operator restarts it. A failing listener never touches the
 others. `reconcile()` compares definitions and restarts only what changed.
+
+Sources report (`listenerd.outcome`); the policy is decided here: a retry asking to go at once
+(`delay=0`: the server asked for a reconnect, a heartbeat was missed) is honoured `IMMEDIATE_RETRIES`
+times in a row, then the back-off applies, so a server that keeps asking gets no reconnect storm. The
+count resets with the back-off, once a run has been healthy. What a run may know of this (how many
+runs of its launch ended before it, a resume point set by an operator) it gets in `ctx.launch`.
 """
 
 from __future__ import annotations
@@ -22,13 +28,24 @@ import structlog
 
 from listenerd.backoff import backoff_delay
 from listenerd.model import Config, Integration, ListenerBase
+from listenerd.model import Supervisor as SupervisorSettings
+from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources import source_for
-from listenerd.sources.base import ListenerFailed, ListenerRetry, SourceContext
+from listenerd.sources.base import Launch, Shared, SourceContext
 from listenerd.status import STATES, ListenerStatus, State, rfc3339
 
 log = structlog.get_logger("listenerd.supervisor")
 
 Key = tuple[str, str]  # (tenant id, listener id)
+
+IMMEDIATE_RETRIES = 3  # immediate retries honoured in a row before the back-off applies
+
+
+def retry_delay(outcome: Retry, attempt: int, settings: SupervisorSettings) -> float:
+    """Seconds before retry number `attempt` (1-based since the last healthy run) after `outcome`."""
+    if outcome.delay is not None and (outcome.delay > 0 or attempt <= IMMEDIATE_RETRIES):
+        return outcome.delay
+    return backoff_delay(attempt, settings.backoff_initial, settings.backoff_max)
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,8 @@ class Desired:
 class Runner:
     """One listener's task: run the source, classify how it ended, back off, run again."""
 
-    def __init__(self, supervisor: Supervisor, key: Key, desired: Desired, record: ListenerStatus):
+    def __init__(self, supervisor: Supervisor, key: Key, desired: Desired, record: ListenerStatus,
+                 replay_from: str | None = None):
         self.supervisor = supervisor
         self.key = key
         self.desired = desired
@@ -57,6 +75,7 @@ class Runner:
         self.task: asyncio.Task[None] | None = None
         self._attempt_task: asyncio.Task[None] | None = None
         self._kicked: str | None = None
+        self._replay_from = replay_from  # for the first run only: a retry resumes from the stored checkpoint
         self.log = log.bind(tenant=key[0], listener=key[1])
 
     def start(self) -> None:
@@ -86,47 +105,47 @@ class Runner:
                                 error="missing integration")
                 return
             self.record.set("starting", f"Starting {listener.type} listener")
-            self.ctx = self.supervisor.context(self.key, self.desired, self.record)
-            reason, delay = await self._attempt()
-            if reason is None:
-                return  # failed: wait for a definition change
+            launch = Launch(self.record.attempts, self._replay_from)
+            self._replay_from = None
+            self.ctx = self.supervisor.context(self.key, self.desired, self.record, launch)
+            outcome = await self._attempt()
+            if isinstance(outcome, Fail):
+                self.record.set("failed", outcome.reason, error=outcome.reason)
+                self.log.error("listener failed", reason=outcome.reason)
+                return  # wait for a definition change
             healthy_since = self.record.started_at
             if healthy_since is not None and time.time() - healthy_since >= settings.healthy_after:
                 self.record.attempts = 0
             self.record.attempts += 1
-            if delay is None:
-                delay = backoff_delay(self.record.attempts, settings.backoff_initial, settings.backoff_max)
+            delay = retry_delay(outcome, self.record.attempts, settings)
             self.supervisor.metrics.reconnects.labels(*self.key).inc()
             at = rfc3339(time.time() + delay)
+            reason = outcome.reason
             self.record.set("retrying", f"{reason}; next attempt in {delay:.1f}s (at {at})", error=reason)
-            self.log.warning("listener will retry", reason=reason, delay=round(delay, 3),
+            self.log.warning("listener will retry", reason=reason, kind=outcome.kind, delay=round(delay, 3),
                              attempt=self.record.attempts)
             await asyncio.sleep(delay)
 
-    async def _attempt(self) -> tuple[str | None, float | None]:
-        """Run the source once; (reason, delay) to retry, (None, None) once failed."""
+    async def _attempt(self) -> Outcome:
+        """Run the source once; how it ended."""
         assert self.ctx is not None
         self._kicked = None
         self._attempt_task = asyncio.create_task(source_for(self.desired.listener.type)(self.ctx))
         try:
             await asyncio.shield(self._attempt_task)
-            return "Connection ended", None
+            return Retry("closed", "Connection ended")
         except asyncio.CancelledError:
             if self._kicked is None or not self._attempt_task.cancelled():
                 self._attempt_task.cancel()
                 with contextlib.suppress(BaseException):
                     await self._attempt_task
                 raise
-            return self._kicked, None
-        except ListenerFailed as exc:
-            self.record.set("failed", exc.reason, error=exc.reason)
-            self.log.error("listener failed", reason=exc.reason)
-            return None, None
-        except ListenerRetry as exc:
-            return exc.reason, exc.delay
+            return Retry("heartbeat", self._kicked)
+        except Ended as exc:
+            return exc.outcome
         except Exception as exc:  # isolated: one listener's bug never stops the others
             self.log.exception("listener crashed")
-            return f"Unexpected error: {type(exc).__name__}: {exc}", None
+            return Retry("crash", f"Unexpected error: {type(exc).__name__}: {exc}")
 
 
 class Supervisor:
@@ -141,7 +160,8 @@ class Supervisor:
         self.records: dict[Key, ListenerStatus] = {}
         self.runners: dict[Key, Runner] = {}
         self.desired: dict[Key, Desired] = {}
-        self.shared: dict[str, Any] = {}
+        self.shared = Shared()
+        self._replay_from: dict[Key, str] = {}  # resume points set through the API, for each key's next launch
         self.running = False
         self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -178,6 +198,7 @@ class Supervisor:
                 if runner:
                     await runner.stop("Stopped: listener deleted", timeout)
                 self.records.pop(key, None)
+                self._replay_from.pop(key, None)
                 self.metrics.forget_listener(*key)
                 changes["removed"].append(key)
             for key, want in desired.items():
@@ -200,11 +221,14 @@ class Supervisor:
             self.desired = dict(desired)
             return changes
 
-    async def restart(self, key: Key, while_stopped: Callable[[], Awaitable[Any]] | None = None) -> bool:
+    async def restart(self, key: Key, while_stopped: Callable[[], Awaitable[Any]] | None = None,
+                      replay_from: str | None = None) -> bool:
         """Restart one listener now, also out of `failed`. False when it is unknown.
 
         `while_stopped` runs after the old run has stopped and before the new one starts: a checkpoint
-        written there cannot be overwritten by the old run's last commit.
+        written there cannot be overwritten by the old run's last commit. `replay_from` is where the
+        next run resumes (the checkpoint API's "restart from there"), whatever the listener's replay
+        option; a disabled listener keeps it for when it is enabled.
         """
         async with self._lock:
             want = self.desired.get(key)
@@ -216,12 +240,14 @@ class Supervisor:
             if while_stopped is not None:
                 await self.outbox.flush()  # the old run's queued events and checkpoints land first
                 await while_stopped()
+            if replay_from is not None:
+                self._replay_from[key] = replay_from
             if want.listener.status:
                 self._launch(key, want, self.records[key])
             return True
 
     def _launch(self, key: Key, want: Desired, record: ListenerStatus) -> None:
-        runner = Runner(self, key, want, record)
+        runner = Runner(self, key, want, record, self._replay_from.pop(key, None))
         self.runners[key] = runner
         if self.running:
             runner.start()
@@ -242,11 +268,12 @@ class Supervisor:
 
     # -- what the others ask
 
-    def context(self, key: Key, want: Desired, record: ListenerStatus) -> SourceContext:
+    def context(self, key: Key, want: Desired, record: ListenerStatus, launch: Launch) -> SourceContext:
+        """One run's view: its own listener and integration and the sources settings, nothing else."""
         assert want.integration is not None
         return SourceContext(tenant_id=key[0], listener=want.listener, integration=want.integration,
-                             config=self.config, status=record, outbox=self.outbox, metrics=self.metrics,
-                             shared=self.shared, tap=self.tap, tap_clients=self.tap_clients)
+                             settings=self.config.sources, launch=launch, status=record, outbox=self.outbox,
+                             metrics=self.metrics, shared=self.shared, tap=self.tap, tap_clients=self.tap_clients)
 
     def status(self, key: Key) -> ListenerStatus | None:
         return self.records.get(key)
@@ -264,7 +291,8 @@ class Supervisor:
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no listeners"
 
     async def _watch_heartbeats(self) -> None:
-        """Restart a `started` listener whose connection has been silent past its protocol's bound."""
+        """Restart a `started` listener whose connection has been silent past its declared bound: a guard for
+        a source that stopped reporting; the protocol cores own liveness (why: `sources/base.py`)."""
         while True:
             bounds = [r.ctx.heartbeat_bound for r in self.runners.values() if r.ctx and r.ctx.heartbeat_bound]
             await asyncio.sleep(min([1.0, *(b / 4 for b in bounds)]))  # a quarter of the tightest bound, <= 1 s

@@ -19,7 +19,7 @@ from listenerd.delivery.outbox import Outbox
 from listenerd.delivery.segments import stored_envelopes
 from listenerd.model import Config, Integration
 from listenerd.observability import Metrics
-from listenerd.sources.base import SourceContext
+from listenerd.sources.base import Shared, SourceContext
 from listenerd.status import ListenerStatus
 from listenerd.store import Store
 from listenerd.supervisor import Desired, Supervisor
@@ -36,8 +36,9 @@ class Harness:
         self.outbox = Outbox(self.store, max_events=outbox_bounds.get("max_events", 1_000_000),
                              max_bytes=outbox_bounds.get("max_bytes", 1 << 30), metrics=self.metrics)
         self.dead_letters = DeadLetters(self.store, self.outbox)
-        self.shared: dict[str, Any] = {}
+        self.shared = Shared()
         self.supervisors: list[Supervisor] = []
+        self.records: dict[tuple[str, str], ListenerStatus] = {}  # the status of each context built here
 
     async def __aenter__(self) -> Harness:
         await self.store.open()
@@ -54,8 +55,8 @@ class Harness:
             await self.store.close()
 
     def context(self, tenant_id: str, spec: Any, creds: Integration) -> SourceContext:
-        status = ListenerStatus(tenant_id, spec.id)
-        return SourceContext(tenant_id=tenant_id, listener=spec, integration=creds, config=self.config,
+        status = self.records[(tenant_id, spec.id)] = ListenerStatus(tenant_id, spec.id)
+        return SourceContext(tenant_id=tenant_id, listener=spec, integration=creds, settings=self.config.sources,
                              status=status, outbox=self.outbox, metrics=self.metrics, shared=self.shared)
 
     def supervisor(self) -> Supervisor:

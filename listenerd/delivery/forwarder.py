@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,8 @@ import aiohttp
 import structlog
 
 from listenerd.backoff import backoff_delay
+from listenerd.net import client_tls
+from listenerd.outcome import Fail, Retry, http_kind
 
 if TYPE_CHECKING:
     from listenerd.delivery.outbox import Outbox
@@ -43,18 +45,12 @@ RESPONSE_KEEP = 64 * 1024  # bytes of the engine's answer kept in a dead letter
 _IDLE_TICK = 1.0  # seconds between idle checks (stop requests also wake the loop at once)
 
 
-class Retry(Exception):  # noqa: N818 - an outcome
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
+@dataclass(frozen=True, slots=True)
+class Refused(Fail):
+    """The engine refused the batch for good: it goes to the dead-letter table with the engine's answer."""
 
-
-class Refused(Exception):  # noqa: N818
-    def __init__(self, status: int, response: str):
-        super().__init__(f"engine refused the batch: HTTP {status}")
-        self.status = status
-        self.response = response
+    status: int
+    response: str
 
 
 def retryable(status: int) -> bool:
@@ -102,10 +98,7 @@ class Forwarder:
         headers = {"Content-Type": "application/json", "User-Agent": "listenerd"}
         if self.engine.token:
             headers["Authorization"] = f"Bearer {self.engine.token}"
-        ssl_context: ssl.SSLContext | bool = True
-        if self.engine.ca_bundle:
-            ssl_context = ssl.create_default_context(cafile=self.engine.ca_bundle)
-        connector = aiohttp.TCPConnector(ssl=ssl_context, limit=4, keepalive_timeout=60)
+        connector = aiohttp.TCPConnector(ssl=client_tls(self.engine.ca_bundle), limit=4, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=self.engine.timeout))
         self._task = asyncio.create_task(self._run(), name="forwarder")
@@ -221,26 +214,25 @@ class Forwarder:
         body = b"[" + b",".join(r.body for r in rows) + b"]"
         self.attempt = 0
         while True:
-            try:
-                await self._post(body)
-            except Retry as exc:
+            outcome = await self._post(body)
+            if isinstance(outcome, Retry):
                 self.attempt += 1
-                self.last_error = exc.reason
-                self.metrics.retried.labels(exc.reason.split(":")[0]).inc()
+                self.last_error = outcome.reason
+                self.metrics.retried.labels(outcome.kind).inc()
                 delay = backoff_delay(self.attempt, self.engine.retry_initial, self.engine.retry_max)
-                if exc.retry_after is not None:  # honoured, but never a tight loop nor a stall past an hour
-                    delay = min(max(exc.retry_after, self.engine.retry_initial), RETRY_AFTER_MAX)
-                log.warning("engine delivery will be retried", reason=exc.reason, delay=round(delay, 3),
+                if outcome.delay is not None:  # Retry-After: honoured, but never a tight loop nor a stall past an hour
+                    delay = min(max(outcome.delay, self.engine.retry_initial), RETRY_AFTER_MAX)
+                log.warning("engine delivery will be retried", reason=outcome.reason, delay=round(delay, 3),
                             attempt=self.attempt, events=len(rows))
                 await asyncio.sleep(delay)
                 continue
-            except Refused as exc:
+            if outcome is not None:
                 await self._settle()
-                await self.outbox.dead_letter(rows, exc.status, exc.response)
+                await self.outbox.dead_letter(rows, outcome.status, outcome.response)
                 self._advance(rows[-1].seq)
                 self.metrics.dead_lettered.inc(len(rows))
-                self.last_error = str(exc)
-                log.error("engine refused a batch; it is in the dead-letter table", status=exc.status,
+                self.last_error = outcome.reason
+                log.error("engine refused a batch; it is in the dead-letter table", status=outcome.status,
                           events=len(rows))
                 return
             self.last_error = None
@@ -249,7 +241,8 @@ class Forwarder:
             self._acking = asyncio.create_task(self._ack(rows))
             return
 
-    async def _post(self, body: bytes) -> None:
+    async def _post(self, body: bytes) -> Retry | Refused | None:
+        """POST one batch: None once the engine accepted it, else how to go on (the kind is the metric label)."""
         assert self._session is not None
         started = time.perf_counter()
         try:
@@ -259,18 +252,19 @@ class Forwarder:
                 status = response.status
                 if 200 <= status < 300:
                     await response.read()
-                    return
+                    return None
                 text = (await response.content.read(RESPONSE_KEEP)).decode("utf-8", "replace")
                 if 300 <= status < 400:
-                    raise Retry(f"HTTP {status}: the engine redirects to {response.headers.get('Location')!r}; "
-                                f"set engine.url to the final URL")
+                    return Retry(http_kind(status), f"HTTP {status}: the engine redirects to "
+                                 f"{response.headers.get('Location')!r}; set engine.url to the final URL")
                 if retryable(status):
-                    raise Retry(f"HTTP {status}", retry_after_seconds(response.headers.get("Retry-After")))
-                raise Refused(status, text)
+                    return Retry(http_kind(status), f"HTTP {status}",
+                                 retry_after_seconds(response.headers.get("Retry-After")))
+                return Refused(f"engine refused the batch: HTTP {status}", status, text)
         except TimeoutError:  # before OSError: TimeoutError is one
-            raise Retry(f"timeout: no answer within {self.engine.timeout:g}s") from None
+            return Retry("timeout", f"timeout: no answer within {self.engine.timeout:g}s")
         except (aiohttp.ClientError, OSError) as exc:
-            raise Retry(f"network: {type(exc).__name__}: {exc}") from None
+            return Retry("network", f"network: {type(exc).__name__}: {exc}")
         finally:
             self.metrics.engine_latency.observe(time.perf_counter() - started)
 

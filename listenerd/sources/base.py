@@ -3,24 +3,36 @@
 A source is one coroutine, `async def run(ctx: SourceContext) -> None`, run as one asyncio task per
 listener by the supervisor. It connects, reports progress with `ctx.starting()`/`ctx.started()`,
 calls `ctx.alive()` on every frame it receives, hands each payload to `ctx.emit()`, and runs until
-cancelled. It ends by raising:
+cancelled. It ends by raising `listenerd.outcome.Ended` with
 
-- `ListenerRetry(reason, delay=None)`: a transient failure; the supervisor reports `retrying` and
-  starts it again after `delay` seconds, or after its capped, jittered back-off when `delay` is None;
-- `ListenerFailed(reason)`: given up until the listener's definition changes (bad credentials,
-  unknown topic, a fatal close code);
-- any other exception: treated as transient, logged with its traceback.
+- `Retry(kind, reason, delay=None)`: transient; the supervisor reports `retrying` and starts it again
+  after `delay` seconds, or after its capped, jittered back-off when `delay` is None (whether an
+  immediate retry, `delay=0`, is honoured is the supervisor's policy);
+- `Fail(reason)`: given up until the listener's definition changes (bad credentials, unknown topic,
+  a fatal close code);
 
-The supervisor owns the status; the source only reports. It also enforces the heartbeat bound a
-source declares with `ctx.set_heartbeat_bound()`: a `started` listener silent past it is restarted
-and reported `retrying`, so a status never claims a dead connection is live.
+and any other exception is treated as transient (kind "crash") and logged with its traceback.
+
+The supervisor owns the status and the policy; the source only reports. What it may know of the
+supervisor's decisions comes in `ctx.launch`. It sees its own listener, its integration and the
+`sources` settings, never the rest of the configuration (other tenants' secrets).
+
+Liveness: the protocol core owns it. It knows what silence means on its connection (Pusher's ping
+and pong, DataSift's ticks, Bayeux's long-poll timeout) and whom a dead connection concerns (a
+DataSift socket serves many listeners), so it decides, with a reason the operator can read, and
+reconnects at once where the protocol says so. The source declares the same bound, a little
+looser, with `ctx.set_heartbeat_bound()`; the supervisor's watchdog restarts a `started` listener
+silent past it. The watchdog is a guard, not a second judge: it only speaks when a source stopped
+reporting altogether (a wedged task, a source without a core), so a status never claims a dead
+connection is live.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import structlog
 
@@ -29,25 +41,35 @@ from listenerd.status import ListenerStatus
 
 if TYPE_CHECKING:
     from listenerd.delivery.outbox import Outbox
-    from listenerd.model import Config, Integration, ListenerBase
+    from listenerd.model import Integration, ListenerBase, Sources
     from listenerd.observability import Metrics
 
-
-class ListenerRetry(Exception):  # noqa: N818 - an outcome, not an error
-    """Transient: try again, after `delay` seconds or the back-off when None. 0 means at once."""
-
-    def __init__(self, reason: str, delay: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.delay = delay
+T = TypeVar("T")
 
 
-class ListenerFailed(Exception):  # noqa: N818
-    """Permanent until the definition changes: reported as `failed` with `reason`."""
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What the supervisor tells a run about why it starts: the source's only window on its policy."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    attempt: int = 0  # runs of this launch that ended before this one (0: a start, restart or new definition)
+    replay_from: str | None = None  # a resume point an operator set for this run (the checkpoint API)
+
+
+class Shared:
+    """Resources the listeners of one source type share within one supervisor (DataSift's sockets).
+
+    One object per class, made on first use: a source asks for its own typed class
+    (`ctx.shared.get(Streams)`), so it never reaches another source type's resources.
+    """
+
+    def __init__(self) -> None:
+        self._objects: dict[type, object] = {}
+
+    def get(self, kind: type[T]) -> T:
+        found = self._objects.get(kind)
+        if found is None:
+            found = self._objects[kind] = kind()
+        return cast(T, found)
 
 
 class SourceRun(Protocol):
@@ -57,17 +79,17 @@ class SourceRun(Protocol):
 class SourceContext:
     """Everything one listener's source may use, and nothing more."""
 
-    def __init__(self, *, tenant_id: str, listener: ListenerBase, integration: Integration,
-                 config: Config, status: ListenerStatus, outbox: Outbox, metrics: Metrics,
-                 shared: dict[str, Any], tap: Callable[[str, str, dict[str, Any]], None] | None = None,
+    def __init__(self, *, tenant_id: str, listener: ListenerBase, integration: Integration, settings: Sources,
+                 status: ListenerStatus, outbox: Outbox, metrics: Metrics, shared: Shared,
+                 launch: Launch = Launch(), tap: Callable[[str, str, dict[str, Any]], None] | None = None,
                  tap_clients: Callable[[str, str], int] | None = None):
         self.tenant_id = tenant_id
         self.listener = listener
         self.listener_id = listener.id
         self.integration = integration
-        self.config = config
-        self.settings = config.sources
-        self.shared = shared  # per-supervisor resources shared across listeners (DataSift sockets)
+        self.settings = settings
+        self.launch = launch
+        self.shared = shared
         self.log = structlog.get_logger("listenerd.source").bind(
             tenant=tenant_id, listener=listener.id, source=listener.type)
         self._status = status
@@ -92,10 +114,6 @@ class SourceContext:
     def started(self, message: str) -> None:
         self._status.set("started", message)
         self.alive()
-
-    @property
-    def status(self) -> ListenerStatus:
-        return self._status
 
     def alive(self) -> None:
         """Any frame proves the connection lives; call on every receipt."""
@@ -145,8 +163,7 @@ class SourceContext:
 
     def _committed_count(self, count: int) -> None:
         """The outbox committed `count` of this listener's events (called once per commit)."""
-        self._status.received += count
-        self._status.last_event_at = time.time()
+        self._status.committed(count)
         self._received.inc(count)
 
     def _tapped(self, envelope: dict[str, Any]) -> None:
@@ -156,7 +173,4 @@ class SourceContext:
     def _paused(self, paused: bool) -> None:
         self.paused = paused
         self.alive()  # the connection's silence while paused is back-pressure, not a dead provider
-        suffix = " (paused: outbox full, waiting for the engine to drain it)"
-        if self._status.status == "started":
-            message = self._status.message.removesuffix(suffix)
-            self._status.set("started", message + suffix if paused else message)
+        self._status.paused(paused)

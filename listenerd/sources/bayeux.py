@@ -8,16 +8,21 @@ are pure. The asyncio driver (`sources/salesforce.py`) only moves requests and s
     request = client.next_request()        # what to POST next (and how long to wait first)
     outputs = client.receive(messages)     # or transport_error() / http_error() / malformed()
     for output in outputs: ...             # Message, Subscribed, ReplayRejected, Rehandshake,
-                                           # Relogin, Retry, Failed
+                                           # Relogin, Retry, Fail (listenerd.outcome)
 
 Requests are strictly sequential (one HTTP request in flight), which Bayeux allows and which keeps
-the cookie and clientId bookkeeping simple. Rules followed (see /work/shared/protocols and the
-Bayeux spec): advice is reset at each handshake and replaced by each new one; `handshake` advice or
-`Unknown client` means a new handshake and a resubscribe of every channel with its latest replayId;
-a 401 (Bayeux error, `ext.sfdc.failureReason`, or HTTP status) means a fresh login; `none` advice
-ends the session; repeated handshakes or logins without a successful connect, and repeated
-transport failures, end the session with `Retry` so the supervisor backs off (never a handshake
-loop, which Salesforce punishes with `403::Organization concurrent user limit exceeded`).
+the cookie and clientId bookkeeping simple. Rules followed: advice is reset at each handshake and
+replaced by each new one; `handshake` advice or `Unknown client` means a new handshake and a
+resubscribe of every channel with its latest replayId; a 401 (Bayeux error, `ext.sfdc.failureReason`,
+or HTTP status) means a fresh login; `none` advice ends the session; repeated handshakes or logins
+without a successful connect, and repeated transport failures, end the session with `Retry` so the
+supervisor backs off (never a handshake loop, which Salesforce punishes with
+`403::Organization concurrent user limit exceeded`).
+
+Sources: the Bayeux 1.0 spec (https://docs.cometd.org/current/reference/#_bayeux); Salesforce's client
+rules and error codes (https://developer.salesforce.com/docs/platform/api-streaming/guide/intro-client-specs.html,
+https://developer.salesforce.com/docs/platform/api-streaming/guide/streaming-error-codes.html);
+replay as in forcedotcom/EMP-Connector `ReplayExtension.java` and robertmrk/aiosfstream `aiosfstream/replay.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from listenerd.outcome import Fail, Retry
 
 Kind = Literal["handshake", "subscribe", "connect", "disconnect"]
 State = Literal["unconnected", "handshaking", "subscribing", "connected", "disconnecting", "closed"]
@@ -83,21 +90,7 @@ class Relogin:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """End this session as a transient failure; the caller backs off and starts afresh."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """Permanent until the configuration changes (unknown channel, refused subscription ...)."""
-
-    reason: str
-
-
-Output = Message | Subscribed | ReplayRejected | Rehandshake | Relogin | Retry | Failed
+Output = Message | Subscribed | ReplayRejected | Rehandshake | Relogin | Retry | Fail
 
 
 @dataclass
@@ -249,20 +242,21 @@ class BayeuxClient:
             if self._ends(outputs):
                 return outputs
         if not answered and awaited not in (None, "disconnect"):
-            outputs += self._transport_failure(f"no /meta/{awaited} reply in the server's answer", awaited)
+            outputs += self._transport_failure(f"no /meta/{awaited} reply in the server's answer", awaited,
+                                               "protocol")
         return outputs
 
-    def transport_error(self, reason: str) -> list[Output]:
-        """The request failed on the network (refused, reset, timed out) or the server answered 5xx."""
+    def transport_error(self, reason: str, kind: str = "network") -> list[Output]:
+        """The request failed on the network (refused, reset: "network"; no answer in time: "timeout")."""
         awaited, self._awaiting = self._awaiting, None
-        return self._transport_failure(reason, awaited)
+        return self._transport_failure(reason, awaited, kind)
 
     def http_error(self, status: int, reason: str = "") -> list[Output]:
         awaited, self._awaiting = self._awaiting, None
         text = f"HTTP {status}" + (f": {reason}" if reason else "")
         if status == 401:
             return self._relogin(text)
-        return self._transport_failure(text, awaited)
+        return self._transport_failure(text, awaited, "refused")
 
     def malformed(self, reason: str) -> list[Output]:
         """An answer that is not JSON: its events are unknown, so start a new session and replay them."""
@@ -277,7 +271,7 @@ class BayeuxClient:
             types = message.get("supportedConnectionTypes")
             if isinstance(types, list) and "long-polling" not in types:
                 self.state = "closed"
-                return [Failed(f"the server does not offer long-polling (only {types})")]
+                return [Fail(f"the server does not offer long-polling (only {types})")]
             self.client_id = message["clientId"]
             ext = message.get("ext")
             self.replay_supported = isinstance(ext, dict) and ext.get("replay") is True
@@ -289,7 +283,7 @@ class BayeuxClient:
         if error.startswith("401") or reason.startswith("401"):
             return self._relogin(f"handshake denied: {error}" + (f" ({reason})" if reason else ""))
         self.state = "closed"
-        return [Retry(f"Handshake refused: {error}" + (f" ({reason})" if reason else ""))]
+        return [Retry("refused", f"Handshake refused: {error}" + (f" ({reason})" if reason else ""))]
 
     def _on_subscribe(self, message: dict[str, Any]) -> list[Output]:
         channel = message.get("subscription")
@@ -313,15 +307,15 @@ class BayeuxClient:
         if _REPLAY_INVALID.search(error) and "invalid" in error.lower():
             if self.replay_fallback is None or sent == self.replay_fallback or sent in (-1, -2):
                 self.state = "closed"
-                return [Failed(f"Subscription to {channel} refused: {error}")]
+                return [Fail(f"Subscription to {channel} refused: {error}")]
             self.subscriptions[channel] = self.replay_fallback
             self.state = "subscribing"
             return [ReplayRejected(channel, sent, self.replay_fallback, error)]
         if error.startswith(("503", "5")):
             self.state = "closed"
-            return [Retry(f"Subscription to {channel} failed: {error}")]
+            return [Retry("refused", f"Subscription to {channel} failed: {error}")]
         self.state = "closed"
-        return [Failed(f"Subscription to {channel} refused: {error}")]
+        return [Fail(f"Subscription to {channel} refused: {error}")]
 
     def _on_connect(self, message: dict[str, Any]) -> list[Output]:
         self.advice.update(message.get("advice"))
@@ -333,7 +327,7 @@ class BayeuxClient:
                 return self._rehandshake("the server advised a new handshake")
             if self.advice.reconnect == "none":
                 self.state = "closed"
-                return [Retry("the server advised no reconnect")]
+                return [Retry("reconnect-advice", "the server advised no reconnect")]
             return []
         error = _error(message)
         if "unknown client" in error.lower():
@@ -344,8 +338,8 @@ class BayeuxClient:
             return self._rehandshake(f"connect answered {error}; the server advised a new handshake")
         if self.advice.reconnect == "none":
             self.state = "closed"
-            return [Retry(f"connect answered {error}; the server advised no reconnect")]
-        return self._transport_failure(f"connect answered {error}", "connect")
+            return [Retry("reconnect-advice", f"connect answered {error}; the server advised no reconnect")]
+        return self._transport_failure(f"connect answered {error}", "connect", "refused")
 
     def _on_data(self, channel: str, data: Any) -> Message:
         event = data.get("event") if type(data) is dict else None
@@ -360,27 +354,27 @@ class BayeuxClient:
     def _rehandshake(self, reason: str) -> list[Output]:
         if self._handshakes >= self.max_handshakes:
             self.state = "closed"
-            return [Retry(f"{reason}; {self._handshakes} handshakes without a successful connect")]
+            return [Retry("protocol", f"{reason}; {self._handshakes} handshakes without a successful connect")]
         self._forget_session()
         return [Rehandshake(reason)]
 
     def _relogin(self, reason: str) -> list[Output]:
         if self._relogins >= self.max_relogins:
             self.state = "closed"
-            return [Retry(f"{reason}; the session was refused again right after a fresh login")]
+            return [Retry("refused", f"{reason}; the session was refused again right after a fresh login")]
         self._relogins += 1
         self.state = "unconnected"
         self.client_id = None
         return [Relogin(reason)]
 
-    def _transport_failure(self, reason: str, awaited: Kind | None) -> list[Output]:
+    def _transport_failure(self, reason: str, awaited: Kind | None, kind: str) -> list[Output]:
         if awaited != "connect" or self.state != "connected":
             self.state = "closed"
-            return [Retry(reason)]
+            return [Retry(kind, reason)]
         self._transport_failures += 1
         if self._transport_failures > self.max_transport_retries:
             self.state = "closed"
-            return [Retry(reason)]
+            return [Retry(kind, reason)]
         return []
 
     def _forget_session(self) -> None:
@@ -391,7 +385,7 @@ class BayeuxClient:
         self._transport_failures = 0
 
     def _ends(self, outputs: list[Output]) -> bool:
-        return bool(outputs) and isinstance(outputs[-1], Relogin | Retry | Failed | Rehandshake)
+        return bool(outputs) and isinstance(outputs[-1], Relogin | Retry | Fail | Rehandshake)
 
     def _request(self, kind: Kind, messages: list[dict[str, Any]], timeout: float, delay: float = 0.0) -> Request:
         self._awaiting = kind

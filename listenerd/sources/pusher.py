@@ -1,10 +1,13 @@
 """Pusher source: one WebSocket per listener, protocol 7 on `websockets`.
 
-Why not Pysher: see DESIGN.md. The protocol decisions live in `pusher_protocol.PusherProtocol`; this
-driver only opens the socket, moves frames between the socket and the machine, sleeps until the
-machine's next deadline, and turns the machine's outcome into `ListenerRetry`/`ListenerFailed` for
-the supervisor. Every connection gets a fresh machine, so private and presence channels are signed
-with that connection's `socket_id`.
+Why not Pysher (deepbrook/Pysher `src/pysher/connection.py`): it speaks protocol 6, runs two threads
+per connection, ignores close codes and cannot re-sign a private channel after a reconnect. The
+protocol (https://pusher.com/docs/channels/library_auth_reference/pusher-websockets-protocol) lives in
+`pusher_protocol.PusherProtocol`; this driver only opens the socket, moves frames between the socket
+and the machine, sleeps until the machine's next deadline, and raises the machine's outcome
+(`listenerd.outcome`) to the supervisor, which decides how soon to honour a "reconnect at once".
+Every connection gets a fresh machine, so private and presence channels are signed with that
+connection's `socket_id`.
 
 Close code 4000 (TLS only) is `failed` like the rest of 4000-4099: the URL is used as configured,
 scheme included, and the status message tells the operator to set `tls = true`.
@@ -13,23 +16,19 @@ scheme included, and the status message tells the operator to set `tls = true`.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ssl
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from listenerd.sources.base import ListenerFailed, ListenerRetry
+from listenerd.net import client_tls, describe, kind_of
+from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources.pusher_protocol import (
     CLIENT_VERSION,
     Count,
     Emit,
     Established,
-    Fail,
-    Outcome,
     PusherProtocol,
-    Retry,
     Send,
     Subscribed,
     build_url,
@@ -38,11 +37,6 @@ from listenerd.sources.pusher_protocol import (
 if TYPE_CHECKING:
     from listenerd.model import PusherIntegration, PusherOptions
     from listenerd.sources.base import SourceContext
-
-# "Reconnect at once" (4200-4299, a missing pong) is honoured this many times in a row; past it, a
-# server that keeps asking gets the supervisor's back-off instead of a reconnect storm. The count
-# is the supervisor's: it resets once a connection has been healthy for `supervisor.healthy-after`.
-IMMEDIATE_RETRIES = 3
 
 # The supervisor's watchdog backs the machine up; this margin lets the machine's own, more precise
 # pong timeout speak first.
@@ -54,19 +48,7 @@ async def run(ctx: SourceContext) -> None:
     tls = integration.tls
     url = build_url(key=integration.key, cluster=integration.cluster, host=integration.host,
                     port=integration.port, tls=tls)
-    outcome = await _connection(ctx, url, tls)
-    if isinstance(outcome, Fail):
-        raise ListenerFailed(outcome.reason)
-    delay = outcome.delay
-    if delay == 0 and ctx.status.attempts >= IMMEDIATE_RETRIES:
-        delay = None
-    raise ListenerRetry(outcome.reason, delay)
-
-
-@functools.lru_cache(maxsize=8)
-def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """One verified context per CA bundle, shared by every listener (a context costs memory)."""
-    return ssl.create_default_context(cafile=ca_bundle)
+    raise Ended(await _connection(ctx, url, tls))
 
 
 async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
@@ -79,14 +61,14 @@ async def _connection(ctx: SourceContext, url: str, tls: bool) -> Outcome:
     try:
         ws = await connect(url, open_timeout=settings.connect_timeout, ping_interval=None,
                            max_size=settings.max_frame_bytes, compression=None, proxy=None,
-                           close_timeout=1, ssl=_ssl_context(settings.ca_bundle) if tls else None,
+                           close_timeout=1, ssl=client_tls(settings.ca_bundle) if tls else None,
                            user_agent_header=f"listenerd/{CLIENT_VERSION}")
     except InvalidStatus as exc:
-        return Retry(f"Pusher refused the WebSocket handshake at {url}: HTTP {exc.response.status_code}")
+        return Retry("refused", f"Pusher refused the WebSocket handshake at {url}: HTTP {exc.response.status_code}")
     except InvalidURI as exc:
         return Fail(f"Invalid Pusher URL {url}: {exc}")
     except (OSError, TimeoutError, InvalidHandshake) as exc:
-        return Retry(f"Could not connect to {url}: {_describe(exc)}")
+        return Retry(kind_of(exc), f"Could not connect to {url}: {describe(exc, limit=200)}")
     machine = PusherProtocol(key=integration.key, secret=integration.secret, channel=options.channel,
                              wants=options.wants, activity_timeout=settings.pusher_activity_timeout,
                              pong_timeout=settings.pusher_pong_timeout, connect_timeout=settings.connect_timeout,
@@ -180,12 +162,3 @@ class _Link:
                     ctx.log.warning("pusher frame problem", kind=action.kind, detail=action.detail)
                 else:
                     return action
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    text = str(exc) or type(exc).__name__
-    return text[:200]

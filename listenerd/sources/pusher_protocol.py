@@ -3,7 +3,7 @@
 Why a machine: every protocol decision (when to subscribe, how to sign, when to ping, what a close
 code means) lives here and is unit-tested without sockets; `sources/pusher.py` only moves frames
 and sleeps. The machine is fed text frames, clock ticks and the close of the socket, and answers
-with actions: frames to send, events to emit, and how the connection ends.
+with actions: frames to send, events to emit, and how the connection ends (a `listenerd.outcome`).
 
 One machine serves one connection attempt for one channel (a listener has exactly one channel).
 A fresh machine is made for every connection, so the subscription is always signed with the new
@@ -23,6 +23,7 @@ from urllib.parse import quote
 import orjson
 
 from listenerd import version
+from listenerd.outcome import Fail, Outcome, Retry
 
 PROTOCOL = 7
 CLIENT_VERSION = version()
@@ -88,23 +89,7 @@ class Established:
     activity_timeout: float
 
 
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """End this connection and connect again: after `delay` s, the back-off when None."""
-
-    reason: str
-    delay: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """End and give up until the definition changes."""
-
-    reason: str
-
-
 Action = Send | Emit | Subscribed | Count | Established | Retry | Fail
-Outcome = Retry | Fail
 
 
 # ---------------------------------------------------------------- helpers
@@ -166,20 +151,20 @@ def classify_close(code: int | None, reason: str | None, *, error: str | None = 
     """What a close code asks of the client (protocol 7 close-code ranges)."""
     said = describe_close(code, reason or error)
     if code is None or code == 1006:
-        return Retry("Connection to Pusher dropped without a close frame")
+        return Retry("network", "Connection to Pusher dropped without a close frame")
     if code == 1009:
-        return Retry("Pusher sent a frame over the size limit (sources.max-frame-bytes); reconnecting")
+        return Retry("protocol", "Pusher sent a frame over the size limit (sources.max-frame-bytes); reconnecting")
     if code == 4000:  # the contract: 4000-4099 mean failed; URLs are used as given, scheme included
         return Fail(f"Pusher refused the connection with {said}; set tls = true in the pusher integration")
     if 4001 <= code <= 4099:
         return Fail(f"Pusher refused the connection with {said}")
     if 4100 <= code <= 4199:
-        return Retry(f"Pusher closed the connection with {said}; backing off")
+        return Retry("refused", f"Pusher closed the connection with {said}; backing off")
     if 4200 <= code <= 4299:
-        return Retry(f"Pusher asked to reconnect now with {said}", delay=0)
+        return Retry("reconnect-advice", f"Pusher asked to reconnect now with {said}", delay=0)
     if code >= 4300:
-        return Retry(f"Pusher closed the connection with error {said}")
-    return Retry(f"Connection to Pusher closed with {said}")
+        return Retry("closed", f"Pusher closed the connection with error {said}")
+    return Retry("closed", f"Connection to Pusher closed with {said}")
 
 
 # ---------------------------------------------------------------- the machine
@@ -257,14 +242,15 @@ class PusherProtocol:
         if self.state == "ended":
             return []
         if self.state == "connecting" and now - self.opened_at >= self.connect_timeout:
-            return [self._end(Retry(f"Pusher did not complete the handshake within {self.connect_timeout:g}s"))]
+            return [self._end(Retry("timeout", f"Pusher did not complete the handshake within "
+                                               f"{self.connect_timeout:g}s"))]
         if (self.state == "subscribing" and self.subscribe_sent_at is not None
                 and now - self.subscribe_sent_at >= self.subscribe_timeout):
-            return [self._end(Retry(f"Pusher did not confirm the subscription to channel {self.channel} "
+            return [self._end(Retry("timeout", f"Pusher did not confirm the subscription to channel {self.channel} "
                                     f"within {self.subscribe_timeout:g}s"))]
         if self.ping_sent_at is not None:
             if now - self.ping_sent_at >= self.pong_timeout:
-                return [self._end(Retry(f"No pong from Pusher within {self.pong_timeout:g}s of a ping; "
+                return [self._end(Retry("heartbeat", f"No pong from Pusher within {self.pong_timeout:g}s of a ping; "
                                         f"reconnecting", delay=0))]
             return []
         if self.state != "connecting" and now - self.last_rx >= self.activity_timeout:
@@ -316,7 +302,7 @@ class PusherProtocol:
         data = decode_data(raw)
         socket_id = data.get("socket_id") if isinstance(data, dict) else None
         if not isinstance(socket_id, str) or not socket_id:
-            return [self._end(Retry("Pusher's connection_established carried no socket_id"))]
+            return [self._end(Retry("protocol", "Pusher's connection_established carried no socket_id"))]
         server_timeout = data.get("activity_timeout")
         if isinstance(server_timeout, int | float) and not isinstance(server_timeout, bool) and server_timeout > 0:
             self.activity_timeout = min(self.configured_activity, float(server_timeout))
@@ -363,5 +349,5 @@ class PusherProtocol:
             detail += f" (status {status})"
         reason = f"Pusher refused the subscription to channel {self.channel}: {detail}"
         if isinstance(status, int) and (500 <= status <= 599 or status == 429):
-            return [self._end(Retry(reason))]
+            return [self._end(Retry("refused", reason))]
         return [self._end(Fail(reason))]

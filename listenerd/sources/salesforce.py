@@ -13,9 +13,10 @@ The protocol decisions live in `sources/bayeux.py` (pure); this module only does
    with its replayId as the checkpoint, which the outbox commits with the event, so a restart
    resumes after the last event that is durable.
 
-Replay choice (documented in the report/README): start at the stored checkpoint for `resume`
-(else -1); `new` is -1 and `all` is -2 at each launch, but a retry inside one launch resumes from the
-checkpoint so a reconnect never skips events, and a checkpoint set through the API is honoured.
+Replay choice (documented in the README): start at the stored checkpoint for `resume` (else -1);
+`new` is -1 and `all` is -2 at each launch, but a retry inside one launch resumes from the
+checkpoint so a reconnect never skips events, and a checkpoint set through the API is honoured (the
+supervisor hands it to that run as `ctx.launch.replay_from`).
 A replayId the server no longer holds is reported in the status message and resubscribed from -2
 (`resume`, `all`: every retained event; duplicates keep their ids, so the engine drops them) or -1
 (`new`: the listener asked for new events only).
@@ -35,16 +36,16 @@ import orjson
 import requests
 
 from listenerd.model import SalesforceIntegration, SalesforceOptions
-from listenerd.sources.base import ListenerFailed, ListenerRetry, SourceContext
+from listenerd.net import client_tls, describe, kind_of, mask
+from listenerd.outcome import Ended, Fail, Retry
+from listenerd.sources.base import SourceContext
 from listenerd.sources.bayeux import (
     BayeuxClient,
-    Failed,
     Message,
     Rehandshake,
     Relogin,
     ReplayRejected,
     Request,
-    Retry,
     Subscribed,
 )
 
@@ -66,16 +67,9 @@ class AnswerTooLarge(Exception):
     """A long-poll answer past the bound: never buffered whole."""
 
 
-def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
-
-
 def scrub(text: str, integration: SalesforceIntegration) -> str:
-    """Salesforce's words, minus any secret they might echo."""
-    for secret in (integration.password + integration.secret_token, *integration.secret_values()):
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "********")
-    return text
+    """Salesforce's words, minus any secret they might echo (the joined password first)."""
+    return mask(text, integration.password + integration.secret_token, *integration.secret_values(), shortest=4)
 
 
 def org_id_of(answer: dict[str, Any]) -> str:
@@ -98,7 +92,7 @@ async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration,
                              headers={"Accept": "application/json"}) as response:
             status, body = response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise ListenerRetry(f"Cannot reach {integration.login_url}: {describe(exc)}") from None
+        raise Ended(Retry(kind_of(exc), f"Cannot reach {integration.login_url}: {describe(exc)}")) from None
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -108,16 +102,9 @@ async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration,
     if isinstance(answer, dict) and answer.get("error"):
         words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration)
         if answer["error"] in FATAL_LOGIN_ERRORS:
-            raise ListenerFailed(f"Salesforce rejected the login: {words}")
-        raise ListenerRetry(f"Login failed: {words}")
-    raise ListenerRetry(f"Login failed: HTTP {status} from {integration.login_url}")
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text
+            raise Ended(Fail(f"Salesforce rejected the login: {words}"))
+        raise Ended(Retry("refused", f"Login failed: {words}"))
+    raise Ended(Retry("refused", f"Login failed: HTTP {status} from {integration.login_url}"))
 
 
 # ---------------------------------------------------------------- PushTopic over REST (in a thread)
@@ -163,8 +150,8 @@ def ensure_topic(session: Session, options: SalesforceOptions, verify: str | boo
         if found.get("totalSize", 0) > 0:
             return "found"
         if not options.query:
-            raise ListenerFailed(f"PushTopic {name} does not exist in the org, and the listener has no query "
-                                 f"to create it with (set options.query, or create the PushTopic)")
+            raise Ended(Fail(f"PushTopic {name} does not exist in the org, and the listener has no query "
+                             f"to create it with (set options.query, or create the PushTopic)"))
         sf.PushTopic.create({"Name": name, "Query": options.query, "ApiVersion": float(options.version),
                              "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
                              "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
@@ -173,11 +160,11 @@ def ensure_topic(session: Session, options: SalesforceOptions, verify: str | boo
     except SalesforceExpiredSession:
         raise
     except SalesforceGeneralError as exc:
-        raise ListenerRetry(f"Salesforce REST error for PushTopic {name}: {rest_words(exc)}") from None
+        raise Ended(Retry("refused", f"Salesforce REST error for PushTopic {name}: {rest_words(exc)}")) from None
     except SalesforceError as exc:
-        raise ListenerFailed(f"Salesforce refused PushTopic {name}: {rest_words(exc)}") from None
+        raise Ended(Fail(f"Salesforce refused PushTopic {name}: {rest_words(exc)}")) from None
     except requests.RequestException as exc:
-        raise ListenerRetry(f"Cannot reach {session.instance_url}: {type(exc).__name__}") from None
+        raise Ended(Retry("network", f"Cannot reach {session.instance_url}: {type(exc).__name__}")) from None
     finally:
         http.close()
 
@@ -192,22 +179,18 @@ def rest_words(exc: Any) -> str:
 # ---------------------------------------------------------------- the source
 
 
-_UNSEEN = object()
-MEMORY = "salesforce.checkpoints"  # ctx.shared key: (tenant, listener) -> the checkpoint this process last saw
-
-
-def start_replay(options: SalesforceOptions, stored: str | None, attempts: int, seen: Any = _UNSEEN) -> int:
+def start_replay(options: SalesforceOptions, stored: str | None, attempts: int,
+                 replay_from: str | None = None) -> int:
     """Where a launch subscribes from.
 
     `resume`: the stored checkpoint, else -1. `new` / `all`: -1 / -2 at each launch, except that (a) a
     retry within a launch (`attempts` > 0) resumes from the checkpoint, so a reconnect never skips
-    events, and (b) a checkpoint changed by someone else since this process last saw it (the API's
-    `PUT .../checkpoint`, which restarts the listener "from there") is honoured.
+    events, and (b) a resume point set through the API's `PUT .../checkpoint`, which restarts the
+    listener "from there" (`replay_from`), is honoured.
     """
-    changed = seen is not _UNSEEN and stored != seen
-    if (options.replay == "resume" or attempts > 0 or changed) and stored is not None \
-            and stored.lstrip("-").isdigit():
-        return int(stored)
+    for point in (replay_from, stored if options.replay == "resume" or attempts > 0 else None):
+        if point is not None and point.lstrip("-").isdigit():
+            return int(point)
     return -2 if options.replay == "all" else -1
 
 
@@ -232,14 +215,13 @@ class Stream:
         self.integration = integration
         self.options = options
         self.settings = ctx.settings
-        self.ssl = ssl_context(self.settings.ca_bundle)
+        self.ssl = client_tls(self.settings.ca_bundle)
         self.timeout = self.settings.connect_timeout
         self.session: Session | None = None
         self.http: aiohttp.ClientSession | None = None  # one per Bayeux session (its cookie jar)
         self.bayeux: BayeuxClient | None = None
         self.note = ""
         self.max_answer = MAX_ANSWER_BYTES
-        self.memory: dict[tuple[str, str], str | None] = ctx.shared.setdefault(MEMORY, {})
 
     async def run(self) -> None:
         ctx, options = self.ctx, self.options
@@ -251,13 +233,12 @@ class Stream:
         if outcome == "created":
             ctx.log.info("PushTopic created", topic=name)
         stored = await ctx.checkpoint()
-        replay = start_replay(options, stored, ctx.status.attempts, self.memory.get(self.memory_key, _UNSEEN))
-        self.memory[self.memory_key] = stored
+        replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
         ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
         await self.follow(replay)
 
     async def follow(self, replay: int) -> None:
-        """The Bayeux loop on the logged-in session, until cancelled or a Retry/Failed ends it."""
+        """The Bayeux loop on the logged-in session, until cancelled or a Retry/Fail ends it."""
         ctx, options = self.ctx, self.options
         self.bayeux = BayeuxClient({options.topic: replay}, replay_fallback=-1 if options.replay == "new" else -2,
                                    margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout)
@@ -299,7 +280,7 @@ class Stream:
                 return await asyncio.to_thread(ensure_topic, self.session, self.options, verify, self.timeout)
             except SalesforceExpiredSession:
                 if attempt == 2:
-                    raise ListenerRetry("Salesforce refused a fresh session for the REST API") from None
+                    raise Ended(Retry("refused", "Salesforce refused a fresh session for the REST API")) from None
                 await self.login()
         raise AssertionError("unreachable")
 
@@ -316,7 +297,7 @@ class Stream:
             self.ctx.count("oversized")
             return self.bayeux.malformed(str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}")
+            return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}", kind_of(exc))
         self.ctx.alive()
         if status != 200:
             return self.bayeux.http_error(status, body[:200].decode("utf-8", "replace"))
@@ -372,9 +353,9 @@ class Stream:
             assert self.bayeux is not None
             self.bayeux.relogged_in()
         elif isinstance(output, Retry):
-            raise ListenerRetry(f"Salesforce streaming: {output.reason}")
-        elif isinstance(output, Failed):
-            raise ListenerFailed(output.reason)
+            raise Ended(Retry(output.kind, f"Salesforce streaming: {output.reason}", output.delay))
+        elif isinstance(output, Fail):
+            raise Ended(output)
 
     async def emit(self, message: Message) -> None:
         data = message.data
@@ -387,11 +368,6 @@ class Stream:
         replay_id = str(message.replay_id)
         await self.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel},
                             key=self.key_prefix + replay_id, checkpoint=replay_id)
-        self.memory[self.memory_key] = replay_id
-
-    @property
-    def memory_key(self) -> tuple[str, str]:
-        return (self.ctx.tenant_id, self.ctx.listener_id)
 
     @property
     def key_prefix(self) -> str:

@@ -292,8 +292,9 @@ async def test_a_checkpoint_set_like_the_api_restarts_from_there(tmp_path, sim, 
         await started(record)
         ids = [sim.publish("Invoices", {"Id": f"a{i}", "Name": f"n{i}"}) for i in range(4)]
         await wait_for(lambda: record.received == 4, what="four events")
-        await h.store.set_checkpoint(*KEY, str(ids[1]))  # what PUT .../checkpoint does, then a restart
-        await sup.restart(KEY)
+        # what PUT .../checkpoint does: a restart that writes the checkpoint and resumes from it
+        await sup.restart(KEY, while_stopped=lambda: h.store.set_checkpoint(*KEY, str(ids[1])),
+                          replay_from=str(ids[1]))
         await wait_for(lambda: record.received == 6, what="the two events after the checkpoint, again")
         assert names(await h.events()) == ["n0", "n1", "n2", "n3", "n2", "n3"]
         events = await h.events()
@@ -301,7 +302,7 @@ async def test_a_checkpoint_set_like_the_api_restarts_from_there(tmp_path, sim, 
 
 
 async def test_an_answer_past_the_size_bound_is_refused_not_buffered(tmp_path, sim):
-    from listenerd.sources.base import ListenerRetry
+    from listenerd.outcome import Ended, Retry
     from listenerd.sources.salesforce import Stream
 
     async with Harness(tmp_path) as h:
@@ -314,12 +315,14 @@ async def test_an_answer_past_the_size_bound_is_refused_not_buffered(tmp_path, s
         try:
             await wait_for(lambda: any(c.subscriptions for c in sim.bayeux.values()), what="subscribed")
             sim.publish("Invoices", {"Id": "a0", "Name": "small"})
-            await wait_for(lambda: stream.ctx.status.received == 1, what="a small event")
+            await wait_for(lambda: h.records[KEY].received == 1, what="a small event")
             sim.publish("Invoices", {"Id": "a1", "Name": "x" * 50_000})
-            with pytest.raises(ListenerRetry) as info:
+            with pytest.raises(Ended) as info:
                 await asyncio.wait_for(task, 10)
             # each new session asked for the events after "small" again (replay), until the machine gave up
-            assert "larger than 20000 bytes" in info.value.reason and "handshakes" in info.value.reason
+            outcome = info.value.outcome
+            assert isinstance(outcome, Retry)
+            assert "larger than 20000 bytes" in outcome.reason and "handshakes" in outcome.reason
             assert names(await h.events()) == ["small"]
             assert h.metrics.listener_errors.labels(*KEY, "oversized")._value.get() >= 3
         finally:

@@ -165,16 +165,17 @@ async def test_listenerd_bayeux_client_receives_from_a_real_faye_server(tmp_path
                     mapping={"name": "Name", "replay": "$event.replayId", "channel": "$channel"})
     async with Harness(tmp_path, config) as h:
         ctx = h.context("t", spec, creds)
+        record = h.records[("t", "LF")]
         stream = Stream(ctx, creds, spec.options)
         stream.session = Session("peer-token", faye.url, "org")  # faye has no OAuth: a bearer it checks
         task = asyncio.create_task(stream.follow(-1))
         await wait_for(lambda: any("subscribe" in s for s in faye.seen), what="faye sees the subscription")
-        assert ctx.status.status == "started" and ctx.status.message == "Subscribed to topic: /topic/Invoices"
+        assert record.status == "started" and record.message == "Subscribed to topic: /topic/Invoices"
         for i in range(1, 4):
             await faye.publish("/topic/Invoices", {"event": {"replayId": i, "type": "created",
                                                              "createdDate": "2026-11-23T00:00:00.000Z"},
                                                    "sobject": {"Id": f"a{i}", "Name": f"n{i}"}})
-        await wait_for(lambda: ctx.status.received == 3, what="three events through faye")
+        await wait_for(lambda: record.received == 3, what="three events through faye")
         events = await h.events()
         assert [e["event"] for e in events] == [{"name": f"n{i}", "replay": i, "channel": "/topic/Invoices"}
                                                 for i in range(1, 4)]
@@ -189,7 +190,7 @@ async def test_listenerd_bayeux_client_receives_from_a_real_faye_server(tmp_path
 
 
 async def test_listenerd_bayeux_client_is_refused_by_faye_without_the_token(tmp_path, faye):
-    from listenerd.sources.base import ListenerRetry
+    from listenerd.outcome import Ended
 
     config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")}})
     creds = integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u",
@@ -204,9 +205,9 @@ async def test_listenerd_bayeux_client_is_refused_by_faye_without_the_token(tmp_
             relogins.append(1)
 
         stream.login = fake_login
-        with pytest.raises(ListenerRetry) as info:
+        with pytest.raises(Ended) as info:
             await stream.follow(-1)
-        assert "401::Authentication invalid" in info.value.reason and relogins == [1]
+        assert "401::Authentication invalid" in info.value.outcome.reason and relogins == [1]
         await stream.close()
 
 
@@ -220,6 +221,7 @@ async def test_listenerd_rehandshakes_and_resubscribes_when_faye_forgets_it(tmp_
     spec = listener(id="LF", type="salesforce", options={"topic": "Invoices"}, mapping={"replay": "$event.replayId"})
     async with Harness(tmp_path, config) as h:
         ctx = h.context("t", spec, creds)
+        record = h.records[("t", "LF")]
         stream = Stream(ctx, creds, spec.options)
         stream.session = Session("peer-token", faye.url, "org")
         task = asyncio.create_task(stream.follow(-1))
@@ -231,9 +233,9 @@ async def test_listenerd_rehandshakes_and_resubscribes_when_faye_forgets_it(tmp_
             second_client = [s["clientId"] for s in faye.seen if "subscribe" in s][1]
             assert second_client != first_client
             await faye.publish("/topic/Invoices", {"event": {"replayId": 7, "type": "created"}, "sobject": {"Id": "a"}})
-            await wait_for(lambda: ctx.status.received == 1, what="event after the re-handshake")
+            await wait_for(lambda: record.received == 1, what="event after the re-handshake")
             assert [e["event"] for e in await h.events()] == [{"replay": 7}]
-            assert ctx.status.status == "started"
+            assert record.status == "started"
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,14 +2,13 @@
 
 import pytest
 
+from listenerd.outcome import Fail, Retry
 from listenerd.sources.bayeux import (
     BayeuxClient,
-    Failed,
     Message,
     Rehandshake,
     Relogin,
     ReplayRejected,
-    Retry,
     Subscribed,
 )
 
@@ -200,7 +199,7 @@ def test_http_5xx_and_network_errors_retry_connect_once_then_end():
     c.next_request()
     assert c.http_error(503) == []
     c.next_request()
-    assert c.transport_error("connection reset") == [Retry("connection reset")]
+    assert c.transport_error("connection reset") == [Retry("network", "connection reset")]
 
 
 def test_a_successful_connect_resets_the_failure_count():
@@ -254,7 +253,7 @@ def test_replay_id_outside_retention_fails_without_a_fallback():
     c.next_request()
     out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False,
                       "error": "400::The replayId {82} you provided was invalid."}])
-    assert isinstance(out[0], Failed) and "82" in out[0].reason
+    assert isinstance(out[0], Fail) and "82" in out[0].reason
 
 
 def test_missing_channel_fails_with_the_server_text():
@@ -263,7 +262,7 @@ def test_missing_channel_fails_with_the_server_text():
     c.next_request()
     error = "400::The channel you requested to subscribe to doesn't exist {/topic/Invoices}"
     out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False, "error": error}])
-    assert out == [Failed(f"Subscription to {TOPIC} refused: {error}")]
+    assert out == [Fail(f"Subscription to {TOPIC} refused: {error}")]
 
 
 def test_faye_style_401_unknown_client_rehandshakes_not_relogin():
@@ -290,7 +289,7 @@ def test_server_without_long_polling_is_a_failure():
     c.next_request()
     out = c.receive([{"channel": "/meta/handshake", "successful": True, "clientId": "x",
                       "supportedConnectionTypes": ["websocket"]}])
-    assert isinstance(out[0], Failed)
+    assert isinstance(out[0], Fail)
 
 
 def test_stop_unsubscribes_and_disconnects():

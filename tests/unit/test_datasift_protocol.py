@@ -1,16 +1,24 @@
-"""DataSift protocol decisions without sockets: dispatch order, failure scope, delete identity, URLs."""
+"""DataSift protocol decisions without sockets: dispatch order, failure scope, delete identity, URLs, and the
+machine: subscriptions on a live socket, when a listener is started, silence, how a socket ends."""
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listenerd.sources.datasift import (
+from listenerd.model import SECRET_MASK
+from listenerd.outcome import Fail, Retry
+from listenerd.sources.datasift_protocol import (
+    DataSiftProtocol,
+    End,
     Failure,
     Item,
     Malformed,
     Notice,
     Reconnect,
+    Resolve,
+    Send,
+    Started,
     Tick,
     classify,
     decode_frame,
@@ -114,3 +122,175 @@ def test_stream_url_puts_credentials_in_the_query_and_public_url_strips_them():
     assert stream_url("ws://h:1/multi?x=1", "u", "k") == "ws://h:1/multi?x=1&username=u&api_key=k"
     assert public_url(url) == "wss://websocket.datasift.com/multi"
     assert public_url("ws://user:pw@h:1/multi?api_key=k") == "ws://h:1/multi"
+
+
+# ---------------------------------------------------------------- the machine
+
+KEY = "api-key-s3cret"
+TICK = orjson.dumps({"tick": 1, "status": "connected"})
+
+
+def machine(silence=65.0, max_bytes=1 << 20, hashes=(H,), now=0.0, confirm=True):
+    """A machine with `hashes` joined, its socket open at `now` and (by default) confirmed by a tick."""
+    m = DataSiftProtocol(url="wss://stream.example/multi", api_key=KEY, silence_timeout=silence,
+                         max_frame_bytes=max_bytes)
+    for h in hashes:
+        m.join(h)
+    m.opened(now)
+    if confirm:
+        m.receive(TICK, now)
+    return m
+
+
+def frame(**message):
+    return orjson.dumps(message)
+
+
+def test_nothing_is_sent_before_the_socket_opens_then_every_hash_once():
+    m = DataSiftProtocol(url="u", api_key=KEY, silence_timeout=65, max_frame_bytes=1000)
+    m.join(H2)
+    m.join(H)
+    assert m.sync() == []
+    assert m.opened(0) == [Send("subscribe", H2), Send("subscribe", H)]  # sorted; nobody started before an answer
+    assert m.sync() == []
+    assert orjson.loads(Send("subscribe", H).text) == {"action": "subscribe", "hash": H}
+    assert orjson.loads(Send("unsubscribe", H).text) == {"action": "unsubscribe", "hash": H}
+
+
+def test_a_listener_is_started_once_its_hash_is_sent_and_the_socket_answers():
+    m = machine(confirm=False)
+    assert m.sync() == []  # subscribed at open, but nothing heard yet
+    assert [type(a) for a in m.receive(b"{bad", 1)] == [Malformed]  # a skipped frame confirms nothing
+    nobody = frame(status="failure", message="gone", hash=H2)
+    assert [type(a) for a in m.receive(nobody, 1)] == [Notice]  # nor a failure
+    assert not m.confirmed
+    m = machine(confirm=False)
+    assert m.receive(frame(status="warning", message="w"), 1)[0] == Started(frozenset({H}))
+    m = machine(confirm=False)
+    assert m.receive(frame(hash=H, data=INTERACTION), 1)[0] == Started(frozenset({H}))
+    assert m.receive(TICK, 2) == []  # once confirmed, a tick says nothing new
+
+
+def test_subscribe_and_unsubscribe_while_connected():
+    m = machine()
+    m.join(H2)
+    assert m.sync() == [Send("subscribe", H2), Started(frozenset({H, H2}))]
+    m.leave(H)
+    assert m.sync() == [Send("unsubscribe", H), Started(frozenset({H2}))]
+    assert m.sync() == [Started(frozenset({H2}))]  # nothing more to send
+
+
+def test_a_second_listener_of_a_hash_shares_its_subscription():
+    m = machine()
+    m.join(H)
+    assert m.sync() == [Started(frozenset({H}))]  # the newcomer is started, nothing is sent again
+    m.leave(H)
+    assert not any(isinstance(a, Send) for a in m.sync())  # one listener still follows it
+    m.leave(H)
+    assert m.sync() == [Send("unsubscribe", H)]
+
+
+def test_a_quick_leave_and_join_sends_nothing():
+    m = machine()
+    m.leave(H)
+    m.join(H)  # a restart with a changed mapping: the hash stays subscribed
+    assert m.sync() == [Started(frozenset({H}))]
+
+
+def test_items_and_deletes_are_emitted_to_their_hash():
+    m = machine()
+    [emit] = m.receive(frame(hash=H, data=INTERACTION), 1)
+    assert emit == Item(H, INTERACTION, False, "1e1e875ab43fa233e074337458bc1dca")
+    [delete] = m.receive(frame(hash=H, data={"interaction": {"id": "abc"}, "deleted": True}), 2)
+    assert delete.deleted and delete.key == "deleted:abc"
+
+
+def test_a_failure_naming_a_hash_by_field_or_text_resolves_only_its_listeners():
+    m = machine(hashes=(H, H2))
+    [resolve] = m.receive(frame(status="failure", message="gone", hash=H), 1)
+    assert resolve == Resolve(H, Fail(f"DataSift refused stream {H}: gone"))
+    assert H in m.rejected and H not in m.sent
+    [resolve] = m.receive(frame(status="failure", message=f"The hash {H2} does not exist"), 2)
+    assert resolve.hash == H2 and isinstance(resolve.outcome, Fail)
+
+
+def test_a_rejected_hash_is_never_unsubscribed_and_retried_only_after_a_new_definition():
+    m = machine()
+    m.receive(frame(status="failure", message="gone", hash=H), 1)
+    assert m.sync() == []  # still wanted by the failing listener, but not subscribed again
+    m.leave(H)  # the failed listener ends
+    assert m.sync() == []  # never unsubscribed: the server already dropped it
+    m.join(H)  # a new definition with the same hash
+    assert m.sync() == [Send("subscribe", H), Started(frozenset({H}))]
+
+
+def test_a_failure_for_a_hash_nobody_follows_is_noted_not_resolved():
+    m = machine()
+    [note] = m.receive(frame(status="failure", message="x", hash=H2), 1)
+    assert isinstance(note, Notice) and note.level == "warning" and note.hash == H2
+
+
+def test_a_failure_about_credentials_ends_the_socket_as_failed_and_any_other_as_retry():
+    m = machine(hashes=(H, H2))
+    [end] = m.receive(frame(status="failure", message=f"Invalid API key {KEY}"), 1)
+    assert end == End(Fail(f"DataSift refused the credentials: Invalid API key {SECRET_MASK}"))
+    [end] = machine().receive(frame(status="error", message="Internal error, please try again"), 1)
+    assert end == End(Retry("refused", "DataSift reported a failure: Internal error, please try again"))
+
+
+def test_reconnect_advice_ends_the_socket_for_an_immediate_retry():
+    [end] = machine().receive(frame(reconnect=True), 1)
+    assert end == End(Retry("reconnect-advice", "DataSift asked for a reconnect", 0))
+
+
+def test_silence_ends_the_socket_a_little_before_the_watchdog_and_frames_or_listening_defer_it():
+    m = machine(silence=1.0, now=10.0)
+    assert m.deadline() == pytest.approx(10.8)
+    assert m.tick(10.7) == []
+    m.receive(TICK, 10.5)
+    assert m.deadline() == pytest.approx(11.3)
+    m.listening(12.0)  # the driver was busy emitting under back-pressure until now
+    assert m.tick(12.5) == []
+    [end] = m.tick(12.8)
+    assert end == End(Retry("heartbeat", "No data or tick from DataSift for 1s; reconnecting", 0))
+    assert machine(silence=65.0).deadline() == pytest.approx(64.75)
+
+
+def test_malformed_and_oversized_frames_are_counted_for_their_hash_or_everyone():
+    m = machine(max_bytes=200)
+    [count] = m.receive(b"{not json", 1)
+    assert count.kind == "malformed" and count.hash is None
+    [count] = m.receive(frame(hash=H, data=[1]), 2)
+    assert count == Malformed("stream message without a data object", "malformed", H)
+    [count] = m.receive(orjson.dumps({"hash": H, "data": {"x": "y" * 300}}), 3)
+    assert count.kind == "oversized"
+
+
+def test_notices_are_masked_and_scoped():
+    [note] = machine().receive(frame(status="warning", message=f"close to your limit, key {KEY}", hash=H), 1)
+    assert note == Notice("warning", f"close to your limit, key {SECRET_MASK}", H)
+
+
+@pytest.mark.parametrize(("code", "outcome"), [
+    (401, Fail("DataSift rejected the credentials (HTTP 401)")),
+    (403, Fail("DataSift rejected the credentials (HTTP 403)")),
+    (404, Fail("DataSift refused the connection to wss://stream.example/multi (HTTP 404)")),
+    (429, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 429)")),
+    (420, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 420)")),
+    (503, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 503)")),
+])
+def test_handshake_refusals(code, outcome):
+    assert machine().handshake_refused(code) == outcome
+
+
+def test_how_a_socket_ends_is_worded_and_kinded():
+    m = machine()
+    assert m.closed(None, None) == Retry("network", "Connection to DataSift lost (no close frame)")
+    assert m.closed(None, (1009, "frame too big")) == Retry(
+        "protocol", "Connection to DataSift closed by listenerd (code 1009: frame too big)")
+    assert m.closed(None, (1011, "")).kind == "heartbeat"
+    assert m.closed((1000, f"bye {KEY}"), None) == Retry(
+        "closed", f"DataSift closed the connection (code 1000: bye {SECRET_MASK})")
+    assert m.unreachable(f"refused at ?api_key={KEY}").reason.endswith(SECRET_MASK)
+    assert m.unreachable("timed out", "timeout").kind == "timeout"
+    assert isinstance(m.invalid_url(), Fail)

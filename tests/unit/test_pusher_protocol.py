@@ -7,13 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from listenerd.model import PusherOptions
+from listenerd.outcome import Fail, Retry
 from listenerd.sources.pusher_protocol import (
     Count,
     Emit,
     Established,
-    Fail,
     PusherProtocol,
-    Retry,
     Send,
     Subscribed,
     build_url,
@@ -174,7 +173,7 @@ def test_pings_after_the_shorter_activity_timeout_and_reconnects_without_pong():
     assert m.deadline() == 40
     assert m.tick(39) == []
     [outcome] = m.tick(40.0)
-    assert outcome == Retry("No pong from Pusher within 30s of a ping; reconnecting", delay=0)
+    assert outcome == Retry("heartbeat", "No pong from Pusher within 30s of a ping; reconnecting", delay=0)
     assert m.tick(50.0) == [] and m.deadline() == float("inf")  # ended: nothing more to decide
 
 
@@ -206,6 +205,14 @@ def test_close_code_classes(code, kind, delay):
     assert isinstance(outcome, kind)
     if kind is Retry:
         assert outcome.delay == delay
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    (None, "network"), (1006, "network"), (1009, "protocol"), (4100, "refused"), (4200, "reconnect-advice"),
+    (4301, "closed"), (1000, "closed"),
+])
+def test_close_code_kinds(code, kind):
+    assert classify_close(code, "why").kind == kind
 
 
 def test_close_reason_is_clear_for_an_operator():

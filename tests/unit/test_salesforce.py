@@ -25,11 +25,12 @@ def test_start_replay(replay, stored, attempts, expected):
 
 
 @pytest.mark.parametrize("replay", ["new", "all"])
-def test_a_checkpoint_changed_since_this_process_saw_it_is_honoured(replay):
+def test_a_checkpoint_set_through_the_api_is_honoured(replay):
     options = SalesforceOptions(topic="X", replay=replay)
-    assert start_replay(options, "42", 0, seen="42") == (-1 if replay == "new" else -2)  # ours: the option
-    assert start_replay(options, "7", 0, seen="42") == 7  # set through the API since: "restarts from there"
-    assert start_replay(options, "-2", 0, seen=None) == -2
+    assert start_replay(options, "42", 0) == (-1 if replay == "new" else -2)  # ours: the option
+    assert start_replay(options, "7", 0, replay_from="7") == 7  # set through the API: "restarts from there"
+    assert start_replay(options, "-2", 0, replay_from="-2") == -2
+    assert start_replay(options, "9", 2, replay_from="7") == 7  # the API's point wins for the run it is given to
 
 
 def test_org_id_from_the_identity_url_else_the_token():

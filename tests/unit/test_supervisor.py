@@ -1,10 +1,15 @@
-"""The supervisor with scripted sources: isolation, back-off, failed, reconcile, heartbeat bound."""
+"""The supervisor with scripted sources: isolation, back-off, failed, reconcile, heartbeat bound, and what a
+source is told (its launch, its own settings, typed shared resources)."""
 
 import asyncio
 import time
 
+import pytest
+
 from listenerd.model import Config
-from listenerd.sources.base import ListenerFailed, ListenerRetry
+from listenerd.outcome import Ended, Fail, Retry
+from listenerd.sources.base import Launch
+from listenerd.supervisor import IMMEDIATE_RETRIES, retry_delay
 from tests.harness import Harness, desired, integration, listener, wait_for
 
 CREDS = integration("pusher", key="k", secret="s3cr3t-value")
@@ -55,7 +60,7 @@ async def test_failed_source_is_not_retried_until_its_definition_changes(tmp_pat
     async def run(ctx):
         calls.append(ctx.listener.options.channel)
         if ctx.listener.options.channel == "wrong":
-            raise ListenerFailed("Pusher closed the connection: 4001 application does not exist")
+            raise Ended(Fail("Pusher closed the connection: 4001 application does not exist"))
         ctx.started("Subscribed to channel: right")
         await asyncio.Event().wait()
 
@@ -111,7 +116,7 @@ async def test_disabled_listener_is_stopped_and_transient_retry_honours_delay(tm
 
     async def run(ctx):
         runs.append(time.monotonic())
-        raise ListenerRetry("Pusher asked to reconnect now (4200)", delay=0)
+        raise Ended(Retry("reconnect-advice", "Pusher asked to reconnect now (4200)", delay=0))
 
     scripted_source("pusher", run)
     async with Harness(tmp_path, fast_config(tmp_path, **{"backoff-initial": 5, "backoff-max": 5})) as h:
@@ -149,7 +154,7 @@ async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
     async def run(ctx):
         runs.append(1)
         if len(runs) == 1:
-            raise ListenerFailed("bad credentials")
+            raise Ended(Fail("bad credentials"))
         ctx.started("ok")
         await asyncio.Event().wait()
 
@@ -171,12 +176,12 @@ async def test_backoff_resets_after_a_healthy_period(tmp_path, scripted_source):
     async def run(ctx):
         step = next(script, "park")
         if step == "fail":
-            raise ListenerRetry("connection refused")
+            raise Ended(Retry("network", "connection refused"))
         if step == "healthy":
             ctx.started("ok")
             await asyncio.sleep(0.3)  # longer than healthy-after: the next failure starts back-off anew
             healthy_done.set()
-            raise ListenerRetry("connection lost")
+            raise Ended(Retry("network", "connection lost"))
         ctx.started("ok")
         await asyncio.Event().wait()
 
@@ -210,3 +215,60 @@ async def test_a_listener_paused_by_back_pressure_is_not_taken_for_silent(tmp_pa
         await wait_for(lambda: "paused: outbox full" in record.message, what="paused")
         await asyncio.sleep(1.0)  # over three heartbeat bounds of silence while paused
         assert record.status == "started" and len(runs) == 1
+
+
+@pytest.mark.parametrize(("delay", "attempt", "immediate"), [
+    (0, 1, True), (0, IMMEDIATE_RETRIES, True), (0, IMMEDIATE_RETRIES + 1, False), (None, 1, False),
+])
+def test_an_immediate_retry_is_honoured_a_few_times_in_a_row_then_the_back_off(delay, attempt, immediate):
+    settings = Config.model_validate({"supervisor": {"backoff-initial": 5, "backoff-max": 5}}).supervisor
+    got = retry_delay(Retry("reconnect-advice", "asked", delay), attempt, settings)
+    assert (got == 0) if immediate else (4 <= got <= 5)
+    assert retry_delay(Retry("refused", "wait", 2.5), 99, settings) == 2.5  # a delay the server asked for
+
+
+async def test_a_source_sees_its_launch_its_settings_and_typed_shared_resources(tmp_path, scripted_source):
+    seen = []
+
+    class Pool:
+        """A resource the listeners of one source type share."""
+
+    async def run(ctx):
+        seen.append((ctx.launch, ctx.shared.get(Pool), ctx.settings))
+        assert not hasattr(ctx, "config") and not hasattr(ctx, "status")  # no other tenant's secrets, no policy
+        if len(seen) in (1, 3):
+            raise Ended(Retry("network", "dropped"))
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    config = fast_config(tmp_path)
+    async with Harness(tmp_path, config) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "L"): desired(spec("L"), CREDS)})
+        record = sup.status(("t", "L"))
+        await wait_for(lambda: len(seen) == 2 and record.status == "started")
+        assert await sup.restart(("t", "L"), replay_from="42")
+        await wait_for(lambda: len(seen) == 4 and record.status == "started")
+    assert [launch for launch, _, _ in seen] == [Launch(0), Launch(1), Launch(0, "42"), Launch(1)]
+    assert len({id(pool) for _, pool, _ in seen}) == 1
+    assert all(settings == config.sources for _, _, settings in seen)
+
+
+async def test_a_resume_point_set_while_disabled_reaches_the_next_launch(tmp_path, scripted_source):
+    launches = []
+
+    async def run(ctx):
+        launches.append(ctx.launch)
+        ctx.started("ok")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "D"): desired(spec("D", status=False), CREDS)})
+        assert await sup.restart(("t", "D"), replay_from="7")
+        await asyncio.sleep(0.1)
+        assert launches == []  # disabled: nothing runs, the resume point waits
+        await sup.reconcile({("t", "D"): desired(spec("D"), CREDS)})
+        await wait_for(lambda: launches == [Launch(0, "7")], what="launched from the resume point")

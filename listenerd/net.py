@@ -1,0 +1,38 @@
+"""What every connection to a provider or to the engine shares: TLS contexts, error words, masking."""
+
+from __future__ import annotations
+
+import functools
+import ssl
+
+from listenerd.model import SECRET_MASK
+
+
+@functools.lru_cache(maxsize=8)
+def client_tls(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """A verifying client context, against `ca_bundle` or the system's CAs; one per bundle, shared by every
+    connection (a context costs memory, and they are many)."""
+    return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+
+
+def describe(exc: BaseException, limit: int | None = None) -> str:
+    """A connection error in a few words for a status message: no traceback, no class zoo."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc) or type(exc).__name__
+    return text[:limit] if limit is not None else text
+
+
+def kind_of(exc: BaseException) -> str:
+    """The outcome kind of a connection error: "timeout" when nothing answered in time, else "network"."""
+    return "timeout" if isinstance(exc, TimeoutError) else "network"
+
+
+def mask(text: str, *secrets: str, shortest: int = 1) -> str:
+    """`text` with every secret of at least `shortest` characters replaced by the mask."""
+    for secret in secrets:
+        if secret and len(secret) >= shortest and secret in text:
+            text = text.replace(secret, SECRET_MASK)
+    return text

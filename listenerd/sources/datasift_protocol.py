@@ -1,0 +1,373 @@
+"""DataSift `/multi` protocol, client side, as a state machine without I/O.
+
+Why a machine: which hashes a socket should carry, which the server has refused, whom a failure
+concerns, when a listener counts as started and when silence means a dead socket are decisions over
+messages and time; made here, they are unit-tested without sockets (tests/unit/test_datasift_protocol.py),
+and `sources/datasift.py` only moves frames, sleeps until `deadline()` and performs the actions.
+
+One machine serves one socket ("epoch"): it is made before the socket opens (listeners join while it
+connects) and dropped when the socket ends; the listeners that come back get a fresh one. Time is
+passed in (monotonic seconds).
+
+Sources (the message shapes and the dispatch order): https://dev.datasift.com/docs/streaming-api/multiple-streams;
+datasift/datasift-java `src/main/java/com/datasift/client/stream/MultiStreamInteraction.java` and
+`DataSiftMessage.java` (status, message, tick, hash); datasift/datasift-node `lib/stream.js` (the
+`reconnect` message, 65 s of silence means reconnect now); datasift/datasift-python `tests/mocks.py`
+(interaction fields). The api key travels in the URL query: every text the server sends is masked
+before it reaches a reason, a log line or a status.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import orjson
+
+from listenerd.net import mask
+from listenerd.outcome import Fail, Outcome, Retry
+
+CREDENTIAL_WORDS = ("api key", "api_key", "apikey", "username", "credential", "authenticat", "unauthori",
+                    "not authorized", "forbidden", "access denied")
+
+
+# ---------------------------------------------------------------- one frame -> one decision
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """`{"tick": ..., "status": "connected"}` or any keep-alive: proves the socket lives."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """`status` `success` or `warning` (or an unknown status): informational, never fatal."""
+
+    level: str
+    message: str
+    hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """`status` `failure`/`error`: scoped to `hash` when it names one, else to the whole socket."""
+
+    message: str
+    hash: str | None = None
+    credentials: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """`{"reconnect": true}`: the server asks for a new connection now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """An interaction, or a delete when `deleted`; `key` is the event's stable source identity."""
+
+    hash: str
+    data: dict[str, Any]
+    deleted: bool
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A frame that is not a DataSift message (bad JSON, wrong shape, oversized): counted, skipped."""
+
+    reason: str
+    kind: str = "malformed"
+    hash: str | None = None
+
+
+Decision = Tick | Notice | Failure | Reconnect | Item | Malformed
+
+
+def decode_frame(raw: bytes | str, max_bytes: int, hashes: Collection[str] = ()) -> Decision:
+    """One WebSocket frame -> one decision. Oversized frames are refused before parsing."""
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return Malformed(f"frame of {size} bytes exceeds the {max_bytes}-byte limit", kind="oversized")
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Malformed(f"not JSON: {exc}")
+    return classify(message, hashes)
+
+
+def classify(message: Any, hashes: Collection[str] = ()) -> Decision:
+    """Dispatch in the documented order: status (tick, success, warning, failure), reconnect, delete, interaction.
+
+    `hashes` are the hashes subscribed on this socket; a failure whose text names one of them (and has
+    no `hash` field) is scoped to it, as DataSift's multi-stream messages name the hash in the text.
+    """
+    if not isinstance(message, dict):
+        return Malformed("not a JSON object")
+    status = message.get("status")
+    if status is not None:
+        text = message.get("message")
+        text = text if isinstance(text, str) else ("" if text is None else str(text))
+        named = _named_hash(message, text, hashes)
+        if status in ("failure", "error"):
+            return Failure(text or f"DataSift reported {status}", named,
+                           credentials=named is None and _about_credentials(text))
+        if status == "connected" or "tick" in message:
+            return Tick()
+        if status in ("success", "warning"):
+            return Notice(status, text, named)
+        return Notice("info", text, named)
+    if "tick" in message:
+        return Tick()
+    if message.get("reconnect") is True:
+        return Reconnect()
+    stream_hash = message.get("hash")
+    data = message.get("data")
+    if not isinstance(stream_hash, str) or not stream_hash:
+        return Malformed("message without status, reconnect or hash")
+    if not isinstance(data, dict):
+        return Malformed("stream message without a data object", hash=stream_hash)
+    deleted = data.get("deleted") is True or message.get("deleted") is True
+    interaction_id = _interaction_id(data)
+    key = interaction_id
+    if interaction_id is not None and deleted:
+        key = f"deleted:{interaction_id}"  # a delete is an event of its own, with an id of its own
+    return Item(stream_hash, data, deleted, key)
+
+
+def _named_hash(message: dict[str, Any], text: str, hashes: Collection[str]) -> str | None:
+    value = message.get("hash")
+    if isinstance(value, str) and value:
+        return value
+    for candidate in hashes:
+        if candidate and candidate in text:
+            return candidate
+    return None
+
+
+def _about_credentials(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in CREDENTIAL_WORDS)
+
+
+def _interaction_id(data: dict[str, Any]) -> str | None:
+    interaction = data.get("interaction")
+    if isinstance(interaction, dict):
+        value = interaction.get("id")
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return None
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def stream_url(base: str, username: str, api_key: str) -> str:
+    """`{stream-url}?username=..&api_key=..`, keeping any query the configured URL already has."""
+    parts = urlsplit(base)
+    query = urlencode({"username": username, "api_key": api_key})
+    return urlunsplit(parts._replace(query=f"{parts.query}&{query}" if parts.query else query))
+
+
+def public_url(base: str) -> str:
+    """The URL as it may be logged: no query, no user info."""
+    parts = urlsplit(base)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send `{"action": "subscribe"|"unsubscribe", "hash": ...}` (unsubscribe once no listener follows it)."""
+
+    action: Literal["subscribe", "unsubscribe"]
+    hash: str
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps({"action": self.action, "hash": self.hash}).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The listeners of these hashes are `started` (once each: their subscribe is out, the socket answers)."""
+
+    hashes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """End the listeners of `hash` with `outcome`; the socket and the others carry on."""
+
+    hash: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """End the socket: every listener on it gets `outcome`."""
+
+    outcome: Outcome
+
+
+# Three decisions are also actions, their text masked: an `Item` is handed to the listeners of its
+# hash, a `Malformed` frame is counted for them (for all when it names no hash), a `Notice` is logged.
+Action = Send | Started | Item | Malformed | Notice | Resolve | End
+
+
+# ---------------------------------------------------------------- the machine
+
+
+class DataSiftProtocol:
+    """One socket's subscriptions, confirmation and silence.
+
+    `wanted` counts the listeners per hash; `sent` are the hashes subscribed on the open socket;
+    `rejected` the hashes the server failed (never unsubscribed, and subscribed again only when a
+    listener joins with them anew, i.e. after a new definition); `confirmed` turns true at the first
+    frame that is not a failure. A listener is started once its hash is sent and the socket confirmed.
+    """
+
+    def __init__(self, *, url: str, api_key: str, silence_timeout: float, max_frame_bytes: int):
+        self.url = url  # public: no query
+        self._api_key = api_key
+        self.silence_timeout = silence_timeout
+        # End the socket a little before the supervisor's watchdog (the same bound, from the same frame)
+        # could: this machine reconnects at once, the watchdog's path waits out the back-off.
+        self.silence_limit = silence_timeout - min(0.25, silence_timeout * 0.2)
+        self.max_frame_bytes = max_frame_bytes
+        self.wanted: Counter[str] = Counter()
+        self.sent: set[str] = set()
+        self.rejected: set[str] = set()
+        self.open = False
+        self.confirmed = False
+        self.listening_since = 0.0
+
+    # -- listeners joining and leaving (no frames until `sync`, so a quick leave-and-join sends nothing)
+
+    def join(self, stream_hash: str) -> None:
+        self.wanted[stream_hash] += 1
+        self.rejected.discard(stream_hash)  # a new definition may try a hash the server refused before
+
+    def leave(self, stream_hash: str) -> None:
+        self.wanted[stream_hash] -= 1
+        if self.wanted[stream_hash] <= 0:
+            del self.wanted[stream_hash]
+
+    def sync(self) -> list[Action]:
+        """Frames that make the open socket's subscriptions equal to the listeners' hashes."""
+        if not self.open:
+            return []
+        actions: list[Action] = []
+        for stream_hash in sorted(set(self.wanted) - self.sent - self.rejected):
+            self.sent.add(stream_hash)
+            actions.append(Send("subscribe", stream_hash))
+        for stream_hash in sorted(self.sent - set(self.wanted)):
+            self.sent.discard(stream_hash)
+            actions.append(Send("unsubscribe", stream_hash))
+        return actions + self._started()
+
+    # -- the socket
+
+    def opened(self, now: float) -> list[Action]:
+        self.open = True
+        self.listening_since = now
+        return self.sync()
+
+    def listening(self, now: float) -> None:
+        """The driver waits for the next frame from now: time spent handing events on under
+        back-pressure is ours, not the server's silence."""
+        self.listening_since = now
+
+    def deadline(self) -> float:
+        """When `tick` ends the socket for silence (monotonic seconds)."""
+        return self.listening_since + self.silence_limit
+
+    def tick(self, now: float) -> list[Action]:
+        if self.open and now >= self.deadline():
+            return [End(Retry("heartbeat", f"No data or tick from DataSift for {self.silence_timeout:g}s; "
+                                           f"reconnecting", 0))]
+        return []
+
+    def receive(self, raw: bytes | str, now: float) -> list[Action]:
+        """One frame: what to do about it, in order."""
+        self.listening_since = now
+        decision = decode_frame(raw, self.max_frame_bytes, self.sent)
+        match decision:
+            case Item():
+                return [*self._confirm(), decision]
+            case Tick():
+                return self._confirm()
+            case Notice():
+                return [*self._confirm(), Notice(decision.level, self.mask(decision.message), decision.hash)]
+            case Failure():
+                return self._failure(decision)
+            case Reconnect():
+                return [End(Retry("reconnect-advice", "DataSift asked for a reconnect", 0))]
+            case Malformed():
+                return [Malformed(self.mask(decision.reason), decision.kind, decision.hash)]
+        raise AssertionError(f"unhandled decision {decision!r}")
+
+    def mask(self, text: str) -> str:
+        return mask(text, self._api_key)
+
+    # -- how a socket ends (the driver saw it happen; the machine words it)
+
+    def handshake_refused(self, code: int) -> Outcome:
+        """The server answered the WebSocket handshake with HTTP `code`."""
+        if code in (401, 403):
+            return Fail(f"DataSift rejected the credentials (HTTP {code})")
+        reason = f"DataSift refused the connection to {self.url} (HTTP {code})"
+        if 400 <= code < 500 and code not in (408, 420, 429):
+            return Fail(reason)
+        return Retry("refused", reason)
+
+    def invalid_url(self) -> Outcome:
+        return Fail(f"stream-url is not a valid WebSocket URL: {self.url}")
+
+    def unreachable(self, detail: str, kind: str = "network") -> Outcome:
+        return Retry(kind, f"Cannot connect to DataSift at {self.url}: {self.mask(detail)}")
+
+    def closed(self, received: tuple[int, str] | None, sent: tuple[int, str] | None) -> Outcome:
+        """The socket closed: the close frame `received` from the server and the one we `sent` (code, reason)."""
+        self.open = False
+        if received is None:
+            if sent is not None and sent[0] != 1000:  # ours: ping timeout (1011), frame too big (1009)
+                why = f": {sent[1]}" if sent[1] else ""
+                kind = {1009: "protocol", 1011: "heartbeat"}.get(sent[0], "closed")
+                return Retry(kind, f"Connection to DataSift closed by listenerd (code {sent[0]}{why})")
+            return Retry("network", "Connection to DataSift lost (no close frame)")
+        reason = self.mask(received[1]) if received[1] else ""
+        return Retry("closed", f"DataSift closed the connection (code {received[0]}{': ' + reason if reason else ''})")
+
+    # -- internals
+
+    def _confirm(self) -> list[Action]:
+        if self.confirmed:
+            return []
+        self.confirmed = True
+        return self._started()
+
+    def _started(self) -> list[Action]:
+        if not self.confirmed:
+            return []
+        live = frozenset(self.sent & set(self.wanted))
+        return [Started(live)] if live else []
+
+    def _failure(self, failure: Failure) -> list[Action]:
+        text = self.mask(failure.message)
+        if failure.hash is None:
+            if failure.credentials:
+                return [End(Fail(f"DataSift refused the credentials: {text}"))]
+            # neither credentials nor a stream: not known to be permanent, so back off and try again
+            return [End(Retry("refused", f"DataSift reported a failure: {text}"))]
+        self.rejected.add(failure.hash)
+        self.sent.discard(failure.hash)
+        if failure.hash not in self.wanted:
+            return [Notice("warning", f"datasift failure for a hash no listener follows: {text}", failure.hash)]
+        return [Resolve(failure.hash, Fail(f"DataSift refused stream {failure.hash}: {text}"))]
