@@ -164,7 +164,7 @@ def ensure_topic(session: Session, options: SalesforceOptions, verify: str | boo
     except SalesforceError as exc:
         raise Ended(Fail(f"Salesforce refused PushTopic {name}: {rest_words(exc)}")) from None
     except requests.RequestException as exc:
-        raise Ended(Retry("network", f"Cannot reach {session.instance_url}: {type(exc).__name__}")) from None
+        raise Ended(Retry(kind_of(exc), f"Cannot reach {session.instance_url}: {describe(exc, limit=200)}")) from None
     finally:
         http.close()
 
