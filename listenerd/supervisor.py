@@ -39,6 +39,9 @@ log = structlog.get_logger("listenerd.supervisor")
 Key = tuple[str, str]  # (tenant id, listener id)
 
 IMMEDIATE_RETRIES = 3  # immediate retries honoured in a row before the back-off applies
+# The watchdog restarts a `started` listener silent for this many times the bound its source declared (its
+# protocol core's own): clearly after the core would have decided, so it only catches what has no core or hangs.
+GUARD_FACTOR = 2.0
 
 
 def retry_delay(outcome: Retry, attempt: int, settings: SupervisorSettings) -> float:
@@ -90,7 +93,7 @@ class Runner:
         self.record.set("stopped", message)
 
     def kick(self, reason: str) -> None:
-        """End the current attempt as a transient failure (used by the heartbeat watchdog)."""
+        """End the current attempt as `Retry("heartbeat", reason)` (the watchdog's guard)."""
         if self._attempt_task and not self._attempt_task.done():
             self._kicked = reason
             self._attempt_task.cancel()
@@ -291,17 +294,19 @@ class Supervisor:
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no listeners"
 
     async def _watch_heartbeats(self) -> None:
-        """Restart a `started` listener whose connection has been silent past its declared bound: a guard for
-        a source that stopped reporting; the protocol cores own liveness (why: `sources/base.py`)."""
+        """Restart a `started` listener silent for `GUARD_FACTOR` times its declared bound: a guard for a wedged
+        task or a source without a protocol core. The cores own liveness (`sources/base.py` says why); the
+        Runner reports the outcome like any other."""
         while True:
-            bounds = [r.ctx.heartbeat_bound for r in self.runners.values() if r.ctx and r.ctx.heartbeat_bound]
-            await asyncio.sleep(min([1.0, *(b / 4 for b in bounds)]))  # a quarter of the tightest bound, <= 1 s
+            guards = [GUARD_FACTOR * r.ctx.heartbeat_bound for r in self.runners.values()
+                      if r.ctx and r.ctx.heartbeat_bound]
+            await asyncio.sleep(min([1.0, *(g / 8 for g in guards)]))  # an eighth of the tightest guard, <= 1 s
             now = time.monotonic()
             for runner in list(self.runners.values()):
                 ctx = runner.ctx
-                if (ctx and ctx.heartbeat_bound and runner.record.status == "started" and not ctx.paused
-                        and now - ctx.last_alive > ctx.heartbeat_bound):
-                    silent = now - ctx.last_alive
-                    runner.record.set("retrying", f"No data or heartbeat for {silent:.0f}s; reconnecting",
-                                      error="heartbeat timeout")
-                    runner.kick(f"No data or heartbeat for {silent:.0f}s (bound {ctx.heartbeat_bound:g}s)")
+                if not (ctx and ctx.heartbeat_bound and runner.record.status == "started" and not ctx.paused):
+                    continue
+                silent = now - ctx.last_alive
+                if silent > GUARD_FACTOR * ctx.heartbeat_bound:
+                    runner.kick(f"No data or heartbeat for {silent:.0f}s (the source's bound is "
+                                f"{ctx.heartbeat_bound:g}s); restarting")
