@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -33,6 +33,10 @@ from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources import source_for
 from listenerd.sources.base import Launch, Shared, SourceContext
 from listenerd.status import STATES, ListenerStatus, State, rfc3339
+
+if TYPE_CHECKING:
+    from listenerd.delivery.outbox import Outbox
+    from listenerd.observability import Metrics
 
 log = structlog.get_logger("listenerd.supervisor")
 
@@ -152,7 +156,7 @@ class Runner:
 
 
 class Supervisor:
-    def __init__(self, config: Config, outbox: Any, metrics: Any,
+    def __init__(self, config: Config, outbox: Outbox, metrics: Metrics,
                  tap: Callable[[str, str, dict[str, Any]], None] | None = None,
                  tap_clients: Callable[[str, str], int] | None = None):
         self.config = config
