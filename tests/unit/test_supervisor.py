@@ -152,6 +152,26 @@ async def test_a_silent_source_without_a_core_is_restarted_by_the_guard_at_twice
         await wait_for(lambda: len(runs) >= 2, what="restart after silence")
 
 
+async def test_a_core_that_ends_a_silent_connection_at_its_bound_is_the_only_judge(tmp_path, scripted_source):
+    runs = []
+
+    async def run(ctx):
+        runs.append(1)
+        ctx.set_heartbeat_bound(0.2)
+        ctx.started("Subscribed to channel: quiet")
+        await asyncio.sleep(0.2)  # the core's own silence timer, at exactly the bound it declared
+        raise Ended(Retry("heartbeat", "No pong within 0.2s; reconnecting", delay=0))
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "Q"): desired(spec("Q"), CREDS)})
+        record = sup.status(("t", "Q"))
+        errors: set[str | None] = set()
+        await wait_for(lambda: errors.add(record.last_error) or len(runs) >= 5, what="five silent runs")
+        assert errors <= {None, "No pong within 0.2s; reconnecting"}  # never the watchdog's words
+
+
 async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
     runs = []
 
