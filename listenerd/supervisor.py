@@ -43,9 +43,7 @@ log = structlog.get_logger("listenerd.supervisor")
 Key = tuple[str, str]  # (tenant id, listener id)
 
 IMMEDIATE_RETRIES = 3  # immediate retries honoured in a row before the back-off applies
-# The watchdog restarts a `started` listener silent for this many times the bound its source declared (its
-# protocol core's own): clearly after the core would have decided, so it only catches what has no core or hangs.
-GUARD_FACTOR = 2.0
+GUARD_FACTOR = 2.0  # the watchdog's bound over the one a source declares (see `guard_bound`)
 
 
 def retry_delay(outcome: Retry, attempt: int, settings: SupervisorSettings) -> float:
@@ -53,6 +51,13 @@ def retry_delay(outcome: Retry, attempt: int, settings: SupervisorSettings) -> f
     if outcome.delay is not None and (outcome.delay > 0 or attempt <= IMMEDIATE_RETRIES):
         return outcome.delay
     return backoff_delay(attempt, settings.backoff_initial, settings.backoff_max)
+
+
+def guard_bound(declared: float) -> float:
+    """Seconds a `started` listener may be silent before the watchdog restarts it. A source declares its
+    protocol core's own bound, so the core, the one judge of liveness, always speaks first; the watchdog
+    only catches a wedged task or a source without a core."""
+    return GUARD_FACTOR * declared
 
 
 @dataclass(frozen=True)
@@ -298,11 +303,10 @@ class Supervisor:
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no listeners"
 
     async def _watch_heartbeats(self) -> None:
-        """Restart a `started` listener silent for `GUARD_FACTOR` times its declared bound: a guard for a wedged
-        task or a source without a protocol core. The cores own liveness (`sources/base.py` says why); the
-        Runner reports the outcome like any other."""
+        """Restart a `started`, unpaused listener silent past its `guard_bound`; the Runner reports the
+        `Retry("heartbeat")` like any other outcome (why the cores own liveness: `sources/base.py`)."""
         while True:
-            guards = [GUARD_FACTOR * r.ctx.heartbeat_bound for r in self.runners.values()
+            guards = [guard_bound(r.ctx.heartbeat_bound) for r in self.runners.values()
                       if r.ctx and r.ctx.heartbeat_bound]
             await asyncio.sleep(min([1.0, *(g / 8 for g in guards)]))  # an eighth of the tightest guard, <= 1 s
             now = time.monotonic()
@@ -311,6 +315,6 @@ class Supervisor:
                 if not (ctx and ctx.heartbeat_bound and runner.record.status == "started" and not ctx.paused):
                     continue
                 silent = now - ctx.last_alive
-                if silent > GUARD_FACTOR * ctx.heartbeat_bound:
+                if silent > guard_bound(ctx.heartbeat_bound):
                     runner.kick(f"No data or heartbeat for {silent:.0f}s (the source's bound is "
                                 f"{ctx.heartbeat_bound:g}s); restarting")

@@ -23,7 +23,7 @@ and whom a dead connection concerns (a DataSift socket serves many listeners), s
 connection with a reason the operator can read, and asks for an immediate reconnect where the
 protocol says so. The source declares that core's own bound with `ctx.set_heartbeat_bound()`. The
 supervisor's watchdog only guards: it restarts a `started` listener (not one paused by
-back-pressure) silent for `supervisor.GUARD_FACTOR` (2) times the declared bound, long after the
+back-pressure) silent past `supervisor.guard_bound()`, twice the declared bound, long after the
 core would have spoken, so it catches a wedged task or a source without a core and never races
 the core; its `Retry("heartbeat")` is reported like any other outcome.
 """
@@ -122,7 +122,7 @@ class SourceContext:
 
     def set_heartbeat_bound(self, seconds: float | None) -> None:
         """Longest silence this protocol's core allows before it ends the connection itself; the
-        supervisor's guard restarts the listener well past it (`supervisor.GUARD_FACTOR` times)."""
+        supervisor's guard restarts the listener well past it (`supervisor.guard_bound`)."""
         self.heartbeat_bound = seconds
         self.alive()
 

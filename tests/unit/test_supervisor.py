@@ -9,7 +9,7 @@ import pytest
 from listenerd.model import Config
 from listenerd.outcome import Ended, Fail, Retry
 from listenerd.sources.base import Launch
-from listenerd.supervisor import GUARD_FACTOR, IMMEDIATE_RETRIES, retry_delay
+from listenerd.supervisor import IMMEDIATE_RETRIES, guard_bound, retry_delay
 from tests.harness import Harness, desired, integration, listener, wait_for
 
 CREDS = integration("pusher", key="k", secret="s3cr3t-value")
@@ -146,7 +146,7 @@ async def test_a_silent_source_without_a_core_is_restarted_by_the_guard_at_twice
         await wait_for(lambda: record.status == "started")
         started_at = record.since
         await wait_for(lambda: record.status == "retrying", what="heartbeat watchdog")
-        assert record.since - started_at >= GUARD_FACTOR * 0.3 - 0.01  # a guard: well past the declared bound
+        assert record.since - started_at >= guard_bound(0.3) - 0.01  # a guard: well past the declared bound
         assert "No data or heartbeat" in record.message and "next attempt in" in record.message
         assert record.last_error.endswith("(the source's bound is 0.3s); restarting")  # reported by the Runner
         await wait_for(lambda: len(runs) >= 2, what="restart after silence")
