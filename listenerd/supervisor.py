@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -34,11 +34,16 @@ from listenerd.sources import source_for
 from listenerd.sources.base import Launch, Shared, SourceContext
 from listenerd.status import STATES, ListenerStatus, State, rfc3339
 
+if TYPE_CHECKING:
+    from listenerd.delivery.outbox import Outbox
+    from listenerd.observability import Metrics
+
 log = structlog.get_logger("listenerd.supervisor")
 
 Key = tuple[str, str]  # (tenant id, listener id)
 
 IMMEDIATE_RETRIES = 3  # immediate retries honoured in a row before the back-off applies
+GUARD_FACTOR = 2.0  # the watchdog's bound over the one a source declares (see `guard_bound`)
 
 
 def retry_delay(outcome: Retry, attempt: int, settings: SupervisorSettings) -> float:
@@ -46,6 +51,13 @@ def retry_delay(outcome: Retry, attempt: int, settings: SupervisorSettings) -> f
     if outcome.delay is not None and (outcome.delay > 0 or attempt <= IMMEDIATE_RETRIES):
         return outcome.delay
     return backoff_delay(attempt, settings.backoff_initial, settings.backoff_max)
+
+
+def guard_bound(declared: float) -> float:
+    """Seconds a `started` listener may be silent before the watchdog restarts it. A source declares its
+    protocol core's own bound, so the core, the one judge of liveness, always speaks first; the watchdog
+    only catches a wedged task or a source without a core."""
+    return GUARD_FACTOR * declared
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class Runner:
         self.record.set("stopped", message)
 
     def kick(self, reason: str) -> None:
-        """End the current attempt as a transient failure (used by the heartbeat watchdog)."""
+        """End the current attempt as `Retry("heartbeat", reason)` (the watchdog's guard)."""
         if self._attempt_task and not self._attempt_task.done():
             self._kicked = reason
             self._attempt_task.cancel()
@@ -149,7 +161,7 @@ class Runner:
 
 
 class Supervisor:
-    def __init__(self, config: Config, outbox: Any, metrics: Any,
+    def __init__(self, config: Config, outbox: Outbox, metrics: Metrics,
                  tap: Callable[[str, str, dict[str, Any]], None] | None = None,
                  tap_clients: Callable[[str, str], int] | None = None):
         self.config = config
@@ -291,17 +303,18 @@ class Supervisor:
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no listeners"
 
     async def _watch_heartbeats(self) -> None:
-        """Restart a `started` listener whose connection has been silent past its declared bound: a guard for
-        a source that stopped reporting; the protocol cores own liveness (why: `sources/base.py`)."""
+        """Restart a `started`, unpaused listener silent past its `guard_bound`; the Runner reports the
+        `Retry("heartbeat")` like any other outcome (why the cores own liveness: `sources/base.py`)."""
         while True:
-            bounds = [r.ctx.heartbeat_bound for r in self.runners.values() if r.ctx and r.ctx.heartbeat_bound]
-            await asyncio.sleep(min([1.0, *(b / 4 for b in bounds)]))  # a quarter of the tightest bound, <= 1 s
+            guards = [guard_bound(r.ctx.heartbeat_bound) for r in self.runners.values()
+                      if r.ctx and r.ctx.heartbeat_bound]
+            await asyncio.sleep(min([1.0, *(g / 8 for g in guards)]))  # an eighth of the tightest guard, <= 1 s
             now = time.monotonic()
             for runner in list(self.runners.values()):
                 ctx = runner.ctx
-                if (ctx and ctx.heartbeat_bound and runner.record.status == "started" and not ctx.paused
-                        and now - ctx.last_alive > ctx.heartbeat_bound):
-                    silent = now - ctx.last_alive
-                    runner.record.set("retrying", f"No data or heartbeat for {silent:.0f}s; reconnecting",
-                                      error="heartbeat timeout")
-                    runner.kick(f"No data or heartbeat for {silent:.0f}s (bound {ctx.heartbeat_bound:g}s)")
+                if not (ctx and ctx.heartbeat_bound and runner.record.status == "started" and not ctx.paused):
+                    continue
+                silent = now - ctx.last_alive
+                if silent > guard_bound(ctx.heartbeat_bound):
+                    runner.kick(f"No data or heartbeat for {silent:.0f}s (the source's bound is "
+                                f"{ctx.heartbeat_bound:g}s); restarting")

@@ -29,7 +29,7 @@ import aiohttp
 import structlog
 
 from listenerd.backoff import backoff_delay
-from listenerd.net import client_tls
+from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Fail, Retry, http_kind
 
 if TYPE_CHECKING:
@@ -261,10 +261,8 @@ class Forwarder:
                     return Retry(http_kind(status), f"HTTP {status}",
                                  retry_after_seconds(response.headers.get("Retry-After")))
                 return Refused(f"engine refused the batch: HTTP {status}", status, text)
-        except TimeoutError:  # before OSError: TimeoutError is one
-            return Retry("timeout", f"timeout: no answer within {self.engine.timeout:g}s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Retry("network", f"network: {type(exc).__name__}: {exc}")
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            return Retry(kind_of(exc), f"POST to the engine failed: {describe(exc, limit=200)}")
         finally:
             self.metrics.engine_latency.observe(time.perf_counter() - started)
 

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -28,6 +28,9 @@ from listenerd.delivery import dead_letters, segments
 from listenerd.delivery.ids import event_id, received_at
 from listenerd.delivery.segments import MASK, Row
 from listenerd.store import Store
+
+if TYPE_CHECKING:
+    from listenerd.observability import Metrics
 
 log = structlog.get_logger("listenerd.outbox")
 
@@ -80,7 +83,7 @@ class _Usage:
 
 
 class Outbox:
-    def __init__(self, store: Store, *, max_events: int, max_bytes: int, metrics: Any = None,
+    def __init__(self, store: Store, *, max_events: int, max_bytes: int, metrics: Metrics | None = None,
                  max_batch: int = 1000):
         if not 0 < max_batch <= MASK:
             raise ValueError(f"max_batch must be 1..{MASK}")

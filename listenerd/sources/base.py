@@ -17,14 +17,15 @@ The supervisor owns the status and the policy; the source only reports. What it 
 supervisor's decisions comes in `ctx.launch`. It sees its own listener, its integration and the
 `sources` settings, never the rest of the configuration (other tenants' secrets).
 
-Liveness: the protocol core owns it. It knows what silence means on its connection (Pusher's ping
-and pong, DataSift's ticks, Bayeux's long-poll timeout) and whom a dead connection concerns (a
-DataSift socket serves many listeners), so it decides, with a reason the operator can read, and
-reconnects at once where the protocol says so. The source declares the same bound, a little
-looser, with `ctx.set_heartbeat_bound()`; the supervisor's watchdog restarts a `started` listener
-silent past it. The watchdog is a guard, not a second judge: it only speaks when a source stopped
-reporting altogether (a wedged task, a source without a core), so a status never claims a dead
-connection is live.
+Liveness: the protocol core is the one judge. It knows what silence means on its connection
+(Pusher's activity and pong timeouts, DataSift's silence timeout, Bayeux's timed-out long polls)
+and whom a dead connection concerns (a DataSift socket serves many listeners), so it ends the
+connection with a reason the operator can read, and asks for an immediate reconnect where the
+protocol says so. The source declares that core's own bound with `ctx.set_heartbeat_bound()`. The
+supervisor's watchdog only guards: it restarts a `started` listener (not one paused by
+back-pressure) silent past `supervisor.guard_bound()`, twice the declared bound, long after the
+core would have spoken, so it catches a wedged task or a source without a core and never races
+the core; its `Retry("heartbeat")` is reported like any other outcome.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class SourceContext:
         self.last_alive = time.monotonic()
 
     def set_heartbeat_bound(self, seconds: float | None) -> None:
-        """Longest silence this protocol allows; past it the supervisor restarts the listener."""
+        """Longest silence this protocol's core allows before it ends the connection itself; the
+        supervisor's guard restarts the listener well past it (`supervisor.guard_bound`)."""
         self.heartbeat_bound = seconds
         self.alive()
 

@@ -1,5 +1,7 @@
 """The CometD/Bayeux long-polling client as a state machine without I/O.
 
+Over 400 lines as one module because it is one machine: its handlers share the session's counters and state.
+
 Why no I/O: every hard question of a Bayeux client (when to re-handshake, when a 401 means a fresh
 login, which replayId to resubscribe with, when to give up instead of looping handshakes) is a
 decision over messages, and decisions are easiest to get right and to test exhaustively when they
@@ -128,6 +130,7 @@ class BayeuxClient:
     max_relogins: int = 1
     max_transport_retries: int = 1
     replay: bool = True
+    service: str = "Bayeux"  # names the server in every retry reason: a status message reads it alone
 
     state: State = "unconnected"
     client_id: str | None = None
@@ -155,8 +158,16 @@ class BayeuxClient:
 
     @property
     def heartbeat_bound(self) -> float:
-        """Longest silence a healthy session allows: one held connect plus the margin."""
-        return self.poll_timeout + self.advice.interval
+        """Longest silence before this client gives up by itself: every connect it allows in a row (the
+        first and `max_transport_retries` more) times out, each after its wait."""
+        return sum(self._connect_wait(failures) + self.poll_timeout
+                   for failures in range(self.max_transport_retries + 1))
+
+    def _connect_wait(self, failures: int) -> float:
+        """Seconds before a connect that follows `failures` transport failures in a row."""
+        if not failures:
+            return self.advice.interval
+        return max(self.advice.interval, min(5.0, 0.1 * 2 ** (failures - 1)))
 
     # -- the driver's side
 
@@ -188,12 +199,9 @@ class BayeuxClient:
                 messages.append(message)
             return self._request("subscribe", messages, self.request_timeout)
         if self.state == "connected":
-            delay = self.advice.interval
-            if self._transport_failures:
-                delay = max(delay, min(5.0, 0.1 * 2 ** (self._transport_failures - 1)))
             return self._request("connect", [{"channel": "/meta/connect", "clientId": self.client_id,
                                               "connectionType": "long-polling", "id": self._id()}],
-                                 self.poll_timeout, delay)
+                                 self.poll_timeout, self._connect_wait(self._transport_failures))
         raise RuntimeError(f"no request to make in state {self.state}")
 
     def stop_request(self) -> Request | None:
@@ -282,8 +290,7 @@ class BayeuxClient:
         reason = _failure_reason(message)
         if error.startswith("401") or reason.startswith("401"):
             return self._relogin(f"handshake denied: {error}" + (f" ({reason})" if reason else ""))
-        self.state = "closed"
-        return [Retry("refused", f"Handshake refused: {error}" + (f" ({reason})" if reason else ""))]
+        return [self._retry("refused", f"Handshake refused: {error}" + (f" ({reason})" if reason else ""))]
 
     def _on_subscribe(self, message: dict[str, Any]) -> list[Output]:
         channel = message.get("subscription")
@@ -312,8 +319,7 @@ class BayeuxClient:
             self.state = "subscribing"
             return [ReplayRejected(channel, sent, self.replay_fallback, error)]
         if error.startswith(("503", "5")):
-            self.state = "closed"
-            return [Retry("refused", f"Subscription to {channel} failed: {error}")]
+            return [self._retry("refused", f"Subscription to {channel} failed: {error}")]
         self.state = "closed"
         return [Fail(f"Subscription to {channel} refused: {error}")]
 
@@ -326,8 +332,7 @@ class BayeuxClient:
             if self.advice.reconnect == "handshake":
                 return self._rehandshake("the server advised a new handshake")
             if self.advice.reconnect == "none":
-                self.state = "closed"
-                return [Retry("reconnect-advice", "the server advised no reconnect")]
+                return [self._retry("reconnect-advice", "the server advised no reconnect")]
             return []
         error = _error(message)
         if "unknown client" in error.lower():
@@ -337,8 +342,7 @@ class BayeuxClient:
         if self.advice.reconnect == "handshake":
             return self._rehandshake(f"connect answered {error}; the server advised a new handshake")
         if self.advice.reconnect == "none":
-            self.state = "closed"
-            return [Retry("reconnect-advice", f"connect answered {error}; the server advised no reconnect")]
+            return [self._retry("reconnect-advice", f"connect answered {error}; the server advised no reconnect")]
         return self._transport_failure(f"connect answered {error}", "connect", "refused")
 
     def _on_data(self, channel: str, data: Any) -> Message:
@@ -353,15 +357,13 @@ class BayeuxClient:
 
     def _rehandshake(self, reason: str) -> list[Output]:
         if self._handshakes >= self.max_handshakes:
-            self.state = "closed"
-            return [Retry("protocol", f"{reason}; {self._handshakes} handshakes without a successful connect")]
+            return [self._retry("protocol", f"{reason}; {self._handshakes} handshakes without a successful connect")]
         self._forget_session()
         return [Rehandshake(reason)]
 
     def _relogin(self, reason: str) -> list[Output]:
         if self._relogins >= self.max_relogins:
-            self.state = "closed"
-            return [Retry("refused", f"{reason}; the session was refused again right after a fresh login")]
+            return [self._retry("refused", f"{reason}; the session was refused again right after a fresh login")]
         self._relogins += 1
         self.state = "unconnected"
         self.client_id = None
@@ -369,13 +371,16 @@ class BayeuxClient:
 
     def _transport_failure(self, reason: str, awaited: Kind | None, kind: str) -> list[Output]:
         if awaited != "connect" or self.state != "connected":
-            self.state = "closed"
-            return [Retry(kind, reason)]
+            return [self._retry(kind, reason)]
         self._transport_failures += 1
         if self._transport_failures > self.max_transport_retries:
-            self.state = "closed"
-            return [Retry(kind, reason)]
+            return [self._retry(kind, reason)]
         return []
+
+    def _retry(self, kind: str, reason: str) -> Retry:
+        """End the session; the supervisor starts a new one after its back-off."""
+        self.state = "closed"
+        return Retry(kind, f"{self.service}: {reason}")
 
     def _forget_session(self) -> None:
         self.state = "unconnected"

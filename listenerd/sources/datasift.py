@@ -40,10 +40,10 @@ from listenerd.outcome import Ended, Outcome, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.datasift_protocol import (
     Action,
+    Count,
     DataSiftProtocol,
     End,
     Item,
-    Malformed,
     Notice,
     Resolve,
     Send,
@@ -68,7 +68,7 @@ class _Subscriber:
     ctx: SourceContext
     hash: str
     outcome: asyncio.Future[Outcome]
-    started: bool = False
+    member: int  # the machine's ticket for this listener
 
 
 @dataclass(eq=False)
@@ -106,9 +106,8 @@ class Stream:
     # -- listeners joining and leaving (called from listener tasks)
 
     def add(self, ctx: SourceContext, stream_hash: str) -> _Subscriber:
-        sub = _Subscriber(ctx, stream_hash, asyncio.get_running_loop().create_future())
+        sub = _Subscriber(ctx, stream_hash, asyncio.get_running_loop().create_future(), self.machine.join(stream_hash))
         self.subscribers.append(sub)
-        self.machine.join(stream_hash)
         if self.task is None:
             self.task = asyncio.create_task(self._run(), name=f"datasift:{self.url}")
         self._dirty.set()
@@ -117,7 +116,7 @@ class Stream:
     def remove(self, sub: _Subscriber) -> None:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
-            self.machine.leave(sub.hash)
+            self.machine.leave(sub.member)
         if not self.subscribers and not self.closed:
             self._close()
         else:
@@ -187,7 +186,7 @@ class Stream:
                     await self.ws.send(action.text)
                     self.log_for(action.hash).info(f"datasift {action.action}", hash=action.hash)
                 elif isinstance(action, Started):
-                    self._mark_started(action.hashes)
+                    self._mark_started(action.members)
 
     async def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.ws is not None
@@ -226,9 +225,9 @@ class Stream:
                         log.warning("datasift warning", message=action.message, hash=action.hash)
                     else:
                         log.info("datasift notice", level=action.level, message=action.message, hash=action.hash)
-                case Malformed():
+                case Count():
                     for sub in self.subscribers:
-                        if action.hash is None or sub.hash == action.hash:
+                        if sub.hash in action.hashes:
                             sub.ctx.count(action.kind)
                     self.log.warning("datasift frame skipped", kind=action.kind, reason=action.reason)
                 case Resolve():
@@ -237,10 +236,9 @@ class Stream:
                 case End():
                     raise Ended(action.outcome)
 
-    def _mark_started(self, hashes: frozenset[str]) -> None:
+    def _mark_started(self, members: frozenset[int]) -> None:
         for sub in self.subscribers:
-            if not sub.started and sub.hash in hashes and not sub.outcome.done():
-                sub.started = True
+            if sub.member in members and not sub.outcome.done():  # not one the reader has just ended
                 sub.ctx.started(f"Connected to stream: {sub.hash}")
 
     # -- ending
@@ -276,9 +274,9 @@ def _stream_for(ctx: SourceContext) -> Stream:
 async def run(ctx: SourceContext) -> None:
     """One listener: join the shared socket with its hash, wait for this listener's outcome."""
     stream_hash = ctx.listener.options.hash
-    ctx.set_heartbeat_bound(ctx.settings.datasift_silence_timeout)
     ctx.starting(f"Connecting to DataSift for stream: {stream_hash}")
     stream = _stream_for(ctx)
+    ctx.set_heartbeat_bound(stream.machine.heartbeat_bound)
     sub = stream.add(ctx, stream_hash)
     try:
         outcome = await sub.outcome

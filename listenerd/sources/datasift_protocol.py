@@ -19,7 +19,6 @@ before it reaches a reason, a log line or a status.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -196,8 +195,18 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """The listeners of these hashes are `started` (once each: their subscribe is out, the socket answers)."""
+    """These listeners (the tickets `join` gave them) are `started`: their hash's subscribe is out and the
+    socket answers. Each listener is reported once."""
 
+    members: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """A skipped frame (`kind`: malformed, oversized), counted for each listener of `hashes`."""
+
+    kind: str
+    reason: str
     hashes: frozenset[str]
 
 
@@ -216,9 +225,9 @@ class End:
     outcome: Outcome
 
 
-# Three decisions are also actions, their text masked: an `Item` is handed to the listeners of its
-# hash, a `Malformed` frame is counted for them (for all when it names no hash), a `Notice` is logged.
-Action = Send | Started | Item | Malformed | Notice | Resolve | End
+# Two decisions are also actions, their text masked: an `Item` is handed to the listeners of its hash,
+# a `Notice` is logged.
+Action = Send | Started | Item | Count | Notice | Resolve | End
 
 
 # ---------------------------------------------------------------- the machine
@@ -227,47 +236,61 @@ Action = Send | Started | Item | Malformed | Notice | Resolve | End
 class DataSiftProtocol:
     """One socket's subscriptions, confirmation and silence.
 
-    `wanted` counts the listeners per hash; `sent` are the hashes subscribed on the open socket;
-    `rejected` the hashes the server failed (never unsubscribed, and subscribed again only when a
-    listener joins with them anew, i.e. after a new definition); `confirmed` turns true at the first
-    frame that is not a failure. A listener is started once its hash is sent and the socket confirmed.
+    `members` are the listeners on the socket (a ticket each, from `join`) and their hashes; `sent` are
+    the hashes subscribed on the open socket; `rejected` the hashes the server failed (never
+    unsubscribed, and subscribed again only when a listener joins with them anew, i.e. after a new
+    definition); `confirmed` turns true at the first frame that is not a failure. A listener is
+    started once its hash is sent and the socket confirmed, and reported so once.
     """
 
     def __init__(self, *, url: str, api_key: str, silence_timeout: float, max_frame_bytes: int):
         self.url = url  # public: no query
         self._api_key = api_key
         self.silence_timeout = silence_timeout
-        # End the socket a little before the supervisor's watchdog (the same bound, from the same frame)
-        # could: this machine reconnects at once, the watchdog's path waits out the back-off.
-        self.silence_limit = silence_timeout - min(0.25, silence_timeout * 0.2)
         self.max_frame_bytes = max_frame_bytes
-        self.wanted: Counter[str] = Counter()
+        self.members: dict[int, str] = {}
+        self._unreported: set[int] = set()  # members not yet reported started
+        self._tickets = 0
         self.sent: set[str] = set()
         self.rejected: set[str] = set()
         self.open = False
         self.confirmed = False
         self.listening_since = 0.0
 
+    @property
+    def heartbeat_bound(self) -> float:
+        """Longest silence before this machine ends the socket: what its listeners declare."""
+        return self.silence_timeout
+
+    @property
+    def wanted(self) -> set[str]:
+        """The hashes some listener on the socket follows."""
+        return set(self.members.values())
+
     # -- listeners joining and leaving (no frames until `sync`, so a quick leave-and-join sends nothing)
 
-    def join(self, stream_hash: str) -> None:
-        self.wanted[stream_hash] += 1
+    def join(self, stream_hash: str) -> int:
+        """A listener of `stream_hash` joins; its ticket names it in `Started` and to `leave`."""
+        self._tickets += 1
+        self.members[self._tickets] = stream_hash
+        self._unreported.add(self._tickets)
         self.rejected.discard(stream_hash)  # a new definition may try a hash the server refused before
+        return self._tickets
 
-    def leave(self, stream_hash: str) -> None:
-        self.wanted[stream_hash] -= 1
-        if self.wanted[stream_hash] <= 0:
-            del self.wanted[stream_hash]
+    def leave(self, member: int) -> None:
+        self.members.pop(member, None)
+        self._unreported.discard(member)
 
     def sync(self) -> list[Action]:
         """Frames that make the open socket's subscriptions equal to the listeners' hashes."""
         if not self.open:
             return []
         actions: list[Action] = []
-        for stream_hash in sorted(set(self.wanted) - self.sent - self.rejected):
+        wanted = self.wanted
+        for stream_hash in sorted(wanted - self.sent - self.rejected):
             self.sent.add(stream_hash)
             actions.append(Send("subscribe", stream_hash))
-        for stream_hash in sorted(self.sent - set(self.wanted)):
+        for stream_hash in sorted(self.sent - wanted):
             self.sent.discard(stream_hash)
             actions.append(Send("unsubscribe", stream_hash))
         return actions + self._started()
@@ -286,7 +309,7 @@ class DataSiftProtocol:
 
     def deadline(self) -> float:
         """When `tick` ends the socket for silence (monotonic seconds)."""
-        return self.listening_since + self.silence_limit
+        return self.listening_since + self.silence_timeout
 
     def tick(self, now: float) -> list[Action]:
         if self.open and now >= self.deadline():
@@ -309,8 +332,10 @@ class DataSiftProtocol:
                 return self._failure(decision)
             case Reconnect():
                 return [End(Retry("reconnect-advice", "DataSift asked for a reconnect", 0))]
-            case Malformed():
-                return [Malformed(self.mask(decision.reason), decision.kind, decision.hash)]
+            case Malformed():  # counted for the listeners of its hash, or for all when it names none
+                wanted = self.wanted
+                hashes = wanted & {decision.hash} if decision.hash is not None else wanted
+                return [Count(decision.kind, self.mask(decision.reason), frozenset(hashes))]
         raise AssertionError(f"unhandled decision {decision!r}")
 
     def mask(self, text: str) -> str:
@@ -354,10 +379,12 @@ class DataSiftProtocol:
         return self._started()
 
     def _started(self) -> list[Action]:
+        """The listeners not reported yet whose hash is sent, once the socket has answered."""
         if not self.confirmed:
             return []
-        live = frozenset(self.sent & set(self.wanted))
-        return [Started(live)] if live else []
+        ready = frozenset(member for member in self._unreported if self.members[member] in self.sent)
+        self._unreported -= ready
+        return [Started(ready)] if ready else []
 
     def _failure(self, failure: Failure) -> list[Action]:
         text = self.mask(failure.message)

@@ -38,10 +38,6 @@ if TYPE_CHECKING:
     from listenerd.model import PusherIntegration, PusherOptions
     from listenerd.sources.base import SourceContext
 
-# The supervisor's watchdog backs the machine up; this margin lets the machine's own, more precise
-# pong timeout speak first.
-HEARTBEAT_MARGIN = 0.5
-
 
 async def run(ctx: SourceContext) -> None:
     integration: PusherIntegration = ctx.integration  # type: ignore[assignment]
@@ -133,15 +129,13 @@ class _Link:
             except ConnectionClosed as exc:
                 if self.outcome is not None:
                     return self.outcome
-                if exc.sent is not None and exc.sent.code == 1009:
-                    ctx.count("oversized")
-                    ctx.log.warning("pusher sent a frame over the size limit", limit=ctx.settings.max_frame_bytes)
-                    return machine.closed(1009, None)
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 reason = exc.rcvd.reason if exc.rcvd is not None else None
-                return machine.closed(code, reason)
-            ctx.alive()
-            for action in machine.receive(frame, loop.time()):
+                actions = machine.closed(code, reason, sent=exc.sent.code if exc.sent is not None else None)
+            else:
+                ctx.alive()
+                actions = machine.receive(frame, loop.time())
+            for action in actions:
                 if isinstance(action, Emit):
                     self.emitting = True
                     try:
@@ -156,7 +150,7 @@ class _Link:
                 elif isinstance(action, Subscribed):
                     ctx.started(f"Subscribed to channel: {action.channel}")
                 elif isinstance(action, Established):
-                    ctx.set_heartbeat_bound(machine.heartbeat_bound + HEARTBEAT_MARGIN)
+                    ctx.set_heartbeat_bound(machine.heartbeat_bound)
                 elif isinstance(action, Count):
                     ctx.count(action.kind)
                     ctx.log.warning("pusher frame problem", kind=action.kind, detail=action.detail)

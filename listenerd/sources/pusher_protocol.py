@@ -279,11 +279,14 @@ class PusherProtocol:
         self.last_rx = now
         self.ping_sent_at = None
 
-    def closed(self, code: int | None, reason: str | None) -> Outcome:
-        """The socket closed with `code` (None or 1006 when it just dropped)."""
-        outcome = classify_close(code, reason, error=self.last_error)
+    def closed(self, code: int | None, reason: str | None, *, sent: int | None = None) -> list[Action]:
+        """The socket closed with `code` from the server (None or 1006 when it just dropped), or with
+        `sent` from our side: 1009 when a frame was over our size limit, which is counted."""
         self.state = "ended"
-        return outcome
+        if sent == 1009:
+            return [Count("oversized", "Pusher sent a frame over the size limit (sources.max-frame-bytes)"),
+                    classify_close(1009, None)]
+        return [classify_close(code, reason, error=self.last_error)]
 
     # -- what the machine knows
 

@@ -164,7 +164,7 @@ def ensure_topic(session: Session, options: SalesforceOptions, verify: str | boo
     except SalesforceError as exc:
         raise Ended(Fail(f"Salesforce refused PushTopic {name}: {rest_words(exc)}")) from None
     except requests.RequestException as exc:
-        raise Ended(Retry("network", f"Cannot reach {session.instance_url}: {type(exc).__name__}")) from None
+        raise Ended(Retry(kind_of(exc), f"Cannot reach {session.instance_url}: {describe(exc, limit=200)}")) from None
     finally:
         http.close()
 
@@ -241,7 +241,8 @@ class Stream:
         """The Bayeux loop on the logged-in session, until cancelled or a Retry/Fail ends it."""
         ctx, options = self.ctx, self.options
         self.bayeux = BayeuxClient({options.topic: replay}, replay_fallback=-1 if options.replay == "new" else -2,
-                                   margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout)
+                                   margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout,
+                                   service="Salesforce streaming")
         bound = None
         outputs: list[Any] = []
         while True:
@@ -352,9 +353,7 @@ class Stream:
             await self.login()
             assert self.bayeux is not None
             self.bayeux.relogged_in()
-        elif isinstance(output, Retry):
-            raise Ended(Retry(output.kind, f"Salesforce streaming: {output.reason}", output.delay))
-        elif isinstance(output, Fail):
+        elif isinstance(output, Retry | Fail):
             raise Ended(output)
 
     async def emit(self, message: Message) -> None:

@@ -114,7 +114,34 @@ def test_advice_interval_and_timeout_are_followed():
     req = c.next_request()
     assert req.delay == 0.25
     assert req.timeout == pytest.approx(2 * 1.5 + 0.5)
-    assert c.heartbeat_bound == pytest.approx(3.75)
+    # the client gives up after two timed-out connects (max_transport_retries=1), each after its wait
+    assert c.heartbeat_bound == pytest.approx(2 * (0.25 + 3.5))
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_the_heartbeat_bound_is_the_silence_after_which_the_client_gives_up(retries):
+    c = connected(max_transport_retries=retries, service="Salesforce streaming")
+    c.next_request()
+    c.receive([connect_reply(advice={"timeout": 2000, "interval": 250, "reconnect": "retry"})])
+    bound, silent = c.heartbeat_bound, 0.0
+    out: list = []
+    while not out:  # every connect times out: the server went silent
+        req = c.next_request()
+        silent += req.delay + req.timeout
+        out = c.transport_error("connect failed: timed out", "timeout")
+    assert out == [Retry("timeout", "Salesforce streaming: connect failed: timed out")]
+    assert silent == pytest.approx(bound)  # what the source declares is exactly when this client ends it
+
+
+def test_every_retry_names_the_service():
+    c = client(service="Salesforce streaming")
+    c.next_request()
+    [out] = c.receive([{"channel": "/meta/handshake", "successful": False, "error": "403::Handshake denied"}])
+    assert out == Retry("refused", "Salesforce streaming: Handshake refused: 403::Handshake denied")
+    c = connected(service="Salesforce streaming")
+    c.next_request()
+    [out] = c.receive([connect_reply(False, error="403::Unknown", advice={"reconnect": "none"})])
+    assert out.reason == "Salesforce streaming: connect answered 403::Unknown; the server advised no reconnect"
 
 
 def test_advice_handshake_on_a_successful_connect_rehandshakes():
@@ -199,7 +226,7 @@ def test_http_5xx_and_network_errors_retry_connect_once_then_end():
     c.next_request()
     assert c.http_error(503) == []
     c.next_request()
-    assert c.transport_error("connection reset") == [Retry("network", "connection reset")]
+    assert c.transport_error("connection reset") == [Retry("network", "Bayeux: connection reset")]
 
 
 def test_a_successful_connect_resets_the_failure_count():

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from listenerd.model import SECRET_MASK
 from listenerd.outcome import Fail, Retry
 from listenerd.sources.datasift_protocol import (
+    Count,
     DataSiftProtocol,
     End,
     Failure,
@@ -131,7 +132,8 @@ TICK = orjson.dumps({"tick": 1, "status": "connected"})
 
 
 def machine(silence=65.0, max_bytes=1 << 20, hashes=(H,), now=0.0, confirm=True):
-    """A machine with `hashes` joined, its socket open at `now` and (by default) confirmed by a tick."""
+    """A machine with one listener per hash of `hashes` joined (tickets 1, 2 ...), its socket open at `now`
+    and (by default) confirmed by a tick."""
     m = DataSiftProtocol(url="wss://stream.example/multi", api_key=KEY, silence_timeout=silence,
                          max_frame_bytes=max_bytes)
     for h in hashes:
@@ -160,41 +162,60 @@ def test_nothing_is_sent_before_the_socket_opens_then_every_hash_once():
 def test_a_listener_is_started_once_its_hash_is_sent_and_the_socket_answers():
     m = machine(confirm=False)
     assert m.sync() == []  # subscribed at open, but nothing heard yet
-    assert [type(a) for a in m.receive(b"{bad", 1)] == [Malformed]  # a skipped frame confirms nothing
+    assert [type(a) for a in m.receive(b"{bad", 1)] == [Count]  # a skipped frame confirms nothing
     nobody = frame(status="failure", message="gone", hash=H2)
     assert [type(a) for a in m.receive(nobody, 1)] == [Notice]  # nor a failure
     assert not m.confirmed
     m = machine(confirm=False)
-    assert m.receive(frame(status="warning", message="w"), 1)[0] == Started(frozenset({H}))
+    assert m.receive(frame(status="warning", message="w"), 1)[0] == Started(frozenset({1}))
     m = machine(confirm=False)
-    assert m.receive(frame(hash=H, data=INTERACTION), 1)[0] == Started(frozenset({H}))
+    assert m.receive(frame(hash=H, data=INTERACTION), 1)[0] == Started(frozenset({1}))
     assert m.receive(TICK, 2) == []  # once confirmed, a tick says nothing new
+
+
+def test_each_listener_is_reported_started_once_however_often_the_socket_syncs():
+    m = machine(hashes=(H, H2), confirm=False)
+    late = m.join(H)  # joins before the socket answered: reported with the others
+    assert m.sync() == []
+    assert m.receive(TICK, 1) == [Started(frozenset({1, 2, late}))]
+    assert m.sync() == [] and m.receive(TICK, 2) == []  # already reported: not again
+    newcomer = m.join(H2)
+    assert m.sync() == [Started(frozenset({newcomer}))]  # only the newcomer, its hash already subscribed
+    assert m.sync() == []
 
 
 def test_subscribe_and_unsubscribe_while_connected():
     m = machine()
-    m.join(H2)
-    assert m.sync() == [Send("subscribe", H2), Started(frozenset({H, H2}))]
-    m.leave(H)
-    assert m.sync() == [Send("unsubscribe", H), Started(frozenset({H2}))]
-    assert m.sync() == [Started(frozenset({H2}))]  # nothing more to send
+    second = m.join(H2)
+    assert m.sync() == [Send("subscribe", H2), Started(frozenset({second}))]
+    m.leave(1)
+    assert m.sync() == [Send("unsubscribe", H)]  # the listener of H2 was reported before
+    assert m.sync() == []  # nothing more to send
 
 
 def test_a_second_listener_of_a_hash_shares_its_subscription():
     m = machine()
-    m.join(H)
-    assert m.sync() == [Started(frozenset({H}))]  # the newcomer is started, nothing is sent again
-    m.leave(H)
-    assert not any(isinstance(a, Send) for a in m.sync())  # one listener still follows it
-    m.leave(H)
+    second = m.join(H)
+    assert m.sync() == [Started(frozenset({second}))]  # the newcomer is started, nothing is sent again
+    m.leave(1)
+    assert m.sync() == []  # one listener still follows it
+    m.leave(second)
     assert m.sync() == [Send("unsubscribe", H)]
 
 
 def test_a_quick_leave_and_join_sends_nothing():
     m = machine()
-    m.leave(H)
-    m.join(H)  # a restart with a changed mapping: the hash stays subscribed
-    assert m.sync() == [Started(frozenset({H}))]
+    m.leave(1)
+    again = m.join(H)  # a restart with a changed mapping: the hash stays subscribed
+    assert m.sync() == [Started(frozenset({again}))]
+
+
+def test_a_listener_that_left_before_its_hash_was_sent_is_never_reported():
+    m = DataSiftProtocol(url="u", api_key=KEY, silence_timeout=65, max_frame_bytes=1000)
+    gone, stays = m.join(H), m.join(H2)
+    m.leave(gone)
+    assert m.opened(0) == [Send("subscribe", H2)]
+    assert m.receive(TICK, 1) == [Started(frozenset({stays}))]
 
 
 def test_items_and_deletes_are_emitted_to_their_hash():
@@ -218,10 +239,10 @@ def test_a_rejected_hash_is_never_unsubscribed_and_retried_only_after_a_new_defi
     m = machine()
     m.receive(frame(status="failure", message="gone", hash=H), 1)
     assert m.sync() == []  # still wanted by the failing listener, but not subscribed again
-    m.leave(H)  # the failed listener ends
+    m.leave(1)  # the failed listener ends
     assert m.sync() == []  # never unsubscribed: the server already dropped it
-    m.join(H)  # a new definition with the same hash
-    assert m.sync() == [Send("subscribe", H), Started(frozenset({H}))]
+    again = m.join(H)  # a new definition with the same hash
+    assert m.sync() == [Send("subscribe", H), Started(frozenset({again}))]
 
 
 def test_a_failure_for_a_hash_nobody_follows_is_noted_not_resolved():
@@ -243,27 +264,30 @@ def test_reconnect_advice_ends_the_socket_for_an_immediate_retry():
     assert end == End(Retry("reconnect-advice", "DataSift asked for a reconnect", 0))
 
 
-def test_silence_ends_the_socket_a_little_before_the_watchdog_and_frames_or_listening_defer_it():
+def test_silence_ends_the_socket_at_its_bound_and_frames_or_listening_defer_it():
     m = machine(silence=1.0, now=10.0)
-    assert m.deadline() == pytest.approx(10.8)
-    assert m.tick(10.7) == []
+    assert m.heartbeat_bound == 1.0  # what its listeners declare to the supervisor
+    assert m.deadline() == pytest.approx(11.0)
+    assert m.tick(10.9) == []
     m.receive(TICK, 10.5)
-    assert m.deadline() == pytest.approx(11.3)
+    assert m.deadline() == pytest.approx(11.5)
     m.listening(12.0)  # the driver was busy emitting under back-pressure until now
-    assert m.tick(12.5) == []
-    [end] = m.tick(12.8)
+    assert m.tick(12.9) == []
+    [end] = m.tick(13.0)
     assert end == End(Retry("heartbeat", "No data or tick from DataSift for 1s; reconnecting", 0))
-    assert machine(silence=65.0).deadline() == pytest.approx(64.75)
+    assert machine(silence=65.0).deadline() == pytest.approx(65.0)
 
 
 def test_malformed_and_oversized_frames_are_counted_for_their_hash_or_everyone():
-    m = machine(max_bytes=200)
+    m = machine(max_bytes=200, hashes=(H, H2))
     [count] = m.receive(b"{not json", 1)
-    assert count.kind == "malformed" and count.hash is None
+    assert count.kind == "malformed" and count.hashes == {H, H2}  # names no hash: every listener's
     [count] = m.receive(frame(hash=H, data=[1]), 2)
-    assert count == Malformed("stream message without a data object", "malformed", H)
+    assert count == Count("malformed", "stream message without a data object", frozenset({H}))
     [count] = m.receive(orjson.dumps({"hash": H, "data": {"x": "y" * 300}}), 3)
-    assert count.kind == "oversized"
+    assert count.kind == "oversized" and count.hashes == {H, H2}  # refused before parsing: no hash known
+    [count] = m.receive(frame(hash="nobody", data=[1]), 4)
+    assert count.hashes == frozenset()  # a hash no listener follows counts against none
 
 
 def test_notices_are_masked_and_scoped():

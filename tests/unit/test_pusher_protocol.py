@@ -218,10 +218,25 @@ def test_close_code_kinds(code, kind):
 def test_close_reason_is_clear_for_an_operator():
     m = machine()
     m.receive(json.dumps({"event": "pusher:error", "data": {"code": 4001, "message": "App key x not found"}}), 0)
-    outcome = m.closed(4001, "")
+    [outcome] = m.closed(4001, "")
     assert outcome == Fail("Pusher refused the connection with close code 4001: the app does not exist - check "
                            "the app key and cluster (server said: App key x not found)")
     assert "4100: over capacity" in classify_close(4100, "").reason
+
+
+def test_a_frame_over_our_size_limit_is_counted_and_retried_with_back_off():
+    m = machine()
+    subscribed(m)
+    count, outcome = m.closed(1009, None, sent=1009)  # the WebSocket layer refused the frame and closed
+    assert count == Count("oversized", "Pusher sent a frame over the size limit (sources.max-frame-bytes)")
+    assert outcome == Retry("protocol", "Pusher sent a frame over the size limit (sources.max-frame-bytes); "
+                                        "reconnecting")
+    assert m.deadline() == float("inf")
+
+
+def test_a_close_we_did_not_start_for_size_is_not_counted():
+    assert machine().closed(1006, None) == [Retry("network", "Connection to Pusher dropped without a close frame")]
+    assert machine().closed(4200, "", sent=4200) == [classify_close(4200, "")]  # the echo of the server's close
 
 
 def test_pusher_error_without_channel_is_informational():

@@ -9,7 +9,7 @@ import pytest
 from listenerd.model import Config
 from listenerd.outcome import Ended, Fail, Retry
 from listenerd.sources.base import Launch
-from listenerd.supervisor import IMMEDIATE_RETRIES, retry_delay
+from listenerd.supervisor import IMMEDIATE_RETRIES, guard_bound, retry_delay
 from tests.harness import Harness, desired, integration, listener, wait_for
 
 CREDS = integration("pusher", key="k", secret="s3cr3t-value")
@@ -128,14 +128,15 @@ async def test_disabled_listener_is_stopped_and_transient_retry_honours_delay(tm
         assert "status is false" in sup.status(("t", "off")).message
 
 
-async def test_silent_started_connection_is_reported_retrying_and_restarted(tmp_path, scripted_source):
+async def test_a_silent_source_without_a_core_is_restarted_by_the_guard_at_twice_its_bound(tmp_path,
+                                                                                          scripted_source):
     runs = []
 
     async def run(ctx):
         runs.append(1)
         ctx.set_heartbeat_bound(0.3)
         ctx.started("Connected to stream: abc")
-        await asyncio.Event().wait()  # goes silent
+        await asyncio.Event().wait()  # goes silent, and nothing in it notices: the watchdog must
 
     scripted_source("pusher", run)
     async with Harness(tmp_path, fast_config(tmp_path)) as h:
@@ -143,9 +144,32 @@ async def test_silent_started_connection_is_reported_retrying_and_restarted(tmp_
         await sup.start({("t", "S"): desired(spec("S"), CREDS)})
         record = sup.status(("t", "S"))
         await wait_for(lambda: record.status == "started")
+        started_at = record.since
         await wait_for(lambda: record.status == "retrying", what="heartbeat watchdog")
-        assert "No data or heartbeat" in record.message
+        assert record.since - started_at >= guard_bound(0.3) - 0.01  # a guard: well past the declared bound
+        assert "No data or heartbeat" in record.message and "next attempt in" in record.message
+        assert record.last_error.endswith("(the source's bound is 0.3s); restarting")  # reported by the Runner
         await wait_for(lambda: len(runs) >= 2, what="restart after silence")
+
+
+async def test_a_core_that_ends_a_silent_connection_at_its_bound_is_the_only_judge(tmp_path, scripted_source):
+    runs = []
+
+    async def run(ctx):
+        runs.append(1)
+        ctx.set_heartbeat_bound(0.2)
+        ctx.started("Subscribed to channel: quiet")
+        await asyncio.sleep(0.2)  # the core's own silence timer, at exactly the bound it declared
+        raise Ended(Retry("heartbeat", "No pong within 0.2s; reconnecting", delay=0))
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "Q"): desired(spec("Q"), CREDS)})
+        record = sup.status(("t", "Q"))
+        errors: set[str | None] = set()
+        await wait_for(lambda: errors.add(record.last_error) or len(runs) >= 5, what="five silent runs")
+        assert errors <= {None, "No pong within 0.2s; reconnecting"}  # never the watchdog's words
 
 
 async def test_restart_brings_a_failed_listener_back(tmp_path, scripted_source):
@@ -213,7 +237,7 @@ async def test_a_listener_paused_by_back_pressure_is_not_taken_for_silent(tmp_pa
         await sup.start({("t", "P"): desired(spec("P"), CREDS)})
         record = sup.status(("t", "P"))
         await wait_for(lambda: "paused: outbox full" in record.message, what="paused")
-        await asyncio.sleep(1.0)  # over three heartbeat bounds of silence while paused
+        await asyncio.sleep(1.5)  # over twice the watchdog's guard (2 x 0.3 s) of silence while paused
         assert record.status == "started" and len(runs) == 1
 
 
