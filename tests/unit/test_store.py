@@ -52,6 +52,7 @@ async def test_migration_4_seeds_listener_ids_from_existing_listeners(tmp_path):
     await store.close()
     conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3, as a database from before it
     conn.execute("DROP TABLE listener_ids")
+    conn.execute("ALTER TABLE outbox_bodies DROP COLUMN checksum")  # migration 5's
     conn.execute("PRAGMA user_version = 3")
     assert migrate(conn) == len(MIGRATIONS)
     assert conn.execute("SELECT tenant_id, last FROM listener_ids").fetchall() == [("t", 5)]
