@@ -107,9 +107,13 @@ def run(path: str, fmt: str) -> int:
     redactor.register(*config.secret_values())
     configure_logging(fmt if fmt != "auto" else config.log.format, config.log.level)
     from listenerd.daemon import Daemon
+    from listenerd.store import StoreUnavailable
 
     try:
         asyncio.run(Daemon(config, path).run())
+    except StoreUnavailable as exc:  # one line naming the path, the problem and what to do; no traceback
+        log.error("listenerd could not start", error=str(exc))
+        return EXIT_FATAL
     except OSError as exc:
         log.error("listenerd could not start", error=str(exc))
         return EXIT_FATAL
