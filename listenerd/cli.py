@@ -111,10 +111,7 @@ def run(path: str, fmt: str) -> int:
 
     try:
         asyncio.run(Daemon(config, path).run())
-    except StoreUnavailable as exc:  # one line naming the path, the problem and what to do; no traceback
-        log.error("listenerd could not start", error=str(exc))
-        return EXIT_FATAL
-    except OSError as exc:
+    except (StoreUnavailable, OSError) as exc:  # one line (a store's names its path and what to do), no traceback
         log.error("listenerd could not start", error=str(exc))
         return EXIT_FATAL
     except Exception:
