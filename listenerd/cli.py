@@ -107,10 +107,11 @@ def run(path: str, fmt: str) -> int:
     redactor.register(*config.secret_values())
     configure_logging(fmt if fmt != "auto" else config.log.format, config.log.level)
     from listenerd.daemon import Daemon
+    from listenerd.store import StoreUnavailable
 
     try:
         asyncio.run(Daemon(config, path).run())
-    except OSError as exc:
+    except (StoreUnavailable, OSError) as exc:  # one line (a store's names its path and what to do), no traceback
         log.error("listenerd could not start", error=str(exc))
         return EXIT_FATAL
     except Exception:

@@ -49,7 +49,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
-        self.store = Store(config.store.path, config.store.synchronous)
+        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory)
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
                              max_bytes=config.store.outbox_max_bytes, metrics=self.metrics)
         self.dead_letters = DeadLetters(self.store, self.outbox)
@@ -112,6 +112,7 @@ class Daemon:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop."""
+        await self.store.open()  # first: a store that cannot be used ends the run before there is anything to stop
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)

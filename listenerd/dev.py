@@ -29,6 +29,7 @@ from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
+from listenerd.store import StoreUnavailable
 from listenerd.systemd import Notifier
 
 log = structlog.get_logger("listenerd.dev")
@@ -168,6 +169,9 @@ async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate
         daemon = Daemon(config, None, notifier=Notifier.from_env())
         try:
             await daemon.start()
+        except StoreUnavailable as exc:
+            log.error("listenerd dev could not start", error=str(exc))
+            return 1
         except OSError as exc:
             log.error("cannot start the API", listen=listen, error=str(exc),
                       hint="is another listenerd running? try `listenerd dev --listen 127.0.0.1:8089`")

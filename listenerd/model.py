@@ -96,6 +96,8 @@ class Engine(Model):
 
 class Store(Model):
     path: str = "/var/lib/listenerd/listenerd.db"
+    create_directory: bool = False  # else a missing directory is an error (a volume that did not mount), unless
+    # it is systemd's StateDirectory
     synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
     outbox_max_events: int = Field(default=1_000_000, gt=0)
     outbox_max_bytes: int = Field(default=1_073_741_824, gt=0)

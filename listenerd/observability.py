@@ -146,6 +146,8 @@ class Metrics:
                                     registry=r)
         self.api_errors = Counter("listenerd_api_errors", "API error answers by status code", ("code",),
                                   registry=r)
+        self.damaged_events = Counter("listenerd_store_damaged_events", "Stored events whose segment failed its "
+                                      "checksum: set aside as dead letters, never sent", registry=r)
 
     def forget_listener(self, tenant_id: str, listener_id: str) -> None:
         for metric in (self.received, self.forwarded, self.reconnects):

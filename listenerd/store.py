@@ -4,6 +4,11 @@ One connection, used only from one dedicated thread, so the event loop never blo
 sqlite3 never sees two threads. WAL mode lets that writer commit while readers (backups, the
 `sqlite3` shell) look on. The schema is versioned with `PRAGMA user_version`; each migration runs
 once, in order, inside a transaction.
+
+Opening checks the store before anything runs on it: a path that cannot work, a missing directory
+(a volume that failed to mount must not become a new empty store), a damaged file (`quick_check`) or
+a newer schema is refused with `StoreUnavailable` (`store_checks.py`), one line naming the path,
+the problem and what to do, which the CLI prints instead of a traceback.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
+import structlog
+
+from listenerd.store_checks import StoreUnavailable, prepare_location, salvage, unusable
 
 T = TypeVar("T")
+log = structlog.get_logger("listenerd.store")
 
 MIGRATIONS: list[str] = [
     # 1: objects, checkpoints, outbox, dead letters
@@ -117,6 +126,12 @@ MIGRATIONS: list[str] = [
         SELECT tenant_id, max(CAST(substr(id, 3) AS INTEGER)) FROM listeners
         WHERE id GLOB 'LI[0-9]*' AND substr(id, 3) NOT GLOB '*[^0-9]*' GROUP BY tenant_id;
     """,
+    # 5: a checksum of each segment's stored bytes (zlib.crc32 of `bodies`, then of `ends`), checked
+    # before any of its events is leased, so a damaged page never reaches the engine; NULL (rows
+    # written before this version) is not checked
+    """
+    ALTER TABLE outbox_bodies ADD COLUMN checksum INTEGER;
+    """,
 ]
 
 
@@ -132,26 +147,46 @@ class Row(NamedTuple):
 class Store:
     """Async front of one SQLite database. `run(fn)` executes `fn(conn)` on the store thread."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL"):
+    def __init__(self, path: str, synchronous: str = "NORMAL", create_directory: bool = False):
         self.path = path
         self.synchronous = synchronous
+        self.create_directory = create_directory  # else only systemd's StateDirectory is created
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="listenerd-store")
         self._conn: sqlite3.Connection | None = None
 
     # -- lifecycle
 
     async def open(self) -> None:
-        await self._call(self._open)
+        """Open and migrate (once: opening an open store does nothing); StoreUnavailable when it cannot be used."""
+        if self._conn is None:
+            await self._call(self._open)
 
     def _open(self) -> None:
+        created = None
+        new = True
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
-        migrate(conn)
+            path = Path(self.path)
+            created = prepare_location(path, self.create_directory)
+            new = not path.exists() or path.stat().st_size == 0
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=5000")
+                problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise StoreUnavailable(self.path, f"is damaged (quick_check: {'; '.join(problems)})",
+                                           salvage(self.path))
+                version = migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as exc:
+            raise unusable(self.path, exc) from exc
+        if new and self.path != ":memory:":
+            log.info("new store: empty, nothing waiting", path=self.path, schema=version, directory_created=created)
         self._conn = conn
 
     async def close(self) -> None:
@@ -329,8 +364,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to the newest version; returns it. Refuses a database from the future."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise RuntimeError(f"store schema version {version} is newer than this listenerd "
-                           f"(knows up to {len(MIGRATIONS)}); upgrade listenerd")
+        path = conn.execute("PRAGMA database_list").fetchone()[2] or ":memory:"
+        raise StoreUnavailable(path, f"schema version {version} is newer than this listenerd (knows up to "
+                                     f"{len(MIGRATIONS)})", "upgrade listenerd, or restore a backup this version wrote")
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -342,3 +378,4 @@ def migrate(conn: sqlite3.Connection) -> int:
             raise
         conn.execute("COMMIT")
     return len(MIGRATIONS)
+

@@ -7,6 +7,11 @@ API's). A retry goes back into the outbox with the same envelope bytes, so the s
 the outbox what it added (`Outbox.requeued`) so depth, bytes and the forwarder follow.
 The SQL functions are plain functions over a connection, like `segments.py`: a second store backend
 provides them too.
+
+A stored segment that fails its checksum is set aside here too (`set_aside`), never sent: status
+code `DAMAGED` (0, no engine answered) and a response saying so, its events as read from the disk.
+An event whose bytes are no longer a JSON object is kept as a JSON string of those bytes, so the
+dead letter still reads as JSON; a retry sends only the intact envelopes and keeps the rest.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from listenerd.delivery.segments import MASK, Row, insert, remove, segment_row
+from listenerd.delivery.segments import MASK, Row, insert, remove, segment_row, split
 from listenerd.store import Store
+
+DAMAGED = 0  # a dead letter's status code when listenerd set it aside: the store, not the engine, refused it
 
 
 class Requeued(Protocol):
@@ -99,6 +106,36 @@ def refuse(conn: sqlite3.Connection, rows: Sequence[Row], status_code: int, resp
     return gone
 
 
+def set_aside(conn: sqlite3.Connection, seq: int, failed_at: float) -> tuple[int, int] | None:
+    """Move a segment that failed its checksum to the dead letters, its waiting events as read.
+
+    Returns the events and bytes it held in the outbox's counts (None when it is gone already).
+    """
+    row = conn.execute("SELECT tenant_id, listener_id, first, total, events, size, ends, bodies FROM outbox_segments s "
+                       "JOIN outbox_bodies b ON b.seq = s.seq WHERE s.seq = ?", (seq,)).fetchone()
+    if row is None:
+        return None
+    tenant_id, listener_id, first, total, events, size, ends, bodies = row
+    pieces = split(ends, bodies, first, total)
+    envelopes = [piece if _is_object(piece) else orjson.dumps(piece.decode("utf-8", "backslashreplace"))
+                 for piece in pieces]
+    conn.execute("DELETE FROM outbox_segments WHERE seq = ?", (seq,))
+    conn.execute("DELETE FROM outbox_bodies WHERE seq = ?", (seq,))
+    conn.execute("INSERT INTO dead_letters (tenant_id, listener_id, status_code, response, failed_at, events) "
+                 "VALUES (?, ?, ?, ?, ?, ?)",
+                 (tenant_id, listener_id, DAMAGED, f"listenerd: stored segment failed its checksum (seq {seq}): the "
+                  "store is damaged; events as read, a damaged one as a string", failed_at,
+                  b"[" + b",".join(envelopes) + b"]"))
+    return events, size
+
+
+def _is_object(piece: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(piece), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def select(conn: sqlite3.Connection, tenant_id: str, listener_id: str | None = None, *,
            dead_letter_id: int | None = None) -> list[DeadLetter]:
     """A tenant's dead letters, oldest first, narrowed to one listener or one id."""
@@ -122,6 +159,8 @@ def requeue(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> tu
         return None
     listener_id, events = row
     envelopes = orjson.loads(events)
+    damaged = [e for e in envelopes if not isinstance(e, dict)]  # bytes a damaged store gave: never sent
+    envelopes = [e for e in envelopes if isinstance(e, dict)]
     by_listener: dict[str, list[dict[str, Any]]] = {}  # a dead letter is one listener's: kept general
     for envelope in envelopes:
         by_listener.setdefault(envelope.get("listener-id", listener_id), []).append(envelope)
@@ -132,7 +171,10 @@ def requeue(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> tu
             bodies = [orjson.dumps(e) for e in chunk]
             size += sum(len(b) for b in bodies)
             insert(conn, [segment_row(tenant_id, lid, _epoch(chunk[0].get("received-at")), bodies)], [])
-    conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+    if damaged:
+        conn.execute("UPDATE dead_letters SET events = ? WHERE id = ?", (orjson.dumps(damaged), dead_letter_id))
+    else:
+        conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
     return len(envelopes), size, _epoch(envelopes[0].get("received-at")) if envelopes else time.time()
 
 

@@ -274,11 +274,33 @@ class Outbox:
     # -- consuming (the forwarder)
 
     async def lease(self, limit: int, after: int = 0) -> list[Row]:
-        """Up to `limit` waiting events in commit order, after the event whose seq is `after`."""
-        rows = await self.store.run(lambda c: segments.lease(c, limit, after))
+        """Up to `limit` waiting events in commit order, after the event whose seq is `after`.
+
+        A segment that fails its checksum is never leased: it goes to the dead letters here.
+        """
+        damaged: list[int] = []
+        rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged))
+        for seq in damaged:
+            await self._set_aside(seq)
         if rows and after == 0:
             self._head_received = rows[0].received
         return rows
+
+    async def _set_aside(self, seq: int) -> None:
+        """Move a damaged segment to the dead letters and out of the counts; if that fails, a later lease retries."""
+        try:
+            held = await self.store.transaction(lambda c: dead_letters.set_aside(c, seq, time.time()))
+        except sqlite3.Error as exc:
+            log.error("a damaged stored segment could not be set aside; it is skipped", seq=seq, error=str(exc))
+            return
+        if held is None:
+            return
+        events, size = held
+        log.error("stored segment failed its checksum: the store is damaged; its events are in the dead letters "
+                  "(status code 0), not sent", seq=seq, events=events)
+        if self.metrics:
+            self.metrics.damaged_events.inc(events)
+        self._release_counts(events, size)
 
     async def ack(self, rows: list[Row]) -> list[Row]:
         """Delete delivered rows; returns those that were still there (a row sent twice is acked once)."""
@@ -307,8 +329,11 @@ class Outbox:
         self.committed.set()
 
     def _release(self, rows: list[Row]) -> None:
-        self._usage.events -= len(rows)
-        self._usage.bytes -= sum([len(r.body) for r in rows])
+        self._release_counts(len(rows), sum([len(r.body) for r in rows]))
+
+    def _release_counts(self, events: int, size: int) -> None:
+        self._usage.events -= events
+        self._usage.bytes -= size
         if self._usage.events <= 0:
             self._head_received = None
         self._usage.changed.set()

@@ -3,8 +3,9 @@
 import sqlite3
 
 import pytest
+from structlog.testing import capture_logs
 
-from listenerd.store import MIGRATIONS, Row, Store, migrate
+from listenerd.store import MIGRATIONS, Row, Store, StoreUnavailable, migrate
 
 
 async def test_open_migrates_and_uses_wal(tmp_path):
@@ -16,6 +17,37 @@ async def test_open_migrates_and_uses_wal(tmp_path):
     store = Store(str(tmp_path / "s.db"))  # reopening runs nothing twice
     await store.open()
     await store.close()
+
+
+async def test_a_missing_directory_is_created_only_where_allowed(tmp_path, monkeypatch):
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    path = tmp_path / "volume" / "s.db"
+    with pytest.raises(StoreUnavailable, match="directory .*volume does not exist; mount the volume"):
+        await Store(str(path)).open()
+    assert not path.parent.exists()
+    for store, why in ((Store(str(path), create_directory=True), "[store] create-directory"),
+                       (Store(str(tmp_path / "state" / "s.db")), "systemd StateDirectory")):
+        monkeypatch.setenv("STATE_DIRECTORY", f"/elsewhere:{tmp_path / 'state'}")
+        with capture_logs() as logs:
+            await store.open()
+        await store.close()
+        assert [(e["event"], e["path"], e["schema"], e["directory_created"]) for e in logs] == [
+            ("new store: empty, nothing waiting", store.path, len(MIGRATIONS), why)]
+    with capture_logs() as logs:  # no longer new
+        store = Store(str(path))
+        await store.open()
+        await store.close()
+    assert logs == []
+
+
+async def test_an_unusable_store_is_one_line_naming_it(tmp_path):
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    (tmp_path / "dir.db").mkdir()
+    for name, problem in (("junk.db", "is not a SQLite database"), ("dir.db", "is a directory, not a database file")):
+        with pytest.raises(StoreUnavailable) as raised:
+            await Store(str(tmp_path / name)).open()
+        assert str(raised.value).startswith(f"store {tmp_path / name}: {problem}; ")
+        assert "\n" not in str(raised.value)
 
 
 def test_refuses_a_newer_schema(tmp_path):
@@ -52,6 +84,7 @@ async def test_migration_4_seeds_listener_ids_from_existing_listeners(tmp_path):
     await store.close()
     conn = sqlite3.connect(path, isolation_level=None)  # back to schema 3, as a database from before it
     conn.execute("DROP TABLE listener_ids")
+    conn.execute("ALTER TABLE outbox_bodies DROP COLUMN checksum")  # migration 5's
     conn.execute("PRAGMA user_version = 3")
     assert migrate(conn) == len(MIGRATIONS)
     assert conn.execute("SELECT tenant_id, last FROM listener_ids").fetchall() == [("t", 5)]
