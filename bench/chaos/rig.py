@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import secrets
-import sqlite3
 import statistics
 import time
 from collections import defaultdict
@@ -32,12 +31,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from listenerd.delivery.segments import stored_envelopes
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
-from listenerd.testing import Api, DaemonProcess
+from listenerd.testing import Api, DaemonProcess, snapshot_envelopes
 
 SOURCES = ("pusher", "datasift", "salesforce")
 TENANT = "t"
@@ -124,9 +122,11 @@ class Ledger:
         return sum(len(d) for d in self.delivered.values())
 
     def remember_outbox(self, db_path: Path) -> int:
-        """Record every envelope durable in the (dead daemon's) outbox; returns how many."""
-        with contextlib.closing(sqlite3.connect(db_path)) as db:
-            rows = stored_envelopes(db)
+        """Record every envelope durable in the (dead daemon's) outbox; returns how many.
+
+        Read from a snapshot (`listenerd.testing.store_snapshot`): the restart then recovers from the
+        WAL exactly as the kill left it."""
+        rows = snapshot_envelopes(db_path)
         for body in rows:
             envelope = orjson.loads(body)
             seq = envelope["event"].get("seq")

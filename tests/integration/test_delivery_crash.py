@@ -7,14 +7,13 @@ engine can de-duplicate), and each listener's first deliveries must be in order.
 """
 
 import asyncio
-import contextlib
 import os
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 
 from listenerd.sim.engine import EngineSim
+from listenerd.testing import store_snapshot
 from tests.harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +54,7 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path):
         assert len(acked_before) < 2 * TOTAL, "the stream ended before the kill; nothing was tested"
         assert len(before_kill) < len(acked_before), "no backlog at the kill; nothing was tested"
         print(f"at the kill: {len(acked_before)} acknowledged, {len(before_kill)} delivered")
-        with contextlib.closing(sqlite3.connect(tmp_path / "crash.db")) as db:
+        with store_snapshot(tmp_path / "crash.db") as db:  # the restart recovers from the WAL as the kill left it
             checkpoints = dict(db.execute("SELECT listener_id, CAST(value AS INTEGER) FROM checkpoints"))
             waiting = db.execute("SELECT coalesce(sum(events), 0) FROM outbox_segments").fetchone()[0]
         for lid in LISTENERS:  # the resume point never lags what the source side was told is safe
