@@ -7,35 +7,23 @@ engine can de-duplicate), and each listener's first deliveries must be in order.
 """
 
 import asyncio
-import os
 import signal
-import sys
-from pathlib import Path
 
 from listenerd.sim.engine import EngineSim
 from listenerd.testing import store_snapshot
 from tests.harness import wait_for
+from tests.integration.crash_runner import read_acked, spawn
 
-ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 600
 LISTENERS = ("A", "B")
 
 
 async def start_runner(tmp_path, url, synchronous="NORMAL"):
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.integration.crash_runner", "--db", str(tmp_path / "crash.db"),
-        "--engine", url, "--acked", str(tmp_path / "acked.txt"), "--total", str(TOTAL),
-        "--listeners", ",".join(LISTENERS), "--synchronous", synchronous,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return await spawn(tmp_path / "crash.db", url, tmp_path / "acked.txt", TOTAL, LISTENERS, synchronous)
 
 
 def acked(tmp_path):
-    path = tmp_path / "acked.txt"
-    if not path.exists():
-        return set()
-    lines = path.read_text().splitlines()
-    return {(lid, int(n)) for lid, n in (line.split() for line in lines if line.count(" ") == 1)}
+    return read_acked(tmp_path / "acked.txt")
 
 
 async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path):
