@@ -35,7 +35,7 @@ from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
-from listenerd.testing import Api, DaemonProcess, snapshot_envelopes
+from listenerd.testing import WAL_SUFFIXES, Api, DaemonProcess, snapshot_envelopes
 
 SOURCES = ("pusher", "datasift", "salesforce")
 TENANT = "t"
@@ -265,6 +265,7 @@ class Rig:
         self._live_since: dict[str, int] = {}
         self._pump: asyncio.Task[None] | None = None
         self.keep_logs = keep_logs
+        self.wal_at_kills: list[int] = []  # bytes of -wal left by each kill -9: what the restart recovers from
 
     # -- names
 
@@ -401,11 +402,24 @@ login-url = "{self.salesforce.url}"
         assert self.daemon and self.daemon.process
         return self.daemon.process.pid
 
+    def store_files(self) -> dict[str, tuple[int, int]]:
+        """(size, mtime ns) of the store's db, -wal and -shm files that exist."""
+        files = [self.db_path.with_name(self.db_path.name + suffix) for suffix in WAL_SUFFIXES]
+        return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()}
+
     def kill9(self) -> int:
-        """kill -9 the daemon, then record what its outbox held on disk; returns that count."""
+        """kill -9 the daemon, then record what its outbox held on disk; returns that count.
+
+        The restart must recover from the WAL as the kill left it: `wal_at_kills` records the WAL's size
+        at each kill, and reading the outbox must leave every store file exactly as it was."""
         assert self.daemon is not None
         self.daemon.kill9()
-        return self.ledger.remember_outbox(self.db_path)
+        files = self.store_files()
+        self.wal_at_kills.append(files.get(self.db_path.name + "-wal", (0, 0))[0])
+        durable = self.ledger.remember_outbox(self.db_path)
+        if self.store_files() != files:
+            raise AssertionError(f"reading the killed store changed its files: {files} -> {self.store_files()}")
+        return durable
 
     async def stop(self, strict: bool = True) -> int | None:
         """SIGTERM the daemon (if running) and stop the simulators; returns the daemon's exit code.
