@@ -421,6 +421,14 @@ login-url = "{self.salesforce.url}"
             raise AssertionError(f"reading the killed store changed its files: {files} -> {self.store_files()}")
         return durable
 
+    def remove_shm(self) -> bool:
+        """Delete the killed daemon's `-shm` (as a reboot clearing /dev/shm-like state would): the restart
+        must rebuild the WAL index from the WAL itself. True when there was one."""
+        shm = self.db_path.with_name(self.db_path.name + "-shm")
+        existed = shm.exists()
+        shm.unlink(missing_ok=True)
+        return existed
+
     async def stop(self, strict: bool = True) -> int | None:
         """SIGTERM the daemon (if running) and stop the simulators; returns the daemon's exit code.
 

@@ -58,6 +58,7 @@ async def test_crash_loop_loses_no_committed_event_and_duplicates_keep_their_id(
     assert reports["salesforce"]["not_received"] == 0  # replayed from the checkpoint
     assert sum(r["duplicates"] for r in reports.values()) <= result["durable_at_kills"]
     assert all(k["wal_at_kill"] > 0 for k in result["kills"]), "a restart had no WAL to recover from"
+    assert [k["shm_removed"] for k in result["kills"]] == [False, True, False]  # both WAL cases, no loss in either
     assert all(r["delivered_unique"] > 0 for r in reports.values())
     assert result["final_outbox"] == 0
 
