@@ -1,4 +1,5 @@
-"""Helpers shared by the test suite and the benchmarks: polling, spec builders, the daemon as a child process.
+"""Helpers shared by the test suite and the benchmarks: polling, spec builders, the daemon as a child process,
+a killed daemon's store read without changing it, a small tmpfs to fill.
 
 Why in the package: `tests/` and `bench/` both drive listenerd the same way, and neither should import
 the other (as aiohttp ships `aiohttp.test_utils`). Nothing here runs in production; it imports only
@@ -10,19 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from pydantic import TypeAdapter
 
+from listenerd.delivery.segments import stored_envelopes
 from listenerd.model import INTEGRATION_TYPES, Integration, Listener
 
 _LISTENER = TypeAdapter(Listener)
@@ -212,3 +218,113 @@ class DaemonProcess:
             self.signal(signal.SIGTERM)
             return await self.wait_exit()
         return self.process.returncode if self.process else 0
+
+
+# ---------------------------------------------------------------- a killed daemon's store, read without changing it
+
+WAL_SUFFIXES = ("", "-wal", "-shm")
+
+
+@contextlib.contextmanager
+def store_snapshot(db_path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A connection to a copy of the store at `db_path` (its `-wal` and `-shm` too), for reading after a kill.
+
+    Why a copy: the last connection to close a WAL database checkpoints it and deletes `-wal` and
+    `-shm`, so reading the store in place would hand the restarted daemon an already recovered
+    store, and no crash test would ever exercise WAL recovery. `immutable=1` would leave the files
+    alone but ignores the WAL, missing events committed only there. The copy, opened normally,
+    recovers exactly as the restarted daemon will and sees every committed transaction; the
+    originals keep their bytes and mtimes. Only for a store no process is writing (killed or stopped).
+    """
+    source = Path(db_path)
+    with tempfile.TemporaryDirectory(prefix="listenerd-snapshot-") as tmp:
+        copy = Path(tmp) / source.name
+        for suffix in WAL_SUFFIXES:
+            original = source.with_name(source.name + suffix)
+            if original.exists():
+                shutil.copyfile(original, copy.with_name(copy.name + suffix))
+        if not copy.exists():
+            raise FileNotFoundError(f"no store at {source}")
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            yield conn
+
+
+def snapshot_envelopes(db_path: str | Path) -> list[bytes]:
+    """Every envelope (JSON bytes) waiting in the outbox of the store at `db_path`, read from a snapshot."""
+    with store_snapshot(db_path) as conn:
+        return stored_envelopes(conn)
+
+
+# ---------------------------------------------------------------- a small filesystem that can be filled
+
+
+class Tmpfs:
+    """A tmpfs of `size_mb` MiB mounted at `path` for the life of a `with` block (root only, Linux).
+
+    Why: a full disk is a real fault only on a real filesystem; a small tmpfs fills in a second and
+    leaves nothing behind. `fill()` writes a filler file until the filesystem refuses (ENOSPC),
+    `unfill()` removes it. Leaving the block removes the filler and unmounts, lazily if a process
+    still holds a file there, so a failed run never leaves a mount behind.
+    """
+
+    FILLER = ".filler"
+
+    def __init__(self, path: str | Path, size_mb: int = 30):
+        self.path = Path(path)
+        self.size_mb = size_mb
+        self.mounted = False
+
+    @staticmethod
+    def available() -> str | None:
+        """None when this process can mount a tmpfs, else why not (for a test's skip reason)."""
+        if not sys.platform.startswith("linux"):
+            return "tmpfs mounts need Linux"
+        if os.geteuid() != 0:
+            return "mounting a tmpfs needs root"
+        if shutil.which("mount") is None or shutil.which("umount") is None:
+            return "mount/umount not found"
+        return None
+
+    def __enter__(self) -> Tmpfs:
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m,mode=0700", "tmpfs", str(self.path)],
+                       check=True, capture_output=True, timeout=30)
+        self.mounted = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.mounted:
+            return
+        with contextlib.suppress(OSError):
+            self.unfill()
+        done = subprocess.run(["umount", str(self.path)], capture_output=True, timeout=30)
+        if done.returncode != 0:  # busy (a child still holds a file): detach now, freed when it lets go
+            subprocess.run(["umount", "-l", str(self.path)], check=True, capture_output=True, timeout=30)
+        self.mounted = False
+
+    @property
+    def filler(self) -> Path:
+        return self.path / self.FILLER
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.path)
+        return stats.f_bavail * stats.f_frsize
+
+    def fill(self) -> int:
+        """Write the filler until the filesystem is full; returns its size in bytes."""
+        written = 0
+        with open(self.filler, "ab", buffering=0) as out:
+            for chunk in (1 << 20, 1 << 16, 1 << 12):  # big steps first, then the last pages
+                block = b"\0" * chunk
+                while True:
+                    try:
+                        written += out.write(block) or 0
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        return written
+
+    def unfill(self) -> None:
+        """Remove the filler: the space is free again at once (nothing holds it open)."""
+        self.filler.unlink(missing_ok=True)

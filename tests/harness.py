@@ -7,8 +7,6 @@ builds `SourceContext`s exactly as the supervisor does; the supervisors it build
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +14,13 @@ import orjson
 
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.outbox import Outbox
-from listenerd.delivery.segments import stored_envelopes
 from listenerd.model import Config, Integration
 from listenerd.observability import Metrics
 from listenerd.sources.base import Shared, SourceContext
 from listenerd.status import ListenerStatus
 from listenerd.store import Store
 from listenerd.supervisor import Desired, Supervisor
-from listenerd.testing import integration, listener, wait_for
+from listenerd.testing import integration, listener, snapshot_envelopes, wait_for
 
 __all__ = ["Harness", "desired", "integration", "listener", "outbox_envelopes", "wait_for"]
 
@@ -74,9 +71,9 @@ class Harness:
 
 
 def outbox_envelopes(db_path: str | Path) -> list[dict]:
-    """Every envelope waiting in the outbox of the store at `db_path`, read straight from disk (after a kill)."""
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        return [orjson.loads(body) for body in stored_envelopes(db)]
+    """Every envelope waiting in the outbox of the store at `db_path` after a kill, read from a snapshot
+    (`listenerd.testing.store_snapshot`) so that the restart still recovers from the WAL as left."""
+    return [orjson.loads(body) for body in snapshot_envelopes(db_path)]
 
 
 def desired(spec: Any, creds: Integration | None) -> Desired:

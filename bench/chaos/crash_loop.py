@@ -10,6 +10,11 @@ dead, or what sat in socket buffers unread at the kill, was never received and c
 by any client; it is counted as `not received`, split into "no subscriber at all" and "in flight".
 Salesforce keeps events for replay: there everything published must arrive.
 
+Each restart recovers from the WAL exactly as the kill left it: the outbox is read from a copy of the
+store files (`listenerd.testing.store_snapshot`; reading in place would checkpoint and delete the WAL),
+and the WAL's size at each kill is reported. Every other restart goes without the `-shm` file (SQLite
+rebuilds the WAL index from the WAL), the second WAL case of issue 20.
+
     .venv/bin/python -m bench.chaos.crash_loop            # short: 3 cycles, 300 events/s
     .venv/bin/python -m bench.chaos.crash_loop --full --write   # 20 cycles, 2,000 events/s; RESULTS.md
 """
@@ -47,10 +52,13 @@ async def run(workdir: Path, cycles: int = 3, rate: float = 300.0, engine_delay:
             await wait_for(lambda b=before: rig.ledger.deliveries > b, timeout=60, what="deliveries before a kill")
             await asyncio.sleep(rnd.uniform(*up))
             durable = rig.kill9()
-            kills.append({"cycle": cycle + 1, "durable_at_kill": durable, "delivered_so_far": rig.ledger.deliveries,
+            shm_removed = cycle % 2 == 1 and rig.remove_shm()
+            kills.append({"cycle": cycle + 1, "durable_at_kill": durable, "wal_at_kill": rig.wal_at_kills[-1],
+                          "shm_removed": shm_removed,
+                          "delivered_so_far": rig.ledger.deliveries,
                           "published_so_far": rig.published_total(), "load": loadavg()})
-            say(f"kill {cycle + 1}/{cycles}: {durable} events durable in the outbox, "
-                f"{rig.ledger.deliveries} deliveries so far, load {loadavg()}")
+            say(f"kill {cycle + 1}/{cycles}: {durable} events durable in the outbox, WAL {rig.wal_at_kills[-1]:,} "
+                f"bytes, {rig.ledger.deliveries} deliveries so far, load {loadavg()}")
             await asyncio.sleep(rnd.uniform(*down))  # dead time: sockets publish to nobody
             await rig.start_daemon()
             await rig.wait_all_started()
@@ -101,11 +109,14 @@ def table(result: dict[str, Any]) -> str:
 def summary(result: dict[str, Any]) -> str:
     kills = result["kills"]
     durable = [k["durable_at_kill"] for k in kills]
+    wal = [k["wal_at_kill"] for k in kills]
     return (f"{result['cycles']} kill -9 cycles in {result['elapsed_s']:.0f} s, target {result['rate']:.0f} events/s "
             f"(achieved {result['achieved_rate']:.0f}/s published), engine answers "
             f"{result['engine_delay'] * 1000:.0f} ms after accepting each batch. Outbox on disk at the kills: "
             f"min {min(durable)}, max {max(durable)}, total "
-            f"{sum(durable):,} events (the duplicate bound). Drain after the last restart: {result['drain_s']:.1f} s; "
+            f"{sum(durable):,} events (the duplicate bound); WAL left by the kills (each restart recovered from it): "
+            f"{min(wal):,} to {max(wal):,} bytes; {sum(k['shm_removed'] for k in kills)} restarts without the -shm "
+            f"file. Drain after the last restart: {result['drain_s']:.1f} s; "
             f"outbox after SIGTERM: {result['final_outbox']} rows; secrets found in logs and answers: "
             f"{result['secret_hits']}.\n\n{table(result)}")
 

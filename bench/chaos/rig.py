@@ -21,10 +21,9 @@ import os
 import platform
 import re
 import secrets
-import sqlite3
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from listenerd.delivery.segments import stored_envelopes
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
-from listenerd.testing import Api, DaemonProcess
+from listenerd.testing import WAL_SUFFIXES, Api, DaemonProcess, snapshot_envelopes
 
 SOURCES = ("pusher", "datasift", "salesforce")
 TENANT = "t"
@@ -100,10 +98,15 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 @dataclass
 class Ledger:
-    """What was published (with how many sockets it reached), delivered (with ids), and seen durable."""
+    """What was published (with how many sockets it reached), delivered (with ids), and seen durable.
+
+    `delivered` keeps each event's distinct ids (one, unless a duplicate came under another id) and
+    `copies` how many times it arrived, so a duplicate storm costs a count, not memory.
+    """
 
     published: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     delivered: dict[str, dict[int, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    copies: dict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
     durable: dict[str, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))  # outbox snapshots
     published_at: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     windows: list[tuple[float, float]] = field(default_factory=list)  # forced disconnects (monotonic)
@@ -117,16 +120,21 @@ class Ledger:
         for envelope in envelopes:
             seq = envelope["event"].get("seq")
             if isinstance(seq, int):
-                self.delivered[envelope["source"]][seq].append(envelope["id"])
+                ids = self.delivered[envelope["source"]][seq]
+                if envelope["id"] not in ids:
+                    ids.append(envelope["id"])
+                self.copies[envelope["source"]][seq] += 1
             self.deliveries += 1
 
     def delivered_count(self) -> int:
-        return sum(len(d) for d in self.delivered.values())
+        return sum(c.total() for c in self.copies.values())
 
     def remember_outbox(self, db_path: Path) -> int:
-        """Record every envelope durable in the (dead daemon's) outbox; returns how many."""
-        with contextlib.closing(sqlite3.connect(db_path)) as db:
-            rows = stored_envelopes(db)
+        """Record every envelope durable in the (dead daemon's) outbox; returns how many.
+
+        Read from a snapshot (`listenerd.testing.store_snapshot`): the restart then recovers from the
+        WAL exactly as the kill left it."""
+        rows = snapshot_envelopes(db_path)
         for body in rows:
             envelope = orjson.loads(body)
             seq = envelope["event"].get("seq")
@@ -161,7 +169,7 @@ class Ledger:
             "not_received_no_subscriber": sum(1 for n in not_received if published.get(n) == 0),
             "not_received_in_disconnect": sum(1 for n in not_received if published.get(n)
                                               and self.disrupted(source, n)),
-            "duplicates": sum(len(ids) - 1 for ids in delivered.values()),
+            "duplicates": self.copies.get(source, Counter()).total() - len(delivered),
             "mixed_ids": len(set(mixed)),
             "invented": len(set(delivered) - set(published)),
         }
@@ -177,15 +185,24 @@ class SlowAckEngine(EngineSim):
     at the engine. A real slow engine has often processed the batch when the connection dies; the
     daemon never hears the 200 and sends the batch again: that is where duplicates come from, and
     where the rig must check that a duplicate carries the same id.
+
+    `unavailable = True` answers every request 503 without accepting it (an overloaded engine) until
+    set back; `unavailable_answers` counts those answers. Why not `fail_next`: a scripted count ends by
+    itself, and the scenario needs the engine down exactly as long as its fault lasts.
     """
 
     ack_delay = 0.0
+    unavailable = False
+    unavailable_answers = 0
 
     def make_app(self) -> web.Application:
         app = super().make_app()
 
         @web.middleware
         async def late_ack(request: web.Request, handler: Any) -> web.StreamResponse:
+            if self.unavailable:
+                self.unavailable_answers += 1
+                return web.json_response({"error": "engine unavailable"}, status=503)
             response = await handler(request)
             if self.ack_delay:
                 await asyncio.sleep(self.ack_delay)
@@ -220,12 +237,15 @@ class Rig:
 
     `counts` is how many listeners of each source type (tenant `t`); DataSift listeners share one
     socket (one tenant, one credential), Pusher and Salesforce listeners have a connection each.
+    `store_dir` puts the store elsewhere than `workdir` (a small tmpfs to fill); the log stays in `workdir`.
     """
 
     def __init__(self, workdir: Path, counts: dict[str, int] | None = None, *, engine_delay: float = 0.0,
-                 long_poll: float = 0.5, sources_toml: str = "", engine_toml: str = "", keep_logs: bool = True):
+                 long_poll: float = 0.5, sources_toml: str = "", engine_toml: str = "", keep_logs: bool = True,
+                 store_dir: Path | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store_dir = Path(store_dir) if store_dir is not None else self.workdir
         self.counts = {s: 1 for s in SOURCES} if counts is None else {s: counts.get(s, 0) for s in SOURCES}
         self.secrets = Secrets()
         self.ledger = Ledger()
@@ -245,6 +265,7 @@ class Rig:
         self._live_since: dict[str, int] = {}
         self._pump: asyncio.Task[None] | None = None
         self.keep_logs = keep_logs
+        self.wal_at_kills: list[int] = []  # bytes of -wal left by each kill -9: what the restart recovers from
 
     # -- names
 
@@ -269,7 +290,7 @@ class Rig:
 
     @property
     def db_path(self) -> Path:
-        return self.workdir / "listenerd.db"
+        return self.store_dir / "listenerd.db"
 
     # -- lifecycle
 
@@ -381,24 +402,50 @@ login-url = "{self.salesforce.url}"
         assert self.daemon and self.daemon.process
         return self.daemon.process.pid
 
+    def store_files(self) -> dict[str, tuple[int, int]]:
+        """(size, mtime ns) of the store's db, -wal and -shm files that exist."""
+        files = [self.db_path.with_name(self.db_path.name + suffix) for suffix in WAL_SUFFIXES]
+        return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()}
+
     def kill9(self) -> int:
-        """kill -9 the daemon, then record what its outbox held on disk; returns that count."""
+        """kill -9 the daemon, then record what its outbox held on disk; returns that count.
+
+        The restart must recover from the WAL as the kill left it: `wal_at_kills` records the WAL's size
+        at each kill, and reading the outbox must leave every store file exactly as it was."""
         assert self.daemon is not None
         self.daemon.kill9()
-        return self.ledger.remember_outbox(self.db_path)
+        files = self.store_files()
+        self.wal_at_kills.append(files.get(self.db_path.name + "-wal", (0, 0))[0])
+        durable = self.ledger.remember_outbox(self.db_path)
+        if self.store_files() != files:
+            raise AssertionError(f"reading the killed store changed its files: {files} -> {self.store_files()}")
+        return durable
 
-    async def stop(self) -> None:
+    def remove_shm(self) -> bool:
+        """Delete the killed daemon's `-shm` (as a reboot clearing /dev/shm-like state would): the restart
+        must rebuild the WAL index from the WAL itself. True when there was one."""
+        shm = self.db_path.with_name(self.db_path.name + "-shm")
+        existed = shm.exists()
+        shm.unlink(missing_ok=True)
+        return existed
+
+    async def stop(self, strict: bool = True) -> int | None:
+        """SIGTERM the daemon (if running) and stop the simulators; returns the daemon's exit code.
+
+        `strict`: a non-zero exit raises (a scenario that reports the code instead passes False)."""
         await self.stop_pump()
         if self.api is not None:
             await self.api.close()
             self.api = None
+        code = None
         if self.daemon and self.daemon.process and self.daemon.process.poll() is None:
             code = await self.daemon.stop()
-            if code != 0:
+            if code != 0 and strict:
                 raise AssertionError(f"daemon exited {code} on SIGTERM")
         for sim in (self.salesforce, self.datasift, self.pusher, self.engine):
             with contextlib.suppress(Exception):
                 await sim.stop()
+        return code
 
     # -- publishing
 
@@ -489,6 +536,18 @@ login-url = "{self.salesforce.url}"
                 kind = re.search(r'kind="([^"]*)"', name).group(1)  # type: ignore[union-attr]
                 totals[kind] += value
         return dict(totals)
+
+    async def readyz(self) -> tuple[int, Any]:
+        """`GET /readyz` (no auth): (status code, body)."""
+        return await self.get("/readyz", token=None)
+
+    async def status_details(self) -> dict[str, dict[str, Any]]:
+        """Every listener's full status answer (status, message, last-error ...), by id."""
+        out = {}
+        for lid in self.all_listener_ids():
+            code, body = await self.get(f"/1.0/tenants/{TENANT}/listeners/{lid}/status")
+            out[lid] = body if code == 200 and isinstance(body, dict) else {"status": f"HTTP {code}"}
+        return out
 
     async def outbox_depth(self) -> float:
         return (await self.metrics()).get("listenerd_outbox_depth", 0.0)

@@ -9,13 +9,29 @@ its kind, no 500 from the API, and no secret in any log line or answer.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from bench.chaos import bad_input, crash_loop, engine_outage, flaps, security
+from bench.chaos import bad_input, crash_loop, disk_full, engine_outage, flaps, security
 from bench.chaos.rig import TENANT, Rig
-from listenerd.testing import wait_for
+from listenerd.testing import Tmpfs, wait_for
 
 pytestmark = pytest.mark.timeout(120)
+
+# The disk-full invariants that need issue 20's store-fault handling (branch `store-faults`: a failed ack
+# backs off and is retried without re-sending, store errors are counted, said in /readyz and the statuses,
+# logged once per episode). Until it is merged they fail, and the test marks itself xfail naming them;
+# once merged, empty this set: each becomes a plain assertion. Every other invariant is asserted now.
+AWAITING_STORE_FAULTS = frozenset({
+    "no_duplicates_while_full",      # accepting engine: 0 duplicate deliveries while the acks fail
+    "resends_within_retry_policy",   # no event sent more often than the engine retry policy allows
+    "failed_acks_back_off",          # failed acks retried at the retry policy's pace, not in a loop
+    "log_bounded_while_full",        # one line per episode (plus a count now and then), no traceback per failure
+    "readyz_503_while_full",         # /readyz 503 naming the store while it cannot commit
+    "status_truthful_while_full",    # the statuses say so (retrying, or a message naming the store/disk)
+    "store_errors_counted",          # listenerd_store_errors_total{op}
+})
 
 
 def _no_secret_found(result: dict) -> None:
@@ -28,6 +44,10 @@ def _say(_: str) -> None:
     pass
 
 
+def _mounted(path) -> bool:
+    return os.path.ismount(path)
+
+
 async def test_crash_loop_loses_no_committed_event_and_duplicates_keep_their_id(tmp_path):
     result = await crash_loop.run(tmp_path, cycles=3, rate=300.0, engine_delay=0.1, up=(0.2, 0.8),
                                   down=(0.0, 0.3), seed=1, say=_say)
@@ -37,6 +57,8 @@ async def test_crash_loop_loses_no_committed_event_and_duplicates_keep_their_id(
     assert all(r["mixed_ids"] == 0 for r in reports.values())
     assert reports["salesforce"]["not_received"] == 0  # replayed from the checkpoint
     assert sum(r["duplicates"] for r in reports.values()) <= result["durable_at_kills"]
+    assert all(k["wal_at_kill"] > 0 for k in result["kills"]), "a restart had no WAL to recover from"
+    assert [k["shm_removed"] for k in result["kills"]] == [False, True, False]  # both WAL cases, no loss in either
     assert all(r["delivered_unique"] > 0 for r in reports.values())
     assert result["final_outbox"] == 0
 
@@ -138,3 +160,25 @@ async def test_salesforce_json_answer_that_is_not_bayeux_messages_is_counted(tmp
     finally:
         await rig.stop()
     assert rig.ledger.report("salesforce")["not_received"] == 0
+
+
+@pytest.mark.skipif(Tmpfs.available() is not None, reason=f"disk full needs a tmpfs: {Tmpfs.available()}")
+@pytest.mark.parametrize("variant", disk_full.VARIANTS)
+async def test_disk_full_loses_nothing_committed_and_recovers_by_itself(tmp_path, variant):
+    """The store's tmpfs full for 3 s with a backlog waiting, the engine accepting (its acks fail) or answering
+    503; then the space returns. What holds today is asserted; the rest is listed in AWAITING_STORE_FAULTS."""
+    result = await disk_full.run(tmp_path, variant, full_for=3.0, rate=500.0, size_mb=30, backlog=300,
+                                 recover_timeout=40.0, say=_say)
+    assert result["unmounted"] and not _mounted(tmp_path / "store"), "the tmpfs stayed mounted"
+    assert result["backlog_at_fill"] >= 300, "no backlog when the disk filled: nothing to ack, nothing tested"
+    assert result["committed_while_full"] == 0, "the disk was not full: commits went through"
+    broken = disk_full.breaches(result)
+    now = {name: what for name, what in broken.items() if name not in AWAITING_STORE_FAULTS}
+    assert not now, now
+    assert result["lost_committed"] == 0 and result["report"]["mixed_ids"] == 0
+    assert result["recover_s"] is not None and result["recover_s"] < 40.0
+    assert result["exit_code"] == 0 and result["left_in_outbox"] == 0
+    _no_secret_found(result)
+    awaiting = sorted(set(broken) & AWAITING_STORE_FAULTS)
+    if awaiting:
+        pytest.xfail(f"awaiting store-faults: {', '.join(f'{n} ({broken[n]})' for n in awaiting)}")

@@ -7,14 +7,18 @@ way a replaying provider (Salesforce) would. After every chunk is committed it a
 SIGTERM stops it gracefully; SIGKILL is what the test sends.
 
     python -m tests.integration.crash_runner --db D --engine URL --acked FILE --total N [--listeners A,B]
+
+The crash tests start it with `spawn()` and read the ack file with `read_acked()`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+from pathlib import Path
 
 from listenerd import sources
 from listenerd.delivery.forwarder import Forwarder
@@ -24,6 +28,26 @@ from listenerd.observability import Metrics, configure_logging
 from listenerd.store import Store
 from listenerd.supervisor import Supervisor
 from tests.harness import desired, integration, listener
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def spawn(db: Path, engine_url: str, acked_path: Path, total: int, listeners: tuple[str, ...],
+                synchronous: str = "NORMAL") -> asyncio.subprocess.Process:
+    """The runner as a child process; it prints `running` once its listeners are launched."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.crash_runner", "--db", str(db), "--engine", engine_url,
+        "--acked", str(acked_path), "--total", str(total), "--listeners", ",".join(listeners),
+        "--synchronous", synchronous, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def read_acked(path: Path) -> set[tuple[str, int]]:
+    """(listener, n) of every event the runner's sources were told is committed (a torn last line is skipped)."""
+    if not path.exists():
+        return set()
+    lines = path.read_text().splitlines()
+    return {(lid, int(n)) for lid, n in (line.split() for line in lines if line.count(" ") == 1)}
 
 
 def scripted(total: int, acked_path: str, chunk: int):

@@ -7,36 +7,23 @@ engine can de-duplicate), and each listener's first deliveries must be in order.
 """
 
 import asyncio
-import contextlib
-import os
 import signal
-import sqlite3
-import sys
-from pathlib import Path
 
 from listenerd.sim.engine import EngineSim
+from listenerd.testing import store_snapshot
 from tests.harness import wait_for
+from tests.integration.crash_runner import read_acked, spawn
 
-ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 600
 LISTENERS = ("A", "B")
 
 
 async def start_runner(tmp_path, url, synchronous="NORMAL"):
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.integration.crash_runner", "--db", str(tmp_path / "crash.db"),
-        "--engine", url, "--acked", str(tmp_path / "acked.txt"), "--total", str(TOTAL),
-        "--listeners", ",".join(LISTENERS), "--synchronous", synchronous,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return await spawn(tmp_path / "crash.db", url, tmp_path / "acked.txt", TOTAL, LISTENERS, synchronous)
 
 
 def acked(tmp_path):
-    path = tmp_path / "acked.txt"
-    if not path.exists():
-        return set()
-    lines = path.read_text().splitlines()
-    return {(lid, int(n)) for lid, n in (line.split() for line in lines if line.count(" ") == 1)}
+    return read_acked(tmp_path / "acked.txt")
 
 
 async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path):
@@ -55,7 +42,7 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path):
         assert len(acked_before) < 2 * TOTAL, "the stream ended before the kill; nothing was tested"
         assert len(before_kill) < len(acked_before), "no backlog at the kill; nothing was tested"
         print(f"at the kill: {len(acked_before)} acknowledged, {len(before_kill)} delivered")
-        with contextlib.closing(sqlite3.connect(tmp_path / "crash.db")) as db:
+        with store_snapshot(tmp_path / "crash.db") as db:  # the restart recovers from the WAL as the kill left it
             checkpoints = dict(db.execute("SELECT listener_id, CAST(value AS INTEGER) FROM checkpoints"))
             waiting = db.execute("SELECT coalesce(sum(events), 0) FROM outbox_segments").fetchone()[0]
         for lid in LISTENERS:  # the resume point never lags what the source side was told is safe
