@@ -170,7 +170,9 @@ async def test_listenerd_bayeux_client_receives_from_a_real_faye_server(tmp_path
         stream.session = Session("peer-token", faye.url, "org")  # faye has no OAuth: a bearer it checks
         task = asyncio.create_task(stream.follow(-1))
         await wait_for(lambda: any("subscribe" in s for s in faye.seen), what="faye sees the subscription")
-        assert record.status == "started" and record.message == "Subscribed to topic: /topic/Invoices"
+        # faye's reply reaches the client a moment after faye logs the request
+        await wait_for(lambda: record.status == "started", what="started once faye confirms the subscription")
+        assert record.message == "Subscribed to topic: /topic/Invoices"
         for i in range(1, 4):
             await faye.publish("/topic/Invoices", {"event": {"replayId": i, "type": "created",
                                                              "createdDate": "2026-11-23T00:00:00.000Z"},
