@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp  # noqa: E402
 
-from bench.common import cpu_model, engine_main, pct  # noqa: E402
+from bench.common import cpu_model, engine_main, pct, publish_paced, serve_simulator  # noqa: E402
 from listenerd.delivery.forwarder import Forwarder  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
@@ -64,30 +64,15 @@ def cpu_seconds() -> float:
 
 def sim_main(conn: Any) -> None:
     async def serve() -> None:
-        sim = PusherSim(APP_ID, KEY, SECRET)
-        await sim.start()
+        sim = await PusherSim(APP_ID, KEY, SECRET).start()
         conn.send(sim.port)
-        loop = asyncio.get_running_loop()
-        while True:
-            cmd, *args = await loop.run_in_executor(None, conn.recv)
-            if cmd == "subscribers":
-                await sim.wait_subscribed(CHANNEL, args[0], timeout=60)
-                conn.send(True)
-            elif cmd == "publish":
-                count, rate = args
-                first = time.time()
-                for n in range(count):
-                    if rate:
-                        ahead = first + n / rate - time.time()
-                        if ahead > 0.0005:
-                            await asyncio.sleep(ahead)
-                    await sim.publish(CHANNEL, "bench", {"n": n, "t": time.time(), "pad": PAD})
-                    if n % 50 == 0:
-                        await asyncio.sleep(0)  # let the per-socket writers run
-                conn.send((first, time.time()))
-            elif cmd == "stop":
-                await sim.stop()
-                return
+
+        async def publish(count: int, rate: float | None) -> tuple[float, float]:
+            return await publish_paced(lambda n: sim.publish(CHANNEL, "bench", {"n": n, "t": time.time(), "pad": PAD}),
+                                       count, rate, yield_every=50)  # let the per-socket writers run
+
+        await serve_simulator(conn, subscribers=lambda n: sim.wait_subscribed(CHANNEL, n, timeout=60),
+                              publish=publish, stop=sim.stop)
 
     asyncio.run(serve())
 

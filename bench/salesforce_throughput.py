@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp  # noqa: E402
 
-from bench.common import engine_main, pct  # noqa: E402
+from bench.common import cpu_model, engine_main, pct, publish_paced, serve_simulator  # noqa: E402
 from listenerd.delivery.forwarder import Forwarder  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
@@ -64,42 +64,29 @@ def sim_main(conn: Any) -> None:
         sim.create_topic(TOPIC, "SELECT Id, Name FROM Invoice__c")
         await sim.start()
         conn.send(sim.url)
-        loop = asyncio.get_running_loop()
         channel = f"/topic/{TOPIC}"
-        while True:
-            cmd, *args = await loop.run_in_executor(None, conn.recv)
-            if cmd == "subscribers":
-                deadline = time.monotonic() + 60
-                while sum(channel in c.subscriptions for c in sim.bayeux.values()) < args[0]:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("subscribers did not arrive")
-                    await asyncio.sleep(0.05)
-                conn.send(True)
-            elif cmd == "publish":
-                count, rate = args
-                if not rate:  # burst: the backlog builds up at the server, then both consumers drain it
-                    sim.silence(True)
-                    for n in range(count):
-                        sim.publish(TOPIC, {"Id": f"a0B{n:012d}", "Name": f"INV-{n}", "n": n, "t": time.time(),
-                                            "pad": PAD})
-                    first = time.time()
-                    sim.silence(False)
-                    conn.send((first, first))
-                    continue
-                first = time.time()
-                for n in range(count):
-                    if rate:
-                        ahead = first + n / rate - time.time()
-                        if ahead > 0.0005:
-                            await asyncio.sleep(ahead)
-                    sim.publish(TOPIC, {"Id": f"a0B{n:012d}", "Name": f"INV-{n}", "n": n, "t": time.time(),
-                                        "pad": PAD})
-                    if n % 200 == 0:
-                        await asyncio.sleep(0)  # let held connects answer
-                conn.send((first, time.time()))
-            elif cmd == "stop":
-                await sim.stop()
-                return
+
+        def invoice(n: int) -> dict[str, Any]:
+            return {"Id": f"a0B{n:012d}", "Name": f"INV-{n}", "n": n, "t": time.time(), "pad": PAD}
+
+        async def subscribers(count: int) -> None:
+            await wait_for(lambda: sum(channel in c.subscriptions for c in sim.bayeux.values()) >= count,
+                           timeout=60, interval=0.05, what="subscribers")
+
+        async def publish_one(n: int) -> None:
+            sim.publish(TOPIC, invoice(n))
+
+        async def publish(count: int, rate: float | None) -> tuple[float, float]:
+            if rate:
+                return await publish_paced(publish_one, count, rate, yield_every=200)  # let held connects answer
+            sim.silence(True)  # burst: the backlog builds up at the server, then both consumers drain it
+            for n in range(count):
+                sim.publish(TOPIC, invoice(n))
+            first = time.time()
+            sim.silence(False)
+            return first, first
+
+        await serve_simulator(conn, subscribers=subscribers, publish=publish, stop=sim.stop)
 
     asyncio.run(serve())
 
@@ -318,10 +305,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def machine() -> str:
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}"
+    return f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}"
 
 
 def rows(mode: dict[str, Any], label: str) -> list[str]:

@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pydantic import TypeAdapter
 
 from listenerd.delivery.segments import stored_envelopes
-from listenerd.model import INTEGRATION_TYPES, Integration, Listener
-
-_LISTENER = TypeAdapter(Listener)
+from listenerd.model import Integration, ListenerBase, load_integration, load_listener
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
@@ -52,15 +49,16 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval
         await asyncio.sleep(interval)
 
 
-def listener(**fields: Any) -> Any:
+def listener(**fields: Any) -> ListenerBase:
     """A listener definition from its config fields (managed by config unless told otherwise)."""
-    fields.setdefault("managed-by", "config")
-    return _LISTENER.validate_python(fields)
+    managed_by = fields.pop("managed-by", "config")
+    return load_listener(fields, managed_by)
 
 
 def integration(source_type: str, **fields: Any) -> Integration:
-    """An integration (credentials) of `source_type` from its config fields."""
-    return INTEGRATION_TYPES[source_type].model_validate(fields)
+    """An integration (credentials) of `source_type` from its config fields (managed by config unless told)."""
+    managed_by = fields.pop("managed-by", "config")
+    return load_integration(source_type, fields, managed_by)
 
 
 class Api:

@@ -130,7 +130,7 @@ async def send(rig: Rig, source: str, kind: str, payload: Any) -> None:
         else:
             await rig.datasift.send_raw(payload)
     else:
-        await rig.salesforce.send_raw(payload)
+        await (rig.salesforce.send_messages if isinstance(payload, list) else rig.salesforce.send_raw)(payload)
         await wait_for(lambda: not rig.salesforce.raw_pending, timeout=30, what="salesforce injected answer taken")
 
 

@@ -1,7 +1,7 @@
 """What every resource module reads from its app: the daemon as the API sees it, the control, the body.
 
-The API reaches the daemon only through these two: `DaemonView` (config, metrics, tap, outbox,
-dead letters, readiness) and the `Control` that owns every change, so `api/` never imports `daemon.py`.
+The API reaches the daemon only through these two: `DaemonView` (config, metrics, tap, dead
+letters, readiness) and the `Control` that owns every change, so `api/` never imports `daemon.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from aiohttp import web
 from listenerd.api.errors import ApiError
 from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
-from listenerd.delivery.outbox import Outbox
 from listenerd.model import Config
 from listenerd.observability import Metrics
 from listenerd.tap import TapHub
@@ -26,7 +25,6 @@ class DaemonView(Protocol):
     config: Config
     metrics: Metrics
     tap: TapHub
-    outbox: Outbox
     dead_letters: DeadLetters
     ready: bool
 

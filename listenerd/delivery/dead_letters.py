@@ -20,11 +20,11 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 
+from listenerd.delivery.ids import received_epoch
 from listenerd.delivery.segments import MASK, Row, insert, remove, segment_row, split
 from listenerd.store import Store
 
@@ -170,12 +170,12 @@ def requeue(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> tu
             chunk = group[i:i + MASK]
             bodies = [orjson.dumps(e) for e in chunk]
             size += sum(len(b) for b in bodies)
-            insert(conn, [segment_row(tenant_id, lid, _epoch(chunk[0].get("received-at")), bodies)], [])
+            insert(conn, [segment_row(tenant_id, lid, _received(chunk[0]), bodies)], [])
     if damaged:
         conn.execute("UPDATE dead_letters SET events = ? WHERE id = ?", (orjson.dumps(damaged), dead_letter_id))
     else:
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
-    return len(envelopes), size, _epoch(envelopes[0].get("received-at")) if envelopes else time.time()
+    return len(envelopes), size, _received(envelopes[0]) if envelopes else time.time()
 
 
 def discard(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> bool:
@@ -183,11 +183,12 @@ def discard(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> bo
     return cursor.rowcount > 0
 
 
-def _epoch(stamp: str | None) -> float:
-    """A `received-at` stamp back to seconds (now, when it is missing or not ours)."""
+def _received(envelope: dict[str, Any]) -> float:
+    """An envelope's `received-at` in seconds (now, when it is missing or not ours)."""
+    stamp = envelope.get("received-at")
     if not stamp:
         return time.time()
     try:
-        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+        return received_epoch(stamp)
     except ValueError:
         return time.time()

@@ -1,7 +1,8 @@
 """The two per-event strings of an envelope: its id and its receipt time.
 
 Both run once per event on the append path, so both are computed without the standard library's
-per-call overhead, and tested against it (`tests/unit/test_ids.py`).
+per-call overhead, and tested against it (`tests/unit/test_ids.py`). The receipt time's inverse
+(`received_epoch`, off the hot path) sits beside it, so the stamp's format is written in one place.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import os
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d3e-4b7a-9a77-2f4c1f0e5d10")
@@ -64,6 +66,7 @@ _DIGIT_AT = [k + (k >= 8) + (k >= 12) + (k >= 16) + (k >= 20) for k in range(32)
 _VARIANT_BYTES = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 
 
+_SECOND_FORMAT = "%Y-%m-%dT%H:%M:%S"  # a receipt time is this, then ".<microseconds>Z"
 _stamp_second = -1
 _stamp_prefix = ""
 
@@ -76,6 +79,11 @@ def received_at(ts: float) -> str:
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
     if second != _stamp_second:
-        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_prefix = time.strftime(_SECOND_FORMAT, time.gmtime(second))
         _stamp_second = second
     return f"{_stamp_prefix}.{micros:06d}Z"
+
+
+def received_epoch(stamp: str) -> float:
+    """The inverse of `received_at`: seconds since the epoch; ValueError when `stamp` is not such a time."""
+    return datetime.strptime(stamp, _SECOND_FORMAT + ".%fZ").replace(tzinfo=UTC).timestamp()

@@ -27,7 +27,7 @@ Fault methods (`send_reconnect`, `fail_hash`, `fail_credentials`, `silence`, `se
 `send_oversized`, `drop`) script the failures a client must survive. Everything the server received
 is recorded in `actions`, and `subscribed()` tells which hashes live sockets follow. Like every
 simulator here: `async start() -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`,
-`async send_raw(...)`.
+`async send_raw(frame: str | bytes) -> int` (exactly those bytes to every socket; how many it reached).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class DataSiftSim:
         self.silent = on
 
     async def send_raw(self, frame: str | bytes) -> int:
-        """Send a frame exactly as given to every socket."""
+        """Send `frame` exactly as given to every socket (str: a text frame, bytes: a binary one); returns how many."""
         count = 0
         for conn in list(self.connections):
             with contextlib.suppress(ConnectionClosed):

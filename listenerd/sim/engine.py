@@ -6,7 +6,7 @@ contract's fields. Faults are programmed, never random: a script of answers for 
 (`script`, `send_raw`), a per-request delay (a slow engine), holding every answer (`silence()`: a hung
 engine), and refusing connections (`refuse()`/`accept()`: the listening socket closes and reopens on
 the same port). Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`,
-`port`, `silence(on)`, `async send_raw(...)`.
+`port`, `silence(on)`, `async send_raw(frame: str | bytes) -> int` (exactly those bytes as the next answer).
 
 Standalone: `python -m listenerd.sim.engine --port 9000 [--token T]` prints each accepted envelope
 as one JSON line on stdout.
@@ -147,9 +147,13 @@ class EngineSim:
         else:
             self._speaking.set()
 
-    async def send_raw(self, body: str | bytes, status: int = 200) -> None:
-        """Answer the next request with `body` exactly, after any answers already scripted."""
-        self.script([Answer(status, {}, body)])
+    async def send_raw(self, frame: str | bytes) -> int:
+        """Answer the next request (after any answers already scripted) with status 200 and exactly `frame`.
+
+        Returns 1, the one answer that will carry it (other statuses: `script`).
+        """
+        self.script([Answer(200, {}, frame)])
+        return 1
 
     def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None) -> None:
         self.script(Answer(status, dict(headers or {})) for _ in range(count))

@@ -21,10 +21,11 @@ buffers: a slow client never slows the others, and frames published before a scr
 sent before it.
 
 Fault injection (for tests): `close_all(code)`, `drop_all()` (no close frame), `silence()`,
-`send_raw(text)` (malformed frames), `send_oversized(n)`, `refuse_connections(status)` (HTTP status
+`send_raw(frame)` (malformed frames), `send_oversized(n)`, `refuse_connections(status)` (HTTP status
 at the handshake), `stop_listening()`/`resume_listening()` (TCP connection refused),
 `close_on_connect(code)`, `reject_subscriptions(channel)`. Like every simulator here: `async start()
--> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`, `async send_raw(...)`.
+-> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`, `async send_raw(frame: str | bytes) -> int`
+(exactly those bytes to every socket; how many it reached).
 
 Use in-process (same event loop, e.g. `listenerd dev`):
 
@@ -323,10 +324,10 @@ class PusherSim:
         for conn in self.connections:
             conn.silent = on
 
-    async def send_raw(self, payload: str | bytes) -> int:
-        """Send `payload` as is to every socket (malformed JSON, binary frames ...); returns how many."""
+    async def send_raw(self, frame: str | bytes) -> int:
+        """Send `frame` exactly as given to every socket (str: a text frame, bytes: a binary one); returns how many."""
         for conn in self.connections:
-            conn.send(payload)
+            conn.send(frame)
         return len(self.connections)
 
     async def send_oversized(self, size: int, channel: str | None = None) -> int:

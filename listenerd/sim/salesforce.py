@@ -19,7 +19,8 @@ It is checked against aiosfstream-ng, a real Salesforce client written by others
         sim.silence(); sim.corrupt_next_connect(); await sim.send_raw(b"5"); await sim.restart(); sim.purge(upto=...)
 
 Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`,
-`async send_raw(...)`.
+`async send_raw(frame: str | bytes) -> int` (exactly those bytes as the next connect's answer); Bayeux
+messages of the wrong shape inside a well-formed answer: `send_messages(...)`.
 
 Faults are answered the way Salesforce answers them: an expired session is `401::Authentication
 invalid` on connect (advice none) or `403::Handshake denied` with `ext.sfdc.failureReason` on a
@@ -106,7 +107,7 @@ class SalesforceSim:
         self._topic_ids = itertools.count(1)
         self._stalled = False
         self._corrupt = 0
-        self.raw_pending: list[bytes | list[dict[str, Any]]] = []  # answers queued by send_raw, in order
+        self.raw_pending: list[bytes | list[dict[str, Any]]] = []  # answers queued by send_raw/send_messages, in order
         self._runner: web.AppRunner | None = None
         self._closing = False
 
@@ -228,15 +229,24 @@ class SalesforceSim:
             for client in self.bayeux.values():
                 client.wake.set()
 
-    async def send_raw(self, body: bytes | list[dict[str, Any]]) -> None:
-        """Answer the next held /meta/connect of a subscribed client with `body`; queued events stay queued.
+    async def send_raw(self, frame: str | bytes) -> int:
+        """Answer the next /meta/connect of a subscribed client with exactly `frame` (not JSON, not Bayeux ...).
 
-        `bytes` go out exactly as given (not JSON, not Bayeux ...); a list of messages gets the real
-        /meta/connect reply appended. `raw_pending` empties as the answers are taken.
+        Queued events stay queued; `raw_pending` empties as the answers are taken. Returns 1, the one
+        answer that will carry it.
         """
-        self.raw_pending.append(body)
+        return self._answer_next_connect(frame.encode() if isinstance(frame, str) else frame)
+
+    async def send_messages(self, messages: list[dict[str, Any]]) -> int:
+        """Answer the next /meta/connect of a subscribed client with these Bayeux messages, then the real
+        /meta/connect reply (messages of the wrong shape inside a well-formed answer). Returns 1, as `send_raw`."""
+        return self._answer_next_connect(messages)
+
+    def _answer_next_connect(self, answer: bytes | list[dict[str, Any]]) -> int:
+        self.raw_pending.append(answer)
         for client in self.bayeux.values():
             client.wake.set()
+        return 1
 
     def corrupt_next_connect(self, count: int = 1) -> None:
         """The next connect answers carry a body that is not JSON (events in it are lost to the client)."""

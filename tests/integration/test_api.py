@@ -6,6 +6,7 @@ import json
 import aiohttp
 import pytest
 
+from listenerd.model import SECRET_MASK
 from listenerd.sim.engine import EngineSim
 from tests.daemon import OTHER_TOKEN, TOKEN, base_config, running_daemon
 from tests.harness import wait_for
@@ -173,7 +174,7 @@ id = "t2"
         secret = "very-secret-pusher-value"
         code, body = await api.call("POST", "/1.0/tenants/t2/integrations/pusher", {"key": "k1", "secret": secret})
         assert code == 200, body
-        assert body == {"id": "pusher", "type": "pusher", "key": "k1", "secret": "********", "app-id": None,
+        assert body == {"id": "pusher", "type": "pusher", "key": "k1", "secret": SECRET_MASK, "app-id": None,
                         "cluster": "mt1", "host": None, "port": None, "tls": True, "managed-by": "api"}
         await api.wait_status("t2", "LI1", "started")
         since = (await api.status("t2", "LI1"))["since"]

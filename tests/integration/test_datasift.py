@@ -57,10 +57,7 @@ async def running(tmp_path, listeners, cfg=None, **sim_args):
         sup = h.supervisor()
         want = {("t1", lid): desired(spec(lid, hh), c(sim) if callable(c) else c) for lid, hh, c in listeners}
         await sup.start(want)
-        try:
-            yield sim, h, sup
-        finally:
-            await sup.stop()
+        yield sim, h, sup  # the harness stops the supervisor, also when the test fails
 
 
 async def streaming(sim, *pairs):

@@ -14,10 +14,10 @@ from listenerd.daemon import Daemon
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.model import Config
 from listenerd.sim.engine import Answer, EngineSim
+from listenerd.status import PAUSED
 from tests.harness import Harness, desired, integration, listener, wait_for
 
 CREDS = integration("pusher", key="k", secret="s3cr3t-value")
-PAUSED = "(paused: outbox full, waiting for the engine to drain it)"
 
 
 def numbered_source(total, pace=0.0):

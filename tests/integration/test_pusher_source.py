@@ -76,6 +76,13 @@ async def start(h, listener_spec, integration_creds):
     return Run(h, sup, key)
 
 
+async def running(h, listener_spec, integration_creds):
+    """`start`, then wait until the listener is `started`."""
+    run = await start(h, listener_spec, integration_creds)
+    await run.status("started")
+    return run
+
+
 def next_attempt_in(message):
     return float(re.search(r"next attempt in ([0-9.]+)s", message).group(1))
 
@@ -109,8 +116,7 @@ async def test_events_published_with_the_official_library_reach_the_outbox_in_or
 async def test_answers_the_servers_pings_and_stays_connected(tmp_path):
     server = PusherSim(APP_ID, KEY, SECRET, activity_timeout=0.1, pong_timeout=0.5)
     async with server, Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec(), creds(server))
-        await run.status("started")
+        run = await running(h, spec(), creds(server))
         conn = server.connections[0]
         await wait_for(lambda: conn.pongs >= 3, what="three pongs to the server's pings")
         assert server.connects == 1 and run.record.status == "started"
@@ -118,8 +124,7 @@ async def test_answers_the_servers_pings_and_stays_connected(tmp_path):
 
 async def test_presence_channel_is_signed_and_joins(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec("presence-room"), creds(sim))
-        await run.status("started")
+        run = await running(h, spec("presence-room"), creds(sim))
         [sub] = [s for s in sim.subscriptions if s.channel == "presence-room"]
         assert sub.ok
         await sim.publish("presence-room", "said", {"id": 7})
@@ -191,8 +196,7 @@ async def test_refused_handshake_retries_until_the_server_accepts(tmp_path, sim)
 @pytest.mark.parametrize("code", [4004, 4009, 4099])
 async def test_close_codes_4001_to_4099_fail(tmp_path, sim, code):
     async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         sim.close_all(code, "go away")
         record = await run.status("failed")
         assert record.message.startswith(f"Pusher refused the connection with close code {code}")
@@ -203,8 +207,7 @@ async def test_close_codes_4001_to_4099_fail(tmp_path, sim, code):
 async def test_close_codes_4100_to_4199_back_off(tmp_path, sim, code):
     config = make_config(tmp_path, supervisor={"backoff-initial": 4, "backoff-max": 4})
     async with Harness(tmp_path, config) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         sim.close_all(code, "Over capacity")
         record = await run.status("retrying")
         assert record.message.startswith(f"Pusher closed the connection with close code {code}")
@@ -215,8 +218,7 @@ async def test_close_codes_4100_to_4199_back_off(tmp_path, sim, code):
 async def test_close_codes_4200_to_4299_reconnect_at_once(tmp_path, sim, code):
     config = make_config(tmp_path, supervisor={"backoff-initial": 20, "backoff-max": 20})
     async with Harness(tmp_path, config) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         sim.close_all(code)
         await wait_for(lambda: sim.connects == 2, timeout=5, what="an immediate reconnect (back-off is 20 s)")
         await run.status("started")
@@ -234,8 +236,7 @@ async def test_close_code_4000_is_failed_and_says_to_use_tls(tmp_path, sim):
 
 async def test_abrupt_drop_backs_off_and_reconnects(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         sim.drop_all()
         await wait_for(lambda: run.record.attempts >= 1, what="a retry")
         assert run.record.last_error == "Connection to Pusher dropped without a close frame"
@@ -248,12 +249,34 @@ async def test_silent_server_is_detected_by_missing_pong_and_reconnected_at_once
     config = make_config(tmp_path, supervisor={"backoff-initial": 20, "backoff-max": 20},
                          **{"pusher-activity-timeout": 0.3, "pusher-pong-timeout": 0.4})
     async with Harness(tmp_path, config) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         sim.silence()
         await wait_for(lambda: run.record.last_error and "No pong" in run.record.last_error, what="pong timeout")
         assert run.record.last_error == "No pong from Pusher within 0.4s of a ping; reconnecting"
         await wait_for(lambda: sim.connects >= 2 and run.record.status == "started", what="reconnected at once")
+
+
+async def test_a_server_that_keeps_asking_to_reconnect_gets_back_off_not_a_storm(tmp_path, sim):
+    sim.close_on_connect(4200, "Generic reconnect")
+    config = make_config(tmp_path, supervisor={"backoff-initial": 20, "backoff-max": 20})
+    async with Harness(tmp_path, config) as h:
+        run = await start(h, spec(), creds(sim))
+        await wait_for(lambda: run.record.status == "retrying" and next_attempt_in(run.record.message) > 10,
+                       what="back-off after repeated 4200s")
+        assert run.record.attempts == 4  # three immediate reconnects, then the back-off
+        assert "close code 4200" in run.record.message
+
+
+async def test_server_gone_then_back_on_the_same_port(tmp_path, sim):
+    async with Harness(tmp_path, make_config(tmp_path)) as h:
+        run = await running(h, spec("private-orders"), creds(sim))
+        await sim.stop_listening()
+        sim.drop_all()
+        await wait_for(lambda: (run.record.last_error or "").endswith("connection refused"), what="refused")
+        assert run.record.status in ("retrying", "starting")
+        await sim.resume_listening()
+        await wait_for(lambda: run.record.status == "started" and sim.connects == 2, what="back on the same port")
+        assert [s.ok for s in sim.subscriptions] == [True, True]
 
 
 # ---------------------------------------------------------------- bad frames
@@ -261,8 +284,7 @@ async def test_silent_server_is_detected_by_missing_pong_and_reconnected_at_once
 
 async def test_malformed_frames_are_counted_and_the_stream_goes_on(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         await sim.send_raw("{not json")
         await sim.send_raw('{"no":"event"}')
         await sim.send_raw(b"\x01\x02")
@@ -274,8 +296,7 @@ async def test_malformed_frames_are_counted_and_the_stream_goes_on(tmp_path, sim
 
 async def test_oversized_frame_is_counted_and_the_listener_reconnects(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path, **{"max-frame-bytes": 4096})) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         await sim.send_oversized(10_000)
         await wait_for(lambda: run.errors("oversized") == 1, what="oversized counted")
         await wait_for(lambda: sim.connects == 2 and run.record.status == "started", what="reconnected")
@@ -287,8 +308,7 @@ async def test_oversized_frame_is_counted_and_the_listener_reconnects(tmp_path, 
 
 async def test_private_channel_is_resubscribed_with_a_fresh_signature_after_reconnect(tmp_path, sim):
     async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec("private-orders"), creds(sim))
-        await run.status("started")
+        run = await running(h, spec("private-orders"), creds(sim))
         sim.close_all(4200)
         await sim.wait_subscribed("private-orders", count=2)
         sim.drop_all()
@@ -337,8 +357,7 @@ async def test_loses_nothing_it_received_across_closes_drops_and_stop(tmp_path, 
 async def test_back_pressure_is_not_mistaken_for_a_silent_server(tmp_path, sim):
     config = make_config(tmp_path, **{"pusher-activity-timeout": 0.2, "pusher-pong-timeout": 0.2})
     async with Harness(tmp_path, config, max_events=5) as h:
-        run = await start(h, spec(), creds(sim))
-        await run.status("started")
+        run = await running(h, spec(), creds(sim))
         for n in range(1, 21):
             await sim.publish("orders", "n", {"id": n})
         await wait_for(lambda: "paused: outbox full" in run.record.message, what="paused by back-pressure")
@@ -360,14 +379,11 @@ async def test_back_pressure_is_not_mistaken_for_a_silent_server(tmp_path, sim):
 # ---------------------------------------------------------------- TLS
 
 
-
-
 async def test_tls_is_verified_against_the_configured_ca_bundle(tmp_path):
     server_ctx, ca_bundle = self_signed(tmp_path)
     server = PusherSim(APP_ID, KEY, SECRET, ssl_context=server_ctx)
     async with server, Harness(tmp_path, make_config(tmp_path, **{"ca-bundle": ca_bundle})) as h:
-        run = await start(h, spec("private-orders"), creds(server, tls=True))
-        await run.status("started")
+        run = await running(h, spec("private-orders"), creds(server, tls=True))
         await server.publish("private-orders", "x", {"id": 1})
         await wait_for(lambda: run.record.received == 1)
 
@@ -381,27 +397,3 @@ async def test_tls_without_the_ca_bundle_is_refused_by_default(tmp_path):
         assert run.record.last_error.startswith(f"Could not connect to wss://127.0.0.1:{server.port}/")
         assert "CERTIFICATE_VERIFY_FAILED" in run.record.last_error
         assert server.connects == 0
-
-
-async def test_a_server_that_keeps_asking_to_reconnect_gets_back_off_not_a_storm(tmp_path, sim):
-    sim.close_on_connect(4200, "Generic reconnect")
-    config = make_config(tmp_path, supervisor={"backoff-initial": 20, "backoff-max": 20})
-    async with Harness(tmp_path, config) as h:
-        run = await start(h, spec(), creds(sim))
-        await wait_for(lambda: run.record.status == "retrying" and next_attempt_in(run.record.message) > 10,
-                       what="back-off after repeated 4200s")
-        assert run.record.attempts == 4  # three immediate reconnects, then the back-off
-        assert "close code 4200" in run.record.message
-
-
-async def test_server_gone_then_back_on_the_same_port(tmp_path, sim):
-    async with Harness(tmp_path, make_config(tmp_path)) as h:
-        run = await start(h, spec("private-orders"), creds(sim))
-        await run.status("started")
-        await sim.stop_listening()
-        sim.drop_all()
-        await wait_for(lambda: (run.record.last_error or "").endswith("connection refused"), what="refused")
-        assert run.record.status in ("retrying", "starting")
-        await sim.resume_listening()
-        await wait_for(lambda: run.record.status == "started" and sim.connects == 2, what="back on the same port")
-        assert [s.ok for s in sim.subscriptions] == [True, True]

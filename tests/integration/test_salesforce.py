@@ -54,10 +54,7 @@ async def running(tmp_path, sim_or_url, replay_checkpoint=None, creds_over=None,
             await h.store.set_checkpoint(*KEY, replay_checkpoint)
         sup = h.supervisor()
         await sup.start({KEY: desired(spec(**options), creds(url, **(creds_over or {})))})
-        try:
-            yield h, sup, sup.status(KEY)
-        finally:
-            await sup.stop()
+        yield h, sup, sup.status(KEY)  # the harness stops the supervisor, also when the test fails
 
 
 async def started(record, what="started"):

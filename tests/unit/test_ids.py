@@ -1,5 +1,6 @@
 """Event ids and receipt times (`listenerd.delivery.ids`) alone: the fast paths give exactly what the
-standard library gives, keyed ids never change, fresh ids never repeat (not even across a fork)."""
+standard library gives, keyed ids never change, fresh ids never repeat (not even across a fork), and a
+receipt time reads back to the microsecond it was written with."""
 
 import os
 import random
@@ -7,8 +8,10 @@ import re
 import uuid
 from datetime import UTC, datetime
 
+import pytest
+
 from listenerd.delivery import ids
-from listenerd.delivery.ids import EVENT_NAMESPACE, event_id, received_at
+from listenerd.delivery.ids import EVENT_NAMESPACE, event_id, received_at, received_epoch
 
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -75,3 +78,20 @@ def test_received_at_carries_a_rounded_microsecond_into_the_next_second_and_minu
     assert received_at(1700000099.9999996) == "2023-11-14T22:15:00.000000Z"
     assert received_at(1700000099.25) == "2023-11-14T22:14:59.250000Z"  # the cached prefix follows back
     assert received_at(0.0) == "1970-01-01T00:00:00.000000Z"
+
+
+def test_received_epoch_is_the_inverse_of_received_at():
+    rng = random.Random(11)
+    for ts in [rng.uniform(0, 2e9) for _ in range(5000)] + [0.0, 1700000099.9999996, 1700000099.25]:
+        stamp = received_at(ts)
+        back = received_epoch(stamp)
+        assert abs(back - ts) <= 0.5e-6 + 1e-9 * abs(ts), (ts, stamp, back)  # to the microsecond it keeps
+        assert received_at(back) == stamp
+    assert received_epoch("2023-11-14T22:14:59.250000Z") == 1700000099.25
+
+
+@pytest.mark.parametrize("stamp", ["", "2023-11-14T22:14:59Z", "2023-11-14 22:14:59.250000Z",
+                                   "2023-11-14T22:14:59.250000+00:00", "yesterday"])
+def test_received_epoch_refuses_what_received_at_never_writes(stamp):
+    with pytest.raises(ValueError):
+        received_epoch(stamp)
