@@ -146,6 +146,8 @@ class Metrics:
                                     registry=r)
         self.api_errors = Counter("listenerd_api_errors", "API error answers by status code", ("code",),
                                   registry=r)
+        self.store_errors = Counter("listenerd_store_errors", "Store operations that failed (disk full, I/O error)",
+                                    ("op",), registry=r)
 
     def forget_listener(self, tenant_id: str, listener_id: str) -> None:
         for metric in (self.received, self.forwarded, self.reconnects):
