@@ -5,10 +5,10 @@ transaction is on disk the next batch gathers, so a busy daemon commits thousand
 transaction and an idle one commits each event at once. A Salesforce checkpoint rides in the same
 transaction as the events before it, so a crash can never leave the checkpoint ahead of the
 outbox. The outbox is bounded (events and bytes); at the bound `append` waits, which stops the
-calling source from reading its socket (back-pressure), and nothing is dropped. While the store
-cannot commit (disk full), events wait in memory up to `UNCOMMITTED_MAX_BYTES`, then `append` waits
-the same way; every store failure goes to `health` (metric, one log line per episode, statuses,
-readiness).
+calling source from reading its socket (back-pressure), and nothing is dropped. Events not yet
+committed are bounded too, in bytes (`UNCOMMITTED_MAX_BYTES`): a store that cannot commit (disk
+full) or falls behind holds no more than that in memory, and `append` waits the same way. Every
+store failure goes to `health` (metric, one log line per episode, statuses, readiness).
 
 Ages and deadlines use `receipt_clock()`, not the wall clock (see there).
 
@@ -40,7 +40,7 @@ log = structlog.get_logger("listenerd.outbox")
 
 
 GROUP_BYTES = 8 << 20  # a commit group (so a segment, whose offsets are uint32) stays well below 4 GiB
-UNCOMMITTED_MAX_BYTES = 2 * GROUP_BYTES  # while commits fail, memory holds at most this much (then sources pause)
+UNCOMMITTED_MAX_BYTES = 4 * GROUP_BYTES  # memory holds at most this much waiting for a commit (then sources pause)
 _SETTLE_TIMEOUT = 1.0  # seconds a shutdown waits for a commit under way to end, to count what it wrote
 
 
@@ -103,7 +103,6 @@ class Outbox:
         self._groups: list[_Group] = []  # oldest first; only the last one, unsealed, takes appends
         self._queued = 0  # events appended, not yet committed
         self._queued_bytes = 0
-        self._commits_failing = False  # the oldest group's commit failed and is being retried
         self.never_written = 0  # events given up at a shutdown while the store could not commit them
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -184,8 +183,9 @@ class Outbox:
         body = b"".join((b'{"id":"', event_id(tenant_id, listener_id, key).encode(), lane.prefix,
                          received_at(now).encode(), b'","event":', orjson.dumps(event), b"}"))
         usage = self._usage
+        queued = self._queued_bytes
         if (usage.events >= self.max_events or (usage.events and usage.bytes + len(body) > self.max_bytes)
-                or (self._commits_failing and self._full(len(body)))):
+                or (queued and queued + len(body) > UNCOMMITTED_MAX_BYTES)):
             await self._wait_for_room(len(body), on_wait)
         if usage.events == 0:
             self._head_received = receipt_clock()
@@ -232,8 +232,7 @@ class Outbox:
     def _full(self, size: int) -> bool:
         usage = self._usage
         return (usage.events >= self.max_events or (usage.events > 0 and usage.bytes + size > self.max_bytes)
-                or (self._commits_failing and self._queued_bytes > 0
-                    and self._queued_bytes + size > UNCOMMITTED_MAX_BYTES))
+                or (self._queued_bytes > 0 and self._queued_bytes + size > UNCOMMITTED_MAX_BYTES))
 
     async def _wait_for_room(self, size: int, on_wait: Callable[[bool], None] | None) -> None:
         if self.metrics:
@@ -264,9 +263,7 @@ class Outbox:
                 del self._groups[0]
                 self._queued -= group.events
                 self._queued_bytes -= group.bytes
-                if self._commits_failing:
-                    self._commits_failing = False
-                    self._usage.changed.set()  # sources held at the uncommitted bound go on
+                self._usage.changed.set()  # a source held at the uncommitted bound goes on
                 for callback, count in group.counters.items():
                     callback(count)
                 for callback, body in group.callbacks:
@@ -281,7 +278,7 @@ class Outbox:
         A failed transaction (disk full, I/O error) rolls back events and checkpoints together, so
         nothing counts as received and no checkpoint moves past it; the group stays queued and is
         retried with back-off instead of being dropped, and sources pause once the queued events
-        pass `UNCOMMITTED_MAX_BYTES` (or the outbox bounds).
+        reach `UNCOMMITTED_MAX_BYTES` (or the outbox bounds).
         """
         attempt = 0
         rows = [segments.segment_row(s.tenant_id, s.listener_id, s.received, s.bodies)
@@ -301,8 +298,8 @@ class Outbox:
             except sqlite3.Error as exc:
                 attempt += 1
                 self.commit_failures += 1
-                self._commits_failing = True
                 self.health.failed("commit", exc)
+                self._publish_usage()  # the depth gauge counts what memory holds meanwhile: it must not freeze
                 await asyncio.sleep(backoff_delay(attempt, 0.05, 5.0))
 
     # -- consuming (the forwarder)

@@ -85,7 +85,7 @@ async def test_while_commits_fail_appends_pause_at_the_uncommitted_bound_and_all
                 disk.full = False
             await asyncio.wait_for(task, 10)
             await h.outbox.flush()
-        assert waits == [True, False]
+        assert waits[:2] == [True, False] and waits[-1] is False  # (the small bound may hold it again after)
         assert [e["event"]["n"] for e in await h.events()] == list(range(1000))  # nothing lost, in order
         assert len(store_failing_lines(logs)) == 1 and not any("exc_info" in e for e in logs)
         assert [e["event"] for e in logs if e["event"] == "store recovered"] == ["store recovered"]
