@@ -165,7 +165,8 @@ class Daemon:
 
     def status_line(self) -> str:
         listeners = self.supervisor.summary() if self.supervisor else "starting"
-        return f"{listeners}; outbox {self.outbox.depth} event(s)"
+        problem = self.outbox.health.problem
+        return f"{listeners}; outbox {self.outbox.depth} event(s)" + (f"; store failing: {problem}" if problem else "")
 
     # -- configuration
 

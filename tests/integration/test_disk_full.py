@@ -86,6 +86,7 @@ async def test_a_full_disk_is_said_everywhere_loses_nothing_sends_nothing_twice_
     assert code == 503 and ready["store"] is False and FULL in ready["reason"]
     _, metrics = await api.call("GET", "/metrics", token=False)
     assert 'listenerd_store_errors_total{op="commit"}' in metrics
+    assert daemon.status_line().endswith(f"; store failing: {FULL}")  # systemd's STATUS= line
     async with api.session.post(api.base_url + "/1.0/tenants/t1/listeners", headers={
             "Authorization": f"Bearer {api.token}"}, json={"type": "pusher", "options": {"channel": "x"}}) as answer:
         assert answer.status == 503 and answer.headers["Retry-After"] == "5"
