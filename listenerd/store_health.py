@@ -58,10 +58,12 @@ class StoreHealth:
         self._watchers.append(callback)
 
     def describe(self) -> str | None:
-        """The episode in one line, for readiness: what fails, since when, how often; None while the store works."""
+        """The episode in one line, for readiness: what fails, since when, how often; None while the store works.
+
+        Without the path: /readyz answers without a token (the log lines name it)."""
         if self.problem is None:
             return None
-        return (f"the store ({self.path}) is failing: {self.problem} (for {self._clock() - self._since:.0f}s, "
+        return (f"the store is failing: {self.problem} (for {self._clock() - self._since:.0f}s, "
                 f"{self.failures} failed operation(s)); events wait in memory and sources pause at the bound")
 
     def failed(self, op: str, exc: BaseException) -> None:
