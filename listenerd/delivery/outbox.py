@@ -151,9 +151,10 @@ class Outbox:
             self.never_written = sum(g.events for g in lost)
             self._usage.events -= self.never_written
             self._usage.bytes -= sum(g.bytes for g in lost)
-            log.error("the store could not commit before shutdown: events held only in memory were never written "
-                      "(they never counted as received; no checkpoint moved past them)",
-                      events=self.never_written, error=self.health.problem)
+            if self.never_written:
+                log.error("the store could not commit before shutdown: events held only in memory were never "
+                          "written (they never counted as received; no checkpoint moved past them)",
+                          events=self.never_written, error=self.health.problem)
             self._groups.clear()
             self._queued = self._queued_bytes = 0
             self._idle.set()
