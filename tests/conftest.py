@@ -31,7 +31,7 @@ async def started():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 8 MiB tmpfs at tmp_path/disk to fill and free (`listenerd.testing.SmallDisk`), unmounted at teardown.
+    """An 8 MiB tmpfs at tmp_path/disk to fill and free (`listenerd.testing.SmallDisk`), unmounted at teardown.
 
     Skipped only where mounting is refused (not root); in CI (CI=true, run as root) a refusal fails."""
     disk = SmallDisk(tmp_path / "disk")

@@ -10,7 +10,7 @@ committed are bounded too, in bytes (`UNCOMMITTED_MAX_BYTES`): a store that cann
 full) or falls behind holds no more than that in memory, and `append` waits the same way. Every
 store failure goes to `health` (metric, one log line per episode, statuses, readiness).
 
-Ages and deadlines use `receipt_clock()`, not the wall clock (see there).
+Ages and deadlines use `ids.receipt_clock()`, not the wall clock (why: there).
 
 How the events lie on disk is `segments.py`; ids and timestamps are `ids.py`; refused batches go
 to `dead_letters.py`. This module is the in-memory side: commit groups, bounds, lease and ack.
