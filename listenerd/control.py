@@ -4,13 +4,16 @@ Every change is written to the store first and then reconciled, so what was made
 a checkpoint is written while its listener is stopped, so the old run's last commit cannot overwrite
 it. Requests arrive as the fields a client sent and are validated by the same model as the config
 file. Refusals are domain errors (`NotFound`, `Conflict`, `Invalid` naming the fields at fault,
-`NotLoaded`) that the HTTP API maps to its status codes: nothing here knows about HTTP.
+`NotLoaded`, `Unavailable` while the store fails) that the HTTP API maps to its status codes:
+nothing here knows about HTTP.
 """
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pydantic import ValidationError
 
@@ -27,13 +30,19 @@ from listenerd.model import (
 from listenerd.observability import redactor
 from listenerd.status import ListenerStatus
 from listenerd.store import Store
+from listenerd.store_health import StoreHealth, is_store_error
 from listenerd.supervisor import Supervisor
 
 EDITABLE = ("name", "description", "status", "type", "options", "mapping")
+RETRY_AFTER = 5  # seconds a client is asked to wait while the store fails (its commits retry at least this often)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ControlError(Exception):
     """A refused request; `fields` names the request fields at fault, when the refusal is about some."""
+
+    retry_after: int | None = None  # seconds after which the same request may succeed
 
     def __init__(self, message: str, fields: list[str] | None = None):
         super().__init__(message)
@@ -57,16 +66,51 @@ class NotLoaded(ControlError):
     """It exists in the store, but the supervisor has not picked it up yet."""
 
 
+class Unavailable(ControlError):
+    """The store failed the request (disk full, I/O error): nothing is wrong with it, so try it again later."""
+
+    retry_after = RETRY_AFTER
+
+
+def _uses_store(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """A store failure inside the method is `Unavailable`, counted as `op` in the store's health."""
+    def wrap(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(method)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            control: Control = args[0]  # type: ignore[assignment]
+            try:
+                result = await method(*args, **kwargs)
+            except sqlite3.Error as exc:
+                if not is_store_error(exc):
+                    raise
+                raise control.unavailable(op, exc) from None
+            if control.health is not None:
+                control.health.succeeded(op)
+            return result
+        return call
+    return wrap
+
+
 class Control:
     """Listeners, integrations and checkpoints of the running daemon: reads, and changes in order."""
 
-    def __init__(self, store: Store, supervisor: Supervisor, reconcile: Callable[[], Awaitable[object]]):
+    def __init__(self, store: Store, supervisor: Supervisor, reconcile: Callable[[], Awaitable[object]],
+                 health: StoreHealth | None = None):
         self.store = store
         self.supervisor = supervisor
         self._reconcile = reconcile  # the daemon's: running listeners brought in line with the store
+        self.health = health
+
+    def unavailable(self, op: str, exc: BaseException) -> Unavailable:
+        """The refusal for a request the store failed (`op`: api-read or api-write), counted in its health."""
+        if self.health is not None:
+            self.health.failed(op, exc)
+        return Unavailable(f"the store is failing ({exc}); nothing is wrong with the request: "
+                           f"try again in {RETRY_AFTER}s")
 
     # -- listeners
 
+    @_uses_store("api-read")
     async def get_listener(self, tenant_id: str, listener_id: str) -> ListenerBase:
         if not SAFE_ID.match(listener_id):
             raise NotFound(f"no listener {listener_id[:64]!r} in tenant {tenant_id!r}")
@@ -75,9 +119,11 @@ class Control:
             raise NotFound(f"no listener {listener_id!r} in tenant {tenant_id!r}")
         return load_listener(row.body, row.managed_by)
 
+    @_uses_store("api-read")
     async def listeners(self, tenant_id: str) -> list[ListenerBase]:
         return [load_listener(row.body, row.managed_by) for row in await self.store.listeners(tenant_id)]
 
+    @_uses_store("api-write")
     async def create_listener(self, tenant_id: str, fields: Mapping[str, Any]) -> ListenerBase:
         """Store a new listener and start it; without an id, the store assigns the next `LI<n>`."""
         if "managed-by" in fields:
@@ -95,6 +141,7 @@ class Control:
         await self._reconcile()
         return spec.model_copy(update={"id": listener_id})
 
+    @_uses_store("api-write")
     async def update_listener(self, tenant_id: str, listener_id: str, fields: Mapping[str, Any]) -> ListenerBase:
         """Replace the fields given; the listener restarts if its definition changed."""
         current = await self.get_listener(tenant_id, listener_id)
@@ -110,6 +157,7 @@ class Control:
         await self._reconcile()
         return spec
 
+    @_uses_store("api-write")
     async def delete_listener(self, tenant_id: str, listener_id: str) -> None:
         """Delete it with its checkpoint and stop it; its undelivered events stay in the outbox and go on."""
         current = await self.get_listener(tenant_id, listener_id)
@@ -118,10 +166,12 @@ class Control:
         await self.store.delete_listener(tenant_id, listener_id)
         await self._reconcile()
 
+    @_uses_store("api-read")
     async def restart_listener(self, tenant_id: str, listener_id: str) -> None:
         await self.get_listener(tenant_id, listener_id)
         await self.supervisor.restart((tenant_id, listener_id))
 
+    @_uses_store("api-read")
     async def status(self, tenant_id: str, listener_id: str) -> ListenerStatus:
         record = self.supervisor.status((tenant_id, listener_id))
         if record is None:
@@ -131,6 +181,7 @@ class Control:
 
     # -- checkpoints
 
+    @_uses_store("api-read")
     async def checkpoint(self, tenant_id: str, listener_id: str) -> str:
         await self.get_listener(tenant_id, listener_id)
         value = await self.store.get_checkpoint(tenant_id, listener_id)
@@ -138,6 +189,7 @@ class Control:
             raise NotFound(f"listener {listener_id!r} has no stored checkpoint")
         return value
 
+    @_uses_store("api-write")
     async def set_checkpoint(self, tenant_id: str, listener_id: str, fields: Mapping[str, Any]) -> int:
         """Set a Salesforce listener's resume point (`{"replay": n}`) and restart it from there."""
         spec = await self.get_listener(tenant_id, listener_id)
@@ -162,18 +214,21 @@ class Control:
 
     # -- integrations
 
+    @_uses_store("api-read")
     async def integrations(self, tenant_id: str) -> list[Integration]:
         """A tenant's integrations, in the order of `INTEGRATION_TYPES`."""
         found = {row.key: load_integration(row.key, row.body, row.managed_by)
                  for row in await self.store.integrations(tenant_id) if row.key in INTEGRATION_TYPES}
         return [found[kind] for kind in INTEGRATION_TYPES if kind in found]
 
+    @_uses_store("api-read")
     async def get_integration(self, tenant_id: str, kind: str) -> Integration:
         row = await self.store.get_integration(tenant_id, kind) if kind in INTEGRATION_TYPES else None
         if row is None:
             raise NotFound(f"no {kind[:64]!r} integration in tenant {tenant_id!r}")
         return load_integration(kind, row.body, row.managed_by)
 
+    @_uses_store("api-write")
     async def set_integration(self, tenant_id: str, kind: str, fields: Mapping[str, Any]) -> Integration:
         """Set up or replace a tenant's credentials of one type; the listeners using them restart."""
         integration_type(kind)

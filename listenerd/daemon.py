@@ -74,7 +74,7 @@ class Daemon:
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
-        control = Control(self.store, self.supervisor, self.apply)
+        control = Control(self.store, self.supervisor, self.apply, self.outbox.health)
         self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
         await self._runner.setup()
         server = self.config.server
@@ -106,7 +106,11 @@ class Daemon:
             await self.forwarder.stop(flush_timeout=left())
         if self._runner:
             await self._runner.cleanup()
-        log.info("listenerd stopped", undelivered=self.outbox.depth)
+        # undelivered: what the store holds for the engine; never-written: events only memory held (the store
+        # could not commit them before the bound), which never counted as received
+        never_written = self.outbox.never_written
+        (log.error if never_written else log.info)("listenerd stopped", undelivered=self.outbox.depth,
+                                                   never_written=never_written)
         await self.store.close()
         await self.notifier.close()
 
@@ -156,11 +160,14 @@ class Daemon:
             self.notifier.notify(STATUS=self.status_line())
 
     def components(self) -> dict[str, bool]:
-        return {"store": self.store.is_open, "supervisor": self.supervisor is not None and self.supervisor.running}
+        """Whether each part /readyz reports on is up; the store is up while open and writing."""
+        return {"store": self.store.is_open and not self.outbox.health.failing,
+                "supervisor": self.supervisor is not None and self.supervisor.running}
 
     def status_line(self) -> str:
         listeners = self.supervisor.summary() if self.supervisor else "starting"
-        return f"{listeners}; outbox {self.outbox.depth} event(s)"
+        problem = self.outbox.health.problem
+        return f"{listeners}; outbox {self.outbox.depth} event(s)" + (f"; store failing: {problem}" if problem else "")
 
     # -- configuration
 

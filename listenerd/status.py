@@ -1,7 +1,10 @@
 """The status record of one listener: the only place a listener's status changes.
 
 The supervisor owns one `ListenerStatus` per listener and hands sources narrow methods to report
-progress; every change is timestamped, logged once, and mirrored into the status gauge.
+progress; every change is timestamped, logged once, and mirrored into the status gauge. A `started`
+listener's message also says why its source waits, as a suffix the record keeps across the
+source's own messages: the outbox is full (`paused`), or the store cannot write (`store_failing`,
+told by the supervisor, which hears it from `listenerd.store_health`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 PAUSED = " (paused: outbox full, waiting for the engine to drain it)"
+STORE_FAILING = " (store failing: {}; new events wait in memory until it writes again)"
+STORE_PAUSED = " (paused: store failing: {}; reading resumes once it writes again)"
 State = Literal["starting", "started", "retrying", "failed", "stopped"]
 STATES: tuple[State, ...] = ("starting", "started", "retrying", "failed", "stopped")
 
@@ -37,12 +42,17 @@ class ListenerStatus:
     attempts: int = 0
     started_at: float | None = None  # when it last became `started`, for the healthy-period reset
     on_change: Callable[[ListenerStatus, State], None] | None = field(default=None, repr=False)
+    store_problem: str | None = field(default=None, init=False, repr=False)
+    _paused: bool = field(default=False, init=False, repr=False)
+    _suffix: str = field(default="", init=False, repr=False)  # the waiting note at the end of `message`
 
     def set(self, status: State, message: str, *, error: str | None = None) -> None:
+        suffix = self._waiting_note(status)
+        message += suffix
         previous = self.status
         if status == previous and message == self.message and error is None:
             return
-        self.status, self.message = status, message
+        self.status, self.message, self._suffix = status, message, suffix
         if status != previous:
             self.since = time.time()
             self.started_at = self.since if status == "started" else None
@@ -58,9 +68,29 @@ class ListenerStatus:
 
     def paused(self, paused: bool) -> None:
         """Back-pressure holds (or releases) the source: a started listener's message says so."""
+        self._paused = paused
+        self._renote()
+
+    def store_failing(self, problem: str | None) -> None:
+        """The store cannot write (`problem`), or can again (None): a started listener's message says so,
+        and a running listener's `last-error` names the problem."""
+        if problem == self.store_problem:
+            return
+        self.store_problem = problem
+        if problem is not None and self.status in ("starting", "started", "retrying"):
+            self.last_error = f"store failing: {problem}"
+        self._renote()
+
+    def _renote(self) -> None:
         if self.status == "started":
-            message = self.message.removesuffix(PAUSED)
-            self.set("started", message + PAUSED if paused else message)
+            self.set("started", self.message.removesuffix(self._suffix))
+
+    def _waiting_note(self, status: State) -> str:
+        if status != "started":
+            return ""
+        if self.store_problem is not None:
+            return (STORE_PAUSED if self._paused else STORE_FAILING).format(self.store_problem)
+        return PAUSED if self._paused else ""
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -177,6 +177,7 @@ class Supervisor:
         self.running = False
         self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        outbox.health.watch(self._store_failing)
 
     # -- lifecycle
 
@@ -266,6 +267,7 @@ class Supervisor:
 
     def _new_record(self, key: Key) -> ListenerStatus:
         record = ListenerStatus(key[0], key[1], on_change=self._status_changed)
+        record.store_failing(self.outbox.health.problem)
         self.records[key] = record
         self._status_changed(record, record.status)
         return record
@@ -277,6 +279,11 @@ class Supervisor:
         if record.status != previous:
             log.info("listener status", tenant=record.tenant_id, listener=record.listener_id,
                      status=record.status, message=record.message)
+
+    def _store_failing(self, problem: str | None) -> None:
+        """The store cannot write (or can again): every listener's status says so."""
+        for record in self.records.values():
+            record.store_failing(problem)
 
     # -- what the others ask
 

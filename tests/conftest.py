@@ -1,8 +1,10 @@
 import contextlib
+import os
 
 import pytest
 
 from listenerd import sources
+from listenerd.testing import SmallDisk
 
 
 @pytest.fixture
@@ -25,3 +27,21 @@ async def started():
     context manager) and leave it at teardown, last in first out, so a failing assertion still stops it."""
     async with contextlib.AsyncExitStack() as stack:
         yield stack.enter_async_context
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs at tmp_path/disk to fill and free (`listenerd.testing.SmallDisk`), unmounted at teardown.
+
+    Skipped only where mounting is refused (not root); in CI (CI=true, run as root) a refusal fails."""
+    disk = SmallDisk(tmp_path / "disk")
+    try:
+        disk.mount()
+    except OSError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must be able to mount a tmpfs for the disk-full tests: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield disk
+    finally:
+        disk.unmount()

@@ -19,6 +19,7 @@ from listenerd.api.context import CONTROL, DAEMON, DaemonView
 from listenerd.api.errors import ApiError, error_response, refused
 from listenerd.control import Control, ControlError
 from listenerd.model import Token
+from listenerd.store_health import is_store_error
 
 log = structlog.get_logger("listenerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,9 +46,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(exc.status, message)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
-    except Exception:
-        log.exception("API handler failed", method=request.method, path=request.path)
-        response = error_response(500, "internal error; see the daemon's log")
+    except Exception as exc:
+        if is_store_error(exc):  # a route that uses the store without the control (dead letters): 503, not 500
+            op = "api-read" if request.method in ("GET", "HEAD") else "api-write"
+            response = refused(request.app[CONTROL].unavailable(op, exc))
+        else:
+            log.exception("API handler failed", method=request.method, path=request.path)
+            response = error_response(500, "internal error; see the daemon's log")
     request.app[DAEMON].metrics.api_errors.labels(str(response.status)).inc()
     return response
 

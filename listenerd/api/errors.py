@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from listenerd.control import Conflict, ControlError, Invalid, NotFound, NotLoaded
+from listenerd.control import Conflict, ControlError, Invalid, NotFound, NotLoaded, Unavailable
 
-STATUS: dict[type[ControlError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, NotLoaded: 503}
+STATUS: dict[type[ControlError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, NotLoaded: 503, Unavailable: 503}
 
 
 class ApiError(Exception):
@@ -27,6 +27,9 @@ def error_response(status: int, message: str, **extra: Any) -> web.Response:
 
 
 def refused(exc: ControlError) -> web.Response:
-    """The answer to a request the control refused: its status code, message and fields."""
+    """The answer to a request the control refused: its status code, message and fields (and when to retry)."""
     extra = {"fields": exc.fields} if exc.fields is not None else {}
-    return error_response(STATUS[type(exc)], exc.message, **extra)
+    response = error_response(STATUS[type(exc)], exc.message, **extra)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response

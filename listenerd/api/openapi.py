@@ -31,7 +31,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "bad body or parameters; the error names the field", 401: "no or bad token",
             403: "the token may not use that tenant", 404: "no such tenant or item",
-            409: "declared in the config file, or the id is taken", 503: "not loaded yet"}
+            409: "declared in the config file, or the id is taken",
+            503: "not loaded yet, or the store is failing (disk full): try again after Retry-After seconds"}
     return {str(code): _json(ERROR, text[code]) for code in codes}
 
 
@@ -51,8 +52,8 @@ def document() -> dict[str, Any]:
     defs = listener_input.pop("$defs", {})
     for schema in defs.values():
         schema.get("properties", {}).pop("managed-by", None)
-    auth = (401, 403, 404)
-    body_errors = (400, 401, 403, 404)
+    auth = (401, 403, 404, 503)  # 503: every route below /1.0 may meet a failing store
+    body_errors = (400, 401, 403, 404, 503)
     listener = {"$ref": "#/components/schemas/Listener"}
     lparams = [TENANT, LISTENER_ID]
     paths = {

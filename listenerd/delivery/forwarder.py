@@ -6,7 +6,13 @@ earlier one is unacknowledged, and a retry re-sends the same rows with the same 
 de-duplicates on `id`). The engine is one endpoint, so an outage stalls every listener alike;
 concurrency would buy nothing there and would cost ordering. Only the bookkeeping overlaps: once
 the engine has accepted a batch, its ack commits while the next batch is leased and sent (the
-engine has the earlier one, so order holds); a failed ack rewinds the cursor and those rows go again.
+engine has the earlier one, so order holds).
+
+A failed ack (the store cannot write: disk full) is retried after the engine retry policy's
+back-off, and nothing more is sent until it is recorded: the engine has those rows, so sending them
+again would only make duplicates (the probe saw the head batch re-sent 66,488 times). They go again
+only if the process stops first (same ids). Any other store failure (a lease, a dead letter) backs
+off the same way; the outbox counts and logs them (`listenerd.store_health`), so no traceback here.
 
 Outcomes: 2xx acks (rows deleted); 408, 429, 5xx and network errors retry after a capped,
 jittered exponential back-off, or exactly the engine's `Retry-After` when it sends one; any other
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +36,7 @@ import aiohttp
 import structlog
 
 from listenerd.backoff import backoff_delay
+from listenerd.delivery.ids import age
 from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Fail, Retry, http_kind
 
@@ -88,9 +96,7 @@ class Forwarder:
         self.last_error: str | None = None
         self.attempt = 0  # consecutive failed attempts of the current batch
         self._cursor = 0  # seq of the last row sent and accepted (or refused); leases continue after it
-        self._acking: asyncio.Task[None] | None = None  # the previous batch's ack, committing
-        self._ack_failures = 0
-        self._rewind = False  # an ack failed: lease from the head again (those rows are sent again)
+        self._acking: asyncio.Task[list[Row] | None] | None = None  # the previous batch's ack: rows left to ack
 
     # -- lifecycle
 
@@ -126,64 +132,79 @@ class Forwarder:
     # -- the loop
 
     async def _run(self) -> None:
+        failures = 0  # store failures in a row (a lease, a dead letter): backed off like engine failures
         while True:
-            rows = await self._next_batch()
-            if rows is None:
-                self._drained.set()
-                return
-            self.in_flight = len(rows)
             try:
+                rows = await self._next_batch()
+                if rows is None:
+                    self._drained.set()
+                    return
+                self.in_flight = len(rows)
                 await self._deliver(rows)
-            except Exception:  # a store error: the rows are still in the outbox; try again shortly
+                failures = 0
+            except sqlite3.Error as exc:  # counted and logged by the outbox; the rows are still there
+                failures += 1
+                self.last_error = f"store: {exc}"
+                await asyncio.sleep(self._backoff(failures))
+            except Exception:
                 log.exception("forwarder step failed; retrying")
-                await self._settle()
-                self._cursor = 0
-                await asyncio.sleep(1.0)
+                failures += 1
+                self._cursor = 0  # a bug: lease from the head again rather than skip a row (the engine de-duplicates)
+                await asyncio.sleep(self._backoff(failures))
             finally:
                 self.in_flight = 0
 
+    def _backoff(self, attempt: int) -> float:
+        return backoff_delay(attempt, self.engine.retry_initial, self.engine.retry_max)
+
     async def _settle(self) -> None:
-        """Wait for the previous batch's ack to be committed (acks stay in order, one pending at most)."""
-        if self._acking is not None:
-            acking, self._acking = self._acking, None
-            await acking
+        """Wait until the previous batch's ack is recorded (acks stay in order, one pending at most).
 
-    def _advance(self, seq: int) -> None:
-        """Move the cursor past a settled batch, or back to the head after a failed ack."""
-        if self._rewind:
-            self._cursor, self._rewind = 0, False
-        else:
-            self._cursor = seq
+        While the store refuses it, retry it after the engine retry policy's back-off: the engine has
+        those rows, so they are not sent again, and no later batch goes before this ack is recorded.
+        The task stays in `_acking` while it runs, so a stop waits for it and the outbox's count stays true.
+        """
+        attempt = 0
+        while self._acking is not None:
+            rows = await asyncio.shield(self._acking)
+            self._acking = None
+            if rows is None:
+                if attempt:
+                    log.info("engine ack recorded after the store failed", attempts=attempt + 1)
+                return
+            attempt += 1
+            self.last_error = "store: the engine accepted a batch, its ack cannot be recorded yet"
+            if attempt == 1:
+                log.warning("the store cannot record the engine's ack; retrying it, sending nothing meanwhile",
+                            events=len(rows), error=self.outbox.health.problem)
+            await asyncio.sleep(self._backoff(attempt))
+            self._acking = asyncio.create_task(self._ack(rows))
 
-    async def _ack(self, rows: list[Row]) -> None:
-        """Commit an accepted batch's ack while the next batch is already on its way.
+    async def _ack(self, rows: list[Row]) -> list[Row] | None:
+        """Record an accepted batch's ack while the next batch is already on its way; the rows when it failed.
 
         The engine has accepted these rows, so sending the next batch now keeps per-listener order.
-        Should the ack fail (or the process die first), the rows are still in the outbox and go
-        again (same ids): the cursor goes back to the head.
+        Should the ack fail, `_settle` retries it; should the process die first, the rows are still in
+        the outbox and go again at the next start (same ids).
         """
         try:
-            rows = await self.outbox.ack(rows)
+            acked = await self.outbox.ack(rows)
+        except sqlite3.Error:  # counted and logged by the outbox
+            return rows
         except Exception:
-            log.exception("could not record an engine ack; those events will be sent again")
-            self._rewind = True
-            self._ack_failures += 1
-            return
-        self._ack_failures = 0
-        self.metrics.delivered.inc(len(rows))
+            log.exception("could not record an engine ack; retrying it")
+            return rows
+        self.metrics.delivered.inc(len(acked))
         if self.on_forwarded:
-            for (tenant_id, listener_id), count in _counts(rows).items():
+            for (tenant_id, listener_id), count in _counts(acked).items():
                 self.on_forwarded(tenant_id, listener_id, count)
+        return None
 
     async def _next_batch(self) -> list[Row] | None:
         """The next rows in commit order: up to batch-max, lingering up to linger-ms to fill it."""
         committed = self.outbox.committed
         while True:
             committed.clear()
-            if self._rewind:  # the store refused an ack: back off rather than resend in a tight loop
-                self._cursor, self._rewind = 0, False
-                await asyncio.sleep(backoff_delay(self._ack_failures, self.engine.retry_initial,
-                                                  self.engine.retry_max))
             rows = await self.outbox.lease(self.engine.batch_max, after=self._cursor)
             if rows:
                 break
@@ -194,10 +215,12 @@ class Forwarder:
                 return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(committed.wait(), _IDLE_TICK)
+        # linger counts from receipt, not from the lease, on the monotonic clock (`ids.receipt_clock`): a
+        # wall clock stepped back cannot stretch it, and no batch waits longer than linger-ms from here
         linger = self.engine.linger_ms / 1000
-        deadline = rows[0].received + linger  # linger counts from receipt, not from the lease
+        deadline = time.monotonic() + max(0.0, linger - age(rows[0].received))
         while len(rows) < self.engine.batch_max and not self._stopping:
-            remaining = deadline - time.time()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             committed.clear()
@@ -229,7 +252,7 @@ class Forwarder:
             if outcome is not None:
                 await self._settle()
                 await self.outbox.dead_letter(rows, outcome.status, outcome.response)
-                self._advance(rows[-1].seq)
+                self._cursor = rows[-1].seq
                 self.metrics.dead_lettered.inc(len(rows))
                 self.last_error = outcome.reason
                 log.error("engine refused a batch; it is in the dead-letter table", status=outcome.status,
@@ -237,7 +260,7 @@ class Forwarder:
                 return
             self.last_error = None
             await self._settle()
-            self._advance(rows[-1].seq)
+            self._cursor = rows[-1].seq
             self._acking = asyncio.create_task(self._ack(rows))
             return
 

@@ -1,4 +1,4 @@
-"""The two per-event strings of an envelope: its id and its receipt time.
+"""The two per-event strings of an envelope, its id and its receipt time; and the clock of delivery's ages.
 
 Both run once per event on the append path, so both are computed without the standard library's
 per-call overhead, and tested against it (`tests/unit/test_ids.py`). The receipt time's inverse
@@ -87,3 +87,26 @@ def received_at(ts: float) -> str:
 def received_epoch(stamp: str) -> float:
     """The inverse of `received_at`: seconds since the epoch; ValueError when `stamp` is not such a time."""
     return datetime.strptime(stamp, _SECOND_FORMAT + ".%fZ").replace(tzinfo=UTC).timestamp()
+
+
+_STEADY_EPOCH = time.time() - time.monotonic()
+
+
+def receipt_clock() -> float:
+    """Now, for every age and deadline in delivery: the monotonic clock, on the wall clock's epoch at start.
+
+    Segments are stamped with it (their `received_at` in the store, `Row.received`), and an age or a
+    deadline is this clock minus such a stamp, so a step of the wall clock (NTP, an operator) moves
+    neither a linger deadline nor `listenerd_outbox_oldest_age_seconds`. Why not a monotonic stamp
+    per segment kept in memory: the stamp must survive in the store for the backlog a restart finds,
+    and one clock for both keeps every comparison a plain subtraction. Across a restart the previous
+    process's stamps are compared with this one's, off at most by how far the wall clock stepped in
+    between; a stamp in the future then counts as age 0 (`age`). Envelopes keep the wall clock in
+    `received-at`.
+    """
+    return _STEADY_EPOCH + time.monotonic()
+
+
+def age(stamp: float) -> float:
+    """Seconds since a `receipt_clock()` stamp, never negative (a stamp from before a clock step back)."""
+    return max(0.0, receipt_clock() - stamp)

@@ -5,7 +5,12 @@ transaction is on disk the next batch gathers, so a busy daemon commits thousand
 transaction and an idle one commits each event at once. A Salesforce checkpoint rides in the same
 transaction as the events before it, so a crash can never leave the checkpoint ahead of the
 outbox. The outbox is bounded (events and bytes); at the bound `append` waits, which stops the
-calling source from reading its socket (back-pressure), and nothing is dropped.
+calling source from reading its socket (back-pressure), and nothing is dropped. Events not yet
+committed are bounded too, in bytes (`UNCOMMITTED_MAX_BYTES`): a store that cannot commit (disk
+full) or falls behind holds no more than that in memory, and `append` waits the same way. Every
+store failure goes to `health` (metric, one log line per episode, statuses, readiness).
+
+Ages and deadlines use `ids.receipt_clock()`, not the wall clock (why: there).
 
 How the events lie on disk is `segments.py`; ids and timestamps are `ids.py`; refused batches go
 to `dead_letters.py`. This module is the in-memory side: commit groups, bounds, lease and ack.
@@ -14,6 +19,7 @@ to `dead_letters.py`. This module is the in-memory side: commit groups, bounds, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -25,9 +31,10 @@ import structlog
 
 from listenerd.backoff import backoff_delay
 from listenerd.delivery import dead_letters, segments
-from listenerd.delivery.ids import event_id, received_at
+from listenerd.delivery.ids import age, event_id, receipt_clock, received_at
 from listenerd.delivery.segments import MASK, Row
-from listenerd.store import Store
+from listenerd.store import Store, in_transaction
+from listenerd.store_health import StoreHealth
 
 if TYPE_CHECKING:
     from listenerd.observability import Metrics
@@ -36,6 +43,8 @@ log = structlog.get_logger("listenerd.outbox")
 
 
 GROUP_BYTES = 8 << 20  # a commit group (so a segment, whose offsets are uint32) stays well below 4 GiB
+UNCOMMITTED_MAX_BYTES = 4 * GROUP_BYTES  # memory holds at most this much waiting for a commit (then sources pause)
+_SETTLE_TIMEOUT = 1.0  # seconds a shutdown waits for a commit under way to end, to count what it wrote
 
 
 class _Segment:
@@ -64,7 +73,7 @@ class _Lane:
 class _Group:
     """What one transaction commits: a segment per listener, and who to tell once it is on disk."""
 
-    __slots__ = ("segments", "events", "bytes", "sealed", "callbacks", "counters")
+    __slots__ = ("segments", "events", "bytes", "sealed", "callbacks", "counters", "on_disk")
 
     def __init__(self) -> None:
         self.segments: dict[tuple[str, str], _Segment] = {}
@@ -73,6 +82,7 @@ class _Group:
         self.sealed = False  # the writer has taken it (or it is full): appends open the next group
         self.callbacks: list[tuple[Callable[[dict[str, Any]], None], bytes]] = []
         self.counters: dict[Callable[[int], None], int] = {}
+        self.on_disk = False  # set on the store thread once its COMMIT returned: what a shutdown may not count lost
 
 
 @dataclass
@@ -84,16 +94,19 @@ class _Usage:
 
 class Outbox:
     def __init__(self, store: Store, *, max_events: int, max_bytes: int, metrics: Metrics | None = None,
-                 max_batch: int = 1000):
+                 max_batch: int = 1000, health: StoreHealth | None = None):
         if not 0 < max_batch <= MASK:
             raise ValueError(f"max_batch must be 1..{MASK}")
         self.store = store
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.health = health or StoreHealth(metrics, store.path)
         self.max_batch = max_batch  # events per transaction (so per segment at most)
         self._groups: list[_Group] = []  # oldest first; only the last one, unsealed, takes appends
         self._queued = 0  # events appended, not yet committed
+        self._queued_bytes = 0
+        self.never_written = 0  # events given up at a shutdown while the store could not commit them
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -102,7 +115,7 @@ class Outbox:
         self._closed = False
         self.committed = asyncio.Event()  # set after each commit; the forwarder waits on it
         self.commit_failures = 0
-        self._head_received: float | None = None  # receipt time of the oldest waiting event
+        self._head_received: float | None = None  # receipt_clock() stamp of the oldest waiting event
         self._lanes: dict[tuple[str, str, str], _Lane] = {}  # per listener: its envelope prefix
         if metrics is not None:
             metrics.outbox_oldest_age.set_function(self.oldest_age)
@@ -120,23 +133,35 @@ class Outbox:
 
         With `timeout`, give up waiting after that long (a store that keeps failing must not hang
         shutdown): what is still queued was never committed, so it never counted as received and no
-        checkpoint moved past it.
+        checkpoint moved past it. Those events are counted in `never_written` and logged, and leave
+        `depth`, which so stays what the store holds.
         """
         self._closed = True
         try:
             await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
-            log.error("outbox could not commit before shutdown; those events were never acknowledged",
-                      events=self._queued)
-            self._groups.clear()
-            self._queued = 0
-            self._idle.set()
+            pass
         if self._writer:
             self._writer.cancel()
             try:
                 await self._writer
             except asyncio.CancelledError:
                 pass
+        if self._groups:
+            with contextlib.suppress(Exception):  # a commit under way on the store thread ends (and says so) first
+                await asyncio.wait_for(self.store.run(lambda c: None), _SETTLE_TIMEOUT)
+            lost = [g for g in self._groups if not g.on_disk]
+            self.never_written = sum(g.events for g in lost)
+            self._usage.events -= self.never_written
+            self._usage.bytes -= sum(g.bytes for g in lost)
+            if self.never_written:
+                log.error("the store could not commit before shutdown: events held only in memory were never "
+                          "written (they never counted as received; no checkpoint moved past them)",
+                          events=self.never_written, error=self.health.problem)
+            self._groups.clear()
+            self._queued = self._queued_bytes = 0
+            self._idle.set()
+            self._publish_usage()
 
     # -- appending
 
@@ -162,10 +187,12 @@ class Outbox:
         body = b"".join((b'{"id":"', event_id(tenant_id, listener_id, key).encode(), lane.prefix,
                          received_at(now).encode(), b'","event":', orjson.dumps(event), b"}"))
         usage = self._usage
-        if usage.events >= self.max_events or (usage.events and usage.bytes + len(body) > self.max_bytes):
+        queued = self._queued_bytes
+        if (usage.events >= self.max_events or (usage.events and usage.bytes + len(body) > self.max_bytes)
+                or (queued and queued + len(body) > UNCOMMITTED_MAX_BYTES)):
             await self._wait_for_room(len(body), on_wait)
         if usage.events == 0:
-            self._head_received = now
+            self._head_received = receipt_clock()
         usage.events += 1
         usage.bytes += len(body)
         groups = self._groups
@@ -176,7 +203,7 @@ class Outbox:
             groups.append(group)
         segment = group.segments.get(lane.listener)
         if segment is None:
-            segment = group.segments[lane.listener] = _Segment(tenant_id, listener_id, now)
+            segment = group.segments[lane.listener] = _Segment(tenant_id, listener_id, receipt_clock())
         segment.bodies.append(body)
         if checkpoint is not None:
             segment.checkpoint = checkpoint
@@ -189,6 +216,7 @@ class Outbox:
         if group.events >= self.max_batch or group.bytes >= GROUP_BYTES:
             group.sealed = True
         self._queued += 1
+        self._queued_bytes += len(body)
         self._idle.clear()
         self._wake.set()
 
@@ -207,7 +235,8 @@ class Outbox:
 
     def _full(self, size: int) -> bool:
         usage = self._usage
-        return usage.events >= self.max_events or (usage.events > 0 and usage.bytes + size > self.max_bytes)
+        return (usage.events >= self.max_events or (usage.events > 0 and usage.bytes + size > self.max_bytes)
+                or (self._queued_bytes > 0 and self._queued_bytes + size > UNCOMMITTED_MAX_BYTES))
 
     async def _wait_for_room(self, size: int, on_wait: Callable[[bool], None] | None) -> None:
         if self.metrics:
@@ -235,10 +264,10 @@ class Outbox:
                 group = self._groups[0]
                 group.sealed = True  # appends made while it commits go to the next group
                 await self._commit(group)
-                if not self._groups or self._groups[0] is not group:  # closed meanwhile (timeout)
-                    continue
                 del self._groups[0]
                 self._queued -= group.events
+                self._queued_bytes -= group.bytes
+                self._usage.changed.set()  # a source held at the uncommitted bound goes on
                 for callback, count in group.counters.items():
                     callback(count)
                 for callback, body in group.callbacks:
@@ -251,24 +280,30 @@ class Outbox:
         """Commit one group, retrying until it is on disk.
 
         A failed transaction (disk full, I/O error) rolls back events and checkpoints together, so
-        nothing counts as received and no checkpoint moves past it; the group stays queued (sources
-        block at the bound meanwhile) and is retried with back-off instead of being dropped.
+        nothing counts as received and no checkpoint moves past it; the group stays queued and is
+        retried with back-off instead of being dropped, and sources pause once the queued events
+        reach `UNCOMMITTED_MAX_BYTES` (or the outbox bounds).
         """
         attempt = 0
         rows = [segments.segment_row(s.tenant_id, s.listener_id, s.received, s.bodies)
                 for s in group.segments.values()]
         checkpoints = [(s.tenant_id, s.listener_id, s.checkpoint) for s in group.segments.values()
                        if s.checkpoint is not None]
+
+        def commit(conn: sqlite3.Connection) -> None:
+            in_transaction(conn, lambda c: segments.insert(c, rows, checkpoints))
+            group.on_disk = True
+
         while True:
             try:
-                await self.store.transaction(lambda c: segments.insert(c, rows, checkpoints))
-                if attempt:
-                    log.info("outbox commit recovered", attempts=attempt + 1)
+                await self.store.run(commit)
+                self.health.succeeded("commit")
                 return
             except sqlite3.Error as exc:
                 attempt += 1
                 self.commit_failures += 1
-                log.error("outbox commit failed; retrying", error=str(exc), events=group.events, attempt=attempt)
+                self.health.failed("commit", exc)
+                self._publish_usage()  # the depth gauge counts what memory holds meanwhile: it must not freeze
                 await asyncio.sleep(backoff_delay(attempt, 0.05, 5.0))
 
     # -- consuming (the forwarder)
@@ -279,7 +314,12 @@ class Outbox:
         A segment that fails its checksum is never leased: it goes to the dead letters here.
         """
         damaged: list[int] = []
-        rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged))
+        try:
+            rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged))
+        except sqlite3.Error as exc:
+            self.health.failed("lease", exc)
+            raise
+        self.health.succeeded("lease")
         for seq in damaged:
             await self._set_aside(seq)
         if rows and after == 0:
@@ -291,8 +331,10 @@ class Outbox:
         try:
             held = await self.store.transaction(lambda c: dead_letters.set_aside(c, seq, time.time()))
         except sqlite3.Error as exc:
+            self.health.failed("dead-letter", exc)
             log.error("a damaged stored segment could not be set aside; it is skipped", seq=seq, error=str(exc))
             return
+        self.health.succeeded("dead-letter")
         if held is None:
             return
         events, size = held
@@ -304,10 +346,15 @@ class Outbox:
 
     async def ack(self, rows: list[Row]) -> list[Row]:
         """Delete delivered rows; returns those that were still there (a row sent twice is acked once)."""
-        if self.store.synchronous == "FULL":
-            gone = await self.store.run(lambda c: segments.relaxed(c, lambda c: segments.remove(c, rows), "FULL"))
-        else:
-            gone = await self.store.transaction(lambda c: segments.remove(c, rows))
+        try:
+            if self.store.synchronous == "FULL":
+                gone = await self.store.run(lambda c: segments.relaxed(c, lambda c: segments.remove(c, rows), "FULL"))
+            else:
+                gone = await self.store.transaction(lambda c: segments.remove(c, rows))
+        except sqlite3.Error as exc:
+            self.health.failed("ack", exc)
+            raise
+        self.health.succeeded("ack")
         if gone is not None:
             rows = [r for r in rows if r.seq in gone]
         self._release(rows)
@@ -316,7 +363,12 @@ class Outbox:
     async def dead_letter(self, rows: list[Row], status_code: int, response: str) -> None:
         """Move refused rows to the dead letters, one entry per listener, in one transaction."""
         now = time.time()
-        gone = await self.store.transaction(lambda c: dead_letters.refuse(c, rows, status_code, response, now))
+        try:
+            gone = await self.store.transaction(lambda c: dead_letters.refuse(c, rows, status_code, response, now))
+        except sqlite3.Error as exc:
+            self.health.failed("dead-letter", exc)
+            raise
+        self.health.succeeded("dead-letter")
         self._release(rows if gone is None else [r for r in rows if r.seq in gone])
 
     def requeued(self, events: int, size: int, received: float) -> None:
@@ -362,6 +414,7 @@ class Outbox:
         """Seconds the oldest waiting event has waited (0 when the outbox is empty).
 
         Per segment: from the first receipt of the oldest segment still waiting, so at most one commit
-        group's span more than its oldest undelivered event."""
+        group's span more than its oldest undelivered event; on `receipt_clock()`, so a wall clock step
+        does not move it."""
         head = self._head_received
-        return max(0.0, time.time() - head) if head is not None and self._usage.events > 0 else 0.0
+        return age(head) if head is not None and self._usage.events > 0 else 0.0

@@ -8,6 +8,7 @@ import pytest
 
 from listenerd.model import SECRET_MASK
 from listenerd.sim.engine import EngineSim
+from listenerd.testing import InjectedDiskFull
 from tests.daemon import OTHER_TOKEN, TOKEN, base_config, running_daemon
 from tests.harness import wait_for
 
@@ -381,3 +382,31 @@ async def test_concurrent_creates_never_share_or_reuse_an_id(daemon):
     explicit = await asyncio.gather(*(api.call("POST", "/1.0/tenants/t1/listeners", {**body, "id": "SAME"})
                                       for _ in range(4)))
     assert sorted(code for code, _ in explicit) == [201, 409, 409, 409]
+
+
+async def test_a_failing_store_answers_503_with_retry_after_never_500(daemon, engine):
+    d, api = daemon
+    engine.script([422])  # one refused batch: a dead letter to retry
+    await wait_for(lambda: d.metrics.dead_lettered._value.get() > 0, what="a dead letter")
+    _, letters = await api.call("GET", "/1.0/tenants/t1/dead-letters")
+    disk = InjectedDiskFull.install(d.store)
+    disk.full = True
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        letter = f"/1.0/tenants/t1/dead-letters/{letters[0]['id']}"
+        new = {"type": "pusher", "options": {"channel": "x"}}
+        for method, path, body in (("POST", "/1.0/tenants/t1/listeners", new), ("POST", letter + "/retry", None),
+                                   ("DELETE", letter, None)):
+            async with api.session.request(method, api.base_url + path, json=body, headers=auth) as answer:
+                assert answer.status == 503, (method, path, await answer.text())
+                assert answer.headers["Retry-After"] == "5"
+                assert "the store is failing (database or disk is full)" in (await answer.json())["error"]
+        code, ready = await api.call("GET", "/readyz", token=False)
+        assert code == 503 and "database or disk is full" in ready["reason"]
+        assert d.metrics.store_errors.labels("api-write")._value.get() == 3
+    finally:
+        disk.full = False
+    code, _ = await api.call("POST", letter + "/retry")
+    assert code == 202
+    await wait_for(lambda: not d.outbox.health.failing, what="the store healthy again")
+    assert (await api.call("GET", "/readyz", token=False))[0] == 200

@@ -8,10 +8,11 @@ import asyncio
 
 import pytest
 
-from listenerd.control import Conflict, Control, Invalid, NotFound, NotLoaded
+from listenerd.control import Conflict, Control, Invalid, NotFound, NotLoaded, Unavailable
 from listenerd.model import Config, load_integration, load_listener
 from listenerd.observability import redactor
 from listenerd.supervisor import Desired
+from listenerd.testing import InjectedDiskFull
 from tests.harness import Harness, wait_for
 
 PUSHER = {"key": "app-key", "secret": "pusher-secret-of-control-tests"}
@@ -181,3 +182,24 @@ async def test_setting_up_an_integration_registers_its_secrets_and_restarts_its_
     assert refused.value.fields == ["secret"]
     with pytest.raises(NotFound):
         await control.get_integration("t", "datasift")
+
+
+async def test_a_failing_store_refuses_changes_as_unavailable_with_a_retry_after(tmp_path):
+    async with Harness(tmp_path) as h:
+        disk = InjectedDiskFull.install(h.store)
+        supervisor = h.supervisor()
+        await supervisor.start({})
+        control = Control(h.store, supervisor, lambda: asyncio.sleep(0), h.outbox.health)
+        new = {"name": "made while full", "type": "pusher", "options": {"channel": "c"}}
+        disk.full = True
+        with pytest.raises(Unavailable) as refused:
+            await control.create_listener("t", new)
+        assert "database or disk is full" in refused.value.message and refused.value.retry_after == 5
+        with pytest.raises(Unavailable):
+            await control.set_integration("t", "pusher", PUSHER)
+        assert await control.listeners("t") == []  # reads work on a full disk
+        assert h.metrics.store_errors.labels("api-write")._value.get() == 2
+        assert h.outbox.health.failing
+        disk.full = False
+        assert (await control.create_listener("t", new)).id == "LI1"
+        assert not h.outbox.health.failing  # a write that worked ends the episode
