@@ -328,50 +328,6 @@ class Tmpfs:
         self.filler.unlink(missing_ok=True)
 
 
-class SmallDisk:
-    """A small tmpfs mounted at `path`, filled and freed on demand: a real full disk under the store.
-
-    Needs root and `mount` (CI runs as root); `mount()` raises `OSError` where mounting is refused.
-    `fill()` writes a filler file until the disk refuses more (ENOSPC), `free()` deletes it.
-    """
-
-    def __init__(self, path: Path, size: str = "8m"):
-        self.path = path
-        self.size = size
-        self.filler = path / "filler"
-        self.mounted = False
-
-    def mount(self) -> SmallDisk:
-        self.path.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.path)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise OSError(f"cannot mount a tmpfs at {self.path}: {done.stderr.strip() or done.returncode}")
-        self.mounted = True
-        return self
-
-    def unmount(self) -> None:
-        if self.mounted:
-            subprocess.run(["umount", "--lazy", str(self.path)], check=True, capture_output=True)
-            self.mounted = False
-
-    def fill(self) -> int:
-        """Fill what is left; returns the bytes the filler took."""
-        written = 0
-        with open(self.filler, "ab", buffering=0) as out:
-            for chunk in (1 << 20, 1 << 12):  # big writes first, then pages, so nothing is left over
-                block = b"\0" * chunk
-                while True:
-                    try:
-                        written += out.write(block)
-                    except OSError:
-                        break
-        return written
-
-    def free(self) -> None:
-        self.filler.unlink(missing_ok=True)
-
-
 class InjectedDiskFull:
     """Stands in for an open store's connection: while `full`, every write fails with SQLite's disk-full error.
 

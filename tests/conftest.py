@@ -4,7 +4,7 @@ import os
 import pytest
 
 from listenerd import sources
-from listenerd.testing import SmallDisk
+from listenerd.testing import Tmpfs
 
 
 @pytest.fixture
@@ -31,17 +31,13 @@ async def started():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """An 8 MiB tmpfs at tmp_path/disk to fill and free (`listenerd.testing.SmallDisk`), unmounted at teardown.
+    """An 8 MiB tmpfs at tmp_path/disk to fill and unfill (`listenerd.testing.Tmpfs`), unmounted at teardown.
 
     Skipped only where mounting is refused (not root); in CI (CI=true, run as root) a refusal fails."""
-    disk = SmallDisk(tmp_path / "disk")
-    try:
-        disk.mount()
-    except OSError as exc:
+    why = Tmpfs.available()
+    if why is not None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must be able to mount a tmpfs for the disk-full tests: {exc}")
-        pytest.skip(str(exc))
-    try:
+            pytest.fail(f"CI must be able to mount a tmpfs for the disk-full tests: {why}")
+        pytest.skip(why)
+    with Tmpfs(tmp_path / "disk", size_mb=8) as disk:
         yield disk
-    finally:
-        disk.unmount()

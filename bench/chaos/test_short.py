@@ -19,20 +19,6 @@ from listenerd.testing import Tmpfs, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-# The disk-full invariants that need issue 20's store-fault handling (branch `store-faults`: a failed ack
-# backs off and is retried without re-sending, store errors are counted, said in /readyz and the statuses,
-# logged once per episode). Until it is merged they fail, and the test marks itself xfail naming them;
-# once merged, empty this set: each becomes a plain assertion. Every other invariant is asserted now.
-AWAITING_STORE_FAULTS = frozenset({
-    "no_duplicates_while_full",      # accepting engine: 0 duplicate deliveries while the acks fail
-    "resends_within_retry_policy",   # no event sent more often than the engine retry policy allows
-    "failed_acks_back_off",          # failed acks retried at the retry policy's pace, not in a loop
-    "log_bounded_while_full",        # one line per episode (plus a count now and then), no traceback per failure
-    "readyz_503_while_full",         # /readyz 503 naming the store while it cannot commit
-    "status_truthful_while_full",    # the statuses say so (retrying, or a message naming the store/disk)
-    "store_errors_counted",          # listenerd_store_errors_total{op}
-})
-
 
 def _no_secret_found(result: dict) -> None:
     """The scenario searched its own daemon log and API answers for every secret value it generated."""
@@ -166,19 +152,15 @@ async def test_salesforce_json_answer_that_is_not_bayeux_messages_is_counted(tmp
 @pytest.mark.parametrize("variant", disk_full.VARIANTS)
 async def test_disk_full_loses_nothing_committed_and_recovers_by_itself(tmp_path, variant):
     """The store's tmpfs full for 3 s with a backlog waiting, the engine accepting (its acks fail) or answering
-    503; then the space returns. What holds today is asserted; the rest is listed in AWAITING_STORE_FAULTS."""
+    503; then the space returns."""
     result = await disk_full.run(tmp_path, variant, full_for=3.0, rate=500.0, size_mb=30, backlog=300,
                                  recover_timeout=40.0, say=_say)
     assert result["unmounted"] and not _mounted(tmp_path / "store"), "the tmpfs stayed mounted"
     assert result["backlog_at_fill"] >= 300, "no backlog when the disk filled: nothing to ack, nothing tested"
     assert result["committed_while_full"] == 0, "the disk was not full: commits went through"
     broken = disk_full.breaches(result)
-    now = {name: what for name, what in broken.items() if name not in AWAITING_STORE_FAULTS}
-    assert not now, now
+    assert not broken, broken
     assert result["lost_committed"] == 0 and result["report"]["mixed_ids"] == 0
     assert result["recover_s"] is not None and result["recover_s"] < 40.0
     assert result["exit_code"] == 0 and result["left_in_outbox"] == 0
     _no_secret_found(result)
-    awaiting = sorted(set(broken) & AWAITING_STORE_FAULTS)
-    if awaiting:
-        pytest.xfail(f"awaiting store-faults: {', '.join(f'{n} ({broken[n]})' for n in awaiting)}")

@@ -14,6 +14,8 @@ Ages and deadlines use `ids.receipt_clock()`, not the wall clock (why: there).
 
 How the events lie on disk is `segments.py`; ids and timestamps are `ids.py`; refused batches go
 to `dead_letters.py`. This module is the in-memory side: commit groups, bounds, lease and ack.
+(Over 400 lines because those four share one set of counters: depth, bytes and uncommitted bytes
+change together under the event loop, and splitting them would hand those counters across modules.)
 """
 
 from __future__ import annotations

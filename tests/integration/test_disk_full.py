@@ -61,7 +61,7 @@ async def rig(tmp_path, small_disk, scripted_source, monkeypatch):
         try:
             yield daemon, api, engine, small_disk
         finally:
-            small_disk.free()
+            small_disk.unfill()
             await api.close()
             if daemon.ready:
                 await daemon.stop()
@@ -104,7 +104,7 @@ async def test_a_full_disk_is_said_everywhere_loses_nothing_sends_nothing_twice_
     await asyncio.sleep(1.0)
     assert len(engine.ids()) == len(set(engine.ids()))  # nothing sent twice while full
 
-    disk.free()
+    disk.unfill()
     await wait_for(lambda: not daemon.outbox.health.failing, what="the store recovered", timeout=15)
     code, _ = await api.call("GET", "/readyz", token=False)
     assert code == 200
@@ -129,6 +129,6 @@ async def test_stopping_while_the_disk_is_full_says_what_memory_held_and_what_th
         await daemon.stop()
     stopped, = [e for e in logs if e["event"] == "listenerd stopped"]
     assert stopped["log_level"] == "error" and stopped["never_written"] > 0
-    disk.free()
+    disk.unfill()
     stored = outbox_envelopes(Path(daemon.config.store.path))
     assert stopped["undelivered"] == len(stored) > 0
