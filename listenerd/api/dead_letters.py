@@ -1,6 +1,8 @@
 """Dead letters: batches the engine refused (a 4xx other than 408/429), kept for an operator.
 
-Listing shows the engine's status code and answer with the events exactly as they were sent.
+Listing shows the engine's status code and answer with the events exactly as they were sent. Status
+code 0 marks a stored segment listenerd set aside itself because it failed its checksum (a damaged
+store): its answer says so, and an envelope that no longer parses is kept as a JSON string.
 Retry puts the events back into the outbox with their ids unchanged, so an engine that saw an
 earlier attempt can still de-duplicate; discard deletes them for good. Tenant auth is done by the
 app's middleware; ids are per daemon, and another tenant's id answers 404 like an unknown one.

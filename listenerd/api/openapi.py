@@ -157,9 +157,13 @@ def document() -> dict[str, Any]:
         "DeadLetter": {"type": "object", "required": ["id", "listener-id", "status-code", "response", "failed-at",
                                                       "events"],
                        "properties": {"id": {"type": ["string", "integer"]}, "listener-id": {"type": "string"},
-                                      "status-code": {"type": "integer"}, "response": {"type": "string"},
+                                      "status-code": {"type": "integer", "description": "the engine's answer; "
+                                                      "0: set aside by listenerd, its stored segment was damaged"},
+                                      "response": {"type": "string"},
                                       "failed-at": {"type": "string", "format": "date-time"},
-                                      "events": {"type": "array", "items": {"type": "object"}}}},
+                                      "events": {"type": "array", "items": {"type": ["object", "string"]},
+                                                 "description": "envelopes as sent; a string: bytes a damaged "
+                                                                "store gave that no longer parse"}}},
         "Error": {"type": "object", "required": ["error"], "properties": {
             "error": {"type": "string"}, "fields": {"type": "array", "items": {"type": "string"}}}},
     }
