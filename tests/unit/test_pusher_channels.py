@@ -234,3 +234,35 @@ def test_a_client_events_user_id_travels_with_it():
     established(m)
     assert m.receive(frame("client-typing", "presence-room", '{"x":1}', user_id="u-9"), 1) == [
         Emit({"x": 1}, "presence-room", "client-typing", (a,), "u-9")]
+
+
+# ---------------------------------------------------------------- `listenerd check`
+
+
+def test_check_refuses_a_channel_name_pusher_would_refuse():
+    from listenerd import config
+
+    def problems(channel):
+        text = f"""
+[[tenants]]
+id = "t1"
+[tenants.integrations.pusher]
+key = "k"
+secret = "s"
+encryption-master-key = "{base64.b64encode(MASTER).decode()}"
+[[tenants.listeners]]
+id = "L1"
+type = "pusher"
+options = {{ channel = "{channel}", members = true }}
+"""
+        try:
+            config.parse(text, {})
+        except config.ConfigError as exc:
+            return [str(p) for p in exc.problems]
+        return []
+
+    assert problems("presence-" + "a" * 155) == []  # 164 characters, prefix included
+    assert problems("presence-" + "a" * 156) == [
+        "tenants[0].listeners[0].options.channel: at most 164 characters, as Pusher allows (got 165)"]
+    assert problems("a:b") == ["tenants[0].listeners[0].options.channel: only letters, digits and "
+                               "_ - = @ , . ; may be used in a Pusher channel name"]
