@@ -99,8 +99,13 @@ class Connection:
             key=integration.key, secret=integration.secret, activity_timeout=settings.pusher_activity_timeout,
             pong_timeout=settings.pusher_pong_timeout, connect_timeout=settings.connect_timeout,
             user_id=f"listenerd-{self.tenant_id}", master_key=base64.b64decode(master) if master else None)
-        self.log = structlog.get_logger("listenerd.source").bind(tenant=self.tenant_id, source="pusher",
-                                                                 url=self.url)
+        self._log = structlog.get_logger("listenerd.source").bind(tenant=self.tenant_id, source="pusher",
+                                                                  url=self.url)
+
+    def log_for(self, tickets: frozenset[int] | None = None) -> structlog.typing.FilteringBoundLogger:
+        """The connection's logger, naming its listeners (those of `tickets` when given)."""
+        subs = self.subscribers.values() if tickets is None else self._named(tickets)
+        return self._log.bind(listener=",".join(sorted({sub.ctx.listener_id for sub in subs})) or "-")
 
     # -- listeners joining and leaving (called from listener tasks)
 
@@ -135,7 +140,7 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not strand the listeners: they retry
-            self.log.exception("pusher connection crashed")
+            self.log_for().exception("pusher connection crashed")
             ended = Retry("crash", f"Unexpected error: {type(exc).__name__}: {exc}")
         finally:
             self._close(cancel=False)
@@ -161,7 +166,7 @@ class Connection:
             return Retry(kind_of(exc), f"Could not connect to {url}: {describe(exc, limit=200)}")
         loop = asyncio.get_running_loop()
         self.machine.opened(loop.time())
-        self.log.info("pusher connected", listeners=len(self.subscribers))
+        self.log_for().info("pusher connected", listeners=len(self.subscribers))
         tasks = [asyncio.create_task(self._clock(loop), name=f"pusher-clock:{url}"),
                  asyncio.create_task(self._write(loop), name=f"pusher-write:{url}")]
         try:
@@ -257,7 +262,7 @@ class Connection:
                 named = self.subscribers.values() if action.members is None else self._named(action.members)
                 for sub in named:
                     sub.ctx.count(action.kind)
-                self.log.warning("pusher frame problem", kind=action.kind, detail=action.detail)
+                self.log_for(action.members).warning("pusher frame problem", kind=action.kind, detail=action.detail)
             elif isinstance(action, Resolve):
                 for sub in self._named(action.members):
                     _resolve(sub, action.outcome)
