@@ -1,16 +1,18 @@
 """Pusher fan-out benchmark: many listeners, one channel each, in one listenerd process.
 
-    .venv/bin/python bench/pusher_fanout.py [--listeners 1000] [--idle 10]
+    .venv/bin/python bench/pusher_fanout.py [--listeners 1000] [--tenants 1] [--idle 10]
 
 The simulator runs in its own process (its sockets are not counted). In this process: the real
-store, outbox and supervisor, with `--listeners` Pusher listeners, each on its own channel and its
-own WebSocket. Measured:
+store, outbox and supervisor, with `--listeners` Pusher listeners spread over `--tenants` tenants,
+each listener on its own channel; the listeners of one tenant share its one WebSocket (issue 13), so
+the simulator sees `--tenants` sockets. Measured:
 - time from `supervisor.start()` until every listener is `started` (subscribed);
 - RSS per listener: (RSS with all started - RSS before any started) / listeners, after a GC, with
   websockets and the source module already imported in the baseline;
 - idle CPU: this process's user+system CPU time over `--idle` seconds with all listeners connected
   and no events, as a percentage of one core.
-Targets (issue 4): all started within 30 s, under 100 KiB per listener, idle CPU under 2 %.
+Targets (issue 4): all started within 30 s, under 100 KiB per listener, idle CPU under 2 %; issue 13:
+one socket per tenant.
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ async def main(args: argparse.Namespace) -> None:
         await outbox.start()
         supervisor = Supervisor(config, outbox, metrics)
         creds = integration("pusher", key=KEY, secret=SECRET, host="127.0.0.1", port=port, tls=False)
-        desired = {("bench", f"L{i}"): Desired(listener(id=f"L{i}", type="pusher", options={"channel": f"ch-{i}"},
-                                                         **{"managed-by": "config"}), creds)
-                   for i in range(n)}
+        desired = {(f"bench{i % args.tenants}", f"L{i}"): Desired(
+            listener(id=f"L{i}", type="pusher", options={"channel": f"ch-{i}"}, **{"managed-by": "config"}), creds)
+            for i in range(n)}
         gc.collect()
         rss_before = rss_bytes()
         t0 = time.perf_counter()
@@ -121,6 +123,7 @@ async def main(args: argparse.Namespace) -> None:
     proc.join(3)
     per_listener = (rss_after - rss_before) / n
     print(f"machine: {platform.node()}, nproc {os.cpu_count()}, {cpu_model()}, Python {platform.python_version()}")
+    print(f"tenants: {args.tenants}")
     print("| listeners | sockets at the sim | subscriptions | all started in | RSS before / after | RSS per listener | "
           f"idle CPU ({args.idle:g} s) | still started after idle |")
     print("|---|---|---|---|---|---|---|---|")
@@ -131,5 +134,6 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listeners", type=int, default=1000)
+    parser.add_argument("--tenants", type=int, default=1, help="tenants the listeners are spread over")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
     asyncio.run(main(parser.parse_args()))

@@ -7,6 +7,8 @@ wherever it comes from, and errors carry pydantic locations that `config.format_
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -176,7 +178,7 @@ class SalesforceIntegration(Integration):
 
 class PusherIntegration(Integration):
     TYPE: ClassVar[str] = "pusher"
-    SECRETS: ClassVar[tuple[str, ...]] = ("secret",)
+    SECRETS: ClassVar[tuple[str, ...]] = ("secret", "encryption-master-key")
     key: str = Field(min_length=1)
     secret: str = Field(min_length=1)
     app_id: str | None = None
@@ -184,6 +186,21 @@ class PusherIntegration(Integration):
     host: str | None = None
     port: int | None = Field(default=None, gt=0, le=65535)
     tls: bool = True
+    encryption_master_key: str | None = None  # base64 of 32 bytes, for private-encrypted- channels
+
+    @field_validator("encryption_master_key")
+    @classmethod
+    def _master_key(cls, value: str | None) -> str | None:
+        """32 bytes in base64, as pusher-http-python's `crypto.parse_master_key` requires."""
+        if value is None:
+            return value
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64") from None
+        if len(decoded) != 32:
+            raise ValueError(f"must be base64 of 32 bytes (it decodes to {len(decoded)})")
+        return value
 
 
 INTEGRATION_TYPES: dict[str, type[Integration]] = {
@@ -228,9 +245,26 @@ class SalesforceOptions(Model):
         return value
 
 
+PUSHER_CHANNEL_MAX = 164  # Pusher's limit, prefixes included (docs: "Invalid channel name")
+_PUSHER_CHANNEL = re.compile(r"[-A-Za-z0-9_=@,.;]+")  # pusher-http-python `util.channel_name_re`
+
+
 class PusherOptions(Model):
-    channel: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_\-=@,.;]+$")
+    channel: str
     event: str | list[str] | None = None
+    members: bool = False  # forward presence member_added / member_removed
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        """Pusher's own rule, checked at `check` and in the API rather than refused by the server later."""
+        if not value:
+            raise ValueError("required: a Pusher channel name")
+        if len(value) > PUSHER_CHANNEL_MAX:
+            raise ValueError(f"at most {PUSHER_CHANNEL_MAX} characters, as Pusher allows (got {len(value)})")
+        if not _PUSHER_CHANNEL.fullmatch(value):
+            raise ValueError("only letters, digits and _ - = @ , . ; may be used in a Pusher channel name")
+        return value
 
     def wants(self, event_name: str) -> bool:
         if event_name.startswith(("pusher:", "pusher_internal:")):

@@ -20,10 +20,18 @@ Each connection has its own outgoing queue and writer task, as a real server has
 buffers: a slow client never slows the others, and frames published before a scripted close are
 sent before it.
 
+Limits, as Pusher enforces them: `max_connections` concurrent connections per app (None: no limit);
+past it a new socket gets `pusher:error` 4004 "Over connection quota" and a 4004 close, as Pusher
+closes a connection over the plan's quota. `open_connections` and `peak_connections` count them for
+tests. Encrypted channels need nothing of the server: the publisher encrypts (the official `pusher`
+library with `encryption_master_key_base64`), the server relays the `{"nonce","ciphertext"}` string.
+
 Fault injection (for tests): `close_all(code)`, `drop_all()` (no close frame), `silence()`,
 `send_raw(frame)` (malformed frames), `send_oversized(n)`, `refuse_connections(status)` (HTTP status
 at the handshake), `stop_listening()`/`resume_listening()` (TCP connection refused),
-`close_on_connect(code)`, `reject_subscriptions(channel)`. Like every simulator here: `async start()
+`close_on_connect(code)`, `reject_subscriptions(channel)`, `hold_subscriptions(channel)` (subscribed,
+but `subscription_succeeded` withheld until `release_subscriptions()`: events published meanwhile
+arrive before the confirmation, as they can on a busy Pusher cluster). Like every simulator here: `async start()
 -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`, `async send_raw(frame: str | bytes) -> int`
 (exactly those bytes to every socket; how many it reached).
 
@@ -64,11 +72,13 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _frame(event: str, data: Any, channel: str | None = None) -> str:
+def _frame(event: str, data: Any, channel: str | None = None, user_id: str | None = None) -> str:
     body: dict[str, Any] = {"event": event}
     if channel is not None:
         body["channel"] = channel
     body["data"] = data
+    if user_id is not None:
+        body["user_id"] = user_id  # who sent a client event on a presence channel, as Pusher adds it
     return _dumps(body)
 
 
@@ -125,6 +135,7 @@ class SimConnection:
         self._wake = asyncio.Event()
         self.writer = asyncio.create_task(self._write_loop(), name=f"pusher-sim-writer:{socket_id}")
         self.closed = asyncio.Event()
+        self.accepted = False  # counted against the app's connection quota
 
     def send(self, frame: Any) -> None:
         """Queue a frame (text, bytes, or a close/drop marker) behind everything queued before."""
@@ -200,7 +211,8 @@ class PusherSim:
     def __init__(self, app_id: str = "12345", key: str = "app-key", secret: str = "app-secret", *,
                  host: str = "127.0.0.1", port: int = 0, activity_timeout: float = 120.0,
                  pong_timeout: float = 30.0, max_payload: int = 10_240, client_events: bool = True,
-                 backlog: int = 4096, ssl_context: ssl.SSLContext | None = None):
+                 backlog: int = 4096, ssl_context: ssl.SSLContext | None = None,
+                 max_connections: int | None = None):
         self.app_id = app_id
         self.key = key
         self.secret = secret
@@ -214,9 +226,14 @@ class PusherSim:
         self.ssl_context = ssl_context  # serve wss:// and https:// (tests of TLS verification)
         self.connections: list[SimConnection] = []
         self.subscriptions: list[SubscribeRecord] = []
+        self.unsubscriptions: list[tuple[str, str]] = []  # (socket_id, channel) of each pusher:unsubscribe
         self.published = 0  # channel events accepted (HTTP API and publish())
         self.http_rejected: list[tuple[int, str]] = []  # (status, error) of refused HTTP API calls
         self.connects = 0  # WebSocket handshakes accepted
+        self.max_connections = max_connections  # concurrent connections per app (None: no limit)
+        self.peak_connections = 0  # most accepted connections open at once
+        self.quota_refusals = 0  # connections closed 4004 over the quota
+        self._held: dict[str, list[tuple[SimConnection, str]]] = {}  # channel -> withheld confirmations
         self._refuse_status: int | None = None
         self._close_on_connect: tuple[int, str] | None = None
         self._reject: dict[str, tuple[int, str]] = {}
@@ -280,9 +297,10 @@ class PusherSim:
         """
         return self._deliver(channel, event, data if isinstance(data, str) else _dumps(data), socket_id)
 
-    def _deliver(self, channel: str, event: str, data: str, exclude: str | None = None) -> int:
+    def _deliver(self, channel: str, event: str, data: str, exclude: str | None = None,
+                 user_id: str | None = None) -> int:
         self.published += 1
-        frame = _frame(event, data, channel)
+        frame = _frame(event, data, channel, user_id)
         sent = 0
         for conn in self.connections:
             if channel in conn.channels and conn.socket_id != exclude and not conn.closing:
@@ -366,6 +384,20 @@ class PusherSim:
         """Accept new sockets, then send `pusher:error` and close with `code` (None: behave again)."""
         self._close_on_connect = None if code is None else (code, reason)
 
+    @property
+    def open_connections(self) -> int:
+        """Accepted connections open now (what Pusher counts against the quota)."""
+        return sum(1 for c in self.connections if c.accepted and not c.closing)
+
+    def hold_subscriptions(self, channel: str) -> None:
+        """Subscribe to `channel` but withhold `pusher_internal:subscription_succeeded` until released."""
+        self._held.setdefault(channel, [])
+
+    def release_subscriptions(self, channel: str) -> None:
+        """Send the withheld confirmations for `channel`, and confirm at once from now on."""
+        for conn, frame in self._held.pop(channel, []):
+            conn.send(frame)
+
     def reject_subscriptions(self, channel: str | None, status: int = 401,
                              error: str = "The connection is unauthorized.") -> None:
         """Refuse subscriptions to `channel` with a `pusher:subscription_error`; None clears all."""
@@ -388,12 +420,17 @@ class PusherSim:
         self.connections.append(conn)
         try:
             refusal = self._handshake_refusal(request.match_info["key"], raw_protocol, protocol)
+            if refusal is None and self.max_connections is not None and self.open_connections >= self.max_connections:
+                refusal = 4004, "Over connection quota"
+                self.quota_refusals += 1
             if refusal:
                 code, message = refusal
                 conn.send(_frame("pusher:error", {"code": code, "message": message}))
                 conn.close(code, message)
             else:
                 self.connects += 1
+                conn.accepted = True
+                self.peak_connections = max(self.peak_connections, self.open_connections)
                 timeout = self.activity_timeout
                 shown = int(timeout) if timeout == int(timeout) else timeout
                 conn.send(_frame("pusher:connection_established",
@@ -448,6 +485,8 @@ class PusherSim:
             self._subscribe(conn, data if isinstance(data, dict) else {})
         elif event == "pusher:unsubscribe":
             channel = data.get("channel") if isinstance(data, dict) else None
+            self.unsubscriptions.append((conn.socket_id, str(channel)))
+            self._changed.set()
             if channel in conn.channels:
                 conn.channels.discard(channel)
                 self._left_presence(conn, channel)
@@ -478,7 +517,7 @@ class PusherSim:
             conn.presence[channel] = user_id
             members = {c.presence[channel]: {} for c in self.subscribers(channel) if channel in c.presence}
             members[user_id] = user.get("user_info") or {}
-            conn.send(_frame("pusher_internal:subscription_succeeded", _dumps(
+            self._confirm(conn, channel, _frame("pusher_internal:subscription_succeeded", _dumps(
                 {"presence": {"ids": list(members), "hash": members, "count": len(members)}}), channel))
             added = _frame("pusher_internal:member_added", _dumps(
                 {"user_id": user_id, "user_info": user.get("user_info") or {}}), channel)
@@ -486,7 +525,14 @@ class PusherSim:
                 if other is not conn:
                     other.send(added)
         else:
-            conn.send(_frame("pusher_internal:subscription_succeeded", "{}", channel))
+            self._confirm(conn, channel, _frame("pusher_internal:subscription_succeeded", "{}", channel))
+
+    def _confirm(self, conn: SimConnection, channel: str, frame: str) -> None:
+        held = self._held.get(channel)
+        if held is not None:
+            held.append((conn, frame))
+        else:
+            conn.send(frame)
 
     def _check_subscription(self, conn: SimConnection, channel: str, auth: Any,
                             channel_data: Any) -> tuple[int, str] | None:
@@ -515,7 +561,8 @@ class PusherSim:
                 and channel.startswith(("private-", "presence-"))):
             conn.send(_frame("pusher:error", {"code": 4301, "message": "Client event rejected"}))
             return
-        self._deliver(channel, event, data if isinstance(data, str) else _dumps(data), exclude=conn.socket_id)
+        self._deliver(channel, event, data if isinstance(data, str) else _dumps(data), exclude=conn.socket_id,
+                      user_id=conn.presence.get(channel))
 
     def _forget(self, conn: SimConnection) -> None:
         for channel in list(conn.presence):
@@ -661,7 +708,7 @@ async def _api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 async def _serve(args: argparse.Namespace) -> None:
     sim = PusherSim(args.app_id, args.key, args.secret, host=args.host, port=args.port,
-                    activity_timeout=args.activity_timeout)
+                    activity_timeout=args.activity_timeout, max_connections=args.max_connections)
     async with sim:
         print(f"Pusher simulator: WebSocket {sim.ws_url()}  HTTP API {sim.url}/apps/{sim.app_id}/events",
               flush=True)
@@ -680,6 +727,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key", default="app-key")
     parser.add_argument("--secret", default="app-secret")
     parser.add_argument("--activity-timeout", type=float, default=120.0)
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="concurrent connections per app; past it 4004 Over connection quota")
     parser.add_argument("--channel", help="publish a demo event on this channel every --every seconds")
     parser.add_argument("--event", default="demo")
     parser.add_argument("--every", type=float, default=2.0)

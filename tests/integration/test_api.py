@@ -102,7 +102,8 @@ async def test_listener_lifecycle_over_http(daemon, engine):
 
     code, updated = await api.call("PUT", f"/1.0/tenants/t1/listeners/{lid}", {"mapping": {"deep": "extra.deep"}})
     assert code == 200 and updated["mapping"] == {"deep": "extra.deep"} and updated["options"] == {"channel": "live",
-                                                                                                    "event": None}
+                                                                                                    "event": None,
+                                                                                                    "members": False}
     await wait_for(lambda: any(set(e["event"]) == {"deep"} for e in engine.events() if e["listener-id"] == lid),
                    what="events with the new mapping")
     code, got = await api.call("GET", f"/1.0/tenants/t1/listeners/{lid}")
@@ -179,7 +180,8 @@ id = "t2"
         code, body = await api.call("POST", "/1.0/tenants/t2/integrations/pusher", {"key": "k1", "secret": secret})
         assert code == 200, body
         assert body == {"id": "pusher", "type": "pusher", "key": "k1", "secret": SECRET_MASK, "app-id": None,
-                        "cluster": "mt1", "host": None, "port": None, "tls": True, "managed-by": "api"}
+                        "cluster": "mt1", "host": None, "port": None, "tls": True,
+                        "encryption-master-key": None, "managed-by": "api"}
         await api.wait_status("t2", "LI1", "started")
         since = (await api.status("t2", "LI1"))["since"]
         code, listed = await api.call("GET", "/1.0/tenants/t2/integrations")

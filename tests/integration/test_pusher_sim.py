@@ -131,3 +131,55 @@ async def test_silence_black_holes_current_sockets_only(sim):
         await asyncio.wait_for(old.recv(), 0.3)  # neither the event nor a pong arrives
     await old.close()
     await new.close()
+
+
+# ---------------------------------------------------------------- limits and what issue 13 needs
+
+
+async def test_connections_over_the_apps_quota_are_closed_4004():
+    async with PusherSim(APP_ID, KEY, SECRET, max_connections=2) as server:
+        first, _ = await open_socket(server)
+        second, _ = await open_socket(server)
+        async with connect(server.ws_url(), compression=None) as third:
+            frames, closed = await frames_until_close(third)
+        assert frames == [{"event": "pusher:error", "data": {"code": 4004, "message": "Over connection quota"}}]
+        assert closed == 4004 and server.quota_refusals == 1
+        assert server.open_connections == 2 and server.peak_connections == 2 and server.connects == 2
+        await first.close()
+        await asyncio.sleep(0.1)
+        fourth, _ = await open_socket(server)  # room again once one left
+        assert server.connects == 3
+        await second.close()
+        await fourth.close()
+
+
+async def test_held_confirmations_let_events_arrive_before_subscription_succeeded(sim):
+    sim.hold_subscriptions("orders")
+    async with connect(sim.ws_url(), compression=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": "orders"}}))
+        await sim.wait_subscribed("orders")
+        await sim.publish("orders", "early", {"n": 1})
+        sim.release_subscriptions("orders")
+        first, second = json.loads(await ws.recv()), json.loads(await ws.recv())
+        assert first["event"] == "early" and second["event"] == "pusher_internal:subscription_succeeded"
+
+
+async def test_client_events_on_presence_channels_carry_the_senders_user_id(sim):
+    async def presence(user):
+        ws = await connect(sim.ws_url(), compression=None)
+        socket_id = json.loads(json.loads(await ws.recv())["data"])["socket_id"]
+        channel_data = json.dumps({"user_id": user})
+        await ws.send(json.dumps({"event": "pusher:subscribe", "data": {
+            "channel": "presence-room", "channel_data": channel_data,
+            "auth": sign_channel(KEY, SECRET, socket_id, "presence-room", channel_data)}}))
+        assert json.loads(await ws.recv())["event"] == "pusher_internal:subscription_succeeded"
+        return ws
+
+    ann, bob = await presence("ann"), await presence("bob")
+    assert json.loads(await ann.recv())["event"] == "pusher_internal:member_added"
+    await bob.send(json.dumps({"event": "client-typing", "channel": "presence-room", "data": {"x": 1}}))
+    got = json.loads(await ann.recv())
+    assert got["event"] == "client-typing" and got["user_id"] == "bob"
+    await ann.close()
+    await bob.close()

@@ -140,13 +140,13 @@ needs_node = pytest.mark.skipif(shutil.which("node") is None
 
 
 class NodePeer:
-    def __init__(self, sim, channel):
-        self.sim, self.channel = sim, channel
+    def __init__(self, sim, *channels):
+        self.sim, self.channels = sim, channels
         self.proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self):
         self.proc = await asyncio.create_subprocess_exec(
-            "node", str(NODE_CLIENT), "127.0.0.1", str(self.sim.port), KEY, self.channel,
+            "node", str(NODE_CLIENT), "127.0.0.1", str(self.sim.port), KEY, *self.channels,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         return self
 
@@ -223,3 +223,58 @@ async def test_pusher_js_refused_subscription_surfaces_as_subscription_error(sim
         peer.send(wrong.authenticate(channel="private-orders", socket_id=request["socket_id"]))
         error = await peer.expect("subscription_error")
         assert error["status"] == 401
+
+
+# ---------------------------------------------------------------- several channels on one connection (issue 13)
+
+
+@needs_node
+async def test_pusher_js_carries_several_channels_on_one_connection_and_changes_them_live(sim):
+    """What listenerd's shared connection copies: pusher-js subscribes every channel on its one socket,
+    and subscribes or unsubscribes one without touching the others or reconnecting."""
+    lib = official(sim)
+    async with NodePeer(sim, "orders", "news") as peer:
+        assert {(await peer.expect("subscribed"))["channel"] for _ in range(2)} == {"orders", "news"}
+        peer.send({"subscribe": "private-extra"})
+        request = await peer.expect("auth")
+        peer.send(lib.authenticate(channel="private-extra", socket_id=request["socket_id"]))
+        assert (await peer.expect("subscribed"))["channel"] == "private-extra"
+        peer.send({"unsubscribe": "news"})
+        await peer.expect("unsubscribed")
+        await wait_unsubscribed(sim, "news")
+        await asyncio.to_thread(lib.trigger, ["orders", "news", "private-extra"], "e", {"n": 1})
+        got = [await peer.expect("event") for _ in range(2)]
+        assert sorted(e["channel"] for e in got) == ["orders", "private-extra"]
+        assert sim.connects == 1 and sim.open_connections == 1
+        assert sim.connections[0].channels == {"orders", "private-extra"}
+
+
+@needs_node
+async def test_pusher_js_delivers_events_that_arrive_before_subscription_succeeded(sim):
+    """The behaviour listenerd copies (pusher-js `channel.ts` handleEvent): an event for a channel
+    whose confirmation has not arrived yet is delivered, not dropped."""
+    sim.hold_subscriptions("orders")
+    async with NodePeer(sim, "orders") as peer:
+        await sim.wait_subscribed("orders")
+        await sim.publish("orders", "early", {"n": 1})
+        event = await peer.expect("event")
+        assert event["event"] == "early" and event["data"] == {"n": 1}
+        sim.release_subscriptions("orders")
+        await peer.expect("subscribed")
+
+
+@needs_node
+async def test_pusher_js_over_the_connection_quota_sees_4004():
+    async with PusherSim(APP_ID, KEY, SECRET, max_connections=1) as server, NodePeer(server, "orders") as first:
+        await first.expect("subscribed")
+        async with NodePeer(server, "orders") as second:
+            error = await second.expect("error")
+            assert "4004" in error["error"] and "Over connection quota" in error["error"]
+            assert server.quota_refusals >= 1 and server.open_connections == 1
+
+
+async def wait_unsubscribed(sim, channel, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while channel not in [ch for _, ch in sim.unsubscriptions]:
+        assert time.monotonic() < deadline, f"no unsubscribe of {channel}"
+        await asyncio.sleep(0.02)

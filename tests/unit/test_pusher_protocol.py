@@ -1,4 +1,6 @@
-"""The Pusher protocol 7 machine without sockets: handshake, signing, liveness, close codes, errors."""
+"""The Pusher protocol 7 machine without sockets: handshake, signing, liveness, close codes, errors, and
+several channels on one connection (per-channel state and errors, connection-wide closes), early events,
+encrypted channels, presence members and `user_id`."""
 
 import json
 
@@ -13,6 +15,7 @@ from listenerd.sources.pusher_protocol import (
     Emit,
     Established,
     PusherProtocol,
+    Resolve,
     Send,
     Subscribed,
     build_url,
@@ -24,11 +27,15 @@ from listenerd.sources.pusher_protocol import (
 KEY, SECRET = "278d425bdf160c739803", "7ad3773142a6692b25b8"  # poxa's published test vectors
 
 
-def machine(channel="orders", event=None, **kw):
+def machine(channel="orders", event=None, members=False, **kw):
+    """A connection opened at 0 with one listener (ticket 1) on `channel`."""
     kw.setdefault("activity_timeout", 120.0)
     kw.setdefault("pong_timeout", 30.0)
-    return PusherProtocol(key=KEY, secret=SECRET, channel=channel,
-                          wants=PusherOptions(channel=channel, event=event).wants, **kw)
+    kw.setdefault("now", 0.0)
+    m = PusherProtocol(key=KEY, secret=SECRET, **kw)
+    m.channel = channel  # the test's note of its one listener's channel
+    m.ticket = m.join(channel, PusherOptions(channel=channel, event=event).wants, members=members)
+    return m
 
 
 def established(socket_id="123.456", activity=120):
@@ -39,7 +46,7 @@ def established(socket_id="123.456", activity=120):
 def subscribed(m, socket_id="123.456", activity=120, now=0.0):
     actions = m.receive(established(socket_id, activity), now)
     assert m.receive(json.dumps({"event": "pusher_internal:subscription_succeeded", "channel": m.channel}),
-                     now) == [Subscribed(m.channel)]
+                     now) == [Subscribed(m.channel, frozenset({m.ticket}))]
     return actions
 
 
@@ -78,10 +85,11 @@ def test_subscribes_only_after_connection_established_and_public_channels_are_un
     actions = m.receive(established("1.2", activity=50), 1.0)
     assert actions[0] == Established("1.2", 50.0)
     assert json.loads(actions[1].text) == {"event": "pusher:subscribe", "data": {"channel": "orders"}}
-    assert m.receive(event("order", '{"id":1}'), 1.5) == []  # not subscribed yet
+    # not confirmed yet: delivered all the same, as pusher-js delivers it (channel.ts handleEvent)
+    assert m.receive(event("order", '{"id":0}'), 1.5) == [Emit({"id": 0}, "orders", "order", (1,))]
     assert m.receive(json.dumps({"event": "pusher_internal:subscription_succeeded", "channel": "orders"}),
-                     2.0) == [Subscribed("orders")]
-    assert m.receive(event("order", '{"id":1}'), 2.1) == [Emit({"id": 1}, "orders", "order")]
+                     2.0) == [Subscribed("orders", frozenset({1}))]
+    assert m.receive(event("order", '{"id":1}'), 2.1) == [Emit({"id": 1}, "orders", "order", (1,))]
 
 
 def test_private_channel_is_signed_with_each_connections_socket_id():
@@ -113,8 +121,10 @@ def test_handshake_and_subscription_time_out():
     m = machine(pong_timeout=7)
     m.receive(established(), 0)
     assert m.deadline() == 7
-    [outcome] = m.tick(7.0)
-    assert isinstance(outcome, Retry) and "did not confirm the subscription" in outcome.reason
+    [resolve] = m.tick(7.0)  # that listener only: the connection goes on
+    assert isinstance(resolve, Resolve) and resolve.members == {m.ticket}
+    assert isinstance(resolve.outcome, Retry) and "did not confirm the subscription" in resolve.outcome.reason
+    assert m.state == "open" and not m.members
 
 
 # ---------------------------------------------------------------- data and the event filter
@@ -130,7 +140,7 @@ def test_handshake_and_subscription_time_out():
 def test_data_is_accepted_as_string_object_or_absent(raw, decoded):
     m = machine()
     subscribed(m)
-    assert m.receive(event("e", raw), 1) == [Emit(decoded, "orders", "e")]
+    assert m.receive(event("e", raw), 1) == [Emit(decoded, "orders", "e", (1,))]
 
 
 @pytest.mark.parametrize(("wanted", "sent", "forwarded"), [
@@ -244,14 +254,16 @@ def test_pusher_error_without_channel_is_informational():
     subscribed(m)
     [count] = m.receive(json.dumps({"event": "pusher:error", "data": {"code": 4301, "message": "rate"}}), 1)
     assert isinstance(count, Count) and count.kind == "pusher_error"
-    assert m.state == "subscribed"
+    assert m.channel_state("orders") == "subscribed"
 
 
 def test_pusher_error_naming_the_channel_fails_the_subscription():
     m = machine("private-x")
     m.receive(established(), 0)
-    [outcome] = m.receive(json.dumps({"event": "pusher:error", "data": {
+    [resolve] = m.receive(json.dumps({"event": "pusher:error", "data": {
         "code": None, "message": "Invalid signature: Expected HMAC SHA256 hex digest of 1.2:private-x"}}), 1)
+    assert isinstance(resolve, Resolve) and resolve.members == {m.ticket}
+    outcome = resolve.outcome
     assert isinstance(outcome, Fail) and "subscription to channel private-x" in outcome.reason
 
 
@@ -264,7 +276,9 @@ def test_pusher_error_naming_the_channel_fails_the_subscription():
 def test_subscription_error(data, kind):
     m = machine("private-x")
     m.receive(established(), 0)
-    [outcome] = m.receive(json.dumps({"event": "pusher:subscription_error", "channel": "private-x", "data": data}), 1)
+    [resolve] = m.receive(json.dumps({"event": "pusher:subscription_error", "channel": "private-x", "data": data}), 1)
+    assert isinstance(resolve, Resolve) and resolve.members == {m.ticket}
+    outcome = resolve.outcome
     assert isinstance(outcome, kind)
     assert outcome.reason.startswith("Pusher refused the subscription to channel private-x: ")
 
@@ -275,7 +289,7 @@ def test_malformed_frames_are_counted_not_fatal(frame):
     subscribed(m)
     [count] = m.receive(frame, 1)
     assert isinstance(count, Count) and count.kind == "malformed"
-    assert m.receive(event("ok", "{}"), 2) == [Emit({}, "orders", "ok")]
+    assert m.receive(event("ok", "{}"), 2) == [Emit({}, "orders", "ok", (1,))]
 
 
 def test_decode_data():
@@ -289,4 +303,4 @@ def test_arbitrary_frames_never_raise(frame):
     m = machine()
     subscribed(m)
     for action in m.receive(frame, 1):
-        assert isinstance(action, Count | Emit | Send | Subscribed | Established | Retry | Fail)
+        assert isinstance(action, Count | Emit | Send | Subscribed | Established | Resolve | Retry | Fail)
