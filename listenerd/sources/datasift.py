@@ -199,7 +199,7 @@ class Stream:
                     self.log_for(action.hash).info(f"datasift {action.action}", hash=action.hash)
                     if action.action == "subscribe":
                         for sub in self.subscribers:
-                            if sub.hash == action.hash and not sub.started:
+                            if sub.hash == action.hash and not sub.started and not sub.outcome.done():
                                 sub.ctx.starting(f"Subscribed to stream {sub.hash}; waiting for DataSift "
                                                  f"to confirm it")
                 elif isinstance(action, Started):
