@@ -30,9 +30,10 @@ How fast a socket comes back (`ReconnectPolicy`): as DataSift's own client imple
 policy, datasift/datasift-python @3a81520 `datasift/streamconsumer_http.py` (`run`, "see
 http://dev.datasift.com/docs/streaming-api for timing details"): network errors back off linearly,
 +1 s a try up to 16 s; HTTP errors exponentially, 10 s doubling to 320 s; 65 s of silence reconnects
-at once; a good answer resets the delay. (The 250 ms / 5 s figures sometimes quoted are Twitter's
-streaming guidelines, not DataSift's clients.) Where the client gives up past its caps, listenerd
-stays at the cap and says so in the status; immediate retries are bounded by the supervisor's policy.
+at once; a good answer resets the delay. (The 250 ms steps and 5 s start sometimes quoted match
+Twitter's streaming guidelines; DataSift's clients wait longer, and listenerd is not faster than
+they are.) Where the client gives up past its caps, listenerd stays at the cap and the status names
+the next attempt; immediate retries are bounded by the supervisor's policy.
 """
 
 from __future__ import annotations
