@@ -21,6 +21,7 @@ THROUGHPUT = [
     ["bench/pusher_fanout.py"],
     ["bench/salesforce_throughput.py", "--repeat", "3", "--write"],
     ["bench/datasift_throughput.py"],
+    ["bench/fleet.py"],
 ]
 CHAOS = ["crash_loop", "engine_outage", "flaps", "bad_input", "soak", "security"]
 

@@ -13,6 +13,11 @@ follows the documented message shapes exactly, from these public sources:
   one stream is concerned (datasift-java `MultiStreamInteraction.java`, `DataSiftMessage.java`); the
   credentials failure text is DataSift's own: "A username and API key are both required"
   (dev.datasift.com/blog/newcomers-guide-streaming-api);
+- subscriptions confirmed with DataSift's success text, "Successfully subscribed to hash H", and an
+  unknown hash answered "The hash H doesn't exist" (the texts a multi-stream client matches:
+  LocalResponse's Node DataSift driver, `/successfully subscribed to hash (\\S+)/i` and
+  `/The hash (\\S+) doesn't exist/i`); a failure may name several streams in a `hashes` list
+  (datasift-java `DataSiftMessage.java`);
 - `{"reconnect":true}` (datasift-node `lib/stream.js`, datasift-ruby `lib/datasift.rb`);
 - interactions `{"hash":H,"data":{"interaction":{...},"twitter":{...},"salience":{...},...}}` with the
   field names of datasift-python `tests/mocks.py`; `salience.content.sentiment` is an integer
@@ -23,8 +28,10 @@ Bad credentials are answered the way the WebSocket service did for browsers (whi
 HTTP errors): the upgrade succeeds, a `failure` status follows, then the server closes. With
 `reject_http=True` they are refused with HTTP 401 at the upgrade instead.
 
-Fault methods (`send_reconnect`, `fail_hash`, `fail_credentials`, `silence`, `send_malformed`,
-`send_oversized`, `drop`) script the failures a client must survive. Everything the server received
+Fault methods (`send_reconnect`, `fail_hash`, `fail_hashes`, `warn_missing`, `fail_credentials`,
+`silence`, `send_malformed`, `send_oversized`, `drop`) script the failures a client must survive;
+`confirm=False` leaves subscriptions unconfirmed, `missing="warning"` answers an unknown hash with a
+warning, not a failure. Everything the server received
 is recorded in `actions`, and `subscribed()` tells which hashes live sockets follow. Like every
 simulator here: `async start() -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`,
 `async send_raw(frame: str | bytes) -> int` (exactly those bytes to every socket; how many it reached).
@@ -78,13 +85,15 @@ class DataSiftSim:
 
     def __init__(self, users: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0,
                  tick_interval: float = 10.0, hashes: set[str] | None = None, reject_http: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, confirm: bool = True, missing: str = "failure"):
         self.users = dict(users) if users is not None else {"user": "key"}
         self.host = host
         self.port = port
         self.tick_interval = tick_interval
         self.hashes = hashes  # None: any hash exists; else unknown hashes get a failure naming them
         self.reject_http = reject_http
+        self.confirm = confirm  # False: subscribes are applied but never confirmed
+        self.missing = missing  # how an unknown hash is answered: "failure" or "warning"
         self.connections: list[SimConnection] = []
         self.actions: list[dict[str, Any]] = []  # every action received: {"username", "action", "hash"}
         self.connects = 0  # sockets accepted with valid credentials
@@ -212,6 +221,23 @@ class DataSiftSim:
             conn.hashes.discard(stream_hash)
         return sent
 
+    async def fail_hashes(self, hashes: list[str], message: str = "The streams were stopped") -> int:
+        """One failure naming several streams in a `hashes` list; those hashes are dropped from every socket."""
+        named = set(hashes)
+        sent = await self._send_to(lambda c: bool(named & c.hashes),
+                                   {"status": "failure", "message": message, "hashes": list(hashes)})
+        for conn in self.connections:
+            conn.hashes -= named
+        return sent
+
+    async def warn_missing(self, stream_hash: str) -> int:
+        """A warning that the hash does not exist (named in the text only); it is dropped from every socket."""
+        sent = await self._send_to(lambda c: stream_hash in c.hashes,
+                                   {"status": "warning", "message": _missing(stream_hash)})
+        for conn in self.connections:
+            conn.hashes.discard(stream_hash)
+        return sent
+
     async def fail_credentials(self, message: str = CREDENTIALS_INVALID) -> int:
         """As if the account's key was revoked: a failure on every socket, then the server closes them."""
         sent = await self._send_to(lambda c: True, {"status": "failure", "message": message})
@@ -311,16 +337,19 @@ class DataSiftSim:
         self.actions.append({"username": conn.username, "action": action, "hash": stream_hash})
         if action == "subscribe" and isinstance(stream_hash, str) and stream_hash:
             if self.hashes is not None and stream_hash not in self.hashes:
-                await conn.ws.send(orjson.dumps({"status": "failure", "hash": stream_hash,
-                                                 "message": f"The hash {stream_hash} does not exist"}).decode())
+                answer = ({"status": "warning", "message": _missing(stream_hash)} if self.missing == "warning" else
+                          {"status": "failure", "hash": stream_hash,
+                           "message": f"The hash {stream_hash} does not exist"})
+                await conn.ws.send(orjson.dumps(answer).decode())
                 return
             conn.hashes.add(stream_hash)
-            await conn.ws.send(orjson.dumps({"status": "success", "hash": stream_hash,
-                                             "message": f"Successfully subscribed to {stream_hash}"}).decode())
+            if self.confirm:
+                await conn.ws.send(orjson.dumps({"status": "success", "hash": stream_hash,
+                                                 "message": f"Successfully subscribed to hash {stream_hash}"}).decode())
         elif action == "unsubscribe" and isinstance(stream_hash, str):
             conn.hashes.discard(stream_hash)
             await conn.ws.send(orjson.dumps({"status": "success", "hash": stream_hash,
-                                             "message": f"Successfully unsubscribed from {stream_hash}"}).decode())
+                                             "message": f"Successfully unsubscribed from hash {stream_hash}"}).decode())
         elif action == "stop":
             await conn.ws.send(orjson.dumps({"status": "failure", "message":
                                              "A stop message was received. You will now be disconnected"}).decode())
@@ -346,6 +375,10 @@ class DataSiftSim:
                     await conn.ws.send(frame)
                     count += 1
         return count
+
+
+def _missing(stream_hash: str) -> str:
+    return f"The hash {stream_hash} doesn't exist"
 
 
 def _http(status: HTTPStatus, text: str) -> Response:

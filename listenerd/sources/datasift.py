@@ -8,8 +8,10 @@ task registers its hash with the shared `Stream` (kept in the supervisor's typed
 waits for its own outcome, while the stream's own task owns the socket. The socket lives for one
 connection "epoch": when it ends (drop, `{"reconnect": true}`, 65 s of silence, a failure) every
 listener on it gets its outcome, the supervisor applies its policy, and the listeners that come
-back open a fresh socket and resubscribe their hashes. Adding or removing a listener while the
-socket is live subscribes or unsubscribes on it; the last listener to leave closes it.
+back open a fresh socket and resubscribe their hashes, after the delay of the reconnect policy kept
+per tenant and credentials across sockets (`ReconnectPolicy`: DataSift's own client's back-off). Adding
+or removing a listener while the socket is live subscribes or unsubscribes on it; the last listener to
+leave closes it. A failure or a "doesn't exist" warning naming hashes ends only their listeners.
 
 Every protocol decision (subscriptions, failure scope, when a listener is started, silence) lives in
 `datasift_protocol.DataSiftProtocol`, without I/O; this module only moves frames, sleeps until the
@@ -45,9 +47,11 @@ from listenerd.sources.datasift_protocol import (
     End,
     Item,
     Notice,
+    ReconnectPolicy,
     Resolve,
     Send,
     Started,
+    Unconfirmed,
     public_url,
     stream_url,
 )
@@ -60,7 +64,12 @@ _WS_LOG.setLevel(logging.INFO)
 
 
 class Streams(dict[str, "Stream"]):
-    """The live sockets of one supervisor, by tenant, credentials, URL and settings (`ctx.shared`)."""
+    """The live sockets of one supervisor, by tenant, credentials, URL and settings (`ctx.shared`), and
+    the reconnect policy of each key, which outlives its sockets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policies: dict[str, ReconnectPolicy] = {}
 
 
 @dataclass(eq=False)
@@ -69,6 +78,7 @@ class _Subscriber:
     hash: str
     outcome: asyncio.Future[Outcome]
     member: int  # the machine's ticket for this listener
+    started: bool = False
 
 
 @dataclass(eq=False)
@@ -94,7 +104,8 @@ class Stream:
         self.url = public_url(self.base_url)
         self.machine = DataSiftProtocol(url=self.url, api_key=self.api_key,
                                         silence_timeout=self.settings.datasift_silence_timeout,
-                                        max_frame_bytes=self.settings.max_frame_bytes)
+                                        max_frame_bytes=self.settings.max_frame_bytes,
+                                        policy=self.registry.policies.setdefault(self.key, ReconnectPolicy()))
         self.log = structlog.get_logger("listenerd.source").bind(tenant=self.tenant_id, source="datasift",
                                                                  stream=self.url)
 
@@ -118,6 +129,7 @@ class Stream:
             self.subscribers.remove(sub)
             self.machine.leave(sub.member)
         if not self.subscribers and not self.closed:
+            self.registry.policies.pop(self.key, None)  # nobody follows these credentials any more
             self._close()
         else:
             self._dirty.set()
@@ -179,12 +191,17 @@ class Stream:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            self._outgoing.extend(self.machine.sync())
+            self._outgoing.extend(self.machine.sync(asyncio.get_running_loop().time()))
             while self._outgoing:
                 action = self._outgoing.popleft()
                 if isinstance(action, Send):
                     await self.ws.send(action.text)
                     self.log_for(action.hash).info(f"datasift {action.action}", hash=action.hash)
+                    if action.action == "subscribe":
+                        for sub in self.subscribers:
+                            if sub.hash == action.hash and not sub.started and not sub.outcome.done():
+                                sub.ctx.starting(f"Subscribed to stream {sub.hash}; waiting for DataSift "
+                                                 f"to confirm it")
                 elif isinstance(action, Started):
                     self._mark_started(action.members)
 
@@ -219,6 +236,10 @@ class Stream:
                 case Started():
                     self._outgoing.append(action)  # behind any subscribe still being written
                     self._dirty.set()
+                case Unconfirmed():
+                    for sub in self.subscribers:
+                        if sub.member in action.members and not sub.started and not sub.outcome.done():
+                            sub.ctx.starting(action.message)
                 case Notice():
                     log = self.log_for(action.hash)
                     if action.level == "warning":
@@ -239,6 +260,7 @@ class Stream:
     def _mark_started(self, members: frozenset[int]) -> None:
         for sub in self.subscribers:
             if sub.member in members and not sub.outcome.done():  # not one the reader has just ended
+                sub.started = True
                 sub.ctx.started(f"Connected to stream: {sub.hash}")
 
     # -- ending

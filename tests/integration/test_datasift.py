@@ -3,7 +3,9 @@
 Covers: mapped events with stable ids, deletes with ids of their own, one shared socket for a
 tenant's listeners (live subscribe and unsubscribe), bad credentials (frame and HTTP), connection
 refused, an abrupt drop, `{"reconnect": true}`, silence, malformed and oversized frames, and a
-failure naming a hash versus one about credentials. Secrets never reach a status or a log line.
+failure naming a hash (by field, `hashes` list or text) or a warning that it does not exist versus
+one about credentials; started on DataSift's confirmation or a first interaction, with a bounded
+wait; the reconnect back-off of DataSift's own client. Secrets never reach a status or a log line.
 """
 
 import asyncio
@@ -319,3 +321,69 @@ async def test_a_frame_beyond_the_transport_cap_ends_the_connection_and_is_retri
         await wait_for(lambda: sim.connects == 2 and a.status == "started", what="reconnected")
         assert errors(h, "A", "oversized") == 1
         assert "closed by listenerd (code 1009" in a.last_error
+
+
+# ---------------------------------------------------------------- issue 13: scoping, confirmation, back-off
+
+
+async def test_a_failure_naming_hashes_in_a_list_fails_those_listeners_and_keeps_the_socket(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim), ("C", H3, on_sim)]) as (sim, h, sup):
+        a, b, c = (sup.status(("t1", x)) for x in "ABC")
+        await streaming(sim, (a, H1), (b, H2), (c, H3))
+        await sim.fail_hashes([H1, H3], "These streams were stopped")
+        await wait_for(lambda: a.status == c.status == "failed", what="A and C failed")
+        assert a.message == f"DataSift refused stream {H1}: These streams were stopped"
+        assert c.message == f"DataSift refused stream {H3}: These streams were stopped"
+        await sim.interaction(H2)
+        await wait_for(lambda: b.received == 1, what="B still streaming")
+        assert b.status == "started" and sim.connects == 1 and len(sim.connections) == 1
+        assert "unsubscribe" not in sim.actions_for(H1) + sim.actions_for(H3)
+
+
+async def test_a_warning_that_a_hash_does_not_exist_fails_that_listener_only(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim), ("C", H3, on_sim)],
+                       hashes={H2, H3}, missing="warning") as (sim, h, sup):
+        a, b, c = (sup.status(("t1", x)) for x in "ABC")
+        await wait_for(lambda: a.status == "failed" and b.status == c.status == "started",
+                       what="A failed at its subscribe, B and C started")
+        assert a.message == f"DataSift refused stream {H1}: The hash {H1} doesn't exist"
+        await sim.warn_missing(H3)  # a stream deleted while it runs
+        await wait_for(lambda: c.status == "failed", what="C failed")
+        await sim.interaction(H2)
+        await wait_for(lambda: b.received == 1)
+        assert b.status == "started" and sim.connects == 1
+
+
+async def test_started_waits_for_datasift_to_confirm_or_for_a_first_interaction(tmp_path, monkeypatch):
+    monkeypatch.setattr("listenerd.sources.datasift_protocol.CONFIRM_WAIT", 0.5)
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)], confirm=False) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await wait_for(lambda: sim.subscribed() == {H1, H2}, what="both subscribed, unconfirmed")
+        assert a.status == b.status == "starting"  # ticks flow, but nothing says the subscriptions hold
+        waited = f"Subscribed to stream {H1}; DataSift has not confirmed it after 0.5s"
+        await wait_for(lambda: a.message == b.message.replace(H2, H1) == waited, what="the wait's message")
+        assert a.status == b.status == "starting"
+        await sim.interaction(H1)  # the first interaction proves A's subscription
+        await wait_for(lambda: a.status == "started" and a.received == 1, what="A started by its first event")
+        assert b.status == "starting"
+        sim.confirm = True
+        await sup.reconcile({("t1", "A"): desired(spec("A", H1), creds(sim.url)),
+                             ("t1", "C"): desired(spec("C", H3), creds(sim.url))})  # B leaves, C joins
+        c = sup.status(("t1", "C"))
+        await wait_for(lambda: c.status == "started", what="C started on DataSift's confirmation")
+        assert c.message == f"Connected to stream: {H3}" and sim.connects == 1
+
+
+async def test_a_dropped_socket_comes_back_after_datasifts_linear_back_off_for_every_listener(tmp_path):
+    async with running(tmp_path, [("A", H1, on_sim), ("B", H2, on_sim)]) as (sim, h, sup):
+        a, b = sup.status(("t1", "A")), sup.status(("t1", "B"))
+        await streaming(sim, (a, H1), (b, H2))
+        await sim.drop()
+        await wait_for(lambda: a.status == b.status == "retrying", what="both retrying")
+        # the supervisor's 0.05 s back-off is not used: DataSift's client waits 1 s after a network error
+        assert "; next attempt in 1.0s" in a.message and "; next attempt in 1.0s" in b.message
+        dropped_at = time.monotonic()
+        await wait_for(lambda: sim.connects == 2, what="one new socket")
+        assert time.monotonic() - dropped_at > 0.8
+        await streaming(sim, (a, H1), (b, H2))
+        assert sim.connects == 2  # both listeners came back onto one socket

@@ -23,7 +23,8 @@ async def test_tick_subscribe_interaction_delete_unsubscribe_shapes():
             tick = await recv(ws)
             assert tick["status"] == "connected" and isinstance(tick["tick"], int) and tick["message"]
             await ws.send(orjson.dumps({"action": "subscribe", "hash": H}).decode())
-            assert await recv(ws) == {"status": "success", "hash": H, "message": f"Successfully subscribed to {H}"}
+            assert await recv(ws) == {"status": "success", "hash": H,
+                                      "message": f"Successfully subscribed to hash {H}"}  # DataSift's own text
             await wait_for(lambda: sim.subscribed() == {H})
             data = await sim.interaction(H, username="johndoe", sentiment=-2)
             message = await recv(ws)
@@ -77,3 +78,33 @@ async def test_unknown_hash_fails_naming_it_and_silence_stops_ticks():
             for _ in range(5):  # at most one tick already in flight; then nothing for 0.3 s
                 async with asyncio.timeout(0.3):
                     await ws.recv()
+
+
+H2 = "0123456789abcdef0123456789abcdef"
+
+
+async def test_failure_naming_hashes_in_a_list_a_missing_hash_warning_and_unconfirmed_subscribes():
+    async with DataSiftSim(users={"u": "k"}, hashes={H, H2}, tick_interval=60, missing="warning") as sim, \
+            connect(f"{sim.url}?username=u&api_key=k") as ws:
+        await recv(ws)
+        for h in (H, H2, "nope"):
+            await ws.send(orjson.dumps({"action": "subscribe", "hash": h}).decode())
+        assert [(await recv(ws))["message"] for _ in range(3)] == [
+            f"Successfully subscribed to hash {H}", f"Successfully subscribed to hash {H2}",
+            "The hash nope doesn't exist"]
+        await wait_for(lambda: sim.subscribed() == {H, H2})
+        await sim.fail_hashes([H, H2], "Streams stopped")
+        assert await recv(ws) == {"status": "failure", "message": "Streams stopped", "hashes": [H, H2]}
+        assert sim.subscribed() == set()
+        await ws.send(orjson.dumps({"action": "subscribe", "hash": H}).decode())
+        assert (await recv(ws))["status"] == "success"
+        await wait_for(lambda: sim.subscribed() == {H})
+        await sim.warn_missing(H)
+        assert await recv(ws) == {"status": "warning", "message": f"The hash {H} doesn't exist"}
+        assert sim.subscribed() == set()
+        sim.confirm = False  # subscribes applied, never confirmed
+        await ws.send(orjson.dumps({"action": "subscribe", "hash": H2}).decode())
+        await wait_for(lambda: sim.subscribed() == {H2})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await ws.recv()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from listenerd.model import SECRET_MASK
 from listenerd.outcome import Fail, Retry
 from listenerd.sources.datasift_protocol import (
+    CONFIRM_WAIT,
     Count,
     DataSiftProtocol,
     End,
@@ -17,10 +18,12 @@ from listenerd.sources.datasift_protocol import (
     Malformed,
     Notice,
     Reconnect,
+    ReconnectPolicy,
     Resolve,
     Send,
     Started,
     Tick,
+    Unconfirmed,
     classify,
     decode_frame,
     public_url,
@@ -29,6 +32,7 @@ from listenerd.sources.datasift_protocol import (
 
 H = "4f3af38ad1c31646561bc814c3e69af5"
 H2 = "0123456789abcdef0123456789abcdef"
+H3 = "fedcba9876543210fedcba9876543210"
 INTERACTION = {"interaction": {"id": "1e1e875ab43fa233e074337458bc1dca", "type": "twitter",
                                "author": {"username": "johndoe"}},
                "twitter": {"user": {"screen_name": "johndoe"}}, "salience": {"content": {"sentiment": 4}}}
@@ -48,21 +52,25 @@ def test_success_and_warning_are_notices_scoped_to_their_hash(level):
 
 def test_failure_about_credentials_is_socket_wide():
     decision = classify({"status": "failure", "message": "A username and API key are both required"}, [H])
-    assert decision == Failure("A username and API key are both required", None, credentials=True)
+    assert decision == Failure("A username and API key are both required", frozenset(), credentials=True)
 
 
-def test_failure_naming_a_hash_is_scoped_to_it_by_field_or_by_text():
-    assert classify({"status": "failure", "message": "gone", "hash": H}) == Failure("gone", H, False)
+def test_failure_naming_hashes_is_scoped_to_them_by_field_by_list_or_by_text():
+    assert classify({"status": "failure", "message": "gone", "hash": H}) == Failure("gone", frozenset({H}), False)
+    listed = {"status": "failure", "message": "stopped", "hashes": [H, H2, 7, ""]}
+    assert classify(listed) == Failure("stopped", frozenset({H, H2}), False)  # non-strings and blanks ignored
     text = f"The hash {H2} does not exist"
-    assert classify({"status": "failure", "message": text}, [H, H2]) == Failure(text, H2, False)
+    assert classify({"status": "failure", "message": text}, [H, H2]) == Failure(text, frozenset({H2}), False)
     # unknown hash in text with no subscriptions: unattributed, not credentials
-    assert classify({"status": "failure", "message": text}) == Failure(text, None, False)
+    assert classify({"status": "failure", "message": text}) == Failure(text, frozenset(), False)
+    # a hash named is never a credentials failure, whatever the words
+    assert classify({"status": "failure", "message": "bad API key", "hashes": [H]}).credentials is False
 
 
 def test_error_status_is_a_failure_and_status_wins_over_everything_else():
     assert isinstance(classify({"status": "error", "message": "x"}), Failure)
     mixed = {"status": "failure", "message": "bad", "reconnect": True, "hash": H, "data": INTERACTION}
-    assert classify(mixed) == Failure("bad", H, False)
+    assert classify(mixed) == Failure("bad", frozenset({H}), False)
     assert classify({"status": "warning", "message": "w", "reconnect": True}) == Notice("warning", "w", None)
 
 
@@ -131,16 +139,22 @@ KEY = "api-key-s3cret"
 TICK = orjson.dumps({"tick": 1, "status": "connected"})
 
 
-def machine(silence=65.0, max_bytes=1 << 20, hashes=(H,), now=0.0, confirm=True):
+def ok(stream_hash):
+    """DataSift's confirmation of a subscribe."""
+    return orjson.dumps({"status": "success", "message": f"Successfully subscribed to hash {stream_hash}"})
+
+
+def machine(silence=65.0, max_bytes=1 << 20, hashes=(H,), now=0.0, confirm=True, wait=None, policy=None):
     """A machine with one listener per hash of `hashes` joined (tickets 1, 2 ...), its socket open at `now`
-    and (by default) confirmed by a tick."""
+    and (by default) every hash confirmed by DataSift."""
     m = DataSiftProtocol(url="wss://stream.example/multi", api_key=KEY, silence_timeout=silence,
-                         max_frame_bytes=max_bytes)
+                         max_frame_bytes=max_bytes, confirm_wait=wait, policy=policy)
     for h in hashes:
         m.join(h)
     m.opened(now)
     if confirm:
-        m.receive(TICK, now)
+        for h in hashes:
+            m.receive(ok(h), now)
     return m
 
 
@@ -159,38 +173,77 @@ def test_nothing_is_sent_before_the_socket_opens_then_every_hash_once():
     assert orjson.loads(Send("unsubscribe", H).text) == {"action": "unsubscribe", "hash": H}
 
 
-def test_a_listener_is_started_once_its_hash_is_sent_and_the_socket_answers():
+def test_a_listener_is_started_once_datasift_confirms_its_hash():
     m = machine(confirm=False)
     assert m.sync() == []  # subscribed at open, but nothing heard yet
     assert [type(a) for a in m.receive(b"{bad", 1)] == [Count]  # a skipped frame confirms nothing
     nobody = frame(status="failure", message="gone", hash=H2)
     assert [type(a) for a in m.receive(nobody, 1)] == [Notice]  # nor a failure
     assert not m.confirmed
-    m = machine(confirm=False)
-    assert m.receive(frame(status="warning", message="w"), 1)[0] == Started(frozenset({1}))
-    m = machine(confirm=False)
-    assert m.receive(frame(hash=H, data=INTERACTION), 1)[0] == Started(frozenset({1}))
-    assert m.receive(TICK, 2) == []  # once confirmed, a tick says nothing new
+    assert m.receive(TICK, 1) == [] and m.confirmed  # the socket answers; the subscription is not confirmed yet
+    assert m.receive(frame(status="warning", message="w"), 1) == [Notice("warning", "w", None)]
+    unsubscribed = f"Successfully unsubscribed from hash {H}"
+    assert m.receive(frame(status="success", message=unsubscribed), 1) == [Notice("success", unsubscribed, H)]
+    started, note = m.receive(ok(H), 2)
+    assert started == Started(frozenset({1})) and note == Notice("success", f"Successfully subscribed to hash {H}", H)
+    assert m.receive(ok(H), 3) == [Notice("success", f"Successfully subscribed to hash {H}", H)]  # once
+    assert m.subscribed == {H}
+
+
+def test_a_listener_is_started_by_the_first_interaction_for_its_hash():
+    m = machine(hashes=(H, H2), confirm=False)
+    actions = m.receive(frame(hash=H, data=INTERACTION), 1)
+    assert actions[0] == Started(frozenset({1})) and isinstance(actions[1], Item)  # started, then its event
+    assert [type(a) for a in m.receive(frame(hash=H, data=INTERACTION), 2)] == [Item]  # started once only
+    assert m.receive(TICK, 2) == []  # the listener of H2 still waits for its own confirmation
+    assert m.subscribed == {H}
+
+
+def test_a_hash_unconfirmed_past_the_wait_says_so_once_and_may_still_start():
+    m = machine(hashes=(H, H2), confirm=False, wait=5.0, now=10.0)
+    assert m.deadline() == pytest.approx(15.0)  # the wait, well before the 65 s of silence
+    assert m.tick(14.9) == []
+    m.receive(ok(H2), 12.0)
+    [late] = m.tick(15.0)
+    assert late == Unconfirmed(frozenset({1}), f"Subscribed to stream {H}; DataSift has not confirmed it after 5s")
+    assert m.tick(16.0) == [] and m.deadline() == pytest.approx(12.0 + 65.0)  # said once; silence is next
+    assert m.receive(ok(H), 17.0)[0] == Started(frozenset({1}))  # a late confirmation still starts it
+    # frames arriving all the time: the wait is checked on each of them too
+    busy = machine(confirm=False, wait=5.0)
+    assert busy.receive(TICK, 4.0) == []
+    assert busy.receive(TICK, 5.0) == [Unconfirmed(frozenset({1}), f"Subscribed to stream {H}; DataSift has not "
+                                                                   f"confirmed it after 5s")]
+
+
+def test_the_wait_is_a_documented_constant_read_for_each_socket(monkeypatch):
+    assert DataSiftProtocol(url="u", api_key=KEY, silence_timeout=65, max_frame_bytes=1).confirm_wait == CONFIRM_WAIT
+    monkeypatch.setattr("listenerd.sources.datasift_protocol.CONFIRM_WAIT", 0.5)
+    assert DataSiftProtocol(url="u", api_key=KEY, silence_timeout=65, max_frame_bytes=1).confirm_wait == 0.5
 
 
 def test_each_listener_is_reported_started_once_however_often_the_socket_syncs():
     m = machine(hashes=(H, H2), confirm=False)
-    late = m.join(H)  # joins before the socket answered: reported with the others
+    late = m.join(H)  # joins before DataSift answered: reported with the others of its hash
     assert m.sync() == []
-    assert m.receive(TICK, 1) == [Started(frozenset({1, 2, late}))]
+    assert m.receive(ok(H), 1)[0] == Started(frozenset({1, late}))
+    assert m.receive(ok(H2), 1)[0] == Started(frozenset({2}))
     assert m.sync() == [] and m.receive(TICK, 2) == []  # already reported: not again
     newcomer = m.join(H2)
-    assert m.sync() == [Started(frozenset({newcomer}))]  # only the newcomer, its hash already subscribed
+    assert m.sync() == [Started(frozenset({newcomer}))]  # only the newcomer, its hash already confirmed
     assert m.sync() == []
 
 
 def test_subscribe_and_unsubscribe_while_connected():
     m = machine()
     second = m.join(H2)
-    assert m.sync() == [Send("subscribe", H2), Started(frozenset({second}))]
+    assert m.sync() == [Send("subscribe", H2)]  # started once DataSift confirms it
+    assert m.receive(ok(H2), 1)[0] == Started(frozenset({second}))
     m.leave(1)
     assert m.sync() == [Send("unsubscribe", H)]  # the listener of H2 was reported before
     assert m.sync() == []  # nothing more to send
+    again = m.join(H)
+    assert m.sync() == [Send("subscribe", H)]  # subscribed again: confirmed afresh
+    assert m.receive(ok(H), 2)[0] == Started(frozenset({again}))
 
 
 def test_a_second_listener_of_a_hash_shares_its_subscription():
@@ -215,7 +268,8 @@ def test_a_listener_that_left_before_its_hash_was_sent_is_never_reported():
     gone, stays = m.join(H), m.join(H2)
     m.leave(gone)
     assert m.opened(0) == [Send("subscribe", H2)]
-    assert m.receive(TICK, 1) == [Started(frozenset({stays}))]
+    assert m.receive(TICK, 1) == []
+    assert m.receive(ok(H2), 1)[0] == Started(frozenset({stays}))
 
 
 def test_items_and_deletes_are_emitted_to_their_hash():
@@ -235,6 +289,32 @@ def test_a_failure_naming_a_hash_by_field_or_text_resolves_only_its_listeners():
     assert resolve.hash == H2 and isinstance(resolve.outcome, Fail)
 
 
+def test_a_failure_naming_hashes_in_a_list_resolves_those_listeners_and_keeps_the_socket():
+    m = machine(hashes=(H, H2, H3))
+    actions = m.receive(frame(status="failure", message="Streams stopped", hashes=[H, H3, "other"]), 1)
+    assert actions == [Resolve(H, Fail(f"DataSift refused stream {H}: Streams stopped")),
+                       Resolve(H3, Fail(f"DataSift refused stream {H3}: Streams stopped")),
+                       Notice("warning", "datasift failure for a hash no listener follows: Streams stopped", "other")]
+    assert not any(isinstance(a, End) for a in actions) and m.open
+    assert m.sent == {H2} and m.rejected >= {H, H3}
+    assert [type(a) for a in m.receive(frame(hash=H2, data=INTERACTION), 2)] == [Item]  # the other still flows
+
+
+def test_a_warning_that_a_hash_does_not_exist_fails_that_listener_only():
+    m = machine(hashes=(H, H2), confirm=False)
+    text = f"The hash {H} doesn't exist"  # named in the text only, as DataSift words it
+    note, resolve = m.receive(frame(status="warning", message=text), 1)
+    assert note == Notice("warning", text, H)
+    assert resolve == Resolve(H, Fail(f"DataSift refused stream {H}: {text}"))
+    assert m.sent == {H2} and H in m.rejected and m.open
+    assert m.receive(ok(H2), 2)[0] == Started(frozenset({2}))
+    # other warnings about a hash are notices; a missing hash nobody follows fails nobody
+    assert machine().receive(frame(status="warning", message="close to a limit", hash=H), 1) == [
+        Notice("warning", "close to a limit", H)]
+    assert machine().receive(frame(status="warning", message=f"The hash {H2} doesn't exist", hash=H2), 1) == [
+        Notice("warning", f"The hash {H2} doesn't exist", H2)]
+
+
 def test_a_rejected_hash_is_never_unsubscribed_and_retried_only_after_a_new_definition():
     m = machine()
     m.receive(frame(status="failure", message="gone", hash=H), 1)
@@ -242,7 +322,8 @@ def test_a_rejected_hash_is_never_unsubscribed_and_retried_only_after_a_new_defi
     m.leave(1)  # the failed listener ends
     assert m.sync() == []  # never unsubscribed: the server already dropped it
     again = m.join(H)  # a new definition with the same hash
-    assert m.sync() == [Send("subscribe", H), Started(frozenset({again}))]
+    assert m.sync() == [Send("subscribe", H)]
+    assert m.receive(ok(H), 2)[0] == Started(frozenset({again}))
 
 
 def test_a_failure_for_a_hash_nobody_follows_is_noted_not_resolved():
@@ -256,7 +337,7 @@ def test_a_failure_about_credentials_ends_the_socket_as_failed_and_any_other_as_
     [end] = m.receive(frame(status="failure", message=f"Invalid API key {KEY}"), 1)
     assert end == End(Fail(f"DataSift refused the credentials: Invalid API key {SECRET_MASK}"))
     [end] = machine().receive(frame(status="error", message="Internal error, please try again"), 1)
-    assert end == End(Retry("refused", "DataSift reported a failure: Internal error, please try again"))
+    assert end == End(Retry("refused", "DataSift reported a failure: Internal error, please try again", 1.0))
 
 
 def test_reconnect_advice_ends_the_socket_for_an_immediate_retry():
@@ -299,9 +380,9 @@ def test_notices_are_masked_and_scoped():
     (401, Fail("DataSift rejected the credentials (HTTP 401)")),
     (403, Fail("DataSift rejected the credentials (HTTP 403)")),
     (404, Fail("DataSift refused the connection to wss://stream.example/multi (HTTP 404)")),
-    (429, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 429)")),
-    (420, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 420)")),
-    (503, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 503)")),
+    (429, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 429)", 10.0)),
+    (420, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 420)", 10.0)),
+    (503, Retry("refused", "DataSift refused the connection to wss://stream.example/multi (HTTP 503)", 10.0)),
 ])
 def test_handshake_refusals(code, outcome):
     assert machine().handshake_refused(code) == outcome
@@ -309,12 +390,51 @@ def test_handshake_refusals(code, outcome):
 
 def test_how_a_socket_ends_is_worded_and_kinded():
     m = machine()
-    assert m.closed(None, None) == Retry("network", "Connection to DataSift lost (no close frame)")
+    assert m.closed(None, None) == Retry("network", "Connection to DataSift lost (no close frame)", 1.0)
     assert m.closed(None, (1009, "frame too big")) == Retry(
-        "protocol", "Connection to DataSift closed by listenerd (code 1009: frame too big)")
+        "protocol", "Connection to DataSift closed by listenerd (code 1009: frame too big)", 2.0)
     assert m.closed(None, (1011, "")).kind == "heartbeat"
     assert m.closed((1000, f"bye {KEY}"), None) == Retry(
-        "closed", f"DataSift closed the connection (code 1000: bye {SECRET_MASK})")
+        "closed", f"DataSift closed the connection (code 1000: bye {SECRET_MASK})", 4.0)
     assert m.unreachable(f"refused at ?api_key={KEY}").reason.endswith(SECRET_MASK)
     assert m.unreachable("timed out", "timeout").kind == "timeout"
     assert isinstance(m.invalid_url(), Fail)
+
+
+# ---------------------------------------------------------------- the reconnect policy (datasift-python's)
+
+
+def test_network_errors_back_off_linearly_by_a_second_up_to_16s():
+    policy = ReconnectPolicy()
+    assert [policy.network_error() for _ in range(18)] == [float(n) for n in range(1, 17)] + [16.0, 16.0]
+
+
+def test_http_errors_back_off_exponentially_from_10s_to_320s():
+    policy = ReconnectPolicy()
+    assert [policy.http_error() for _ in range(8)] == [10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 320.0, 320.0]
+
+
+def test_mixed_errors_never_shorten_the_delay_and_an_answer_resets_it():
+    policy = ReconnectPolicy()
+    policy.network_error(), policy.network_error(), policy.network_error()
+    assert policy.http_error() == 10.0  # 3 s doubled is under the first HTTP step
+    assert policy.network_error() == 11.0
+    assert policy.http_error() == 22.0
+    assert policy.network_error() == 22.0  # past the linear cap: a network error keeps the longer delay
+    policy.reset()
+    assert policy.network_error() == 1.0
+
+
+def test_the_policy_outlives_a_socket_and_resets_when_datasift_answers():
+    policy = ReconnectPolicy()
+    first = machine(confirm=False, policy=policy)
+    assert first.unreachable("refused").delay == 1.0
+    second = machine(confirm=False, policy=policy)  # the next socket of the same credentials
+    assert second.handshake_refused(503).delay == 10.0
+    third = machine(confirm=False, policy=policy)
+    assert third.closed(None, None).delay == 11.0
+    fourth = machine(confirm=False, policy=policy)
+    fourth.receive(TICK, 1)  # DataSift answered: the back-off starts afresh
+    assert fourth.closed(None, None).delay == 1.0
+    assert fourth.receive(frame(reconnect=True), 2) == [End(Retry("reconnect-advice", "DataSift asked for a "
+                                                                                      "reconnect", 0))]
