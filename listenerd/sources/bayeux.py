@@ -108,6 +108,7 @@ class Refused:
 @dataclass(frozen=True, slots=True)
 class Rehandshake:
     reason: str
+    abandoned: str | None = None  # a clientId the server still holds: send it /meta/disconnect first
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,8 @@ class BayeuxClient:
     _unsubscribe: list[str] = field(default_factory=list)  # removed while subscribed, not yet sent
     _control: bool = False  # a control request is in flight
     _control_held: bool = False  # the control lane waits for the next successful connect or handshake
+    _fallbacks: dict[str, int | None] = field(default_factory=dict)  # per channel, over `replay_fallback`
+    limited: bool = False  # the last handshake was refused for the org's concurrent client limit
 
     def __post_init__(self) -> None:
         self.advice.timeout = self.default_timeout
@@ -226,8 +229,9 @@ class BayeuxClient:
         raise RuntimeError(f"no request to make in state {self.state}")
 
     def stop_request(self) -> Request | None:
-        """Unsubscribe every channel and disconnect, batched; None when there is no session to end."""
-        if self.client_id is None or self.state in ("unconnected", "handshaking", "closed"):
+        """Unsubscribe every channel and disconnect, batched; None when there is no session to end. Also
+        after the client ended itself (`Retry`): an abandoned client is told, so its slot is freed at once."""
+        if self.client_id is None or self.state in ("unconnected", "handshaking"):
             self.state = "closed"
             return None
         disconnect = {"channel": "/meta/disconnect", "clientId": self.client_id, "id": self._id()}
@@ -243,19 +247,23 @@ class BayeuxClient:
         messages.append(disconnect)
         self.state = "closed"
         self._awaiting = None
+        self.client_id = None
         return Request("disconnect", messages, self.request_timeout)
 
     # -- channels joining and leaving the live client
 
-    def add(self, channel: str, replay: int) -> None:
-        """Subscribe `channel` from `replay`: with the next subscribes, or on the control lane when connected."""
+    def add(self, channel: str, replay: int, fallback: int | None = -2) -> None:
+        """Subscribe `channel` from `replay`: with the next subscribes, or on the control lane when connected.
+        `fallback` is this channel's `replay_fallback`."""
         self.subscriptions[channel] = replay
+        self._fallbacks[channel] = fallback
         self.subscribed.discard(channel)
         self._ever_subscribed.discard(channel)
 
     def remove(self, channel: str) -> None:
         """Stop following `channel`; the server is told on the control lane when it had the subscription."""
         self.subscriptions.pop(channel, None)
+        self._fallbacks.pop(channel, None)
         self._pending.pop(channel, None)
         if channel in self.subscribed:
             self.subscribed.discard(channel)
@@ -368,7 +376,11 @@ class BayeuxClient:
     def malformed(self, reason: str) -> list[Output]:
         """An answer that is not JSON: its events are unknown, so start a new session and replay them."""
         self._awaiting = None
-        return self._rehandshake(f"malformed answer from the server ({reason})")
+        abandoned = self.client_id
+        outputs = self._rehandshake(f"malformed answer from the server ({reason})")
+        if abandoned and isinstance(outputs[0], Rehandshake):
+            outputs[0] = Rehandshake(outputs[0].reason, abandoned)
+        return outputs
 
     # -- message handlers
 
@@ -380,6 +392,7 @@ class BayeuxClient:
                 self.state = "closed"
                 return [Fail(f"the server does not offer long-polling (only {types})")]
             self.client_id = message["clientId"]
+            self.limited = False
             ext = message.get("ext")
             self.replay_supported = isinstance(ext, dict) and ext.get("replay") is True
             self.subscribed.clear()
@@ -391,6 +404,7 @@ class BayeuxClient:
             return self._relogin(f"handshake denied: {error}" + (f" ({reason})" if reason else ""))
         words = f"{error}" + (f" ({reason})" if reason else "")
         if CLIENT_LIMIT in words.lower():
+            self.limited = True
             return [self._retry("refused", f"the org's limit of concurrent streaming clients is reached, "
                                            f"handshake refused: {words}")]
         return [self._retry("refused", f"Handshake refused: {words}")]
@@ -418,10 +432,11 @@ class BayeuxClient:
             if error.startswith("401"):
                 return self._relogin(f"subscribe answered {error}")
             return [self._retry("refused", f"Subscription to {channel} failed: {error}")]
+        fallback = self._fallbacks.get(channel, self.replay_fallback)
         if _REPLAY_INVALID.search(error) and "invalid" in error.lower() and not (
-                self.replay_fallback is None or sent == self.replay_fallback or sent in (-1, -2)):
-            self.subscriptions[channel] = self.replay_fallback
-            return [ReplayRejected(channel, sent, self.replay_fallback, error)]
+                fallback is None or sent == fallback or sent in (-1, -2)):
+            self.subscriptions[channel] = fallback
+            return [ReplayRejected(channel, sent, fallback, error)]
         del self.subscriptions[channel]  # this channel alone: the others keep their subscriptions
         self._subscribing_done()
         return [Refused(channel, Fail(f"Subscription to {channel} refused: {error}"))]
