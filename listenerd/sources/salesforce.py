@@ -250,6 +250,7 @@ class Login:
         self.logins = 0
         self._flight: asyncio.Task[Session] | None = None
         self._limit_hits = 0
+        self.topics_found: set[str] = set()  # PushTopics seen to exist: a retry does not look them up again
 
     async def current(self) -> Session:
         return self.session if self.session is not None else await self._login()
@@ -623,9 +624,11 @@ async def run(ctx: SourceContext) -> None:
     ctx.starting(f"Logging in to {integration.login_url}")
     await login.current()
     name = options.topic.removeprefix("/topic/")
-    ctx.starting(f"Looking up PushTopic {name}")
-    if await ensure_topic_for(login, options, ctx.settings) == "created":
-        ctx.log.info("PushTopic created", topic=name)
+    if ctx.launch.attempt == 0 or options.topic not in login.topics_found:  # no REST storm when a client ends
+        ctx.starting(f"Looking up PushTopic {name}")
+        if await ensure_topic_for(login, options, ctx.settings) == "created":
+            ctx.log.info("PushTopic created", topic=name)
+        login.topics_found.add(options.topic)
     stored = await ctx.checkpoint()
     replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
     ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
