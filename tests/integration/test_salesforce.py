@@ -301,7 +301,8 @@ async def test_a_checkpoint_set_like_the_api_restarts_from_there(tmp_path, sim, 
 
 async def test_an_answer_past_the_size_bound_is_refused_not_buffered(tmp_path, sim):
     from listenerd.outcome import Retry
-    from listenerd.sources.salesforce import Connection, Login
+    from listenerd.sources.salesforce import Connection
+    from listenerd.sources.salesforce_auth import Login
 
     async with Harness(tmp_path) as h:
         creds_ = creds(sim.url)

@@ -21,7 +21,8 @@ from aiosfstream_ng.replay import ReplayMarker
 
 from listenerd.model import Config
 from listenerd.sim.salesforce import SalesforceSim
-from listenerd.sources.salesforce import Connection, Login, Session
+from listenerd.sources.salesforce import Connection
+from listenerd.sources.salesforce_auth import Login, Session
 from tests.harness import Harness, integration, listener, wait_for
 
 PEERS = Path(__file__).parent

@@ -3,7 +3,8 @@
 import pytest
 
 from listenerd.model import SalesforceOptions
-from listenerd.sources.salesforce import RebasedSession, org_id_of, scrub, start_replay
+from listenerd.sources.salesforce import start_replay
+from listenerd.sources.salesforce_auth import RebasedSession, org_id_of, scrub
 from tests.harness import integration
 
 
