@@ -102,7 +102,7 @@ class SalesforceClients:
         # the settings too: after a reload that changes them, restarted listeners get a login that uses them
         key = _digest([ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump()])
         found = self.logins.get(key)
-        if found is None or found.integration != ctx.integration:
+        if found is None:
             found = self.logins[key] = Login(ctx.integration, ctx.settings)  # type: ignore[arg-type]
         return found
 
@@ -113,8 +113,14 @@ class SalesforceClients:
         for connection in lanes:
             if not connection.closed and options.topic not in connection.members:
                 return connection
-        connection = Connection(login, options.version, ctx.settings, tenant_id=ctx.tenant_id,
-                                retire=lambda c: lanes.remove(c) if c in lanes else None)
+
+        def retire(done: Connection) -> None:
+            if done in lanes:
+                lanes.remove(done)
+            if not lanes and self.connections.get(key) is lanes:
+                del self.connections[key]
+
+        connection = Connection(login, options.version, ctx.settings, tenant_id=ctx.tenant_id, retire=retire)
         lanes.append(connection)
         return connection
 

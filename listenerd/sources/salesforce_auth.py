@@ -180,7 +180,6 @@ class Login:
         self.ssl = client_tls(settings.ca_bundle)
         self.timeout = settings.connect_timeout
         self.session: Session | None = None
-        self.logins = 0
         self._flight: asyncio.Task[Session] | None = None
         self._limit_hits = 0
         self.topics_found: set[str] = set()  # PushTopics seen to exist: a retry does not look them up again
@@ -217,11 +216,10 @@ class Login:
     async def _post(self) -> Session:
         try:
             async with aiohttp.ClientSession() as http:
-                self.logins += 1
                 session = await login(http, self.integration, self.ssl, self.timeout)
         except LoginRateExceeded as exc:
             raise Ended(Retry("refused", f"Salesforce's login rate limit for this user is reached "
-                                         f"(LOGIN_RATE_EXCEEDED: {exc}); logging in again later",
+                                         f"(LOGIN_RATE_EXCEEDED; Salesforce said: {exc}); logging in again later",
                               delay=self.limited())) from None
         self.session = session
         return session

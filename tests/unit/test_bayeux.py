@@ -471,3 +471,19 @@ def test_the_org_client_limit_is_named_in_the_retry():
     assert isinstance(out, Retry)
     assert "limit of concurrent streaming clients" in out.reason
     assert "403::Organization concurrent user limit exceeded" in out.reason
+
+
+def test_a_client_given_up_is_named_for_its_disconnect():
+    c = two_channels()
+    [out] = c.malformed("not JSON")  # the server still holds c1: the driver tells it before a new handshake
+    assert out == Rehandshake("malformed answer from the server (not JSON)", abandoned="c1")
+    c = two_channels()
+    [out] = c.receive([connect_reply(False, error="403::Unknown client", advice={"reconnect": "handshake"})])
+    assert out.abandoned is None  # the server forgot it already
+    c = two_channels()
+    c.transport_error("timed out", "timeout")
+    c.next_request()
+    [out] = c.transport_error("timed out", "timeout")
+    assert isinstance(out, Retry)  # retried once on the same clientId, then given up:
+    req = c.stop_request()  # ... and told
+    assert [m["channel"] for m in req.messages][-1] == "/meta/disconnect" and req.messages[-1]["clientId"] == "c1"
