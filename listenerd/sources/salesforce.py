@@ -164,6 +164,7 @@ class Connection:
         self._retire = retire
         self._dirty = asyncio.Event()
         self._bound: float | None = None
+        self._broken: Retry | None = None  # the control lane crashed: the client ends with this
         self.log = structlog.get_logger("listenerd.source").bind(tenant=tenant_id, source="salesforce",
                                                                  login_url=login.integration.login_url)
 
@@ -198,7 +199,10 @@ class Connection:
         except Ended as exc:
             ended = exc.outcome
         except asyncio.CancelledError:
-            raise
+            if self._broken is None:
+                raise
+            ended = self._broken  # cancelled by its own control lane, which crashed
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
         except Exception as exc:  # a bug here must not strand the listeners: they retry
             self.log.exception("salesforce client crashed")
             ended = Retry("crash", f"Unexpected error: {type(exc).__name__}: {exc}")
@@ -246,19 +250,25 @@ class Connection:
     async def _control(self) -> None:
         """The control lane: subscribes and unsubscribes for listeners joining or leaving the live client."""
         machine = self.machine
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            while (request := machine.control_request()) is not None:
-                try:
-                    status, body = await self._post(request)
-                    answer = orjson.loads(body) if status == 200 else None
-                except (aiohttp.ClientError, TimeoutError, OSError, AnswerTooLarge, orjson.JSONDecodeError):
-                    answer = None
-                outputs = machine.control_failed(request) if answer is None else machine.control_answer(request,
-                                                                                                       answer)
-                for output in outputs:
-                    await self._handle(output)
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                while (request := machine.control_request()) is not None:
+                    try:
+                        status, body = await self._post(request)
+                        answer = orjson.loads(body) if status == 200 else None
+                    except (aiohttp.ClientError, TimeoutError, OSError, AnswerTooLarge, orjson.JSONDecodeError):
+                        answer = None
+                    outputs = (machine.control_failed(request) if answer is None
+                               else machine.control_answer(request, answer))
+                    for output in outputs:
+                        await self._handle(output)
+        except Exception as exc:  # never a silent lane: its listeners would wait for a subscribe forever
+            self.log.exception("salesforce control lane crashed")
+            self._broken = Retry("crash", f"Unexpected error: {type(exc).__name__}: {exc}")
+            if self.task is not None:
+                self.task.cancel()
 
     async def _send(self, request: Request) -> list[Any]:
         machine = self.machine

@@ -98,6 +98,27 @@ async def test_listeners_join_and_leave_the_live_client_without_the_others_notic
     assert sim.live_clients == 0  # the last one out disconnected
 
 
+async def test_a_listener_changed_resubscribes_on_the_live_client_from_its_checkpoint(tmp_path, sim):
+    wanted = want(sim, ["A", "B"])
+    async with supervised(tmp_path, wanted) as (h, sup):
+        await wait_for(lambda: all_started(sup, wanted), what="A and B started")
+        sim.publish("B", {"Id": "b1", "Name": "b-one"})
+        await wait_for(lambda: sup.status(("t1", "LB")).received == 1, what="B's first event")
+        changed = dict(wanted)
+        spec = wanted[("t1", "LB")].listener.model_copy(update={"mapping": {"renamed": "Name"}})
+        changed[("t1", "LB")] = desired(spec, wanted[("t1", "LB")].integration)
+        assert (await sup.reconcile(changed))["restarted"] == [("t1", "LB")]
+        await wait_for(lambda: all_started(sup, changed), what="B started again")
+        sim.publish("A", {"Id": "a1", "Name": "a-one"})
+        sim.publish("B", {"Id": "b2", "Name": "b-two"})
+        await wait_for(lambda: sup.status(("t1", "LA")).received == 1, what="A flows")
+        await wait_for(lambda: sup.status(("t1", "LB")).received >= 2, what="B flows")
+        assert [e["event"] for e in await h.events("t1", "LB")][-1] == {"renamed": "b-two"}
+        subscribes = [m for m in sim.requests if m["channel"] == "/meta/subscribe" and m["subscription"] == "/topic/B"]
+        assert subscribes[-1]["ext"]["replay"]["/topic/B"] > 0  # from its checkpoint, not -1
+        assert sim.logins == 1 and sim.handshakes == 1 and sup.status(("t1", "LA")).attempts == 0
+
+
 async def test_a_refused_channel_fails_its_listener_alone(tmp_path, sim):
     sim.deny_subscribe("/topic/B")
     wanted = want(sim, ["A", "B"])
@@ -219,3 +240,23 @@ async def test_a_session_expiry_under_two_hundred_listeners_costs_one_login(tmp_
         await wait_for(lambda: sup.status(("t1", "LE199")).received == 1, timeout=30, what="event after expiry")
         assert sim.logins == 2 and sim.live_clients == 1  # exactly one new login
         assert all_started(sup, wanted) and all(sup.status(k).attempts == 0 for k in wanted)
+
+
+async def test_a_bug_in_the_control_lane_ends_the_client_loudly_and_it_recovers(tmp_path, sim, monkeypatch):
+    from listenerd.sources.bayeux import BayeuxClient
+
+    wanted = want(sim, ["A"])
+    async with supervised(tmp_path, wanted) as (h, sup):
+        await wait_for(lambda: all_started(sup, wanted), what="A started")
+
+        def broken(self, request, messages):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(BayeuxClient, "control_answer", broken)
+        wanted = {**wanted, **want(sim, ["C"])}
+        await sup.reconcile(wanted)  # C joins the live client: its subscribe answer hits the bug
+        await wait_for(lambda: sup.status(("t1", "LA")).attempts >= 1, what="A retried")
+        assert sup.status(("t1", "LA")).last_error == "Unexpected error: RuntimeError: boom"
+        monkeypatch.undo()
+        await wait_for(lambda: all_started(sup, wanted), what="both started on a new client")
+        assert sim.logins == 1
