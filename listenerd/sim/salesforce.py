@@ -113,6 +113,7 @@ class SalesforceSim:
         self.handshakes = 0  # successful handshakes (clients made)
         self.login_attempts = 0  # token requests, answered or refused
         self.denied: dict[str, str] = {}  # channel -> the error its subscribes get (see `deny_subscribe`)
+        self._failing_connects: list[int] = []  # HTTP statuses for the next connects (see `fail_connects`)
         self.topics: dict[str, dict[str, Any]] = {}
         self.tokens: set[str] = set()
         self.bayeux: dict[str, _Client] = {}
@@ -251,6 +252,12 @@ class SalesforceSim:
             client.held = -1
             client.wake.set()
 
+    def fail_connects(self, count: int, status: int = 503) -> None:
+        """Answer the next `count` connects with HTTP `status` (a load balancer in trouble); the client stays."""
+        self._failing_connects.extend([status] * count)
+        for client in self.bayeux.values():
+            client.wake.set()
+
     def deny_subscribe(self, channel: str, error: str | None = None) -> None:
         """Refuse subscribes to `channel` (a PushTopic deactivated or deleted after the listener looked it up);
         the error defaults to Salesforce's text for a channel that does not exist."""
@@ -372,6 +379,10 @@ class SalesforceSim:
                                      status=400)
         if isinstance(messages, dict):
             messages = [messages]
+        if self._failing_connects and any(isinstance(m, dict) and m.get("channel") == "/meta/connect"
+                                          for m in messages):
+            self.requests.extend(messages)
+            return web.Response(status=self._failing_connects.pop(0), text="Service Unavailable")
         replies: list[dict[str, Any]] = []
         response: web.Response | None = None
         for message in messages:

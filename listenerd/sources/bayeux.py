@@ -155,6 +155,12 @@ class BayeuxClient:
     max_handshakes: int = 3
     max_relogins: int = 1
     max_transport_retries: int = 1
+    # Seconds of back-off spent retrying connects that failed fast (refused, reset, 5xx) on the same
+    # clientId before the client is given up; timed-out connects (silence) count against
+    # `max_transport_retries` instead. cometd.js retries a failed connect on the same clientId until the
+    # server would have dropped the client (`_handleFailure`: timeout + interval + maxInterval);
+    # Salesforce drops one about 40 s after its last connect.
+    connect_retry_window: float = 0.0
     replay: bool = True
     service: str = "Bayeux"  # names the server in every retry reason: a status message reads it alone
 
@@ -169,6 +175,8 @@ class BayeuxClient:
     _handshakes: int = 0  # handshakes since the last successful connect
     _relogins: int = 0  # logins since the last successful connect
     _transport_failures: int = 0
+    _quick_failures: int = 0  # fast connect failures in a row, retried within `connect_retry_window`
+    _retry_waited: float = 0.0  # back-off spent on them
     _ever_subscribed: set[str] = field(default_factory=set)  # a later subscribe of these is a resubscribe
     _session: int = 0  # handshakes made: tags requests, so a late control answer is recognised
     _unsubscribe: list[str] = field(default_factory=list)  # removed while subscribed, not yet sent
@@ -191,9 +199,10 @@ class BayeuxClient:
     @property
     def heartbeat_bound(self) -> float:
         """Longest silence before this client gives up by itself: every connect it allows in a row (the
-        first and `max_transport_retries` more) times out, each after its wait."""
-        return sum(self._connect_wait(failures) + self.poll_timeout
-                   for failures in range(self.max_transport_retries + 1))
+        first and `max_transport_retries` more) times out, each after its wait (plus the back-off it may
+        spend on connects that fail fast)."""
+        return self.connect_retry_window + sum(self._connect_wait(failures) + self.poll_timeout
+                                               for failures in range(self.max_transport_retries + 1))
 
     def _connect_wait(self, failures: int) -> float:
         """Seconds before a connect that follows `failures` transport failures in a row."""
@@ -223,9 +232,12 @@ class BayeuxClient:
             messages = self._subscribes([c for c in self.subscriptions if c not in self.subscribed], 0)
             return self._request("subscribe", messages, self.request_timeout)
         if self.state == "connected":
+            wait = self._connect_wait(self._transport_failures + self._quick_failures)
+            if self._quick_failures:
+                self._retry_waited += wait
             return self._request("connect", [{"channel": "/meta/connect", "clientId": self.client_id,
                                               "connectionType": "long-polling", "id": self._id()}],
-                                 self.poll_timeout, self._connect_wait(self._transport_failures))
+                                 self.poll_timeout, wait)
         raise RuntimeError(f"no request to make in state {self.state}")
 
     def stop_request(self) -> Request | None:
@@ -451,6 +463,8 @@ class BayeuxClient:
             self._handshakes = 0
             self._relogins = 0
             self._transport_failures = 0
+            self._quick_failures = 0
+            self._retry_waited = 0.0
             self._control_held = False
             if self.advice.reconnect == "handshake":
                 return self._rehandshake("the server advised a new handshake")
@@ -495,6 +509,9 @@ class BayeuxClient:
     def _transport_failure(self, reason: str, awaited: Kind | None, kind: str) -> list[Output]:
         if awaited != "connect" or self.state != "connected":
             return [self._retry(kind, reason)]
+        if kind != "timeout" and self._retry_waited < self.connect_retry_window:
+            self._quick_failures += 1  # the server still holds this clientId: try it again after a back-off
+            return []
         self._transport_failures += 1
         if self._transport_failures > self.max_transport_retries:
             return [self._retry(kind, reason)]
@@ -513,6 +530,8 @@ class BayeuxClient:
         self._unsubscribe.clear()  # the new session subscribes only what is followed now
         self._control = self._control_held = False
         self._transport_failures = 0
+        self._quick_failures = 0
+        self._retry_waited = 0.0
 
     def _subscribes(self, channels: list[str], size: int) -> list[dict[str, Any]]:
         """Subscribe messages for `channels`, as many as fit in one request body after `size` bytes. Each

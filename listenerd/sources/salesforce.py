@@ -67,6 +67,9 @@ from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
 MAX_ANSWER_BYTES = 64 << 20  # bound on one long-poll answer (EMP-Connector advises a 10 MB buffer)
+# Connects that fail fast are retried on the same clientId while Salesforce still holds it: it drops a
+# client about 40 s after its last connect (Streaming API limits: "keepalive 40 s").
+CONNECT_RETRY_WINDOW = 40.0
 
 
 class AnswerTooLarge(Exception):
@@ -156,7 +159,7 @@ class Connection:
         self.session: Session | None = login.session
         self.http: aiohttp.ClientSession | None = None  # one per Bayeux session (its cookie jar)
         self.machine = BayeuxClient({}, margin=settings.salesforce_poll_margin, request_timeout=self.timeout,
-                                    service="Salesforce streaming")
+                                    connect_retry_window=CONNECT_RETRY_WINDOW, service="Salesforce streaming")
         self.members: dict[str, _Member] = {}
         self.closed = False
         self.task: asyncio.Task[None] | None = None

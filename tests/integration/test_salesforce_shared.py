@@ -164,6 +164,21 @@ async def test_a_session_error_reaches_every_listener_and_costs_one_login(tmp_pa
         assert all(sup.status(k).status == "started" and sup.status(k).attempts == 0 for k in wanted)
 
 
+async def test_connects_that_fail_are_retried_on_the_same_client_before_any_handshake(tmp_path, sim):
+    wanted = want(sim, ["A", "B"])
+    async with supervised(tmp_path, wanted) as (h, sup):
+        await wait_for(lambda: all_started(sup, wanted), what="all started")
+        client_id = next(iter(sim.bayeux))
+        sim.fail_connects(4)  # more than the one retry a timed-out connect gets
+        await wait_for(lambda: not sim._failing_connects, what="four connects refused")
+        sim.publish("A", {"Id": "a1", "Name": "a-after"})
+        await wait_for(lambda: sup.status(("t1", "LA")).received == 1, what="A flows on the same client")
+        connects = [m for m in sim.requests if m["channel"] == "/meta/connect"]
+        assert {m["clientId"] for m in connects} == {client_id}
+        assert sim.handshakes == 1 and sim.logins == 1
+        assert all(sup.status(k).status == "started" and sup.status(k).attempts == 0 for k in wanted)
+
+
 async def test_an_abandoned_client_is_told_before_a_new_one_is_made(tmp_path, sim):
     wanted = want(sim, ["A", "B"])
     async with supervised(tmp_path, wanted) as (h, sup):

@@ -487,3 +487,42 @@ def test_a_client_given_up_is_named_for_its_disconnect():
     assert isinstance(out, Retry)  # retried once on the same clientId, then given up:
     req = c.stop_request()  # ... and told
     assert [m["channel"] for m in req.messages][-1] == "/meta/disconnect" and req.messages[-1]["clientId"] == "c1"
+
+
+def test_connects_that_fail_fast_are_retried_on_the_same_client_within_the_window():
+    c = BayeuxClient({A: -1}, connect_retry_window=10.0)
+    handshake_ok(c)
+    subscribe_ok(c)
+    waits, out = [], []
+    while not out:
+        req = c.next_request()
+        assert req.kind == "connect" and req.messages[0]["clientId"] == "c1"  # never a new handshake meanwhile
+        waits.append(req.delay)
+        out = c.http_error(503, "Service Unavailable")
+    assert waits[1:5] == [0.1, 0.2, 0.4, 0.8] and max(waits) == 5.0  # growing, capped
+    assert sum(waits[:-1]) >= 10.0 > sum(waits[:-2])  # the window spent, then `max_transport_retries` (1) more
+    assert out == [Retry("refused", "Bayeux: HTTP 503: Service Unavailable")]
+    assert c.heartbeat_bound == pytest.approx(10.0 + 2 * c.poll_timeout + 0.1)
+
+
+def test_a_successful_connect_restores_the_whole_window():
+    c = BayeuxClient({A: -1}, connect_retry_window=1.0)
+    handshake_ok(c)
+    subscribe_ok(c)
+    for _ in range(3):
+        for _ in range(4):
+            c.next_request()
+            assert c.transport_error("connection reset") == []
+        c.next_request()
+        assert c.receive([connect_reply()]) == []
+    assert c.next_request().delay == 0
+
+
+def test_timed_out_connects_are_not_retried_within_the_window():
+    c = BayeuxClient({A: -1}, connect_retry_window=60.0)
+    handshake_ok(c)
+    subscribe_ok(c)
+    c.next_request()
+    assert c.transport_error("timed out", "timeout") == []
+    c.next_request()
+    assert isinstance(c.transport_error("timed out", "timeout")[0], Retry)  # silence: the bound, not the window
