@@ -20,6 +20,7 @@ THROUGHPUT = [
     ["bench/pusher_throughput.py"],
     ["bench/pusher_fanout.py"],
     ["bench/salesforce_throughput.py", "--repeat", "3", "--write"],
+    ["bench/salesforce_shared.py"],
     ["bench/datasift_throughput.py"],
     ["bench/fleet.py"],
 ]

@@ -26,6 +26,16 @@ Faults are answered the way Salesforce answers them: an expired session is `401:
 invalid` on connect (advice none) or `403::Handshake denied` with `ext.sfdc.failureReason` on a
 handshake; a forgotten client is `403::Unknown client` with advice handshake; a replayId outside the
 retention window is `400::The replayId {N} you provided was invalid...`.
+
+Limits, as an org enforces them (Streaming API guide, "Streaming API Allocations": 20 concurrent
+clients below Enterprise edition; help article 000381578: 3,600 logins per user per hour):
+`max_clients` live CometD clients (a handshake past it is `403::Handshake denied` with
+`ext.sfdc.failureReason` `403::Organization concurrent user limit exceeded`, advice none, as reported
+in SalesforceFoundation/salesforce-streaming-client#15); a client leaves on `/meta/disconnect` or when
+it has not polled for 2 x the long poll + 40 s. `max_logins_per_hour` per username: past it the token
+endpoint answers HTTP 400 `{"error":"invalid_grant","error_description":"LOGIN_RATE_EXCEEDED: ..."}`
+(Salesforce documents the code, not the OAuth body: this shape is our reading). `logins` and
+`live_clients` count them for tests.
 """
 
 from __future__ import annotations
@@ -77,12 +87,14 @@ class SalesforceSim:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, public_host: str | None = None,
                  users: dict[str, str] | None = None, clients: dict[str, str] | None = None,
                  long_poll: float = 110.0, retention: float = 86400.0, batch: int = 1000,
-                 org_id: str = ORG_ID, http_401: bool = False, ssl_context: ssl.SSLContext | None = None):
+                 org_id: str = ORG_ID, http_401: bool = False, ssl_context: ssl.SSLContext | None = None,
+                 max_clients: int = 20, max_logins_per_hour: int = 3600):
         """`users`: username -> password + security token; `clients`: consumer key -> consumer secret.
 
         `long_poll` is how long a connect is held (Salesforce: 110 s); `retention` how long events stay
         replayable (24 h); `http_401` answers an expired session on /cometd with HTTP 401 instead of
         a Bayeux `401::` error. With `ssl_context` it serves https (for TLS verification tests).
+        `max_clients`: concurrent CometD clients of the org; `max_logins_per_hour`: logins per user.
         """
         self.host = host
         self.port = port
@@ -95,6 +107,13 @@ class SalesforceSim:
         self.org_id = org_id
         self.http_401 = http_401
         self.ssl_context = ssl_context
+        self.max_clients = max_clients
+        self.max_logins_per_hour = max_logins_per_hour
+        self._login_times: dict[str, deque[float]] = {}
+        self.handshakes = 0  # successful handshakes (clients made)
+        self.login_attempts = 0  # token requests, answered or refused
+        self.denied: dict[str, str] = {}  # channel -> the error its subscribes get (see `deny_subscribe`)
+        self._failing_connects: list[int] = []  # HTTP statuses for the next connects (see `fail_connects`)
         self.topics: dict[str, dict[str, Any]] = {}
         self.tokens: set[str] = set()
         self.bayeux: dict[str, _Client] = {}
@@ -196,6 +215,17 @@ class SalesforceSim:
         while self.events and self.events[0].published < horizon:
             self.purged_upto = max(self.purged_upto, self.events.popleft().replay_id)
 
+    @property
+    def live_clients(self) -> int:
+        """CometD clients the org counts now (after dropping those that stopped polling)."""
+        self._drop_stale_clients()
+        return len(self.bayeux)
+
+    def _drop_stale_clients(self) -> None:
+        now = time.monotonic()
+        for stale in [c for c in self.bayeux.values() if now - c.last_seen > 2 * self.long_poll + 40]:
+            self.bayeux.pop(stale.client_id, None)
+
     # ------------------------------------------------------------ faults
 
     def expire_sessions(self) -> None:
@@ -221,6 +251,17 @@ class SalesforceSim:
         for client in self.bayeux.values():
             client.held = -1
             client.wake.set()
+
+    def fail_connects(self, count: int, status: int = 503) -> None:
+        """Answer the next `count` connects with HTTP `status` (a load balancer in trouble); the client stays."""
+        self._failing_connects.extend([status] * count)
+        for client in self.bayeux.values():
+            client.wake.set()
+
+    def deny_subscribe(self, channel: str, error: str | None = None) -> None:
+        """Refuse subscribes to `channel` (a PushTopic deactivated or deleted after the listener looked it up);
+        the error defaults to Salesforce's text for a channel that does not exist."""
+        self.denied[channel] = error or f"400::The channel you requested to subscribe to doesn't exist {{{channel}}}"
 
     def silence(self, on: bool = True) -> None:
         """Hold connects forever and send nothing (a silent, half-dead connection)."""
@@ -258,6 +299,7 @@ class SalesforceSim:
 
     async def _token(self, request: web.Request) -> web.Response:
         form = await request.post()
+        self.login_attempts += 1
         if form.get("grant_type") != "password":
             return _oauth_error("unsupported_grant_type", "grant type not supported")
         consumer_key = str(form.get("client_id", ""))
@@ -266,6 +308,13 @@ class SalesforceSim:
         if self.clients[consumer_key] != form.get("client_secret"):
             return _oauth_error("invalid_client", "invalid client credentials")
         username = str(form.get("username", ""))
+        recent = self._login_times.setdefault(username, deque())
+        now = time.monotonic()
+        while recent and now - recent[0] > 3600:
+            recent.popleft()
+        if len(recent) >= self.max_logins_per_hour:
+            return _oauth_error("invalid_grant", "LOGIN_RATE_EXCEEDED: Login Rate Exceeded")
+        recent.append(now)  # every attempt counts, as in the org's Login History
         if self.users.get(username) != form.get("password"):
             return _oauth_error("invalid_grant", "authentication failure")
         token = f"{self.org_id}!{secrets.token_urlsafe(24)}"
@@ -330,6 +379,10 @@ class SalesforceSim:
                                      status=400)
         if isinstance(messages, dict):
             messages = [messages]
+        if self._failing_connects and any(isinstance(m, dict) and m.get("channel") == "/meta/connect"
+                                          for m in messages):
+            self.requests.extend(messages)
+            return web.Response(status=self._failing_connects.pop(0), text="Service Unavailable")
         replies: list[dict[str, Any]] = []
         response: web.Response | None = None
         for message in messages:
@@ -344,6 +397,8 @@ class SalesforceSim:
                 continue
             client = self.bayeux.get(str(message.get("clientId")))
             if token is None:
+                if client is not None:  # advice none: the server is done with this client, its slot is free
+                    self.bayeux.pop(client.client_id, None)
                 replies.append(_reply(message, False, error="401::Authentication invalid",
                                       advice={"reconnect": "none", "interval": 0}))
             elif client is None:
@@ -383,9 +438,12 @@ class SalesforceSim:
         types = message.get("supportedConnectionTypes") or []
         if "long-polling" not in types:
             return _reply(message, False, error="400::Invalid connection type"), None
-        now = time.monotonic()
-        for stale in [c for c in self.bayeux.values() if now - c.last_seen > 2 * self.long_poll + 40]:
-            self.bayeux.pop(stale.client_id, None)
+        self._drop_stale_clients()
+        if len(self.bayeux) >= self.max_clients:
+            return (_reply(message, False, error="403::Handshake denied", advice={"reconnect": "none"},
+                           ext={"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}}),
+                    None)
+        self.handshakes += 1
         client = _Client(secrets.token_hex(13), secrets.token_hex(16), token)
         self.bayeux[client.client_id] = client
         return (_reply(message, True, clientId=client.client_id, version="1.0", minimumVersion="1.0",
@@ -395,6 +453,8 @@ class SalesforceSim:
     def _subscribe(self, client: _Client, message: dict[str, Any]) -> dict[str, Any]:
         channel = str(message.get("subscription"))
         name = channel.removeprefix("/topic/")
+        if channel in self.denied:
+            return _reply(message, False, subscription=channel, error=self.denied[channel])
         if not channel.startswith("/topic/") or name not in self.topics:
             return _reply(message, False, subscription=channel,
                           error=f"400::The channel you requested to subscribe to doesn't exist {{{channel}}}")
@@ -461,6 +521,7 @@ class SalesforceSim:
             return [_reply(message, False, error="403::Unknown client",
                            advice={"reconnect": "handshake", "interval": 0})]
         if client.token not in self.tokens:
+            self.bayeux.pop(client.client_id, None)  # advice none: the slot is free
             return [_reply(message, False, error="401::Authentication invalid",
                            advice={"reconnect": "none", "interval": 0})]
         if self._corrupt:

@@ -9,17 +9,27 @@ are pure. The asyncio driver (`sources/salesforce.py`) only moves requests and s
 
     request = client.next_request()        # what to POST next (and how long to wait first)
     outputs = client.receive(messages)     # or transport_error() / http_error() / malformed()
-    for output in outputs: ...             # Message, Subscribed, ReplayRejected, Rehandshake,
-                                           # Relogin, Retry, Fail (listenerd.outcome)
+    for output in outputs: ...             # Message, Subscribed, ReplayRejected, Refused (one channel),
+                                           # Rehandshake, Relogin, Retry, Fail (the whole client)
 
-Requests are strictly sequential (one HTTP request in flight), which Bayeux allows and which keeps
-the cookie and clientId bookkeeping simple. Rules followed: advice is reset at each handshake and
-replaced by each new one; `handshake` advice or `Unknown client` means a new handshake and a
-resubscribe of every channel with its latest replayId; a 401 (Bayeux error, `ext.sfdc.failureReason`,
-or HTTP status) means a fresh login; `none` advice ends the session; repeated handshakes or logins
-without a successful connect, and repeated transport failures, end the session with `Retry` so the
-supervisor backs off (never a handshake loop, which Salesforce punishes with
-`403::Organization concurrent user limit exceeded`).
+One client carries many channels, each with its own replayId (as EMP-Connector's one BayeuxClient
+carries every `TopicSubscription`, forcedotcom/EMP-Connector `EmpConnector.java`). `add()` and
+`remove()` change them on the live client: while a connect is held, the subscribe or unsubscribe
+goes on a second request, `control_request()` (Bayeux allows two; cometd-javascript sends
+subscribes beside the held `/meta/connect`, cometd/cometd
+`cometd-javascript/common/src/main/webapp/js/cometd/cometd.js`), so no other channel notices. A
+subscribe refused for one channel (missing topic, replayId without fallback) is `Refused(channel,
+outcome)`, for that channel alone; what concerns the session (unknown client, 401, advice) is a
+whole-client output. The poll lane (handshake, first subscribes, connects) is strictly sequential.
+A failed connect is retried on the same clientId after a back-off (cometd.js `_connectFailure`,
+`increaseBackoffPeriod`) before the client gives up and a new handshake is made.
+
+Rules followed: advice is reset at each handshake and replaced by each new one; `handshake` advice or
+`Unknown client` means a new handshake and a resubscribe of every channel with its latest replayId; a
+401 (Bayeux error, `ext.sfdc.failureReason`, or HTTP status) means a fresh login; `none` advice ends the
+session; repeated handshakes or logins without a successful connect, and repeated transport failures,
+end the session with `Retry` so the supervisor backs off (never a handshake loop, which Salesforce
+punishes with `403::Organization concurrent user limit exceeded`).
 
 Sources: the Bayeux 1.0 spec (https://docs.cometd.org/current/reference/#_bayeux); Salesforce's client
 rules and error codes (https://developer.salesforce.com/docs/platform/api-streaming/guide/intro-client-specs.html,
@@ -33,12 +43,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from listenerd.outcome import Fail, Retry
+import orjson
 
-Kind = Literal["handshake", "subscribe", "connect", "disconnect"]
+from listenerd.outcome import Fail, Outcome, Retry
+
+Kind = Literal["handshake", "subscribe", "unsubscribe", "connect", "disconnect"]
 State = Literal["unconnected", "handshaking", "subscribing", "connected", "disconnecting", "closed"]
 
 _REPLAY_INVALID = re.compile(r"replayId", re.IGNORECASE)
+# Salesforce refuses request bodies over 32,768 bytes (413): subscribe batches are cut below it.
+MAX_BODY = 30_000
+# What Salesforce says when an org's concurrent streaming clients are all taken (handshake).
+CLIENT_LIMIT = "concurrent user limit"
 
 
 # ---------------------------------------------------------------- what the machine asks for
@@ -52,6 +68,7 @@ class Request:
     messages: list[dict[str, Any]]
     timeout: float
     delay: float = 0.0
+    session: int = 0  # the handshake it belongs to: a control answer from an older one is ignored
 
 
 @dataclass(slots=True)  # not frozen: built once per event, and frozen dataclasses construct 3x slower
@@ -81,8 +98,17 @@ class ReplayRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """The server refused `channel` alone: its listener ends with `outcome`; the other channels go on."""
+
+    channel: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
 class Rehandshake:
     reason: str
+    abandoned: str | None = None  # a clientId the server still holds: send it /meta/disconnect first
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +118,7 @@ class Relogin:
     reason: str
 
 
-Output = Message | Subscribed | ReplayRejected | Rehandshake | Relogin | Retry | Fail
+Output = Message | Subscribed | ReplayRejected | Refused | Rehandshake | Relogin | Retry | Fail
 
 
 @dataclass
@@ -129,6 +155,12 @@ class BayeuxClient:
     max_handshakes: int = 3
     max_relogins: int = 1
     max_transport_retries: int = 1
+    # Seconds of back-off spent retrying connects that failed fast (refused, reset, 5xx) on the same
+    # clientId before the client is given up; timed-out connects (silence) count against
+    # `max_transport_retries` instead. cometd.js retries a failed connect on the same clientId until the
+    # server would have dropped the client (`_handleFailure`: timeout + interval + maxInterval);
+    # Salesforce drops one about 40 s after its last connect.
+    connect_retry_window: float = 0.0
     replay: bool = True
     service: str = "Bayeux"  # names the server in every retry reason: a status message reads it alone
 
@@ -143,7 +175,15 @@ class BayeuxClient:
     _handshakes: int = 0  # handshakes since the last successful connect
     _relogins: int = 0  # logins since the last successful connect
     _transport_failures: int = 0
-    _ever_subscribed: bool = False
+    _quick_failures: int = 0  # fast connect failures in a row, retried within `connect_retry_window`
+    _retry_waited: float = 0.0  # back-off spent on them
+    _ever_subscribed: set[str] = field(default_factory=set)  # a later subscribe of these is a resubscribe
+    _session: int = 0  # handshakes made: tags requests, so a late control answer is recognised
+    _unsubscribe: list[str] = field(default_factory=list)  # removed while subscribed, not yet sent
+    _control: bool = False  # a control request is in flight
+    _control_held: bool = False  # the control lane waits for the next successful connect or handshake
+    _fallbacks: dict[str, int | None] = field(default_factory=dict)  # per channel, over `replay_fallback`
+    limited: bool = False  # the last handshake was refused for the org's concurrent client limit
 
     def __post_init__(self) -> None:
         self.advice.timeout = self.default_timeout
@@ -159,9 +199,10 @@ class BayeuxClient:
     @property
     def heartbeat_bound(self) -> float:
         """Longest silence before this client gives up by itself: every connect it allows in a row (the
-        first and `max_transport_retries` more) times out, each after its wait."""
-        return sum(self._connect_wait(failures) + self.poll_timeout
-                   for failures in range(self.max_transport_retries + 1))
+        first and `max_transport_retries` more) times out, each after its wait (plus the back-off it may
+        spend on connects that fail fast)."""
+        return self.connect_retry_window + sum(self._connect_wait(failures) + self.poll_timeout
+                                               for failures in range(self.max_transport_retries + 1))
 
     def _connect_wait(self, failures: int) -> float:
         """Seconds before a connect that follows `failures` transport failures in a row."""
@@ -181,40 +222,118 @@ class BayeuxClient:
             self.client_id = None
             self.advice = Advice(timeout=self.default_timeout)
             self._handshakes += 1
+            self._session += 1
             message: dict[str, Any] = {"channel": "/meta/handshake", "version": "1.0", "minimumVersion": "1.0",
                                        "supportedConnectionTypes": ["long-polling"], "id": self._id()}
             if self.replay:
                 message["ext"] = {"replay": True}
             return self._request("handshake", [message], self.request_timeout)
         if self.state == "subscribing":
-            messages = []
-            for channel, replay in self.subscriptions.items():
-                if channel in self.subscribed:
-                    continue
-                message = {"channel": "/meta/subscribe", "clientId": self.client_id, "subscription": channel,
-                           "id": self._id()}
-                if self.replay:
-                    message["ext"] = {"replay": {channel: replay}}
-                self._pending[channel] = replay
-                messages.append(message)
+            messages = self._subscribes([c for c in self.subscriptions if c not in self.subscribed], 0)
             return self._request("subscribe", messages, self.request_timeout)
         if self.state == "connected":
+            wait = self._connect_wait(self._transport_failures + self._quick_failures)
+            if self._quick_failures:
+                self._retry_waited += wait
             return self._request("connect", [{"channel": "/meta/connect", "clientId": self.client_id,
                                               "connectionType": "long-polling", "id": self._id()}],
-                                 self.poll_timeout, self._connect_wait(self._transport_failures))
+                                 self.poll_timeout, wait)
         raise RuntimeError(f"no request to make in state {self.state}")
 
     def stop_request(self) -> Request | None:
-        """Unsubscribe every channel and disconnect, batched; None when there is no session to end."""
-        if self.client_id is None or self.state in ("unconnected", "handshaking", "closed"):
+        """Unsubscribe every channel and disconnect, batched; None when there is no session to end. Also
+        after the client ended itself (`Retry`): an abandoned client is told, so its slot is freed at once."""
+        if self.client_id is None or self.state in ("unconnected", "handshaking"):
             self.state = "closed"
             return None
-        messages = [{"channel": "/meta/unsubscribe", "clientId": self.client_id, "subscription": channel,
-                     "id": self._id()} for channel in sorted(self.subscribed)]
-        messages.append({"channel": "/meta/disconnect", "clientId": self.client_id, "id": self._id()})
+        disconnect = {"channel": "/meta/disconnect", "clientId": self.client_id, "id": self._id()}
+        messages: list[dict[str, Any]] = []
+        size = len(orjson.dumps(disconnect))
+        for channel in sorted(self.subscribed):  # what fits in one body; the disconnect drops the rest
+            message = {"channel": "/meta/unsubscribe", "clientId": self.client_id, "subscription": channel,
+                       "id": self._id()}
+            size += len(orjson.dumps(message)) + 1
+            if size > MAX_BODY:
+                break
+            messages.append(message)
+        messages.append(disconnect)
         self.state = "closed"
         self._awaiting = None
+        self.client_id = None
         return Request("disconnect", messages, self.request_timeout)
+
+    # -- channels joining and leaving the live client
+
+    def add(self, channel: str, replay: int, fallback: int | None = -2) -> None:
+        """Subscribe `channel` from `replay`: with the next subscribes, or on the control lane when connected.
+        `fallback` is this channel's `replay_fallback`."""
+        self.subscriptions[channel] = replay
+        self._fallbacks[channel] = fallback
+        self.subscribed.discard(channel)
+        self._ever_subscribed.discard(channel)
+
+    def remove(self, channel: str) -> None:
+        """Stop following `channel`; the server is told on the control lane when it had the subscription."""
+        self.subscriptions.pop(channel, None)
+        self._fallbacks.pop(channel, None)
+        self._pending.pop(channel, None)
+        if channel in self.subscribed:
+            self.subscribed.discard(channel)
+            if channel not in self._unsubscribe:
+                self._unsubscribe.append(channel)
+        if self.state == "subscribing" and all(c in self.subscribed for c in self.subscriptions):
+            self.state = "connected"
+
+    def control_request(self) -> Request | None:
+        """A subscribe/unsubscribe batch to send beside the held connect, or None (nothing to say, or
+        not now: a control request is in flight, the client is not connected, or the lane is held)."""
+        if self.state != "connected" or self._control or self._control_held or self.client_id is None:
+            return None
+        unsubscribes = [{"channel": "/meta/unsubscribe", "clientId": self.client_id, "subscription": channel,
+                         "id": self._id()} for channel in self._unsubscribe[:100]]
+        del self._unsubscribe[:100]
+        wanted = [c for c in self.subscriptions if c not in self.subscribed and c not in self._pending]
+        size = sum(len(orjson.dumps(m)) + 1 for m in unsubscribes)
+        messages = unsubscribes + self._subscribes(wanted, size)
+        if not messages:
+            return None
+        self._control = True
+        kind: Kind = "subscribe" if len(messages) > len(unsubscribes) else "unsubscribe"
+        return Request(kind, messages, self.request_timeout, session=self._session)
+
+    def control_answer(self, request: Request, messages: Any) -> list[Output]:
+        """The answer to a control request. What concerns the whole session (unknown client, 401) is left
+        to the poll lane, whose connect hears it too: here the lane just waits for a new connect."""
+        self._control = False
+        if request.session != self._session:
+            return []  # an older session's answer: the new handshake resubscribes everything
+        if isinstance(messages, dict):
+            messages = [messages]
+        if not isinstance(messages, list):
+            return self.control_failed(request)
+        outputs: list[Output] = []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            channel = message.get("channel")
+            if channel in self.subscriptions and "data" in message:
+                outputs.append(self._on_data(channel, message["data"]))
+            elif channel == "/meta/subscribe":
+                outputs += self._on_subscribe(message, control=True)
+        for message in request.messages:  # a subscribe without a reply is asked again later
+            if message["channel"] == "/meta/subscribe" and message["subscription"] in self._pending:
+                self._pending.pop(message["subscription"])
+        return outputs
+
+    def control_failed(self, request: Request) -> list[Output]:
+        """The control request got no usable answer: its subscribes wait for the next successful connect."""
+        self._control = False
+        if request.session == self._session:
+            for message in request.messages:
+                if message["channel"] == "/meta/subscribe":
+                    self._pending.pop(message["subscription"], None)
+            self._control_held = True
+        return []
 
     def relogged_in(self) -> None:
         """After a fresh login: forget the clientId; the next request is a handshake."""
@@ -269,7 +388,11 @@ class BayeuxClient:
     def malformed(self, reason: str) -> list[Output]:
         """An answer that is not JSON: its events are unknown, so start a new session and replay them."""
         self._awaiting = None
-        return self._rehandshake(f"malformed answer from the server ({reason})")
+        abandoned = self.client_id
+        outputs = self._rehandshake(f"malformed answer from the server ({reason})")
+        if abandoned and isinstance(outputs[0], Rehandshake):
+            outputs[0] = Rehandshake(outputs[0].reason, abandoned)
+        return outputs
 
     # -- message handlers
 
@@ -281,6 +404,7 @@ class BayeuxClient:
                 self.state = "closed"
                 return [Fail(f"the server does not offer long-polling (only {types})")]
             self.client_id = message["clientId"]
+            self.limited = False
             ext = message.get("ext")
             self.replay_supported = isinstance(ext, dict) and ext.get("replay") is True
             self.subscribed.clear()
@@ -290,9 +414,14 @@ class BayeuxClient:
         reason = _failure_reason(message)
         if error.startswith("401") or reason.startswith("401"):
             return self._relogin(f"handshake denied: {error}" + (f" ({reason})" if reason else ""))
-        return [self._retry("refused", f"Handshake refused: {error}" + (f" ({reason})" if reason else ""))]
+        words = f"{error}" + (f" ({reason})" if reason else "")
+        if CLIENT_LIMIT in words.lower():
+            self.limited = True
+            return [self._retry("refused", f"the org's limit of concurrent streaming clients is reached, "
+                                           f"handshake refused: {words}")]
+        return [self._retry("refused", f"Handshake refused: {words}")]
 
-    def _on_subscribe(self, message: dict[str, Any]) -> list[Output]:
+    def _on_subscribe(self, message: dict[str, Any], control: bool = False) -> list[Output]:
         channel = message.get("subscription")
         if isinstance(channel, list):
             channel = channel[0] if channel else None
@@ -301,27 +430,32 @@ class BayeuxClient:
         sent = self._pending.pop(channel, self.subscriptions[channel])
         if message.get("successful") is True:
             self.subscribed.add(channel)
-            resubscribe = self._ever_subscribed
-            if all(c in self.subscribed for c in self.subscriptions):
-                self.state = "connected"
-                self._ever_subscribed = True
+            resubscribe = channel in self._ever_subscribed
+            self._ever_subscribed.add(channel)
+            self._subscribing_done()
             return [Subscribed(channel, sent, resubscribe)]
         error = _error(message)
-        if "unknown client" in error.lower():
-            return self._rehandshake(f"subscribe answered {error}")
-        if error.startswith("401"):
-            return self._relogin(f"subscribe answered {error}")
-        if _REPLAY_INVALID.search(error) and "invalid" in error.lower():
-            if self.replay_fallback is None or sent == self.replay_fallback or sent in (-1, -2):
-                self.state = "closed"
-                return [Fail(f"Subscription to {channel} refused: {error}")]
-            self.subscriptions[channel] = self.replay_fallback
-            self.state = "subscribing"
-            return [ReplayRejected(channel, sent, self.replay_fallback, error)]
-        if error.startswith(("503", "5")):
+        if "unknown client" in error.lower() or error.startswith("401") or error.startswith(("503", "5")):
+            if control:  # the session's trouble: the poll lane's connect hears it and acts once
+                self._control_held = True
+                return []
+            if "unknown client" in error.lower():
+                return self._rehandshake(f"subscribe answered {error}")
+            if error.startswith("401"):
+                return self._relogin(f"subscribe answered {error}")
             return [self._retry("refused", f"Subscription to {channel} failed: {error}")]
-        self.state = "closed"
-        return [Fail(f"Subscription to {channel} refused: {error}")]
+        fallback = self._fallbacks.get(channel, self.replay_fallback)
+        if _REPLAY_INVALID.search(error) and "invalid" in error.lower() and not (
+                fallback is None or sent == fallback or sent in (-1, -2)):
+            self.subscriptions[channel] = fallback
+            return [ReplayRejected(channel, sent, fallback, error)]
+        del self.subscriptions[channel]  # this channel alone: the others keep their subscriptions
+        self._subscribing_done()
+        return [Refused(channel, Fail(f"Subscription to {channel} refused: {error}"))]
+
+    def _subscribing_done(self) -> None:
+        if self.state == "subscribing" and all(c in self.subscribed for c in self.subscriptions):
+            self.state = "connected"
 
     def _on_connect(self, message: dict[str, Any]) -> list[Output]:
         self.advice.update(message.get("advice"))
@@ -329,6 +463,9 @@ class BayeuxClient:
             self._handshakes = 0
             self._relogins = 0
             self._transport_failures = 0
+            self._quick_failures = 0
+            self._retry_waited = 0.0
+            self._control_held = False
             if self.advice.reconnect == "handshake":
                 return self._rehandshake("the server advised a new handshake")
             if self.advice.reconnect == "none":
@@ -372,6 +509,9 @@ class BayeuxClient:
     def _transport_failure(self, reason: str, awaited: Kind | None, kind: str) -> list[Output]:
         if awaited != "connect" or self.state != "connected":
             return [self._retry(kind, reason)]
+        if kind != "timeout" and self._retry_waited < self.connect_retry_window:
+            self._quick_failures += 1  # the server still holds this clientId: try it again after a back-off
+            return []
         self._transport_failures += 1
         if self._transport_failures > self.max_transport_retries:
             return [self._retry(kind, reason)]
@@ -387,14 +527,36 @@ class BayeuxClient:
         self.client_id = None
         self.subscribed.clear()
         self._pending.clear()
+        self._unsubscribe.clear()  # the new session subscribes only what is followed now
+        self._control = self._control_held = False
         self._transport_failures = 0
+        self._quick_failures = 0
+        self._retry_waited = 0.0
+
+    def _subscribes(self, channels: list[str], size: int) -> list[dict[str, Any]]:
+        """Subscribe messages for `channels`, as many as fit in one request body after `size` bytes. Each
+        carries its own channel's replayId: the server reads that entry only (EMP-Connector sends its whole
+        map with every subscribe, `ReplayExtension.java`, which with hundreds of channels passes 32 KB)."""
+        messages = []
+        for channel in channels:
+            replay = self.subscriptions[channel]
+            message = {"channel": "/meta/subscribe", "clientId": self.client_id, "subscription": channel,
+                       "id": self._id()}
+            if self.replay:
+                message["ext"] = {"replay": {channel: replay}}
+            size += len(orjson.dumps(message)) + 1
+            if size > MAX_BODY and messages:
+                break
+            self._pending[channel] = replay
+            messages.append(message)
+        return messages
 
     def _ends(self, outputs: list[Output]) -> bool:
         return bool(outputs) and isinstance(outputs[-1], Relogin | Retry | Fail | Rehandshake)
 
     def _request(self, kind: Kind, messages: list[dict[str, Any]], timeout: float, delay: float = 0.0) -> Request:
         self._awaiting = kind
-        return Request(kind, messages, timeout, delay)
+        return Request(kind, messages, timeout, delay, self._session)
 
     def _id(self) -> str:
         self._next_id += 1

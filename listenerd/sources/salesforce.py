@@ -1,17 +1,28 @@
-"""Salesforce PushTopic source: OAuth login, PushTopic lookup/creation, and the Bayeux driver with replay.
+"""Salesforce PushTopic source: one Bayeux client per integration, one channel per listener.
 
-The protocol decisions live in `sources/bayeux.py` (pure); this module only does the I/O around it:
+(A little over 400 lines: the shared client's two lanes and its listeners' lifecycle are one object.)
 
-1. Login (OAuth 2.0 username-password) with aiohttp against `{login-url}/services/oauth2/token`,
-   any host and scheme, TLS verified (optionally against `sources.ca-bundle`). `invalid_grant` /
-   `invalid_client` are `failed` with Salesforce's own words; the secrets never appear anywhere.
-2. PushTopic lookup and creation with simple-salesforce in direct mode, in a thread (it is
-   synchronous). simple-salesforce always builds `https://<instance>` URLs, so a small
-   `requests.Session` rebases them onto the instance URL as given (plain http for simulators).
-3. Long-polling: one aiohttp `ClientSession` with its own cookie jar per Bayeux session (a new one at
-   each handshake, so `BAYEUX_BROWSER` never leaks into the next session). Each event is emitted
-   with its replayId as the checkpoint, which the outbox commits with the event, so a restart
-   resumes after the last event that is durable.
+Why shared: Salesforce counts concurrent streaming clients per org (20 below Enterprise edition;
+past it the handshake is refused with `403::Organization concurrent user limit exceeded`), and its
+own clients put every topic on one client (forcedotcom/EMP-Connector `EmpConnector.java`: one
+`BayeuxClient`, a `TopicSubscription` per topic; cometd/cometd
+`cometd-javascript/common/src/main/webapp/js/cometd/cometd.js`). So, shaped as the DataSift source:
+the supervisor still runs one task per listener; each task gets its integration's token through the
+shared `Login` (`salesforce_auth.py`: cached, a new login only when Salesforce says the session is
+invalid, single-flight), finds its PushTopic, then joins its integration's `Connection` (kept in
+the supervisor's typed `SalesforceClients`) with its channel and replayId, and waits for its own
+outcome. The connection's task owns the Bayeux client: a listener joining or leaving subscribes or
+unsubscribes on the live client; a channel refused fails that listener alone; what ends the client
+(401 again after a fresh login, advice none, silence) reaches every listener on it, and those that
+come back make a new client with the cached token. The org's client limit is `retrying`, named,
+after the long limit back-off (`LIMIT_BACKOFF_INITIAL` doubling to `LIMIT_BACKOFF_MAX`, per integration).
+
+The protocol decisions live in `sources/bayeux.py` (pure); this module only moves requests: one
+aiohttp `ClientSession` with its own cookie jar per Bayeux session (a new one at each handshake, so
+`BAYEUX_BROWSER` never leaks into the next session); subscribes for listeners that join a live
+client go beside the held connect, on the same cookie jar. Each event is emitted to its channel's
+listener with its replayId as the checkpoint, which the outbox commits with the event, so a restart
+resumes after the last event that is durable.
 
 Replay choice (documented in the README): start at the stored checkpoint for `resume` (else -1);
 `new` is -1 and `all` is -2 at each launch, but a retry inside one launch resumes from the
@@ -20,160 +31,49 @@ supervisor hands it to that run as `ctx.launch.replay_from`).
 A replayId the server no longer holds is reported in the status message and resubscribed from -2
 (`resume`, `all`: every retained event; duplicates keep their ids, so the engine drops them) or -1
 (`new`: the listener asked for new events only).
+
+A second listener of one integration on a channel its client already carries gets a second client
+(a "lane"): one client holds one subscription per channel, with one replayId.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
-from dataclasses import dataclass, field
+import dataclasses
+import hashlib
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-import requests
+import structlog
 
-from listenerd.model import SalesforceIntegration, SalesforceOptions
-from listenerd.net import client_tls, describe, kind_of, mask
-from listenerd.outcome import Ended, Fail, Retry
+from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
+from listenerd.net import describe, kind_of
+from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.bayeux import (
     BayeuxClient,
     Message,
+    Refused,
     Rehandshake,
     Relogin,
     ReplayRejected,
     Request,
     Subscribed,
 )
+from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
 MAX_ANSWER_BYTES = 64 << 20  # bound on one long-poll answer (EMP-Connector advises a 10 MB buffer)
-FATAL_LOGIN_ERRORS = ("invalid_grant", "invalid_client", "invalid_client_id", "unsupported_grant_type")
-
-
-@dataclass(frozen=True)
-class Session:
-    """The answer of a login; `repr` never shows the token."""
-
-    access_token: str = field(repr=False)
-    instance_url: str
-    org_id: str
+# Connects that fail fast are retried on the same clientId while Salesforce still holds it: it drops a
+# client about 40 s after its last connect (Streaming API limits: "keepalive 40 s").
+CONNECT_RETRY_WINDOW = 40.0
 
 
 class AnswerTooLarge(Exception):
     """A long-poll answer past the bound: never buffered whole."""
-
-
-def scrub(text: str, integration: SalesforceIntegration) -> str:
-    """Salesforce's words, minus any secret they might echo (the joined password first)."""
-    return mask(text, integration.password + integration.secret_token, *integration.secret_values(), shortest=4)
-
-
-def org_id_of(answer: dict[str, Any]) -> str:
-    """The org from the identity URL `.../id/<orgId>/<userId>`, else the token's `<orgId>!` prefix."""
-    parts = urlsplit(str(answer.get("id", ""))).path.strip("/").split("/")
-    if len(parts) >= 3 and parts[-3] == "id":
-        return parts[-2]
-    token = str(answer.get("access_token", ""))
-    return token.split("!", 1)[0] if "!" in token else "org"
-
-
-async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration, sslctx: ssl.SSLContext,
-                timeout: float) -> Session:
-    url = integration.login_url.rstrip("/") + "/services/oauth2/token"
-    form = {"grant_type": "password", "client_id": integration.consumer_key,
-            "client_secret": integration.consumer_secret, "username": integration.username,
-            "password": integration.password + integration.secret_token}
-    try:
-        async with http.post(url, data=form, ssl=sslctx, timeout=aiohttp.ClientTimeout(total=timeout),
-                             headers={"Accept": "application/json"}) as response:
-            status, body = response.status, await response.read()
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise Ended(Retry(kind_of(exc), f"Cannot reach {integration.login_url}: {describe(exc)}")) from None
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        answer = None
-    if status == 200 and isinstance(answer, dict) and answer.get("access_token") and answer.get("instance_url"):
-        return Session(answer["access_token"], str(answer["instance_url"]).rstrip("/"), org_id_of(answer))
-    if isinstance(answer, dict) and answer.get("error"):
-        words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration)
-        if answer["error"] in FATAL_LOGIN_ERRORS:
-            raise Ended(Fail(f"Salesforce rejected the login: {words}"))
-        raise Ended(Retry("refused", f"Login failed: {words}"))
-    raise Ended(Retry("refused", f"Login failed: HTTP {status} from {integration.login_url}"))
-
-
-# ---------------------------------------------------------------- PushTopic over REST (in a thread)
-
-
-class RebasedSession(requests.Session):
-    """Sends simple-salesforce's `https://<instance>/...` URLs to the instance URL as configured, verified
-    against the configured CA bundle (or the system's)."""
-
-    def __init__(self, instance_url: str, verify: str | bool, timeout: float):
-        super().__init__()
-        parts = urlsplit(instance_url)
-        self._from = f"https://{parts.netloc}/"
-        self._to = f"{parts.scheme}://{parts.netloc}/"
-        self.verify = verify
-        self._timeout = timeout
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        if isinstance(url, str) and url.startswith(self._from):
-            url = self._to + url[len(self._from):]
-        kwargs.setdefault("timeout", self._timeout)
-        # Per request, because requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's verify.
-        kwargs.setdefault("verify", self.verify)
-        return super().request(method, url, *args, **kwargs)
-
-
-def ensure_topic(session: Session, options: SalesforceOptions, verify: str | bool, timeout: float) -> str:
-    """Find the PushTopic, creating it when a query is configured; 'found' or 'created'."""
-    from simple_salesforce import Salesforce  # imported lazily: it pulls in a large dependency tree
-    from simple_salesforce.exceptions import (
-        SalesforceError,
-        SalesforceExpiredSession,
-        SalesforceGeneralError,
-    )
-
-    name = options.topic.removeprefix("/topic/")
-    http = RebasedSession(session.instance_url, verify, timeout)
-    sf = Salesforce(instance_url=session.instance_url, session_id=session.access_token, session=http,
-                    version=options.version)
-    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
-    try:
-        found = sf.query(f"SELECT Id, Name, Query, ApiVersion, IsActive FROM PushTopic WHERE Name = '{quoted}'")
-        if found.get("totalSize", 0) > 0:
-            return "found"
-        if not options.query:
-            raise Ended(Fail(f"PushTopic {name} does not exist in the org, and the listener has no query "
-                             f"to create it with (set options.query, or create the PushTopic)"))
-        sf.PushTopic.create({"Name": name, "Query": options.query, "ApiVersion": float(options.version),
-                             "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
-                             "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
-                             "NotifyForFields": "Referenced"})
-        return "created"
-    except SalesforceExpiredSession:
-        raise
-    except SalesforceGeneralError as exc:
-        raise Ended(Retry("refused", f"Salesforce REST error for PushTopic {name}: {rest_words(exc)}")) from None
-    except SalesforceError as exc:
-        raise Ended(Fail(f"Salesforce refused PushTopic {name}: {rest_words(exc)}")) from None
-    except requests.RequestException as exc:
-        raise Ended(Retry(kind_of(exc), f"Cannot reach {session.instance_url}: {describe(exc, limit=200)}")) from None
-    finally:
-        http.close()
-
-
-def rest_words(exc: Any) -> str:
-    content = getattr(exc, "content", None)
-    if isinstance(content, list):
-        return "; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}" for c in content if isinstance(c, dict))
-    return f"HTTP {getattr(exc, 'status', '?')}"
 
 
 # ---------------------------------------------------------------- the source
@@ -194,127 +94,218 @@ def start_replay(options: SalesforceOptions, stored: str | None, attempts: int,
     return -2 if options.replay == "all" else -1
 
 
-async def run(ctx: SourceContext) -> None:
-    integration: SalesforceIntegration = ctx.integration  # type: ignore[assignment]
-    options: SalesforceOptions = ctx.listener.options  # type: ignore[attr-defined]
-    stream = Stream(ctx, integration, options)
-    try:
-        await stream.run()
-    except asyncio.CancelledError:
-        await stream.goodbye()
-        raise
-    finally:
-        await stream.close()
+class SalesforceClients:
+    """The logins and Bayeux clients of one supervisor (`ctx.shared`), by tenant and integration."""
+
+    def __init__(self) -> None:
+        self.logins: dict[str, Login] = {}
+        self.connections: dict[str, list[Connection]] = {}
+
+    def login_for(self, ctx: SourceContext) -> Login:
+        # the settings too: after a reload that changes them, restarted listeners get a login that uses them
+        key = _digest([ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump()])
+        found = self.logins.get(key)
+        if found is None:
+            found = self.logins[key] = Login(ctx.integration, ctx.settings)  # type: ignore[arg-type]
+        return found
+
+    def connection_for(self, ctx: SourceContext, login: Login, options: SalesforceOptions) -> Connection:
+        """The integration's live client that does not carry this channel yet, else a new one."""
+        key = _digest([id(login), options.version])
+        lanes = self.connections.setdefault(key, [])
+        for connection in lanes:
+            if not connection.closed and options.topic not in connection.members:
+                return connection
+
+        def retire(done: Connection) -> None:
+            if done in lanes:
+                lanes.remove(done)
+            if not lanes and self.connections.get(key) is lanes:
+                del self.connections[key]
+
+        connection = Connection(login, options.version, ctx.settings, tenant_id=ctx.tenant_id, retire=retire)
+        lanes.append(connection)
+        return connection
 
 
-class Stream:
-    """One launch of a Salesforce listener: login, topic, then the Bayeux loop until cancelled."""
+def _digest(parts: list[Any]) -> str:
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()
 
-    def __init__(self, ctx: SourceContext, integration: SalesforceIntegration, options: SalesforceOptions):
-        self.ctx = ctx
-        self.integration = integration
-        self.options = options
-        self.settings = ctx.settings
-        self.ssl = client_tls(self.settings.ca_bundle)
-        self.timeout = self.settings.connect_timeout
-        self.session: Session | None = None
+
+@dataclass(eq=False)
+class _Member:
+    """One listener on a shared client: its channel, its status and its own outcome."""
+
+    ctx: SourceContext
+    options: SalesforceOptions
+    outcome: asyncio.Future[Outcome]
+    note: str = ""
+
+    @property
+    def channel(self) -> str:
+        return self.options.topic
+
+
+class Connection:
+    """One Bayeux client of one integration, carrying a channel per listener; its task owns the HTTP."""
+
+    def __init__(self, login: Login, version: str, settings: Sources, *, tenant_id: str = "",
+                 retire: Any = None):
+        self.login = login
+        self.version = version
+        self.settings = settings
+        self.ssl = login.ssl
+        self.timeout = settings.connect_timeout
+        self.session: Session | None = login.session
         self.http: aiohttp.ClientSession | None = None  # one per Bayeux session (its cookie jar)
-        self.bayeux: BayeuxClient | None = None
-        self.note = ""
+        self.machine = BayeuxClient({}, margin=settings.salesforce_poll_margin, request_timeout=self.timeout,
+                                    connect_retry_window=CONNECT_RETRY_WINDOW, service="Salesforce streaming")
+        self.members: dict[str, _Member] = {}
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
         self.max_answer = MAX_ANSWER_BYTES
+        self._retire = retire
+        self._dirty = asyncio.Event()
+        self._bound: float | None = None
+        self._broken: Retry | None = None  # the control lane crashed: the client ends with this
+        self.log = structlog.get_logger("listenerd.source").bind(tenant=tenant_id, source="salesforce",
+                                                                 login_url=login.integration.login_url)
 
-    async def run(self) -> None:
-        ctx, options = self.ctx, self.options
-        ctx.starting(f"Logging in to {self.integration.login_url}")
-        await self.login()
-        name = options.topic.removeprefix("/topic/")
-        ctx.starting(f"Looking up PushTopic {name}")
-        outcome = await self.ensure_topic()
-        if outcome == "created":
-            ctx.log.info("PushTopic created", topic=name)
-        stored = await ctx.checkpoint()
-        replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
-        ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
-        await self.follow(replay)
+    # -- listeners joining and leaving (called from listener tasks)
 
-    async def follow(self, replay: int) -> None:
-        """The Bayeux loop on the logged-in session, until cancelled or a Retry/Fail ends it."""
-        ctx, options = self.ctx, self.options
-        self.bayeux = BayeuxClient({options.topic: replay}, replay_fallback=-1 if options.replay == "new" else -2,
-                                   margin=self.settings.salesforce_poll_margin, request_timeout=self.timeout,
-                                   service="Salesforce streaming")
-        bound = None
+    def add(self, ctx: SourceContext, options: SalesforceOptions, replay: int) -> _Member:
+        member = _Member(ctx, options, asyncio.get_running_loop().create_future())
+        self.members[member.channel] = member
+        self.machine.add(member.channel, replay, -1 if options.replay == "new" else -2)
+        ctx.set_heartbeat_bound(self.machine.heartbeat_bound)
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name=f"salesforce:{self.login.integration.login_url}")
+        self._dirty.set()
+        return member
+
+    def remove(self, member: _Member) -> None:
+        if self.members.get(member.channel) is member:
+            del self.members[member.channel]
+            if self.members:  # the others go on: unsubscribe on the live client
+                self.machine.remove(member.channel)
+                self._dirty.set()
+        if not self.members and not self.closed:
+            self._close()  # the last one: the task unsubscribes and disconnects on its way out
+
+    # -- the client's task
+
+    async def _run(self) -> None:
+        ended: Outcome = Retry("closed", "Salesforce streaming client closed")
+        control = asyncio.create_task(self._control(), name="salesforce-control")
+        try:
+            await self._follow()
+        except Ended as exc:
+            ended = exc.outcome
+        except asyncio.CancelledError:
+            if self._broken is None:
+                raise
+            ended = self._broken  # cancelled by its own control lane, which crashed
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except Exception as exc:  # a bug here must not strand the listeners: they retry
+            self.log.exception("salesforce client crashed")
+            ended = Retry("crash", f"Unexpected error: {type(exc).__name__}: {exc}")
+        finally:
+            self._close(cancel=False)
+            control.cancel()
+            for member in list(self.members.values()):
+                _resolve(member, ended)
+            with contextlib.suppress(BaseException):
+                await control
+            await self._goodbye()
+            if self.http is not None:
+                await self.http.close()
+                self.http = None
+
+    async def _follow(self) -> None:
+        """The poll lane: handshake, first subscribes, then connect after connect, until something ends it."""
+        machine = self.machine
+        self.session = await self.login.current()
         outputs: list[Any] = []
         while True:
             if not all(isinstance(o, Message) for o in outputs):
                 for output in outputs:  # anything but events: in order, before the next request
-                    await self.handle(output)
+                    await self._handle(output)
                 outputs = []
-            if self.bayeux.subscribed and bound != self.bayeux.heartbeat_bound:
-                bound = self.bayeux.heartbeat_bound
-                ctx.set_heartbeat_bound(bound)
+            if machine.subscribed and self._bound != machine.heartbeat_bound:
+                self._bound = machine.heartbeat_bound
+                for member in self.members.values():
+                    member.ctx.set_heartbeat_bound(self._bound)
             # Reconnect at once and hand the last answer's events on while the next poll is in flight:
             # Salesforce wants the next connect soon after an answer with events (40 s), and the two
             # overlap (the server prepares the next batch while the outbox takes this one).
-            in_flight = asyncio.create_task(self.send(self.bayeux.next_request()))
+            in_flight = asyncio.create_task(self._send(machine.next_request()))
             try:
                 for output in outputs:
-                    await self.emit(output)
+                    await self._emit(output)
                 outputs = await in_flight
             finally:
                 if not in_flight.done():
                     in_flight.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await in_flight
+            self._dirty.set()  # a connect answered: the control lane may have work again
 
-    async def login(self) -> None:
-        async with aiohttp.ClientSession() as http:
-            self.session = await login(http, self.integration, self.ssl, self.timeout)
+    async def _control(self) -> None:
+        """The control lane: subscribes and unsubscribes for listeners joining or leaving the live client."""
+        machine = self.machine
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                while (request := machine.control_request()) is not None:
+                    try:
+                        status, body = await self._post(request)
+                        answer = orjson.loads(body) if status == 200 else None
+                    except (aiohttp.ClientError, TimeoutError, OSError, AnswerTooLarge, orjson.JSONDecodeError):
+                        answer = None
+                    outputs = (machine.control_failed(request) if answer is None
+                               else machine.control_answer(request, answer))
+                    for output in outputs:
+                        await self._handle(output)
+        except Exception as exc:  # never a silent lane: its listeners would wait for a subscribe forever
+            self.log.exception("salesforce control lane crashed")
+            self._broken = Retry("crash", f"Unexpected error: {type(exc).__name__}: {exc}")
+            if self.task is not None:
+                self.task.cancel()
 
-    async def ensure_topic(self) -> str:
-        from simple_salesforce.exceptions import SalesforceExpiredSession
-
-        verify: str | bool = self.settings.ca_bundle or True
-        for attempt in (1, 2):
-            assert self.session is not None
-            try:
-                return await asyncio.to_thread(ensure_topic, self.session, self.options, verify, self.timeout)
-            except SalesforceExpiredSession:
-                if attempt == 2:
-                    raise Ended(Retry("refused", "Salesforce refused a fresh session for the REST API")) from None
-                await self.login()
-        raise AssertionError("unreachable")
-
-    async def send(self, request: Request) -> list[Any]:
-        assert self.bayeux is not None and self.session is not None
+    async def _send(self, request: Request) -> list[Any]:
+        machine = self.machine
         if request.kind == "handshake":
-            await self.close()
+            if self.http is not None:
+                await self.http.close()
             self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         if request.delay:
             await asyncio.sleep(request.delay)
         try:
-            status, body = await self.post(request)
+            status, body = await self._post(request)
         except AnswerTooLarge as exc:  # its events are lost to this session: a new one replays them
-            self.ctx.count("oversized")
-            return self.bayeux.malformed(str(exc))
+            self._count("oversized")
+            return machine.malformed(str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self.bayeux.transport_error(f"{request.kind} failed: {describe(exc)}", kind_of(exc))
-        self.ctx.alive()
+            return machine.transport_error(f"{request.kind} failed: {describe(exc)}", kind_of(exc))
+        for member in self.members.values():
+            member.ctx.alive()
         if status != 200:
-            return self.bayeux.http_error(status, body[:200].decode("utf-8", "replace"))
+            return machine.http_error(status, body[:200].decode("utf-8", "replace"))
         try:
             messages = orjson.loads(body)
         except orjson.JSONDecodeError:
-            self.ctx.count("malformed")
-            return self.bayeux.malformed(f"{request.kind} answer is not JSON")
+            self._count("malformed")
+            return machine.malformed(f"{request.kind} answer is not JSON")
         if not isinstance(messages, dict | list) or (isinstance(messages, list)
                                                      and not all(isinstance(m, dict) for m in messages)):
-            self.ctx.count("malformed")  # JSON, but not Bayeux messages: the machine re-handshakes; count it too
-        return self.bayeux.receive(messages)
+            self._count("malformed")  # JSON, but not Bayeux messages: the machine re-handshakes; count it too
+        return machine.receive(messages)
 
-    async def post(self, request: Request) -> tuple[int, bytes]:
-        assert self.http is not None and self.session is not None
-        url = f"{self.session.instance_url}/cometd/{self.options.version}"
+    async def _post(self, request: Request) -> tuple[int, bytes]:
+        if self.http is None or self.session is None:
+            raise aiohttp.ClientConnectionError("no Bayeux session")
+        url = f"{self.session.instance_url}/cometd/{self.version}"
         headers = {"Authorization": f"Bearer {self.session.access_token}", "Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=request.timeout, connect=self.timeout)
         async with self.http.post(url, data=orjson.dumps(request.messages), headers=headers, ssl=self.ssl,
@@ -329,63 +320,125 @@ class Stream:
                     raise AnswerTooLarge(f"answer larger than {self.max_answer} bytes")
             return response.status, bytes(body)
 
-    async def handle(self, output: Any) -> None:
-        ctx = self.ctx
+    async def _handle(self, output: Any) -> None:
         if isinstance(output, Message):
-            await self.emit(output)
+            await self._emit(output)
         elif isinstance(output, Subscribed):
-            ctx.started(f"Subscribed to topic: {self.options.topic}{self.note}")
-            if output.resubscribe:
-                ctx.log.info("resubscribed", topic=self.options.topic, replay=output.replay)
+            self.login.unlimited()
+            member = self.members.get(output.channel)
+            if member is not None and not member.outcome.done():
+                member.ctx.started(f"Subscribed to topic: {member.channel}{member.note}")
+                if output.resubscribe:
+                    member.ctx.log.info("resubscribed", topic=member.channel, replay=output.replay)
         elif isinstance(output, ReplayRejected):
-            what = "all retained events" if output.fallback == -2 else "new events only"
-            self.note = (f" (replayId {output.replay_id} is no longer retained by Salesforce: resumed with "
-                         f"{what}; events in between may be missing)")
-            ctx.count("replay_gap")
-            ctx.log.warning("replayId outside the retention window", replay=output.replay_id,
-                            fallback=output.fallback, error=output.error)
+            member = self.members.get(output.channel)
+            if member is not None:
+                what = "all retained events" if output.fallback == -2 else "new events only"
+                member.note = (f" (replayId {output.replay_id} is no longer retained by Salesforce: resumed with "
+                               f"{what}; events in between may be missing)")
+                member.ctx.count("replay_gap")
+                member.ctx.log.warning("replayId outside the retention window", replay=output.replay_id,
+                                       fallback=output.fallback, error=output.error)
+        elif isinstance(output, Refused):
+            member = self.members.get(output.channel)
+            if member is not None:
+                _resolve(member, output.outcome)
         elif isinstance(output, Rehandshake):
-            ctx.reconnected()
-            ctx.log.info("new Bayeux handshake", reason=output.reason)
+            for member in self.members.values():
+                member.ctx.reconnected()
+            self.log.info("new Bayeux handshake", reason=output.reason)
+            if output.abandoned:  # the server still holds it: free its slot before taking a new one
+                await self._post_quietly(Request("disconnect", [{"channel": "/meta/disconnect",
+                                                                 "clientId": output.abandoned, "id": "bye"}],
+                                                 STOP_TIMEOUT))
         elif isinstance(output, Relogin):
-            ctx.reconnected()
-            ctx.log.info("session expired; logging in again", reason=output.reason)
-            await self.login()
-            assert self.bayeux is not None
-            self.bayeux.relogged_in()
-        elif isinstance(output, Retry | Fail):
+            for member in self.members.values():
+                member.ctx.reconnected()
+            self.log.info("session expired; logging in again", reason=output.reason)
+            self.session = await self.login.refresh(self.session)
+            self.machine.relogged_in()
+        elif isinstance(output, Retry):
+            if self.machine.limited:
+                output = dataclasses.replace(output, delay=self.login.limited())
+            raise Ended(output)
+        elif isinstance(output, Fail):
             raise Ended(output)
 
-    async def emit(self, message: Message) -> None:
+    async def _emit(self, message: Message) -> None:
+        member = self.members.get(message.channel)
+        if member is None:
+            return
         data = message.data
         sobject = data.get("sobject") if isinstance(data, dict) else None
         event = data.get("event") if isinstance(data, dict) else None
         if message.replay_id is None or not isinstance(sobject, dict) or not isinstance(event, dict):
-            self.ctx.count("malformed")
-            self.ctx.log.warning("event without sobject or replayId skipped", channel=message.channel)
+            member.ctx.count("malformed")
+            member.ctx.log.warning("event without sobject or replayId skipped", channel=message.channel)
             return
-        replay_id = str(message.replay_id)
-        await self.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel},
-                            key=self.key_prefix + replay_id, checkpoint=replay_id)
-
-    @property
-    def key_prefix(self) -> str:
-        """`<orgId>/<topic name>/`: with the replayId, the event's identity across restarts."""
         assert self.session is not None
-        return f"{self.session.org_id}/{self.options.topic.removeprefix('/topic/')}/"
+        replay_id = str(message.replay_id)
+        key = f"{self.session.org_id}/{member.channel.removeprefix('/topic/')}/{replay_id}"
+        await member.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel}, key=key,
+                              checkpoint=replay_id)
 
-    async def goodbye(self) -> None:
+    def _count(self, kind: str) -> None:
+        for member in self.members.values():
+            member.ctx.count(kind)
+
+    # -- ending
+
+    async def _goodbye(self) -> None:
         """Free the server's client slot: unsubscribe and disconnect, best effort, bounded."""
-        request = self.bayeux.stop_request() if self.bayeux else None
-        if request is None or self.http is None or self.session is None:
-            return
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT):
-                await self.post(request)
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            pass
+        request = self.machine.stop_request()
+        if request is not None:
+            await self._post_quietly(request)
 
-    async def close(self) -> None:
-        if self.http is not None:
-            await self.http.close()
-            self.http = None
+    async def _post_quietly(self, request: Request) -> None:
+        if self.http is None or self.session is None:
+            return
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, AnswerTooLarge):
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self._post(request)
+
+    def _close(self, cancel: bool = True) -> None:
+        """No new listener may join this client; the next one makes a new client."""
+        if not self.closed:
+            self.closed = True
+            if self._retire is not None:
+                self._retire(self)
+        if cancel and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def _resolve(member: _Member, outcome: Outcome) -> None:
+    if not member.outcome.done():
+        member.outcome.set_result(outcome)
+
+
+async def run(ctx: SourceContext) -> None:
+    """One listener: the shared login, its PushTopic, then its channel on the shared client until its outcome."""
+    integration: SalesforceIntegration = ctx.integration  # type: ignore[assignment]
+    options: SalesforceOptions = ctx.listener.options  # type: ignore[attr-defined]
+    clients = ctx.shared.get(SalesforceClients)
+    login = clients.login_for(ctx)
+    ctx.starting(f"Logging in to {integration.login_url}")
+    await login.current()
+    name = options.topic.removeprefix("/topic/")
+    if ctx.launch.attempt == 0 or options.topic not in login.topics_found:  # no REST storm when a client ends
+        ctx.starting(f"Looking up PushTopic {name}")
+        if await ensure_topic_for(login, options, ctx.settings) == "created":
+            ctx.log.info("PushTopic created", topic=name)
+        login.topics_found.add(options.topic)
+    stored = await ctx.checkpoint()
+    replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
+    ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
+    connection = clients.connection_for(ctx, login, options)
+    member = connection.add(ctx, options, replay)
+    try:
+        outcome = await member.outcome
+    finally:
+        connection.remove(member)
+        task = connection.task
+        if connection.closed and task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT + 0.5)  # its goodbye, bounded
+    raise Ended(outcome)

@@ -300,29 +300,28 @@ async def test_a_checkpoint_set_like_the_api_restarts_from_there(tmp_path, sim, 
 
 
 async def test_an_answer_past_the_size_bound_is_refused_not_buffered(tmp_path, sim):
-    from listenerd.outcome import Ended, Retry
-    from listenerd.sources.salesforce import Stream
+    from listenerd.outcome import Retry
+    from listenerd.sources.salesforce import Connection
+    from listenerd.sources.salesforce_auth import Login
 
     async with Harness(tmp_path) as h:
         creds_ = creds(sim.url)
         spec_ = spec()
-        stream = Stream(h.context(KEY[0], spec_, creds_), creds_, spec_.options)
-        stream.max_answer = 20_000
-        await stream.login()
-        task = asyncio.create_task(stream.follow(-1))
+        login = Login(creds_, h.config.sources)
+        connection = Connection(login, spec_.options.version, h.config.sources)
+        connection.max_answer = 20_000
+        member = connection.add(h.context(KEY[0], spec_, creds_), spec_.options, -1)
         try:
             await wait_for(lambda: any(c.subscriptions for c in sim.bayeux.values()), what="subscribed")
             sim.publish("Invoices", {"Id": "a0", "Name": "small"})
             await wait_for(lambda: h.records[KEY].received == 1, what="a small event")
             sim.publish("Invoices", {"Id": "a1", "Name": "x" * 50_000})
-            with pytest.raises(Ended) as info:
-                await asyncio.wait_for(task, 10)
+            outcome = await asyncio.wait_for(member.outcome, 10)
             # each new session asked for the events after "small" again (replay), until the machine gave up
-            outcome = info.value.outcome
             assert isinstance(outcome, Retry)
             assert "larger than 20000 bytes" in outcome.reason and "handshakes" in outcome.reason
             assert names(await h.events()) == ["small"]
             assert h.metrics.listener_errors.labels(*KEY, "oversized")._value.get() >= 3
         finally:
-            task.cancel()
-            await stream.close()
+            connection.remove(member)
+            await asyncio.wait({connection.task}, timeout=5)

@@ -1,7 +1,8 @@
 """Checked against code written by others, in both directions.
 
 - aiosfstream-ng (a real Salesforce streaming client) logs in to the simulator, subscribes with a replay
-  map and reads events, also across a forgotten client: so the simulator speaks Salesforce's dialect.
+  map and reads events, also across a forgotten client, with two topics on one client, and is
+  refused past the org's client limit: so the simulator speaks Salesforce's dialect.
 - listenerd's Bayeux driver (sources/salesforce.py + bayeux.py) subscribes to a real faye server started
   from this test and receives what is published there: so our client speaks Bayeux, not just our sim.
 """
@@ -9,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -21,7 +21,8 @@ from aiosfstream_ng.replay import ReplayMarker
 
 from listenerd.model import Config
 from listenerd.sim.salesforce import SalesforceSim
-from listenerd.sources.salesforce import Session, Stream
+from listenerd.sources.salesforce import Connection
+from listenerd.sources.salesforce_auth import Login, Session
 from tests.harness import Harness, integration, listener, wait_for
 
 PEERS = Path(__file__).parent
@@ -106,7 +107,74 @@ async def test_aiosfstream_sees_a_rejected_login(sim):
     assert "invalid_grant" in str(info.value.args)
 
 
+async def test_aiosfstream_follows_two_topics_on_one_client(sim):
+    """What listenerd's shared client does, done by a client written by others: one login, one handshake,
+    two subscribes each with its own replay entry, events of both topics on the one connect loop."""
+    sim.create_topic("Orders", "SELECT Id, Name FROM Order__c")
+    seen = sim.publish("Orders", {"Id": "o0", "Name": "order-seen"})
+    sim.publish("Orders", {"Id": "o0", "Name": "order-before"})
+    replay = {"/topic/Orders": ReplayMarker(date="2026-11-23T00:00:00.000Z", replay_id=seen)}
+    async with Client(authenticator(sim), replay=replay) as client:
+        await client.subscribe("/topic/Invoices")
+        await client.subscribe("/topic/Orders")
+        (replayed,) = await receive(client, 1)
+        assert replayed["data"]["sobject"]["Name"] == "order-before"
+        invoice = sim.publish("Invoices", {"Id": "a1", "Name": "inv"})
+        order = sim.publish("Orders", {"Id": "o1", "Name": "ord"})
+        got = await receive(client, 2)
+        assert sorted((m["channel"], m["data"]["event"]["replayId"]) for m in got) == [
+            ("/topic/Invoices", invoice), ("/topic/Orders", order)]
+        assert sim.logins == 1 and sim.handshakes == 1 and sim.live_clients == 1
+        (live,) = sim.bayeux.values()
+        assert live.subscriptions == {"/topic/Invoices", "/topic/Orders"}
+    subscribes = [m for m in sim.requests if m["channel"] == "/meta/subscribe"]
+    assert [m["subscription"] for m in subscribes] == ["/topic/Invoices", "/topic/Orders"]
+    # its map holds what it knows per channel (nothing yet for Invoices: the server's default, -1)
+    assert [m.get("ext", {}).get("replay") for m in subscribes] == [None, {"/topic/Orders": seen}]
+    assert sim.live_clients == 0  # aiosfstream disconnected on exit: the slot is free
+
+
+async def test_aiosfstream_is_refused_past_the_org_client_limit(sim):
+    from aiosfstream_ng.exceptions import ServerError
+
+    sim.max_clients = 1
+    async with Client(authenticator(sim)) as first:
+        await first.subscribe("/topic/Invoices")
+        with pytest.raises(ServerError) as info:
+            async with Client(authenticator(sim)):
+                pass
+        assert sim.live_clients == 1
+    _, reply = info.value.args
+    assert reply["error"] == "403::Handshake denied"
+    assert reply["ext"] == {"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}}
+    assert sim.live_clients == 0  # the first one disconnected: the slot is free again
+
+
 # ---------------------------------------------------------------- listenerd against faye
+
+
+class FayeLogin(Login):
+    """faye has no OAuth: a bearer it checks, preset; a relogin is counted, and gives the same token."""
+
+    def __init__(self, creds, settings, token):
+        super().__init__(creds, settings)
+        self.session = Session(token, creds.login_url, "org")
+        self.refreshes = 0
+
+    async def refresh(self, stale):
+        self.refreshes += 1
+        return self.session
+
+
+def faye_connection(h, creds, spec, token="peer-token"):
+    login = FayeLogin(creds, h.config.sources, token)
+    connection = Connection(login, spec.options.version, h.config.sources)
+    return login, connection
+
+
+async def leave(connection, member):
+    connection.remove(member)
+    await asyncio.wait({connection.task}, timeout=5)
 
 
 class Faye:
@@ -166,9 +234,8 @@ async def test_listenerd_bayeux_client_receives_from_a_real_faye_server(tmp_path
     async with Harness(tmp_path, config) as h:
         ctx = h.context("t", spec, creds)
         record = h.records[("t", "LF")]
-        stream = Stream(ctx, creds, spec.options)
-        stream.session = Session("peer-token", faye.url, "org")  # faye has no OAuth: a bearer it checks
-        task = asyncio.create_task(stream.follow(-1))
+        _, connection = faye_connection(h, creds, spec)
+        member = connection.add(ctx, spec.options, -1)
         await wait_for(lambda: any("subscribe" in s for s in faye.seen), what="faye sees the subscription")
         # faye records the request before it answers: the client is started once the answer is read
         await wait_for(lambda: record.status == "started", what="started on faye's answer")
@@ -182,35 +249,23 @@ async def test_listenerd_bayeux_client_receives_from_a_real_faye_server(tmp_path
         assert [e["event"] for e in events] == [{"name": f"n{i}", "replay": i, "channel": "/topic/Invoices"}
                                                 for i in range(1, 4)]
         assert await h.store.get_checkpoint("t", "LF") == "3"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await stream.goodbye()
-        await stream.close()
+        await leave(connection, member)  # the last listener out: unsubscribe and disconnect
         await wait_for(lambda: any("disconnect" in s for s in faye.seen), what="faye sees the disconnect")
         assert any(s.get("unsubscribe") == "/topic/Invoices" for s in faye.seen)
 
 
 async def test_listenerd_bayeux_client_is_refused_by_faye_without_the_token(tmp_path, faye):
-    from listenerd.outcome import Ended
-
     config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")}})
     creds = integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u",
                                          "password": "p", "login-url": faye.url})
     spec = listener(id="LF", type="salesforce", options={"topic": "Invoices"})
     async with Harness(tmp_path, config) as h:
-        stream = Stream(h.context("t", spec, creds), creds, spec.options)
-        stream.session = Session("wrong-token", faye.url, "org")
-        relogins = []
-
-        async def fake_login():  # faye has no token endpoint: count the relogin the 401 asks for
-            relogins.append(1)
-
-        stream.login = fake_login
-        with pytest.raises(Ended) as info:
-            await stream.follow(-1)
-        assert "401::Authentication invalid" in info.value.outcome.reason and relogins == [1]
-        await stream.close()
+        login, connection = faye_connection(h, creds, spec, token="wrong-token")
+        member = connection.add(h.context("t", spec, creds), spec.options, -1)
+        outcome = await asyncio.wait_for(member.outcome, 10)
+        # faye has no token endpoint: the one relogin the 401 asks for is counted, then the client gives up
+        assert "401::Authentication invalid" in outcome.reason and login.refreshes == 1
+        await leave(connection, member)
 
 
 
@@ -224,9 +279,8 @@ async def test_listenerd_rehandshakes_and_resubscribes_when_faye_forgets_it(tmp_
     async with Harness(tmp_path, config) as h:
         ctx = h.context("t", spec, creds)
         record = h.records[("t", "LF")]
-        stream = Stream(ctx, creds, spec.options)
-        stream.session = Session("peer-token", faye.url, "org")
-        task = asyncio.create_task(stream.follow(-1))
+        _, connection = faye_connection(h, creds, spec)
+        member = connection.add(ctx, spec.options, -1)
         try:
             await wait_for(lambda: any("subscribe" in s for s in faye.seen), what="subscribed")
             first_client = next(s["clientId"] for s in faye.seen if "subscribe" in s)
@@ -239,7 +293,4 @@ async def test_listenerd_rehandshakes_and_resubscribes_when_faye_forgets_it(tmp_
             assert [e["event"] for e in await h.events()] == [{"replay": 7}]
             assert record.status == "started"
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await stream.close()
+            await leave(connection, member)

@@ -1,11 +1,13 @@
 """The Bayeux client state machine, message by message, without sockets."""
 
+import orjson
 import pytest
 
 from listenerd.outcome import Fail, Retry
 from listenerd.sources.bayeux import (
     BayeuxClient,
     Message,
+    Refused,
     Rehandshake,
     Relogin,
     ReplayRejected,
@@ -280,7 +282,10 @@ def test_replay_id_outside_retention_fails_without_a_fallback():
     c.next_request()
     out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False,
                       "error": "400::The replayId {82} you provided was invalid."}])
-    assert isinstance(out[0], Fail) and "82" in out[0].reason
+    # the channel alone fails (its listener), not the client that carries the others
+    assert isinstance(out[0], Refused) and out[0].channel == TOPIC
+    assert isinstance(out[0].outcome, Fail) and "82" in out[0].outcome.reason
+    assert TOPIC not in c.subscriptions and c.state == "connected"
 
 
 def test_missing_channel_fails_with_the_server_text():
@@ -289,7 +294,7 @@ def test_missing_channel_fails_with_the_server_text():
     c.next_request()
     error = "400::The channel you requested to subscribe to doesn't exist {/topic/Invoices}"
     out = c.receive([{"channel": "/meta/subscribe", "subscription": TOPIC, "successful": False, "error": error}])
-    assert out == [Fail(f"Subscription to {TOPIC} refused: {error}")]
+    assert out == [Refused(TOPIC, Fail(f"Subscription to {TOPIC} refused: {error}"))]
 
 
 def test_faye_style_401_unknown_client_rehandshakes_not_relogin():
@@ -341,3 +346,183 @@ def test_batched_subscribe_of_several_channels():
     assert c.receive([{"channel": "/meta/subscribe", "subscription": "/topic/B", "successful": True}]) == [
         Subscribed("/topic/B", -2, False)]
     assert c.state == "connected"
+
+
+# ---------------------------------------------------------------- several channels on one client
+
+A, B, C = "/topic/A", "/topic/B", "/topic/C"
+
+
+def two_channels():
+    c = BayeuxClient({A: -1, B: 5})
+    handshake_ok(c)
+    subscribe_ok(c)
+    c.next_request()  # the connect is held
+    return c
+
+
+def test_each_channel_subscribes_with_its_own_replay_id():
+    c = BayeuxClient({A: -1, B: 5})
+    handshake_ok(c)
+    req, out = subscribe_ok(c)
+    assert [m["ext"] for m in req.messages] == [{"replay": {A: -1}}, {"replay": {B: 5}}]
+    assert out == [Subscribed(A, -1, False), Subscribed(B, 5, False)]
+    c.next_request()
+    out = c.receive([event(7, A), event(9, B), connect_reply()])
+    assert [(o.channel, o.replay_id) for o in out] == [(A, 7), (B, 9)]
+    assert c.subscriptions == {A: 7, B: 9}
+
+
+def test_a_channel_added_to_the_live_client_subscribes_beside_the_held_connect():
+    c = two_channels()
+    assert c.control_request() is None  # nothing to say
+    c.add(C, 42)
+    req = c.control_request()
+    assert req.kind == "subscribe" and [m["subscription"] for m in req.messages] == [C]
+    assert req.messages[0]["ext"] == {"replay": {C: 42}} and req.messages[0]["clientId"] == "c1"
+    assert c.control_request() is None  # one control request at a time
+    out = c.control_answer(req, [{"channel": "/meta/subscribe", "subscription": C, "successful": True}])
+    assert out == [Subscribed(C, 42, False)]
+    # the held connect goes on: no handshake, the other channels untouched
+    assert c.receive([event(10, C), connect_reply()]) == [Message(C, event(10, C)["data"], 10)]
+    assert c.next_request().kind == "connect" and c.subscribed == {A, B, C}
+
+
+def test_a_channel_removed_from_the_live_client_is_unsubscribed_alone():
+    c = two_channels()
+    c.remove(A)
+    req = c.control_request()
+    assert req.kind == "unsubscribe" and [(m["channel"], m["subscription"]) for m in req.messages] == [
+        ("/meta/unsubscribe", A)]
+    assert c.control_answer(req, [{"channel": "/meta/unsubscribe", "subscription": A, "successful": True}]) == []
+    out = c.receive([event(3, A), event(11, B), connect_reply()])  # a late event of A is not A's any more
+    assert out == [Message(B, event(11, B)["data"], 11)] and c.subscribed == {B}
+
+
+def test_a_channel_refused_on_the_live_client_fails_alone():
+    c = two_channels()
+    c.add(C, -1)
+    req = c.control_request()
+    error = "400::The channel you requested to subscribe to doesn't exist {/topic/C}"
+    out = c.control_answer(req, [{"channel": "/meta/subscribe", "subscription": C, "successful": False,
+                                  "error": error}])
+    assert out == [Refused(C, Fail(f"Subscription to {C} refused: {error}"))]
+    assert c.state == "connected" and c.subscribed == {A, B} and C not in c.subscriptions
+    assert c.receive([connect_reply()]) == []
+
+
+def test_a_session_error_on_the_control_lane_is_left_to_the_connect():
+    c = two_channels()
+    c.add(C, -1)
+    req = c.control_request()
+    out = c.control_answer(req, [{"channel": "/meta/subscribe", "subscription": C, "successful": False,
+                                  "error": "403::Unknown client"}])
+    assert out == [] and c.control_request() is None  # held: no subscribe loop on a dead session
+    out = c.receive([connect_reply(False, error="403::Unknown client", advice={"reconnect": "handshake"})])
+    assert out == [Rehandshake("connect answered 403::Unknown client")]  # once, for the whole client
+    handshake_ok(c, "c2")
+    req, out = subscribe_ok(c)
+    assert {m["subscription"] for m in req.messages} == {A, B, C}
+    assert out == [Subscribed(A, -1, True), Subscribed(B, 5, True), Subscribed(C, -1, False)]
+
+
+def test_a_control_answer_from_an_older_session_is_ignored():
+    c = two_channels()
+    c.add(C, -1)
+    req = c.control_request()
+    c.receive([connect_reply(False, error="403::Unknown client", advice={"reconnect": "handshake"})])
+    handshake_ok(c, "c2")
+    assert c.control_answer(req, [{"channel": "/meta/subscribe", "subscription": C, "successful": True}]) == []
+    sub = c.next_request()
+    assert {m["subscription"] for m in sub.messages} == {A, B, C}
+
+
+def test_a_control_request_without_answer_waits_for_the_next_connect():
+    c = two_channels()
+    c.add(C, -1)
+    req = c.control_request()
+    assert c.control_failed(req) == [] and c.control_request() is None
+    c.receive([connect_reply()])
+    assert [m["subscription"] for m in c.control_request().messages] == [C]
+
+
+def test_subscribes_are_cut_below_salesforce_body_limit():
+    channels = {f"/topic/Topic{i:04d}": -1 for i in range(1000)}
+    c = BayeuxClient(channels)
+    handshake_ok(c)
+    seen = []
+    while c.state == "subscribing":
+        req = c.next_request()
+        assert len(orjson.dumps(req.messages)) <= 32_768
+        seen += [m["subscription"] for m in req.messages]
+        c.receive([{"channel": "/meta/subscribe", "subscription": m["subscription"], "successful": True}
+                   for m in req.messages])
+    assert seen == list(channels) and c.state == "connected"
+    req = c.stop_request()
+    assert len(orjson.dumps(req.messages)) <= 32_768 and req.messages[-1]["channel"] == "/meta/disconnect"
+
+
+def test_the_org_client_limit_is_named_in_the_retry():
+    c = client(service="Salesforce streaming")
+    c.next_request()
+    [out] = c.receive([{"channel": "/meta/handshake", "successful": False, "error": "403::Handshake denied",
+                        "ext": {"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}},
+                        "advice": {"reconnect": "none"}}])
+    assert isinstance(out, Retry)
+    assert "limit of concurrent streaming clients" in out.reason
+    assert "403::Organization concurrent user limit exceeded" in out.reason
+
+
+def test_a_client_given_up_is_named_for_its_disconnect():
+    c = two_channels()
+    [out] = c.malformed("not JSON")  # the server still holds c1: the driver tells it before a new handshake
+    assert out == Rehandshake("malformed answer from the server (not JSON)", abandoned="c1")
+    c = two_channels()
+    [out] = c.receive([connect_reply(False, error="403::Unknown client", advice={"reconnect": "handshake"})])
+    assert out.abandoned is None  # the server forgot it already
+    c = two_channels()
+    c.transport_error("timed out", "timeout")
+    c.next_request()
+    [out] = c.transport_error("timed out", "timeout")
+    assert isinstance(out, Retry)  # retried once on the same clientId, then given up:
+    req = c.stop_request()  # ... and told
+    assert [m["channel"] for m in req.messages][-1] == "/meta/disconnect" and req.messages[-1]["clientId"] == "c1"
+
+
+def test_connects_that_fail_fast_are_retried_on_the_same_client_within_the_window():
+    c = BayeuxClient({A: -1}, connect_retry_window=10.0)
+    handshake_ok(c)
+    subscribe_ok(c)
+    waits, out = [], []
+    while not out:
+        req = c.next_request()
+        assert req.kind == "connect" and req.messages[0]["clientId"] == "c1"  # never a new handshake meanwhile
+        waits.append(req.delay)
+        out = c.http_error(503, "Service Unavailable")
+    assert waits[1:5] == [0.1, 0.2, 0.4, 0.8] and max(waits) == 5.0  # growing, capped
+    assert sum(waits[:-1]) >= 10.0 > sum(waits[:-2])  # the window spent, then `max_transport_retries` (1) more
+    assert out == [Retry("refused", "Bayeux: HTTP 503: Service Unavailable")]
+    assert c.heartbeat_bound == pytest.approx(10.0 + 2 * c.poll_timeout + 0.1)
+
+
+def test_a_successful_connect_restores_the_whole_window():
+    c = BayeuxClient({A: -1}, connect_retry_window=1.0)
+    handshake_ok(c)
+    subscribe_ok(c)
+    for _ in range(3):
+        for _ in range(4):
+            c.next_request()
+            assert c.transport_error("connection reset") == []
+        c.next_request()
+        assert c.receive([connect_reply()]) == []
+    assert c.next_request().delay == 0
+
+
+def test_timed_out_connects_are_not_retried_within_the_window():
+    c = BayeuxClient({A: -1}, connect_retry_window=60.0)
+    handshake_ok(c)
+    subscribe_ok(c)
+    c.next_request()
+    assert c.transport_error("timed out", "timeout") == []
+    c.next_request()
+    assert isinstance(c.transport_error("timed out", "timeout")[0], Retry)  # silence: the bound, not the window

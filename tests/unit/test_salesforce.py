@@ -1,9 +1,13 @@
 """The Salesforce source's pure helpers: replay start, org id, secret scrubbing, URL rebasing for REST."""
 
+import asyncio
+
+import orjson
 import pytest
 
 from listenerd.model import SalesforceOptions
-from listenerd.sources.salesforce import RebasedSession, org_id_of, scrub, start_replay
+from listenerd.sources.salesforce import start_replay
+from listenerd.sources.salesforce_auth import RebasedSession, org_id_of, scrub
 from tests.harness import integration
 
 
@@ -62,3 +66,110 @@ def test_rebased_session_keeps_scheme_host_and_port_as_configured():
         http.request("GET", "https://elsewhere.example.com/x")
     assert sent[0] == ("http://localhost:8123/services/data/v58.0/query/?q=x", "/ca.pem", 7.0)
     assert sent[1][0] == "https://elsewhere.example.com/x"  # only the instance is rebased
+
+
+# ---------------------------------------------------------------- the shared login
+
+
+def sources_settings():
+    from listenerd.model import Config
+
+    return Config.model_validate({"store": {"path": "unused.db"}}).sources
+
+
+def sf_creds():
+    return integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u",
+                                        "password": "p", "login-url": "https://login.example.com"})
+
+
+@pytest.fixture
+def logins(monkeypatch):
+    """Replaces the OAuth POST: each call is counted and answers a new token after a pause."""
+    from listenerd.sources import salesforce_auth
+
+    calls = []
+
+    async def fake_login(http, integration_, sslctx, timeout):
+        calls.append(integration_.username)
+        await asyncio.sleep(0.01)  # the others arrive while the first login is in flight
+        if isinstance(calls_behaviour[0], Exception):
+            raise calls_behaviour[0]
+        return salesforce_auth.Session(f"00D!token{len(calls)}", "https://na1.example.com", "00D")
+
+    calls_behaviour: list = [None]
+    monkeypatch.setattr(salesforce_auth, "login", fake_login)
+    return calls, calls_behaviour
+
+
+async def test_one_login_however_many_ask_at_once(logins):
+    from listenerd.sources.salesforce_auth import Login
+
+    calls, _ = logins
+    login = Login(sf_creds(), sources_settings())
+    sessions = await asyncio.gather(*(login.current() for _ in range(50)))
+    assert len(calls) == 1 and len({s.access_token for s in sessions}) == 1
+    assert await login.current() is sessions[0] and len(calls) == 1  # cached
+
+
+async def test_a_stale_session_is_refreshed_once_for_every_listener_that_saw_it(logins):
+    from listenerd.sources.salesforce_auth import Login
+
+    calls, _ = logins
+    login = Login(sf_creds(), sources_settings())
+    stale = await login.current()
+    fresh = await asyncio.gather(*(login.refresh(stale) for _ in range(200)))
+    assert len(calls) == 2 and {s.access_token for s in fresh} == {"00D!token2"}
+    assert await login.refresh(stale) is fresh[0] and len(calls) == 2  # a late one finds the new token
+
+
+async def test_the_login_rate_limit_is_a_long_named_retry_for_everyone_waiting(logins):
+    from listenerd.outcome import Ended, Retry
+    from listenerd.sources.salesforce_auth import LIMIT_BACKOFF_INITIAL, Login, LoginRateExceeded
+
+    calls, behaviour = logins
+    behaviour[0] = LoginRateExceeded("invalid_grant: LOGIN_RATE_EXCEEDED")
+    login = Login(sf_creds(), sources_settings())
+    outcomes = await asyncio.gather(*(login.current() for _ in range(5)), return_exceptions=True)
+    assert len(calls) == 1 and all(isinstance(o, Ended) for o in outcomes)
+    retry = outcomes[0].outcome
+    assert isinstance(retry, Retry) and "login rate limit" in retry.reason and "LOGIN_RATE_EXCEEDED" in retry.reason
+    assert retry.delay >= 0.8 * LIMIT_BACKOFF_INITIAL
+    assert login.limited() > retry.delay * 1.2  # a second hit in a row backs off longer
+
+
+class FakeTokenEndpoint:
+    """Just enough of aiohttp.ClientSession.post for `login()`: one canned answer."""
+
+    def __init__(self, status, body):
+        self.status, self.body = status, body
+
+    def post(self, *args, **kwargs):
+        endpoint = self
+
+        class Response:
+            status = endpoint.status
+
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc):
+                return False
+
+            async def read(self):
+                return endpoint.body
+
+        return Response()
+
+
+@pytest.mark.parametrize("description", ["LOGIN_RATE_EXCEEDED", "Login Rate Exceeded"])
+async def test_login_rate_exceeded_is_told_apart_from_bad_credentials(description):
+    from listenerd.outcome import Ended, Fail
+    from listenerd.sources.salesforce_auth import LoginRateExceeded, login
+
+    body = orjson.dumps({"error": "invalid_grant", "error_description": description})
+    with pytest.raises(LoginRateExceeded):
+        await login(FakeTokenEndpoint(400, body), sf_creds(), None, 1.0)
+    body = orjson.dumps({"error": "invalid_grant", "error_description": "authentication failure"})
+    with pytest.raises(Ended) as info:
+        await login(FakeTokenEndpoint(400, body), sf_creds(), None, 1.0)
+    assert isinstance(info.value.outcome, Fail)

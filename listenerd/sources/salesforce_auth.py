@@ -1,0 +1,241 @@
+"""Salesforce login and REST for the streaming source: one OAuth session per integration, shared.
+
+Why its own module: the token is a resource of the integration, not of a listener or a CometD client.
+`Login` caches it, shares it with every listener and client of the integration, and logs in again
+only when Salesforce says the session is invalid, once however many notice at the same moment (single
+flight). Salesforce limits logins per user (3,600 an hour, then `LOGIN_RATE_EXCEEDED`, help article
+000381578), and a login per listener or per reconnect spends that quota in a restart storm
+(restforce/restforce#744 met it with JWT logins per call).
+
+1. Login (OAuth 2.0 username-password) with aiohttp against `{login-url}/services/oauth2/token`,
+   any host and scheme, TLS verified (optionally against `sources.ca-bundle`). `invalid_grant` /
+   `invalid_client` are `failed` with Salesforce's own words; the secrets never appear anywhere.
+   `LOGIN_RATE_EXCEEDED` is `retrying`, named, after the long limit back-off.
+2. PushTopic lookup and creation with simple-salesforce in direct mode, in a thread (it is
+   synchronous), per listener. simple-salesforce always builds `https://<instance>` URLs, so a small
+   `requests.Session` rebases them onto the instance URL as given (plain http for simulators).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import requests
+
+from listenerd.backoff import backoff_delay
+from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
+from listenerd.net import client_tls, describe, kind_of, mask
+from listenerd.outcome import Ended, Fail, Retry
+
+FATAL_LOGIN_ERRORS = ("invalid_grant", "invalid_client", "invalid_client_id", "unsupported_grant_type")
+# Salesforce's words when a user's logins pass 3,600 an hour (help article 000381578); matched anywhere
+# in the OAuth error, before `invalid_grant` counts as bad credentials.
+LOGIN_RATE_WORDS = ("login_rate_exceeded", "login rate exceeded")
+# Back-off after the org's client limit or the login rate limit: they clear in minutes (a client
+# expires, an hour's logins age), and each early retry spends more of the same quota.
+LIMIT_BACKOFF_INITIAL = 60.0
+LIMIT_BACKOFF_MAX = 300.0
+
+
+@dataclass(frozen=True)
+class Session:
+    """The answer of a login; `repr` never shows the token."""
+
+    access_token: str = field(repr=False)
+    instance_url: str
+    org_id: str
+
+
+class LoginRateExceeded(Exception):
+    """Salesforce refused the login for the user's hourly login limit; carries its words."""
+
+
+def scrub(text: str, integration: SalesforceIntegration) -> str:
+    """Salesforce's words, minus any secret they might echo (the joined password first)."""
+    return mask(text, integration.password + integration.secret_token, *integration.secret_values(), shortest=4)
+
+
+def org_id_of(answer: dict[str, Any]) -> str:
+    """The org from the identity URL `.../id/<orgId>/<userId>`, else the token's `<orgId>!` prefix."""
+    parts = urlsplit(str(answer.get("id", ""))).path.strip("/").split("/")
+    if len(parts) >= 3 and parts[-3] == "id":
+        return parts[-2]
+    token = str(answer.get("access_token", ""))
+    return token.split("!", 1)[0] if "!" in token else "org"
+
+
+async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration, sslctx: ssl.SSLContext,
+                timeout: float) -> Session:
+    url = integration.login_url.rstrip("/") + "/services/oauth2/token"
+    form = {"grant_type": "password", "client_id": integration.consumer_key,
+            "client_secret": integration.consumer_secret, "username": integration.username,
+            "password": integration.password + integration.secret_token}
+    try:
+        async with http.post(url, data=form, ssl=sslctx, timeout=aiohttp.ClientTimeout(total=timeout),
+                             headers={"Accept": "application/json"}) as response:
+            status, body = response.status, await response.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise Ended(Retry(kind_of(exc), f"Cannot reach {integration.login_url}: {describe(exc)}")) from None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if status == 200 and isinstance(answer, dict) and answer.get("access_token") and answer.get("instance_url"):
+        return Session(answer["access_token"], str(answer["instance_url"]).rstrip("/"), org_id_of(answer))
+    if isinstance(answer, dict) and answer.get("error"):
+        words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration)
+        if any(w in words.lower() for w in LOGIN_RATE_WORDS):
+            raise LoginRateExceeded(words)
+        if answer["error"] in FATAL_LOGIN_ERRORS:
+            raise Ended(Fail(f"Salesforce rejected the login: {words}"))
+        raise Ended(Retry("refused", f"Login failed: {words}"))
+    raise Ended(Retry("refused", f"Login failed: HTTP {status} from {integration.login_url}"))
+
+
+# ---------------------------------------------------------------- PushTopic over REST (in a thread)
+
+
+class RebasedSession(requests.Session):
+    """Sends simple-salesforce's `https://<instance>/...` URLs to the instance URL as configured, verified
+    against the configured CA bundle (or the system's)."""
+
+    def __init__(self, instance_url: str, verify: str | bool, timeout: float):
+        super().__init__()
+        parts = urlsplit(instance_url)
+        self._from = f"https://{parts.netloc}/"
+        self._to = f"{parts.scheme}://{parts.netloc}/"
+        self.verify = verify
+        self._timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if isinstance(url, str) and url.startswith(self._from):
+            url = self._to + url[len(self._from):]
+        kwargs.setdefault("timeout", self._timeout)
+        # Per request, because requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's verify.
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, *args, **kwargs)
+
+
+def ensure_topic(session: Session, options: SalesforceOptions, verify: str | bool, timeout: float) -> str:
+    """Find the PushTopic, creating it when a query is configured; 'found' or 'created'."""
+    from simple_salesforce import Salesforce  # imported lazily: it pulls in a large dependency tree
+    from simple_salesforce.exceptions import (
+        SalesforceError,
+        SalesforceExpiredSession,
+        SalesforceGeneralError,
+    )
+
+    name = options.topic.removeprefix("/topic/")
+    http = RebasedSession(session.instance_url, verify, timeout)
+    sf = Salesforce(instance_url=session.instance_url, session_id=session.access_token, session=http,
+                    version=options.version)
+    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    try:
+        found = sf.query(f"SELECT Id, Name, Query, ApiVersion, IsActive FROM PushTopic WHERE Name = '{quoted}'")
+        if found.get("totalSize", 0) > 0:
+            return "found"
+        if not options.query:
+            raise Ended(Fail(f"PushTopic {name} does not exist in the org, and the listener has no query "
+                             f"to create it with (set options.query, or create the PushTopic)"))
+        sf.PushTopic.create({"Name": name, "Query": options.query, "ApiVersion": float(options.version),
+                             "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
+                             "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
+                             "NotifyForFields": "Referenced"})
+        return "created"
+    except SalesforceExpiredSession:
+        raise
+    except SalesforceGeneralError as exc:
+        raise Ended(Retry("refused", f"Salesforce REST error for PushTopic {name}: {rest_words(exc)}")) from None
+    except SalesforceError as exc:
+        raise Ended(Fail(f"Salesforce refused PushTopic {name}: {rest_words(exc)}")) from None
+    except requests.RequestException as exc:
+        raise Ended(Retry(kind_of(exc), f"Cannot reach {session.instance_url}: {describe(exc, limit=200)}")) from None
+    finally:
+        http.close()
+
+
+def rest_words(exc: Any) -> str:
+    content = getattr(exc, "content", None)
+    if isinstance(content, list):
+        return "; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}" for c in content if isinstance(c, dict))
+    return f"HTTP {getattr(exc, 'status', '?')}"
+
+
+class Login:
+    """One integration's OAuth session, shared by its listeners and its Bayeux clients.
+
+    `current()` logs in once and caches the token; `refresh(stale)` logs in again only if the token
+    Salesforce refused is still the cached one, and concurrent callers share one login (single
+    flight), so a session expiry under any number of listeners costs exactly one login.
+    """
+
+    def __init__(self, integration: SalesforceIntegration, settings: Sources):
+        self.integration = integration
+        self.ssl = client_tls(settings.ca_bundle)
+        self.timeout = settings.connect_timeout
+        self.session: Session | None = None
+        self._flight: asyncio.Task[Session] | None = None
+        self._limit_hits = 0
+        self.topics_found: set[str] = set()  # PushTopics seen to exist: a retry does not look them up again
+
+    async def current(self) -> Session:
+        return self.session if self.session is not None else await self._login()
+
+    async def refresh(self, stale: Session | None) -> Session:
+        if self.session is not None and self.session is not stale:
+            return self.session  # another listener already logged in again
+        self.session = None
+        return await self._login()
+
+    def limited(self) -> float:
+        """A limit was hit (org clients, login rate): the long back-off, longer at each hit in a row."""
+        self._limit_hits += 1
+        return backoff_delay(self._limit_hits, LIMIT_BACKOFF_INITIAL, LIMIT_BACKOFF_MAX)
+
+    def unlimited(self) -> None:
+        self._limit_hits = 0
+
+    async def _login(self) -> Session:
+        if self._flight is None:
+            self._flight = asyncio.create_task(self._post(), name=f"salesforce-login:{self.integration.login_url}")
+            self._flight.add_done_callback(self._landed)
+        return await asyncio.shield(self._flight)  # a waiter cancelled does not cancel the others' login
+
+    def _landed(self, flight: asyncio.Task[Session]) -> None:
+        if self._flight is flight:
+            self._flight = None
+        if not flight.cancelled():
+            flight.exception()  # retrieved here: a login nobody waits for any more is not an error to log
+
+    async def _post(self) -> Session:
+        try:
+            async with aiohttp.ClientSession() as http:
+                session = await login(http, self.integration, self.ssl, self.timeout)
+        except LoginRateExceeded as exc:
+            raise Ended(Retry("refused", f"Salesforce's login rate limit for this user is reached "
+                                         f"(LOGIN_RATE_EXCEEDED; Salesforce said: {exc}); logging in again later",
+                              delay=self.limited())) from None
+        self.session = session
+        return session
+
+
+async def ensure_topic_for(login: Login, options: SalesforceOptions, settings: Sources) -> str:
+    """`ensure_topic` in a thread, with the shared token; a 401 there refreshes it once (single flight)."""
+    from simple_salesforce.exceptions import SalesforceExpiredSession
+
+    verify: str | bool = settings.ca_bundle or True
+    session = await login.current()
+    for attempt in (1, 2):
+        try:
+            return await asyncio.to_thread(ensure_topic, session, options, verify, settings.connect_timeout)
+        except SalesforceExpiredSession:
+            if attempt == 2:
+                raise Ended(Retry("refused", "Salesforce refused a fresh session for the REST API")) from None
+            session = await login.refresh(session)
+    raise AssertionError("unreachable")
