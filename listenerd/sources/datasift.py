@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -55,6 +53,7 @@ from listenerd.sources.datasift_protocol import (
     public_url,
     stream_url,
 )
+from listenerd.sources.group import follow, group_key
 
 _CLOSE_WAIT = 2.0  # how long the last listener leaving waits for the socket's close handshake
 # websockets logs the request line (with the api key in its query) at DEBUG: never let that through,
@@ -282,9 +281,7 @@ def _stream_for(ctx: SourceContext) -> Stream:
     registry = ctx.shared.get(Streams)
     creds = ctx.integration
     # settings too: after a reload that changes them, restarted listeners get a socket that uses them
-    digest = hashlib.sha256(orjson.dumps([ctx.tenant_id, creds.username, creds.api_key, creds.stream_url,
-                                          ctx.settings.dump()], option=orjson.OPT_SORT_KEYS))
-    key = digest.hexdigest()
+    key = group_key(ctx.tenant_id, creds.username, creds.api_key, creds.stream_url, ctx.settings.dump())
     stream = registry.get(key)
     if stream is None or stream.closed:
         stream = Stream(key=key, registry=registry, tenant_id=ctx.tenant_id, username=creds.username,
@@ -299,12 +296,4 @@ async def run(ctx: SourceContext) -> None:
     ctx.starting(f"Connecting to DataSift for stream: {stream_hash}")
     stream = _stream_for(ctx)
     ctx.set_heartbeat_bound(stream.machine.heartbeat_bound)
-    sub = stream.add(ctx, stream_hash)
-    try:
-        outcome = await sub.outcome
-    finally:
-        stream.remove(sub)
-        task = stream.task
-        if stream.closed and task is not None and not task.done() and task is not asyncio.current_task():
-            await asyncio.wait({task}, timeout=_CLOSE_WAIT + 0.5)  # the close handshake, bounded
-    raise Ended(outcome)
+    await follow(stream, stream.add(ctx, stream_hash), _CLOSE_WAIT + 0.5)

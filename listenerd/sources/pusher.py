@@ -27,17 +27,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import orjson
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from listenerd.net import client_tls, describe, kind_of
-from listenerd.outcome import Ended, Fail, Outcome, Retry
+from listenerd.outcome import Fail, Outcome, Retry
+from listenerd.sources.group import follow, group_key
 from listenerd.sources.pusher_protocol import (
     CLIENT_VERSION,
     Action,
@@ -301,9 +300,7 @@ def _connection_for(ctx: SourceContext) -> Connection:
     registry = ctx.shared.get(Connections)
     integration: PusherIntegration = ctx.integration  # type: ignore[assignment]
     # settings too: after a reload that changes them, restarted listeners get a socket that uses them
-    digest = hashlib.sha256(orjson.dumps([ctx.tenant_id, integration.dump(), ctx.settings.dump()],
-                                         option=orjson.OPT_SORT_KEYS))
-    key = digest.hexdigest()
+    key = group_key(ctx.tenant_id, integration.dump(), ctx.settings.dump())
     connection = registry.get(key)
     if connection is None or connection.closed:
         connection = Connection(key=key, registry=registry, tenant_id=ctx.tenant_id, integration=integration,
@@ -316,12 +313,4 @@ async def run(ctx: SourceContext) -> None:
     """One listener: join the shared connection with its channel, wait for this listener's outcome."""
     options: PusherOptions = ctx.listener.options  # type: ignore[attr-defined]
     connection = _connection_for(ctx)
-    sub = connection.add(ctx, options)
-    try:
-        outcome = await sub.outcome
-    finally:
-        connection.remove(sub)
-        task = connection.task
-        if connection.closed and task is not None and not task.done() and task is not asyncio.current_task():
-            await asyncio.wait({task}, timeout=_CLOSE_WAIT + 0.5)  # the close handshake, bounded
-    raise Ended(outcome)
+    await follow(connection, connection.add(ctx, options), _CLOSE_WAIT + 0.5)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +62,7 @@ from listenerd.sources.bayeux import (
     Request,
     Subscribed,
 )
+from listenerd.sources.group import follow, group_key
 from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
@@ -103,7 +103,7 @@ class SalesforceClients:
 
     def login_for(self, ctx: SourceContext) -> Login:
         # the settings too: after a reload that changes them, restarted listeners get a login that uses them
-        key = _digest([ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump()])
+        key = group_key(ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump())
         found = self.logins.get(key)
         if found is None:
             found = self.logins[key] = Login(ctx.integration, ctx.settings)  # type: ignore[arg-type]
@@ -111,7 +111,7 @@ class SalesforceClients:
 
     def connection_for(self, ctx: SourceContext, login: Login, options: SalesforceOptions) -> Connection:
         """The integration's live client that does not carry this channel yet, else a new one."""
-        key = _digest([id(login), options.version])
+        key = group_key(id(login), options.version)
         lanes = self.connections.setdefault(key, [])
         for connection in lanes:
             if not connection.closed and options.topic not in connection.members:
@@ -126,10 +126,6 @@ class SalesforceClients:
         connection = Connection(login, options.version, ctx.settings, tenant_id=ctx.tenant_id, retire=retire)
         lanes.append(connection)
         return connection
-
-
-def _digest(parts: list[Any]) -> str:
-    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()
 
 
 @dataclass(eq=False)
@@ -433,12 +429,4 @@ async def run(ctx: SourceContext) -> None:
     replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
     ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
     connection = clients.connection_for(ctx, login, options)
-    member = connection.add(ctx, options, replay)
-    try:
-        outcome = await member.outcome
-    finally:
-        connection.remove(member)
-        task = connection.task
-        if connection.closed and task is not None and not task.done() and task is not asyncio.current_task():
-            await asyncio.wait({task}, timeout=STOP_TIMEOUT + 0.5)  # its goodbye, bounded
-    raise Ended(outcome)
+    await follow(connection, connection.add(ctx, options, replay), STOP_TIMEOUT + 0.5)
