@@ -119,6 +119,7 @@ class Outbox:
         self.commit_failures = 0
         self._head_received: float | None = None  # receipt_clock() stamp of the oldest waiting event
         self._lanes: dict[tuple[str, str, str], _Lane] = {}  # per listener: its envelope prefix
+        self._verified: dict[int, tuple[bytes | None, bytes]] = {}  # the segment the last lease checked
         if metrics is not None:
             metrics.outbox_oldest_age.set_function(self.oldest_age)
 
@@ -317,7 +318,7 @@ class Outbox:
         """
         damaged: list[int] = []
         try:
-            rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged))
+            rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified))
         except sqlite3.Error as exc:
             self.health.failed("lease", exc)
             raise

@@ -175,3 +175,20 @@ async def test_migration_5_on_a_store_written_before_it(tmp_path):
             == [(1, 1), (2, 0)]  # the old segment is not verified, the new one is
         rows = await h.outbox.lease(100)
         assert [r.body for r in rows[:3]] == old and ns(rows[3:]) == [3]
+
+
+async def test_a_segment_split_across_leases_is_checksummed_once_unless_its_bytes_changed(tmp_path, monkeypatch):
+    calls = []
+    checksum = segments.checksum
+    monkeypatch.setattr(segments, "checksum", lambda ends, bodies: calls.append(bodies) or checksum(ends, bodies))
+    async with Harness(tmp_path) as h:
+        await three_segments(h)
+        calls.clear()
+        first = await h.outbox.lease(3)  # ends inside segment 1
+        second = await h.outbox.lease(3, after=first[-1].seq)  # segment 1 again, then into segment 2
+        assert ns(first + second) == [0, 1, 2, 3, 4, 5]
+        assert len(calls) == 2  # segments 1 and 2, each once
+        await damage(h, 2, lambda b: b.replace(b'"n":7', b'"n":8'))  # segment 2 changed since it was checked
+        third = await h.outbox.lease(10, after=second[-1].seq)
+        assert ns(third) == list(range(10, 15))  # checked again: set aside, never sent
+        assert damaged_count(h) == 5

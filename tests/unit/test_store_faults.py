@@ -199,10 +199,10 @@ async def test_a_failing_lease_backs_off_and_delivery_goes_on_after(tmp_path, mo
     broken = True
     lease = segments.lease
 
-    def failing_lease(conn, limit, after, damaged=None):
+    def failing_lease(conn, limit, after, damaged=None, verified=None):
         if broken:
             raise sqlite3.OperationalError("disk I/O error")
-        return lease(conn, limit, after, damaged)
+        return lease(conn, limit, after, damaged, verified)
 
     monkeypatch.setattr(segments, "lease", failing_lease)
     async with Harness(tmp_path) as h:
