@@ -15,8 +15,9 @@ over its own connection, with the same results, and the outbox above them does n
 - `totals(conn)`: waiting events, their bytes, the oldest segment's receipt time (at start);
 - `insert(conn, rows, checkpoints)`: a commit group's `segment_row`s plus its checkpoints, in the
   caller's transaction, seqs never reused;
-- `lease(conn, limit, after, damaged)`: waiting events as `Row`s, in commit order, after a seq,
-  skipping (and naming in `damaged`) a segment that fails its checksum;
+- `lease(conn, limit, after, damaged, verified)`: waiting events as `Row`s, in commit order, after a
+  seq, skipping (and naming in `damaged`) a segment that fails its checksum (`verified`: the segment
+  the previous lease checked, whose unchanged bytes need no second checksum);
 - `remove(conn, rows)`: delete delivered events, say which were still there;
 - `stored_envelopes(conn)`: every waiting envelope (tests and tools read a stopped daemon's store);
 - `relaxed(conn, fn, restore)`: an ack's transaction without the per-commit sync (PostgreSQL:
