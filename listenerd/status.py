@@ -28,7 +28,7 @@ def rfc3339(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@dataclass
+@dataclass(slots=True)  # one per listener: no instance dict
 class ListenerStatus:
     tenant_id: str
     listener_id: str

@@ -81,14 +81,17 @@ class Runner:
         self.supervisor = supervisor
         self.key = key
         self.desired = desired
-        self.fingerprint = desired.fingerprint(supervisor.config)
         self.record = record
         self.ctx: SourceContext | None = None
         self.task: asyncio.Task[None] | None = None
         self._attempt_task: asyncio.Task[None] | None = None
         self._kicked: str | None = None
         self._replay_from = replay_from  # for the first run only: a retry resumes from the stored checkpoint
-        self.log = log.bind(tenant=key[0], listener=key[1])
+
+    @property
+    def log(self) -> Any:
+        """Bound when a line is written (rarely), not kept: a bound logger per listener costs memory."""
+        return log.bind(tenant=self.key[0], listener=self.key[1])
 
     def start(self) -> None:
         self.record.attempts = 0

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from listenerd.observability import Metrics
 
 T = TypeVar("T")
+_log = structlog.get_logger("listenerd.source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +92,6 @@ class SourceContext:
         self.settings = settings
         self.launch = launch
         self.shared = shared
-        self.log = structlog.get_logger("listenerd.source").bind(
-            tenant=tenant_id, listener=listener.id, source=listener.type)
         self._status = status
         self._outbox = outbox
         self._metrics = metrics
@@ -106,6 +105,11 @@ class SourceContext:
         self.last_alive = time.monotonic()
         self.paused = False  # waiting for outbox room: silence then is ours, not the provider's
         self._received = metrics.received.labels(tenant_id, listener.id)
+
+    @property
+    def log(self) -> Any:
+        """Bound when a line is written (rarely), not kept: a bound logger per listener costs memory."""
+        return _log.bind(tenant=self.tenant_id, listener=self.listener_id, source=self.listener.type)
 
     # -- status reporting (the supervisor's record is the single writer)
 

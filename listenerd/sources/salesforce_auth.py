@@ -19,7 +19,9 @@ flight). Salesforce limits logins per user (3,600 an hour, then `LOGIN_RATE_EXCE
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +43,10 @@ LOGIN_RATE_WORDS = ("login_rate_exceeded", "login rate exceeded")
 # expires, an hour's logins age), and each early retry spends more of the same quota.
 LIMIT_BACKOFF_INITIAL = 60.0
 LIMIT_BACKOFF_MAX = 300.0
+# PushTopic REST calls run on one small pool for the whole daemon, not asyncio's default (up to cores + 4
+# threads): 333 listeners looking up their topics at once would otherwise hold a thread, and a malloc
+# arena, each of those threads for the daemon's life; a lookup is one short request.
+REST_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,12 @@ class Login:
         return session
 
 
+@functools.cache
+def rest_executor() -> ThreadPoolExecutor:
+    """The daemon's one pool for PushTopic REST, made on first use (a daemon without Salesforce has none)."""
+    return ThreadPoolExecutor(max_workers=REST_THREADS, thread_name_prefix="listenerd-salesforce-rest")
+
+
 async def ensure_topic_for(login: Login, options: SalesforceOptions, settings: Sources) -> str:
     """`ensure_topic` in a thread, with the shared token; a 401 there refreshes it once (single flight)."""
     from simple_salesforce.exceptions import SalesforceExpiredSession
@@ -233,7 +245,8 @@ async def ensure_topic_for(login: Login, options: SalesforceOptions, settings: S
     session = await login.current()
     for attempt in (1, 2):
         try:
-            return await asyncio.to_thread(ensure_topic, session, options, verify, settings.connect_timeout)
+            return await asyncio.get_running_loop().run_in_executor(
+                rest_executor(), ensure_topic, session, options, verify, settings.connect_timeout)
         except SalesforceExpiredSession:
             if attempt == 2:
                 raise Ended(Retry("refused", "Salesforce refused a fresh session for the REST API")) from None
