@@ -11,24 +11,22 @@ flight). Salesforce limits logins per user (3,600 an hour, then `LOGIN_RATE_EXCE
    any host and scheme, TLS verified (optionally against `sources.ca-bundle`). `invalid_grant` /
    `invalid_client` are `failed` with Salesforce's own words; the secrets never appear anywhere.
    `LOGIN_RATE_EXCEEDED` is `retrying`, named, after the long limit back-off.
-2. PushTopic lookup and creation with simple-salesforce in direct mode, in a thread (it is
-   synchronous), per listener. simple-salesforce always builds `https://<instance>` URLs, so a small
-   `requests.Session` rebases them onto the instance URL as given (plain http for simulators).
+2. PushTopic lookup and creation over REST, per listener, with the same aiohttp and TLS as the login,
+   to the instance URL exactly as the login answered it (plain http for simulators). These were
+   simple-salesforce calls in a thread: two requests did not need a synchronous client, `requests`,
+   a SOAP stack and a thread pool, about 17 MiB of a daemon that runs Salesforce listeners.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-import requests
 
 from listenerd.backoff import backoff_delay
 from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
@@ -43,10 +41,6 @@ LOGIN_RATE_WORDS = ("login_rate_exceeded", "login rate exceeded")
 # expires, an hour's logins age), and each early retry spends more of the same quota.
 LIMIT_BACKOFF_INITIAL = 60.0
 LIMIT_BACKOFF_MAX = 300.0
-# PushTopic REST calls run on one small pool for the whole daemon, not asyncio's default (up to cores + 4
-# threads): 333 listeners looking up their topics at once would otherwise hold a thread, and a malloc
-# arena, each of those threads for the daemon's life; a lookup is one short request.
-REST_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -104,73 +98,67 @@ async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration,
     raise Ended(Retry("refused", f"Login failed: HTTP {status} from {integration.login_url}"))
 
 
-# ---------------------------------------------------------------- PushTopic over REST (in a thread)
+# ---------------------------------------------------------------- PushTopic over REST
 
 
-class RebasedSession(requests.Session):
-    """Sends simple-salesforce's `https://<instance>/...` URLs to the instance URL as configured, verified
-    against the configured CA bundle (or the system's)."""
-
-    def __init__(self, instance_url: str, verify: str | bool, timeout: float):
-        super().__init__()
-        parts = urlsplit(instance_url)
-        self._from = f"https://{parts.netloc}/"
-        self._to = f"{parts.scheme}://{parts.netloc}/"
-        self.verify = verify
-        self._timeout = timeout
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        if isinstance(url, str) and url.startswith(self._from):
-            url = self._to + url[len(self._from):]
-        kwargs.setdefault("timeout", self._timeout)
-        # Per request, because requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's verify.
-        kwargs.setdefault("verify", self.verify)
-        return super().request(method, url, *args, **kwargs)
+class SessionExpired(Exception):  # noqa: N818 - Salesforce's word for it
+    """The REST API answered 401: the shared token is stale; `ensure_topic_for` refreshes it once."""
 
 
-def ensure_topic(session: Session, options: SalesforceOptions, verify: str | bool, timeout: float) -> str:
-    """Find the PushTopic, creating it when a query is configured; 'found' or 'created'."""
-    from simple_salesforce import Salesforce  # imported lazily: it pulls in a large dependency tree
-    from simple_salesforce.exceptions import (
-        SalesforceError,
-        SalesforceExpiredSession,
-        SalesforceGeneralError,
-    )
+async def ensure_topic(http: aiohttp.ClientSession, session: Session, options: SalesforceOptions,
+                       sslctx: ssl.SSLContext, timeout: float) -> str:
+    """Find the PushTopic, creating it when a query is configured; 'found' or 'created'.
 
+    The two REST calls simple-salesforce made (`query/?q=SELECT ... FROM PushTopic WHERE Name = '...'`,
+    `POST sobjects/PushTopic/`), on aiohttp, against the instance URL exactly as the login gave it.
+    """
     name = options.topic.removeprefix("/topic/")
-    http = RebasedSession(session.instance_url, verify, timeout)
-    sf = Salesforce(instance_url=session.instance_url, session_id=session.access_token, session=http,
-                    version=options.version)
+    base = f"{session.instance_url}/services/data/v{options.version}"
     quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    soql = f"SELECT Id, Name, Query, ApiVersion, IsActive FROM PushTopic WHERE Name = '{quoted}'"
+    found = await _rest(http, session, sslctx, timeout, name, "GET", f"{base}/query/", params={"q": soql})
+    if found.get("totalSize", 0) > 0:
+        return "found"
+    if not options.query:
+        raise Ended(Fail(f"PushTopic {name} does not exist in the org, and the listener has no query "
+                         f"to create it with (set options.query, or create the PushTopic)"))
+    await _rest(http, session, sslctx, timeout, name, "POST", f"{base}/sobjects/PushTopic/", json={
+        "Name": name, "Query": options.query, "ApiVersion": float(options.version),
+        "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True, "NotifyForOperationDelete": True,
+        "NotifyForOperationUndelete": True, "NotifyForFields": "Referenced"})
+    return "created"
+
+
+async def _rest(http: aiohttp.ClientSession, session: Session, sslctx: ssl.SSLContext, timeout: float,
+                name: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+    """One REST call's JSON answer. As simple-salesforce classed them: 401 is an expired session; 300, 400,
+    403 and 404 are Salesforce refusing (`failed`, with its words); any other status is transient."""
+    headers = {"Authorization": f"Bearer {session.access_token}", "Accept": "application/json"}
     try:
-        found = sf.query(f"SELECT Id, Name, Query, ApiVersion, IsActive FROM PushTopic WHERE Name = '{quoted}'")
-        if found.get("totalSize", 0) > 0:
-            return "found"
-        if not options.query:
-            raise Ended(Fail(f"PushTopic {name} does not exist in the org, and the listener has no query "
-                             f"to create it with (set options.query, or create the PushTopic)"))
-        sf.PushTopic.create({"Name": name, "Query": options.query, "ApiVersion": float(options.version),
-                             "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
-                             "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
-                             "NotifyForFields": "Referenced"})
-        return "created"
-    except SalesforceExpiredSession:
-        raise
-    except SalesforceGeneralError as exc:
-        raise Ended(Retry("refused", f"Salesforce REST error for PushTopic {name}: {rest_words(exc)}")) from None
-    except SalesforceError as exc:
-        raise Ended(Fail(f"Salesforce refused PushTopic {name}: {rest_words(exc)}")) from None
-    except requests.RequestException as exc:
+        async with http.request(method, url, headers=headers, ssl=sslctx, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as response:
+            status, body = response.status, await response.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise Ended(Retry(kind_of(exc), f"Cannot reach {session.instance_url}: {describe(exc, limit=200)}")) from None
-    finally:
-        http.close()
+    try:
+        answer = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        answer = None
+    if status == 401:
+        raise SessionExpired()
+    if 200 <= status < 300 and isinstance(answer, dict):
+        return answer
+    words = rest_words(status, answer)
+    if status in (300, 400, 403, 404):
+        raise Ended(Fail(f"Salesforce refused PushTopic {name}: {words}"))
+    raise Ended(Retry("refused", f"Salesforce REST error for PushTopic {name}: {words}"))
 
 
-def rest_words(exc: Any) -> str:
-    content = getattr(exc, "content", None)
-    if isinstance(content, list):
-        return "; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}" for c in content if isinstance(c, dict))
-    return f"HTTP {getattr(exc, 'status', '?')}"
+def rest_words(status: int, answer: Any) -> str:
+    """Salesforce's error list (`[{"errorCode", "message"}]`) as text, else the status."""
+    if isinstance(answer, list):
+        return "; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}" for c in answer if isinstance(c, dict))
+    return f"HTTP {status}"
 
 
 class Login:
@@ -231,24 +219,15 @@ class Login:
         return session
 
 
-@functools.cache
-def rest_executor() -> ThreadPoolExecutor:
-    """The daemon's one pool for PushTopic REST, made on first use (a daemon without Salesforce has none)."""
-    return ThreadPoolExecutor(max_workers=REST_THREADS, thread_name_prefix="listenerd-salesforce-rest")
-
-
 async def ensure_topic_for(login: Login, options: SalesforceOptions, settings: Sources) -> str:
-    """`ensure_topic` in a thread, with the shared token; a 401 there refreshes it once (single flight)."""
-    from simple_salesforce.exceptions import SalesforceExpiredSession
-
-    verify: str | bool = settings.ca_bundle or True
+    """`ensure_topic` with the shared token; a 401 there refreshes it once (single flight)."""
     session = await login.current()
-    for attempt in (1, 2):
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                rest_executor(), ensure_topic, session, options, verify, settings.connect_timeout)
-        except SalesforceExpiredSession:
-            if attempt == 2:
-                raise Ended(Retry("refused", "Salesforce refused a fresh session for the REST API")) from None
-            session = await login.refresh(session)
+    async with aiohttp.ClientSession() as http:
+        for attempt in (1, 2):
+            try:
+                return await ensure_topic(http, session, options, login.ssl, settings.connect_timeout)
+            except SessionExpired:
+                if attempt == 2:
+                    raise Ended(Retry("refused", "Salesforce refused a fresh session for the REST API")) from None
+                session = await login.refresh(session)
     raise AssertionError("unreachable")

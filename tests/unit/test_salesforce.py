@@ -7,7 +7,7 @@ import pytest
 
 from listenerd.model import SalesforceOptions
 from listenerd.sources.salesforce import start_replay
-from listenerd.sources.salesforce_auth import RebasedSession, org_id_of, scrub
+from listenerd.sources.salesforce_auth import org_id_of, rest_words, scrub
 from tests.harness import integration
 
 
@@ -51,21 +51,13 @@ def test_scrub_removes_every_secret_and_the_joined_password():
     assert "hunter22" not in text and "TOK123" not in text and "the-consumer-secret" not in text
 
 
-def test_rebased_session_keeps_scheme_host_and_port_as_configured():
-    sent = []
-
-    class Capture(RebasedSession):
-        def send(self, request, **kwargs):  # the last step before the network
-            sent.append((request.url, kwargs.get("verify"), kwargs.get("timeout")))
-            raise RuntimeError("captured")
-
-    http = Capture("http://localhost:8123", "/ca.pem", 7.0)
-    with pytest.raises(RuntimeError):
-        http.request("GET", "https://localhost:8123/services/data/v58.0/query/?q=x")
-    with pytest.raises(RuntimeError):
-        http.request("GET", "https://elsewhere.example.com/x")
-    assert sent[0] == ("http://localhost:8123/services/data/v58.0/query/?q=x", "/ca.pem", 7.0)
-    assert sent[1][0] == "https://elsewhere.example.com/x"  # only the instance is rebased
+def test_rest_errors_read_as_salesforce_words_else_the_status():
+    answer = [{"errorCode": "INVALID_FIELD", "message": "The query must select the Id field"},
+              {"errorCode": "DUPLICATE_VALUE", "message": "duplicate value found"}]
+    assert rest_words(400, answer) == ("INVALID_FIELD: The query must select the Id field; "
+                                       "DUPLICATE_VALUE: duplicate value found")
+    assert rest_words(503, None) == "HTTP 503"
+    assert rest_words(500, {"unexpected": "shape"}) == "HTTP 500"
 
 
 # ---------------------------------------------------------------- the shared login
