@@ -53,7 +53,7 @@ from listenerd.sources.datasift_protocol import (
     public_url,
     stream_url,
 )
-from listenerd.sources.group import follow, group_key
+from listenerd.sources.group import Registered, follow, group_key, resolve
 
 _CLOSE_WAIT = 2.0  # how long the last listener leaving waits for the socket's close handshake
 # websockets logs the request line (with the api key in its query) at DEBUG: never let that through,
@@ -81,7 +81,7 @@ class _Subscriber:
 
 
 @dataclass(eq=False)
-class Stream:
+class Stream(Registered):
     """One WebSocket to `/multi` shared by every listener of one tenant with the same credentials."""
 
     key: str
@@ -150,7 +150,7 @@ class Stream:
         finally:
             self._close(cancel=False)
             for sub in list(self.subscribers):
-                self._resolve(sub, ended)
+                resolve(sub, ended)
             if self.ws is not None:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(_CLOSE_WAIT):
@@ -252,7 +252,7 @@ class Stream:
                     self.log.warning("datasift frame skipped", kind=action.kind, reason=action.reason)
                 case Resolve():
                     for sub in [s for s in self.subscribers if s.hash == action.hash]:
-                        self._resolve(sub, action.outcome)
+                        resolve(sub, action.outcome)
                 case End():
                     raise Ended(action.outcome)
 
@@ -264,17 +264,6 @@ class Stream:
 
     # -- ending
 
-    def _resolve(self, sub: _Subscriber, outcome: Outcome) -> None:
-        if not sub.outcome.done():
-            sub.outcome.set_result(outcome)
-
-    def _close(self, cancel: bool = True) -> None:
-        """No new listener may join this socket; the next one opens a fresh socket."""
-        self.closed = True
-        if self.registry.get(self.key) is self:
-            del self.registry[self.key]
-        if cancel and self.task is not None and not self.task.done():
-            self.task.cancel()
 
 
 def _stream_for(ctx: SourceContext) -> Stream:

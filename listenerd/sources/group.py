@@ -33,6 +33,29 @@ class Group(Protocol):
     def remove(self, member: Any) -> None: ...
 
 
+class Registered:
+    """A group kept in its source type's registry under `key` (the DataSift and Pusher sockets)."""
+
+    key: str
+    registry: dict[str, Any]
+    closed: bool
+    task: asyncio.Task[None] | None
+
+    def _close(self, cancel: bool = True) -> None:
+        """No new listener may join this connection: out of the registry, so the next one opens a fresh one."""
+        self.closed = True
+        if self.registry.get(self.key) is self:
+            del self.registry[self.key]
+        if cancel and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def resolve(member: Member, outcome: Outcome) -> None:
+    """End one listener's wait with `outcome`; the first outcome it gets is the one it keeps."""
+    if not member.outcome.done():
+        member.outcome.set_result(outcome)
+
+
 def group_key(*parts: Any) -> str:
     """A stable key for a group from what makes two connections the same (tenant, credentials, settings)."""
     return hashlib.sha256(orjson.dumps(list(parts), option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()

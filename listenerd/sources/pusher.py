@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Fail, Outcome, Retry
-from listenerd.sources.group import follow, group_key
+from listenerd.sources.group import Registered, follow, group_key, resolve
 from listenerd.sources.pusher_protocol import (
     CLIENT_VERSION,
     Action,
@@ -71,7 +71,7 @@ class _Subscriber:
 
 
 @dataclass(eq=False)
-class Connection:
+class Connection(Registered):
     """One WebSocket to a Pusher app shared by every listener of one tenant with the same integration."""
 
     key: str
@@ -144,7 +144,7 @@ class Connection:
         finally:
             self._close(cancel=False)
             for sub in list(self.subscribers.values()):
-                _resolve(sub, ended)
+                resolve(sub, ended)
             if self.ws is not None:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(_CLOSE_WAIT):
@@ -264,7 +264,7 @@ class Connection:
                 self.log_for(action.members).warning("pusher frame problem", kind=action.kind, detail=action.detail)
             elif isinstance(action, Resolve):
                 for sub in self._named(action.members):
-                    _resolve(sub, action.outcome)
+                    resolve(sub, action.outcome)
             else:
                 return action
         return None
@@ -282,18 +282,6 @@ class Connection:
 
     # -- ending
 
-    def _close(self, cancel: bool = True) -> None:
-        """No new listener may join this socket; the next one opens a fresh socket."""
-        self.closed = True
-        if self.registry.get(self.key) is self:
-            del self.registry[self.key]
-        if cancel and self.task is not None and not self.task.done():
-            self.task.cancel()
-
-
-def _resolve(sub: _Subscriber, outcome: Outcome) -> None:
-    if not sub.outcome.done():
-        sub.outcome.set_result(outcome)
 
 
 def _connection_for(ctx: SourceContext) -> Connection:

@@ -62,7 +62,7 @@ from listenerd.sources.bayeux import (
     Request,
     Subscribed,
 )
-from listenerd.sources.group import follow, group_key
+from listenerd.sources.group import follow, group_key, resolve
 from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
@@ -209,7 +209,7 @@ class Connection:
             self._close(cancel=False)
             control.cancel()
             for member in list(self.members.values()):
-                _resolve(member, ended)
+                resolve(member, ended)
             with contextlib.suppress(BaseException):
                 await control
             await self._goodbye()
@@ -338,7 +338,7 @@ class Connection:
         elif isinstance(output, Refused):
             member = self.members.get(output.channel)
             if member is not None:
-                _resolve(member, output.outcome)
+                resolve(member, output.outcome)
         elif isinstance(output, Rehandshake):
             for member in self.members.values():
                 member.ctx.reconnected()
@@ -406,9 +406,6 @@ class Connection:
             self.task.cancel()
 
 
-def _resolve(member: _Member, outcome: Outcome) -> None:
-    if not member.outcome.done():
-        member.outcome.set_result(outcome)
 
 
 async def run(ctx: SourceContext) -> None:
