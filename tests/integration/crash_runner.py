@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from listenerd import sources
 from listenerd.delivery.forwarder import Forwarder
@@ -27,7 +28,7 @@ from listenerd.model import Config
 from listenerd.observability import Metrics, configure_logging
 from listenerd.store import Store
 from listenerd.supervisor import Supervisor
-from tests.harness import desired, integration, listener
+from tests.harness import desired, integration, listener, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,31 @@ async def spawn(db: Path, engine_url: str, acked_path: Path, total: int, listene
         "--acked", str(acked_path), "--total", str(total), "--listeners", ",".join(listeners),
         "--synchronous", synchronous, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+async def kill_under_load(runner: asyncio.subprocess.Process, acked_path: Path, engine: Any) -> None:
+    """Once the runner says `running` and events flow (300 acknowledged to sources, 20 at the engine), kill -9."""
+    assert (await asyncio.wait_for(runner.stdout.readline(), 20)).strip() == b"running"  # type: ignore[union-attr]
+    await wait_for(lambda: len(read_acked(acked_path)) >= 300 and len(engine.received) >= 20, timeout=20,
+                   what="events flowing before the kill")
+    runner.send_signal(signal.SIGKILL)
+    await runner.wait()
+
+
+async def drain_after_restart(runner: asyncio.subprocess.Process, engine: Any, want: set[tuple[str, int]]) -> None:
+    """The restarted runner says `running`, the engine gets every wanted (listener, n), SIGTERM exits 0."""
+    assert (await asyncio.wait_for(runner.stdout.readline(), 20)).strip() == b"running"  # type: ignore[union-attr]
+    await wait_for(lambda: {(e["listener-id"], e["event"]["n"]) for e in engine.received} >= want, timeout=30,
+                   what="every event delivered after the restart")
+    runner.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(runner.wait(), 20) == 0
+
+
+async def reap(runner: asyncio.subprocess.Process) -> None:
+    """Kill a runner a failed test left running."""
+    if runner.returncode is None:
+        runner.kill()
+        await runner.wait()
 
 
 def read_acked(path: Path) -> set[tuple[str, int]]:

@@ -6,13 +6,10 @@ acknowledged event must reach the engine, every copy of one event must carry the
 engine can de-duplicate), and each listener's first deliveries must be in order.
 """
 
-import asyncio
-import signal
 
 from listenerd.sim.engine import EngineSim
 from listenerd.testing import store_snapshot
-from tests.harness import wait_for
-from tests.integration.crash_runner import read_acked, spawn
+from tests.integration.crash_runner import drain_after_restart, kill_under_load, read_acked, reap, spawn
 
 TOTAL = 600
 LISTENERS = ("A", "B")
@@ -32,11 +29,7 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path):
     sim.delay = 0.03  # a slow engine: the outbox holds a backlog when the kill comes
     runner = await start_runner(tmp_path, sim.url)
     try:
-        assert (await asyncio.wait_for(runner.stdout.readline(), 20)).strip() == b"running"
-        await wait_for(lambda: len(acked(tmp_path)) >= 300 and len(sim.received) >= 20, timeout=20,
-                       what="events flowing before the kill")
-        runner.send_signal(signal.SIGKILL)
-        await runner.wait()
+        await kill_under_load(runner, tmp_path / "acked.txt", sim)
         before_kill = {(e["listener-id"], e["event"]["n"]): e["id"] for e in sim.received}
         acked_before = acked(tmp_path)
         assert len(acked_before) < 2 * TOTAL, "the stream ended before the kill; nothing was tested"
@@ -51,16 +44,10 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path):
 
         sim.delay = 0.0
         runner = await start_runner(tmp_path, sim.url)
-        assert (await asyncio.wait_for(runner.stdout.readline(), 20)).strip() == b"running"
         want = {(lid, n) for lid in LISTENERS for n in range(TOTAL)}
-        await wait_for(lambda: {(e["listener-id"], e["event"]["n"]) for e in sim.received} >= want, timeout=30,
-                       what="every event delivered after the restart")
-        runner.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(runner.wait(), 20) == 0
+        await drain_after_restart(runner, sim, want)
     finally:
-        if runner.returncode is None:
-            runner.kill()
-            await runner.wait()
+        await reap(runner)
         await sim.stop()
 
     delivered = {(e["listener-id"], e["event"]["n"]) for e in sim.received}

@@ -9,9 +9,7 @@ the index from the WAL). Committed = acknowledged to the source, seen at the eng
 waiting in the snapshot's outbox; every committed event must reach the engine, each under one id.
 """
 
-import asyncio
 import contextlib
-import signal
 import sqlite3
 
 import orjson
@@ -20,8 +18,7 @@ import pytest
 from listenerd.delivery.segments import stored_envelopes
 from listenerd.sim.engine import EngineSim
 from listenerd.testing import store_snapshot
-from tests.harness import wait_for
-from tests.integration.crash_runner import read_acked, spawn
+from tests.integration.crash_runner import drain_after_restart, kill_under_load, read_acked, reap, spawn
 
 TOTAL = 600
 LISTENERS = ("A", "B")
@@ -55,11 +52,7 @@ async def test_kill_9_under_load_restart_recovers_every_committed_event_from_the
     db, acked_path = tmp_path / "crash.db", tmp_path / "acked.txt"
     runner = await spawn(db, engine.url, acked_path, TOTAL, LISTENERS)
     try:
-        assert (await asyncio.wait_for(runner.stdout.readline(), 20)).strip() == b"running"
-        await wait_for(lambda: len(read_acked(acked_path)) >= 300 and len(engine.received) >= 20, timeout=20,
-                       what="events flowing before the kill")
-        runner.send_signal(signal.SIGKILL)
-        await runner.wait()
+        await kill_under_load(runner, acked_path, engine)
         acked_before = read_acked(acked_path)
         before_kill = {(e["listener-id"], e["event"]["n"]): e["id"] for e in engine.received}
         assert len(acked_before) < 2 * TOTAL, "the stream ended before the kill; nothing was tested"
@@ -80,16 +73,10 @@ async def test_kill_9_under_load_restart_recovers_every_committed_event_from_the
             db.with_name("crash.db-shm").unlink()
         engine.delay = 0.0
         runner = await spawn(db, engine.url, acked_path, TOTAL, LISTENERS)
-        assert (await asyncio.wait_for(runner.stdout.readline(), 20)).strip() == b"running"
         want = {(lid, n) for lid in LISTENERS for n in range(TOTAL)}
-        await wait_for(lambda: {(e["listener-id"], e["event"]["n"]) for e in engine.received} >= want, timeout=30,
-                       what="every event delivered after the restart")
-        runner.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(runner.wait(), 20) == 0
+        await drain_after_restart(runner, engine, want)
     finally:
-        if runner.returncode is None:
-            runner.kill()
-            await runner.wait()
+        await reap(runner)
 
     ids: dict[tuple[str, int], set[str]] = {}
     for envelope in engine.received:
