@@ -103,6 +103,20 @@ async def publish_paced(publish: Callable[[int], Awaitable[Any]], count: int, ra
     return first, time.time()
 
 
+async def serve_counts(conn: Any, sim: Any, command: str, counts: Callable[[], Any]) -> None:
+    """A simulator process's loop for the benchmarks that only count: (`command`) answers `counts()`,
+    ("stop") stops the simulator and answers True."""
+    loop = asyncio.get_running_loop()
+    while True:
+        cmd = await loop.run_in_executor(None, conn.recv)
+        if cmd == command:
+            conn.send(counts())
+        elif cmd == "stop":
+            await sim.stop()
+            conn.send(True)
+            return
+
+
 async def serve_simulator(conn: Any, *, subscribers: Callable[[int], Awaitable[Any]],
                           publish: Callable[[int, float | None], Awaitable[tuple[float, float]]],
                           stop: Callable[[], Awaitable[None]]) -> None:

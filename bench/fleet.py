@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp  # noqa: E402
 
 from bench.chaos.rig import header, sample, write_section  # noqa: E402
+from bench.common import serve_counts  # noqa: E402
 from listenerd.sim.datasift import DataSiftSim  # noqa: E402
 from listenerd.sim.engine import EngineSim  # noqa: E402
 from listenerd.sim.pusher import PusherSim  # noqa: E402
@@ -104,15 +105,7 @@ def sim_main(kind: str, conn: Any, counts: dict[str, int], tenants: int) -> None
                 sim.create_topic(f"Fleet{i}", f"SELECT Id, Name FROM Fleet{i}__c")
         await sim.start()
         conn.send(sim.url if kind != "pusher" else sim.port)
-        loop = asyncio.get_running_loop()
-        while True:
-            cmd = await loop.run_in_executor(None, conn.recv)
-            if cmd == "counts":
-                conn.send(_counts(kind, sim))
-            elif cmd == "stop":
-                await sim.stop()
-                conn.send(True)
-                return
+        await serve_counts(conn, sim, "counts", lambda: _counts(kind, sim))
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())

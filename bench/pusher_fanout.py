@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import listenerd.sources.pusher  # noqa: E402,F401  (in the baseline: code is not per-listener memory)
-from bench.common import cpu_model  # noqa: E402
+from bench.common import cpu_model, serve_counts  # noqa: E402
 from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Config  # noqa: E402
 from listenerd.observability import Metrics, configure_logging  # noqa: E402
@@ -50,15 +50,8 @@ def sim_main(conn: Any) -> None:
         sim = PusherSim(APP_ID, KEY, SECRET, backlog=4096)
         await sim.start()
         conn.send(sim.port)
-        loop = asyncio.get_running_loop()
-        while True:
-            cmd = await loop.run_in_executor(None, conn.recv)
-            if cmd == "count":
-                conn.send((len(sim.connections), sum(1 for s in sim.subscriptions if s.ok)))
-            elif cmd == "stop":
-                await sim.stop()
-                conn.send(True)
-                return
+        await serve_counts(conn, sim, "count",
+                           lambda: (len(sim.connections), sum(1 for s in sim.subscriptions if s.ok)))
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
