@@ -242,7 +242,7 @@ class Forwarder:
                 self.attempt += 1
                 self.last_error = outcome.reason
                 self.metrics.retried.labels(outcome.kind).inc()
-                delay = backoff_delay(self.attempt, self.engine.retry_initial, self.engine.retry_max)
+                delay = self._backoff(self.attempt)
                 if outcome.delay is not None:  # Retry-After: honoured, but never a tight loop nor a stall past an hour
                     delay = min(max(outcome.delay, self.engine.retry_initial), RETRY_AFTER_MAX)
                 log.warning("engine delivery will be retried", reason=outcome.reason, delay=round(delay, 3),
