@@ -113,6 +113,9 @@ def format_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Pr
         elif kind == "union_tag_not_found":
             loc.append("type")
             message = "required"
+        elif kind == "field_problem":  # a whole-object rule naming one field (model.field_problem)
+            loc.append(error["ctx"]["field"])
+            message = error["ctx"]["problem"]
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         if loc and loc[-1] == "mapping" and (found := _MAPPING_PROBLEM.match(message)):
