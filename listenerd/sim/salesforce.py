@@ -787,6 +787,27 @@ def _public_key(pem: str | bytes) -> Any:
     return serialization.load_pem_public_key(data)
 
 
+def throwaway_certificate(common_name: str = "listenerd-dev", bits: int = 2048) -> tuple[str, str]:
+    """A new RSA private key and a self-signed certificate for it, both PEM: what `openssl req -x509
+    -newkey rsa:2048 -nodes` makes for a connected app (the certificate uploaded, the key kept), for
+    the dev run and tests; nothing is written to disk."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def _oauth_error(error: str, description: str) -> web.Response:
     return web.json_response({"error": error, "error_description": description}, status=400)
 
