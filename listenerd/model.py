@@ -195,6 +195,15 @@ class SalesforceIntegration(Integration):
     private_key: str = ""  # PEM (PKCS#1 or PKCS#8, unencrypted); `private-key-file` in the config file
     login_url: str = "https://login.salesforce.com"
 
+    def secret_values(self) -> list[str]:
+        """The secrets, and each base64 line of a PEM key too: a line quoted alone (a traceback, a diff) is
+        redacted as well."""
+        values = super().secret_values()
+        if self.private_key:
+            values += [line.strip() for line in self.private_key.splitlines()
+                       if len(line.strip()) >= 16 and not line.startswith("-----")]
+        return values
+
     @model_validator(mode="after")
     def _flow_fields(self) -> SalesforceIntegration:
         for name in SALESFORCE_FLOW_FIELDS[self.auth]:
@@ -286,11 +295,12 @@ class DatasiftOptions(Model):
 # (`?Field=value&...`); Platform Event (`__e`); Change Data Capture (all objects, one object's
 # `<Object>ChangeEvent` / `<Object>__ChangeEvent`, or a custom channel `__chn`); generic streaming.
 _NAME = r"[A-Za-z][A-Za-z0-9_]*"
+_LOOSE = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # PushTopic and generic names as stored before channel kinds were checked
 SALESFORCE_CHANNELS = {
-    "topic": re.compile(rf"^/topic/{_NAME}(\?[A-Za-z][A-Za-z0-9_.]*=[^&=?]*(&[A-Za-z][A-Za-z0-9_.]*=[^&=?]*)*)?$"),
+    "topic": re.compile(rf"^/topic/{_LOOSE}(\?[A-Za-z][A-Za-z0-9_.]*=[^&=?]*(&[A-Za-z][A-Za-z0-9_.]*=[^&=?]*)*)?$"),
     "event": re.compile(rf"^/event/{_NAME}__e$"),
     "data": re.compile(rf"^/data/(ChangeEvents|{_NAME}ChangeEvent|{_NAME}__chn)$"),
-    "u": re.compile(rf"^/u/{_NAME}$"),
+    "u": re.compile(rf"^/u/{_LOOSE}$"),
 }
 
 
