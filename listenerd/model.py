@@ -305,8 +305,9 @@ SALESFORCE_CHANNELS = {
 
 
 def salesforce_channel_kind(topic: str) -> str:
-    """`topic`, `event`, `data` or `u`: what the channel's messages look like and map from."""
-    return topic.split("/", 2)[1]
+    """`topic`, `event`, `data` or `u`: what the channel's messages look like and map from ("" for none)."""
+    parts = topic.split("/", 2)
+    return parts[1] if len(parts) == 3 and not parts[0] else ""
 
 
 class SalesforceOptions(Model):

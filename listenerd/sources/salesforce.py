@@ -112,7 +112,7 @@ def event_of(channel: str, data: Any) -> tuple[Any, dict[str, Any]] | None:
     if kind == "topic":
         sobject = data.get("sobject")
         return (sobject, meta) if isinstance(sobject, dict) else None
-    if "payload" not in data:
+    if kind not in ("event", "data", "u") or "payload" not in data:
         return None
     payload = data["payload"]
     if kind == "u" and isinstance(payload, str) and payload[:1] in ("{", "["):

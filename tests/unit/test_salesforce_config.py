@@ -160,6 +160,7 @@ def test_metadata_of_each_channel_kind():
     assert event_of("/event/E__e", {"event": {"replayId": 1}}) is None
     assert event_of("/data/ChangeEvents", {"event": {"replayId": 1}, "payload": {"Name": "no header"}}) is None
     assert event_of("/event/E__e", {"payload": {}}) is None
+    assert event_of("channel-of-no-kind", platform) is None  # a wire message of no known kind: not mapped so
     # ids: PushTopics keep their form (filtered or not), the other kinds carry their channel
     assert event_key("00D", "/topic/X?A=b", "7") == event_key("00D", "/topic/X", "7") == "00D/X/7"
     assert event_key("00D", "/data/ChangeEvents", "7") == "00D/data/ChangeEvents/7"
