@@ -22,6 +22,7 @@ flight). Salesforce limits logins per user (3,600 an hour, then `LOGIN_RATE_EXCE
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -94,7 +95,17 @@ def jwt_assertion(integration: SalesforceIntegration, now: float | None = None) 
     issued = int(time.time() if now is None else now)
     claims = {"iss": integration.consumer_key, "sub": integration.username,
               "aud": integration.login_url.rstrip("/"), "exp": issued + ASSERTION_LIFETIME}
-    return jwt.encode(claims, integration.private_key, algorithm="RS256")
+    return jwt.encode(claims, signing_key(integration.private_key), algorithm="RS256")
+
+
+@functools.lru_cache(maxsize=64)
+def signing_key(pem: str) -> Any:
+    """The parsed RSA key, once per key: loading a PEM checks the key's consistency, about 35 ms of CPU on
+    this project's machine (bench/salesforce_kinds.py), against 1-2 ms to sign; a login storm across many
+    integrations would pay it at every login."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(pem.encode(), password=None)
 
 
 def token_form(integration: SalesforceIntegration) -> dict[str, str]:
