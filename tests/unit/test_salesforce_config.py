@@ -164,3 +164,17 @@ def test_metadata_of_each_channel_kind():
     # ids: PushTopics keep their form (filtered or not), the other kinds carry their channel
     assert event_key("00D", "/topic/X?A=b", "7") == event_key("00D", "/topic/X", "7") == "00D/X/7"
     assert event_key("00D", "/data/ChangeEvents", "7") == "00D/data/ChangeEvents/7"
+
+
+def test_pushtopic_differences_name_the_fields_to_update():
+    from listenerd.model import SalesforceOptions
+    from listenerd.sources.salesforce_auth import topic_differences, topic_fields, topic_name
+
+    options = SalesforceOptions(topic="/topic/Inv?Status__c=Open", query="SELECT Id, Name FROM Inv__c")
+    assert topic_name(options.topic) == "Inv"
+    wanted = topic_fields(options)
+    same = {**wanted, "Query": "SELECT  Id,\n Name FROM Inv__c ", "ApiVersion": 58}
+    assert topic_differences(same, wanted) == []
+    stale = {**wanted, "Query": "SELECT Id FROM Inv__c", "ApiVersion": "45.0", "NotifyForOperationDelete": False}
+    assert topic_differences(stale, wanted) == ["Query", "ApiVersion", "NotifyForOperationDelete"]
+    assert topic_differences({}, wanted) == list(wanted)
