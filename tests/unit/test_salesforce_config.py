@@ -179,3 +179,17 @@ def test_pushtopic_differences_name_the_fields_to_update():
     stale = {**wanted, "Query": "SELECT Id FROM Inv__c", "ApiVersion": "45.0", "NotifyForOperationDelete": False}
     assert topic_differences(stale, wanted) == ["Query", "ApiVersion", "NotifyForOperationDelete"]
     assert topic_differences({}, wanted) == list(wanted)
+
+
+def test_redactor_hides_the_whole_key_and_any_line_of_it():
+    from listenerd.observability import REDACTED, SecretRedactor
+
+    creds = SalesforceIntegration.model_validate({"auth": "jwt", "consumer-key": "ck", "username": "u",
+                                                  "private-key": KEY_PEM})
+    redactor = SecretRedactor()
+    redactor.register(*creds.secret_values())
+    line = KEY_PEM.splitlines()[3]
+    out = redactor(None, "info", {"event": "x", "error": f"bad key {KEY_PEM}", "detail": {"chunk": f"..{line}.."}})
+    assert REDACTED in out["error"] and line not in repr(out)
+    body = [text for text in KEY_PEM.splitlines() if not text.startswith("-----")]
+    assert not [text for text in body if text in out["error"]]  # only the BEGIN/END markers may remain
