@@ -154,8 +154,9 @@ def map_payload(path: str, listener_ref: str, file: str | None) -> int:
 def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
     """Accept a payload as the source delivers it on the wire, or the bare payload itself.
 
-    DataSift: a stream message `{"hash", "data"}`; Salesforce: a CometD message with
-    `data.event`/`data.sobject`; Pusher: an event frame `{"event", "channel", "data"}`. Anything else
+    DataSift: a stream message `{"hash", "data"}`; Salesforce: a CometD message, by its channel's kind
+    (`data.sobject` for a PushTopic, `data.payload` for Platform Events, CDC and generic); Pusher: an
+    event frame `{"event", "channel", "data"}`. Anything else
     is taken as the payload root, with no metadata.
     """
     if not isinstance(message, dict):
@@ -163,9 +164,13 @@ def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
     if source_type == "datasift" and isinstance(message.get("data"), dict) and "hash" in message:
         data = message["data"]
         return data, {"$hash": message["hash"], "$deleted": bool(data.get("deleted"))}
-    if source_type == "salesforce" and isinstance(message.get("data"), dict) and "sobject" in message["data"]:
-        return message["data"]["sobject"], {"$event": message["data"].get("event", {}),
-                                            "$channel": message.get("channel")}
+    channel = message.get("channel")
+    if source_type == "salesforce" and isinstance(message.get("data"), dict) and isinstance(channel, str):
+        from listenerd.sources.salesforce import event_of  # by the channel's kind, as the source maps it
+
+        found = event_of(channel, message["data"])
+        if found is not None:
+            return found
     if source_type == "pusher" and "event" in message and "data" in message:
         data = message["data"]
         if isinstance(data, str):

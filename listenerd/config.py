@@ -69,7 +69,8 @@ def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path
     try:
         config = validate(expanded)  # validated even when a value is missing: every problem in one report
     except ConfigError as exc:
-        reported = {p.location for p in problems}
+        reported = {p.location for p in problems}  # `x-file` unreadable: its stand-in for `x` is not a finding
+        reported |= {p.location.removesuffix(_FILE_SUFFIX) for p in problems if p.location.endswith(_FILE_SUFFIX)}
         raise ConfigError(problems + [p for p in exc.problems if p.location not in reported]) from None
     if problems:
         raise ConfigError(problems)
@@ -113,6 +114,9 @@ def format_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Pr
         elif kind == "union_tag_not_found":
             loc.append("type")
             message = "required"
+        elif kind == "field_problem":  # a whole-object rule naming one field (model.field_problem)
+            loc.append(error["ctx"]["field"])
+            message = error["ctx"]["problem"]
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         if loc and loc[-1] == "mapping" and (found := _MAPPING_PROBLEM.match(message)):

@@ -3,6 +3,10 @@
 Starts the Pusher, DataSift and Salesforce simulators, a local engine sink that prints every
 normalized event and appends it to a JSON-lines file, and the daemon itself with a demo tenant
 holding one listener of each kind; demo publishers send realistic payloads at a gentle rate.
+Salesforce logs in with the JWT bearer flow: the run makes its own throwaway RSA key and self-signed
+certificate at start (in memory: `dev_app_key`), gives the certificate to the simulated connected app
+and the key to the integration, as an admin would with `openssl` (README). Beside the PushTopic
+listener there is a Platform Event listener and a Change Data Capture listener.
 Everything runs in this one process and event loop; Ctrl-C stops it all cleanly. There is no config
 file for it: the config is built here (`demo_config`), because it points at the simulators' ports.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import random
 import signal
@@ -28,7 +33,7 @@ from listenerd.model import Config
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
-from listenerd.sim.salesforce import SalesforceSim
+from listenerd.sim.salesforce import SalesforceSim, throwaway_certificate
 from listenerd.store import StoreUnavailable
 from listenerd.systemd import Notifier
 
@@ -37,6 +42,9 @@ DEV_TOKEN = "listenerd-dev-token"
 TENANT = "demo"
 DATASIFT_HASH = "4f3af38ad1c31646561bc814c3e69af5"
 TOPIC = "InvoiceStatementUpdates"
+PLATFORM_EVENT = "Order_Placed__e"
+CDC_OBJECT = "Account"
+_INDUSTRIES = ("Banking", "Retail", "Energy", "Healthcare", "Education")
 _STATES = ("created", "paid", "packed", "shipped", "delivered")
 _CUSTOMERS = ("Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson", "Edsger Dijkstra")
 _INVOICE_STATES = ("Open", "Negotiating", "Pending", "Closed")
@@ -78,9 +86,8 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                 "pusher": {"key": pusher.key, "secret": pusher.secret, "app-id": pusher.app_id,
                            "host": pusher.host, "port": pusher.port, "tls": False},
                 "datasift": {"username": "demo", "api-key": "demo-datasift-key", "stream-url": datasift.url},
-                "salesforce": {"consumer-key": "demo-consumer-key", "consumer-secret": "demo-consumer-secret",
-                               "username": "demo@example.com", "password": "demo-password",
-                               "secret-token": "DEMOTOKEN", "login-url": salesforce.url},
+                "salesforce": {"auth": "jwt", "consumer-key": "demo-consumer-key", "username": "demo@example.com",
+                               "private-key": dev_app_key()[0], "login-url": salesforce.url},
             },
             "listeners": [
                 {"id": "LI1", "name": "Demo Datasift", "type": "datasift", "options": {"hash": DATASIFT_HASH},
@@ -93,6 +100,14 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                 {"id": "LI3", "name": "Demo Pusher orders", "type": "pusher",
                  "options": {"channel": "orders"},
                  "mapping": {"order": "id", "state": "state", "customer": "customer.name", "event": "$event"}},
+                {"id": "LI4", "name": "Demo Salesforce Platform Event", "type": "salesforce",
+                 "options": {"topic": f"/event/{PLATFORM_EVENT}"},
+                 "mapping": {"order": "Order_Number__c", "amount": "Amount__c", "replay-id": "$event.replayId",
+                             "uuid": "$event.EventUuid"}},
+                {"id": "LI5", "name": "Demo Salesforce account changes (CDC)", "type": "salesforce",
+                 "options": {"topic": f"/data/{CDC_OBJECT}ChangeEvent"},
+                 "mapping": {"account": "Name", "industry": "Industry", "change": "$header.changeType",
+                             "records": "$header.recordIds", "replay-id": "$event.replayId"}},
             ],
         }],
     })
@@ -109,6 +124,11 @@ async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate
                                    "Status__c": rnd.choice(_INVOICE_STATES),
                                    "Amount__c": round(rnd.uniform(100, 10_000), 2)},
                            type=rnd.choice(("created", "updated")))
+        salesforce.publish_event(PLATFORM_EVENT, {"Order_Number__c": f"ORD-{n:05d}",
+                                                  "Amount__c": round(rnd.uniform(5, 500), 2)})
+        change = "CREATE" if n % 3 == 1 else "UPDATE"
+        salesforce.publish_change(CDC_OBJECT, change, [f"001D000000Ab{(n + 2) // 3:06d}"],
+                                  {"Name": rnd.choice(_CUSTOMERS) + " Ltd", "Industry": rnd.choice(_INDUSTRIES)})
         await asyncio.sleep(1.0 / rate)
 
 
@@ -125,7 +145,7 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
         "",
         "Try:",
     ]
-    for lid in ("LI1", "LI2", "LI3"):
+    for lid in ("LI1", "LI2", "LI3", "LI4", "LI5"):
         lines.append(f"  {curl} {api}/1.0/tenants/{TENANT}/listeners/{lid}/status")
     lines += [
         f"  {curl} {api}/1.0/tenants/{TENANT}/listeners",
@@ -138,13 +158,23 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
+def dev_app_key() -> tuple[str, str]:
+    """This run's connected app key pair (private key PEM, certificate PEM): made once, never written."""
+    return throwaway_certificate("listenerd-dev")
+
+
 def simulators(sink: Sink | None = None) -> tuple[EngineSim, PusherSim, DataSiftSim, SalesforceSim]:
-    """The four simulators of a dev run, not started; their credentials are the ones `demo_config` holds."""
+    """The four simulators of a dev run, not started; their credentials are the ones `demo_config` holds
+    (the Salesforce connected app trusts this run's throwaway certificate)."""
     engine = EngineSim(on_events=sink, keep=False)  # the sink keeps them on disk; memory stays flat
     pusher = PusherSim("12345", "demo-app-key", "demo-app-secret")
     datasift = DataSiftSim(users={"demo": "demo-datasift-key"}, tick_interval=10.0)
     salesforce = SalesforceSim(users={"demo@example.com": "demo-passwordDEMOTOKEN"},
-                               clients={"demo-consumer-key": "demo-consumer-secret"}, long_poll=30.0)
+                               clients={"demo-consumer-key": "demo-consumer-secret"},
+                               certificates={"demo-consumer-key": dev_app_key()[1]}, long_poll=30.0)
+    salesforce.define_platform_event(PLATFORM_EVENT)
+    salesforce.enable_change_events(CDC_OBJECT)
     return engine, pusher, datasift, salesforce
 
 

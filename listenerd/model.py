@@ -13,6 +13,7 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from listenerd.mapping import compile_mapping
 
@@ -165,15 +166,79 @@ class DatasiftIntegration(Integration):
     stream_url: str = "wss://websocket.datasift.com/multi"
 
 
+SALESFORCE_AUTH = ("password", "jwt", "client-credentials")
+# The fields each login flow needs besides `consumer-key` (CONTRACT "Integrations"; Salesforce's
+# OAuth flows: username-password, JWT bearer, client credentials).
+SALESFORCE_FLOW_FIELDS: dict[str, tuple[str, ...]] = {
+    "password": ("consumer-secret", "username", "password"),
+    "jwt": ("username", "private-key"),
+    "client-credentials": ("consumer-secret",),
+}
+
+
 class SalesforceIntegration(Integration):
+    """One org's connected app and the login flow that uses it (`auth`).
+
+    `password` (the default, so older configs keep working), `jwt` (a certificate-signed assertion: no
+    password, the flow Salesforce recommends for servers) or `client-credentials` (a run-as user set on
+    the connected app). Each flow's fields are required by name; the JWT key must parse and be RSA.
+    """
+
     TYPE: ClassVar[str] = "salesforce"
-    SECRETS: ClassVar[tuple[str, ...]] = ("consumer-secret", "password", "secret-token")
+    SECRETS: ClassVar[tuple[str, ...]] = ("consumer-secret", "password", "secret-token", "private-key")
+    auth: Literal["password", "jwt", "client-credentials"] = "password"
     consumer_key: str = Field(min_length=1)
-    consumer_secret: str = Field(min_length=1)
-    username: str = Field(min_length=1)
-    password: str = Field(min_length=1)
+    consumer_secret: str = ""
+    username: str = ""
+    password: str = ""
     secret_token: str = ""
+    private_key: str = ""  # PEM (PKCS#1 or PKCS#8, unencrypted); `private-key-file` in the config file
     login_url: str = "https://login.salesforce.com"
+
+    def secret_values(self) -> list[str]:
+        """The secrets, and each base64 line of a PEM key too: a line quoted alone (a traceback, a diff) is
+        redacted as well."""
+        values = super().secret_values()
+        if self.private_key:
+            values += [line.strip() for line in self.private_key.splitlines()
+                       if len(line.strip()) >= 16 and not line.startswith("-----")]
+        return values
+
+    @model_validator(mode="after")
+    def _flow_fields(self) -> SalesforceIntegration:
+        for name in SALESFORCE_FLOW_FIELDS[self.auth]:
+            if not getattr(self, name.replace("-", "_")):
+                raise field_problem(name, f'required when auth is "{self.auth}"')
+        if self.auth == "jwt":
+            problem = rsa_key_problem(self.private_key)
+            if problem:
+                raise field_problem("private-key", problem)
+        return self
+
+
+def field_problem(name: str, problem: str) -> PydanticCustomError:
+    """A whole-object rule's finding about one field: `config.format_errors` puts `name` in the location."""
+    return PydanticCustomError("field_problem", "{field}: {problem}", {"field": name, "problem": problem})
+
+
+def rsa_key_problem(pem: str) -> str | None:
+    """Why `pem` is not an unencrypted RSA private key in PEM, in words that never quote the key; None when it is."""
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if "-----BEGIN" not in pem:
+        return "must be a PEM private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)"
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except TypeError:
+        return "the PEM private key is encrypted: give it unencrypted (openssl pkey -in key.pem -out plain.pem)"
+    except Exception:  # cryptography's parse errors vary by key format and backend
+        return "is not a readable PEM private key"
+    if not isinstance(key, RSAPrivateKey):
+        return f"must be an RSA key (Salesforce signs JWT bearer assertions with RS256), not {type(key).__name__}"
+    if key.key_size < 2048:
+        return f"the RSA key has {key.key_size} bits; Salesforce requires at least 2048"
+    return None
 
 
 class PusherIntegration(Integration):
@@ -226,6 +291,25 @@ class DatasiftOptions(Model):
     hash: str = Field(min_length=1, max_length=128)
 
 
+# The Streaming API's channel kinds (Streaming API guide): PushTopic, optionally filtered
+# (`?Field=value&...`); Platform Event (`__e`); Change Data Capture (all objects, one object's
+# `<Object>ChangeEvent` / `<Object>__ChangeEvent`, or a custom channel `__chn`); generic streaming.
+_NAME = r"[A-Za-z][A-Za-z0-9_]*"
+_LOOSE = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # PushTopic and generic names as stored before channel kinds were checked
+SALESFORCE_CHANNELS = {
+    "topic": re.compile(rf"^/topic/{_LOOSE}(\?[A-Za-z][A-Za-z0-9_.]*=[^&=?]*(&[A-Za-z][A-Za-z0-9_.]*=[^&=?]*)*)?$"),
+    "event": re.compile(rf"^/event/{_NAME}__e$"),
+    "data": re.compile(rf"^/data/(ChangeEvents|{_NAME}ChangeEvent|{_NAME}__chn)$"),
+    "u": re.compile(rf"^/u/{_LOOSE}$"),
+}
+
+
+def salesforce_channel_kind(topic: str) -> str:
+    """`topic`, `event`, `data` or `u`: what the channel's messages look like and map from ("" for none)."""
+    parts = topic.split("/", 2)
+    return parts[1] if len(parts) == 3 and not parts[0] else ""
+
+
 class SalesforceOptions(Model):
     topic: str = Field(min_length=1)
     version: str = "58.0"
@@ -235,7 +319,19 @@ class SalesforceOptions(Model):
     @field_validator("topic")
     @classmethod
     def _topic_path(cls, value: str) -> str:
-        return value if value.startswith("/topic/") else "/topic/" + value.lstrip("/")
+        """A bare name is a PushTopic (as before channel kinds); a path must be one of the kinds' shapes."""
+        if not value.startswith("/"):
+            value = "/topic/" + value
+        kind = value.split("/", 2)[1] if value.count("/") >= 2 else ""
+        pattern = SALESFORCE_CHANNELS.get(kind)
+        if pattern is None:
+            raise ValueError("must be /topic/Name (or a bare PushTopic name), /topic/Name?Field=value, "
+                             "/event/Name__e, /data/ChangeEvents, /data/<Object>ChangeEvent or /u/Name")
+        if not pattern.match(value):
+            examples = {"topic": "/topic/Name or /topic/Name?Field=value", "event": "/event/Name__e",
+                        "data": "/data/ChangeEvents, /data/<Object>ChangeEvent or /data/Name__chn", "u": "/u/Name"}
+            raise ValueError(f"{value!r} is not a valid /{kind}/ channel (expected {examples[kind]})")
+        return value
 
     @field_validator("version")
     @classmethod
@@ -243,6 +339,13 @@ class SalesforceOptions(Model):
         if not re.match(r"^\d+\.\d$", value):
             raise ValueError("must look like 58.0")
         return value
+
+    @model_validator(mode="after")
+    def _query_for_pushtopics(self) -> SalesforceOptions:
+        if self.query is not None and not self.topic.startswith("/topic/"):
+            raise field_problem("query", "only a PushTopic (/topic/...) is created from a query; "
+                                         f"{self.topic} is defined in the org")
+        return self
 
 
 PUSHER_CHANNEL_MAX = 164  # Pusher's limit, prefixes included (docs: "Invalid channel name")

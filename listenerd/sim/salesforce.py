@@ -14,9 +14,17 @@ It is checked against aiosfstream-ng, a real Salesforce client written by others
     async with SalesforceSim(users={"alice@example.com": "pw" + "TOKEN"}, clients={"key": "secret"}) as sim:
         sim.url                                                     # http://localhost:<port>
         sim.create_topic("Invoices", "SELECT Id, Name FROM Invoice__c")
-        sim.publish("Invoices", {"Id": "a00...", "Name": "INV-1"})  # -> replayId
+        sim.publish("Invoices", {"Id": "a00...", "Name": "INV-1"})  # -> replayId (also to /topic/Invoices?Name=INV-1)
+        sim.define_platform_event("Order__e"); sim.publish_event("Order__e", {"Amount__c": 5})
+        sim.enable_change_events("Account"); sim.publish_change("Account", "UPDATE", ["001..."], {"Name": "Acme"})
+        sim.create_streaming_channel("/u/Notes"); sim.publish_generic("/u/Notes", "hello")
         sim.expire_sessions(); sim.forget_clients(); sim.advise("handshake"); sim.drop_long_polls()
         sim.silence(); sim.corrupt_next_connect(); await sim.send_raw(b"5"); await sim.restart(); sim.purge(upto=...)
+
+Logins: the username-password flow (`users`, `clients`), the JWT bearer flow (the assertion's RS256
+signature verified with the connected app's certificate in `certificates`, then `aud` = this URL, `exp`,
+`iss` a known consumer key, `sub` an approved user) and the client-credentials flow (`run_as`).
+A PushTopic can be updated (`PATCH sobjects/PushTopic/<Id>`; `topic_updates` records the bodies).
 
 Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`, `port`, `silence(on)`,
 `async send_raw(frame: str | bytes) -> int` (exactly those bytes as the next connect's answer); Bayeux
@@ -41,20 +49,27 @@ endpoint answers HTTP 400 `{"error":"invalid_grant","error_description":"LOGIN_R
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import itertools
 import re
 import secrets
 import ssl
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import jwt
 import orjson
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ORG_ID = "00D5g000000SimAAA"
 USER_ID = "0055g000000SimAAA"
 MIN_VERSION = 37.0
@@ -64,9 +79,34 @@ _QUERY_TOPIC = re.compile(r"FROM\s+PushTopic\s+WHERE\s+Name\s*=\s*'((?:[^'\\]|\\
 @dataclass
 class _Event:
     replay_id: int
-    topic: str
+    topic: str  # the channel without a filter: /topic/X, /event/X__e, /data/..., /u/X
     published: float
     message: dict[str, Any]
+    fields: dict[str, Any] | None = None  # a PushTopic event's record, for filtered subscriptions
+
+
+def replay_key(channel: str) -> str:
+    """A filtered subscription's channel without its query: how replay maps and event buffers are keyed."""
+    return channel.split("?", 1)[0]
+
+
+def filter_of(channel: str) -> dict[str, str]:
+    """`/topic/X?Status__c=Open&Type=A` -> {"Status__c": "Open", "Type": "A"} (Salesforce: equality only)."""
+    _, _, query = channel.partition("?")
+    return dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+
+
+def _matches(conditions: dict[str, str], fields: dict[str, Any] | None) -> bool:
+    if not conditions:
+        return True
+    record = fields or {}
+    return all(k in record and _text(record[k]) == v for k, v in conditions.items())
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
 
 
 @dataclass
@@ -88,8 +128,14 @@ class SalesforceSim:
                  users: dict[str, str] | None = None, clients: dict[str, str] | None = None,
                  long_poll: float = 110.0, retention: float = 86400.0, batch: int = 1000,
                  org_id: str = ORG_ID, http_401: bool = False, ssl_context: ssl.SSLContext | None = None,
-                 max_clients: int = 20, max_logins_per_hour: int = 3600):
+                 max_clients: int = 20, max_logins_per_hour: int = 3600,
+                 certificates: dict[str, str | bytes] | None = None, run_as: dict[str, str] | None = None,
+                 approved: dict[str, set[str]] | None = None):
         """`users`: username -> password + security token; `clients`: consumer key -> consumer secret.
+
+        Connected apps for the other flows: `certificates`: consumer key -> the PEM certificate (or public
+        key) uploaded for the JWT bearer flow; `run_as`: consumer key -> the user the client-credentials
+        flow runs as; `approved`: consumer key -> the users pre-authorized for it (absent: every user).
 
         `long_poll` is how long a connect is held (Salesforce: 110 s); `retention` how long events stay
         replayable (24 h); `http_401` answers an expired session on /cometd with HTTP 401 instead of
@@ -110,6 +156,15 @@ class SalesforceSim:
         self.max_clients = max_clients
         self.max_logins_per_hour = max_logins_per_hour
         self._login_times: dict[str, deque[float]] = {}
+        self.certificates = {k: _public_key(v) for k, v in (certificates or {}).items()}
+        self.run_as = dict(run_as or {})
+        self.approved = {k: set(v) for k, v in (approved or {}).items()}
+        self.flows: list[str] = []  # the grant type of every successful login, for tests
+        self.platform_events: set[str] = set()  # Platform Event API names (`Order__e`)
+        self.cdc_entities: set[str] = set()  # objects selected for Change Data Capture (`Account`)
+        self.streaming_channels: set[str] = set()  # generic streaming channels (`/u/Notes`)
+        self.topic_updates: list[dict[str, Any]] = []  # PATCH bodies received for PushTopics
+        self._commit_numbers = itertools.count(1)
         self.handshakes = 0  # successful handshakes (clients made)
         self.login_attempts = 0  # token requests, answered or refused
         self.denied: dict[str, str] = {}  # channel -> the error its subscribes get (see `deny_subscribe`)
@@ -148,6 +203,7 @@ class SalesforceSim:
         app.router.add_get("/services/data/v{version}/query", self._query)
         app.router.add_post("/services/data/v{version}/sobjects/PushTopic/", self._create_topic)
         app.router.add_post("/services/data/v{version}/sobjects/PushTopic", self._create_topic)
+        app.router.add_patch("/services/data/v{version}/sobjects/PushTopic/{id}", self._update_topic)
         app.router.add_post("/cometd/{version}", self._cometd)
         self._closing = False
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -179,29 +235,94 @@ class SalesforceSim:
 
     # ------------------------------------------------------------ the org
 
-    def create_topic(self, name: str, query: str, api_version: float = 58.0) -> str:
+    def create_topic(self, name: str, query: str, api_version: float = 58.0, **notify: Any) -> str:
+        """A PushTopic; `notify` overrides the NotifyFor* fields (all operations, `Referenced` by default)."""
         topic_id = f"0IF5g{next(self._topic_ids):010d}"
         self.topics[name] = {"Id": topic_id, "Name": name, "Query": query, "ApiVersion": api_version,
-                             "IsActive": True, "NotifyForFields": "Referenced"}
+                             "IsActive": True, "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
+                             "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
+                             "NotifyForFields": "Referenced", **notify}
         return topic_id
 
+    def define_platform_event(self, name: str) -> None:
+        """A Platform Event type (`Order__e`): its channel `/event/Order__e` can be subscribed."""
+        self.platform_events.add(name)
+
+    def enable_change_events(self, entity: str) -> None:
+        """Select `entity` for Change Data Capture: `/data/<entity>ChangeEvent` and `/data/ChangeEvents`."""
+        self.cdc_entities.add(entity)
+
+    def create_streaming_channel(self, channel: str) -> None:
+        """A generic streaming channel (a StreamingChannel record named `/u/Name`)."""
+        self.streaming_channels.add(channel)
+
     def publish(self, topic: str, sobject: dict[str, Any], type: str = "created") -> int:  # noqa: A002
-        """A record change matching PushTopic `topic`: buffered for replay and sent to subscribers."""
+        """A record change matching PushTopic `topic`: buffered for replay and sent to subscribers
+        (filtered subscriptions only when the record matches their filter)."""
         if topic not in self.topics:
             raise KeyError(f"no PushTopic named {topic}")
+        replay_id = self._next_replay()
+        data = {"event": {"createdDate": _now(), "replayId": replay_id, "type": type}, "sobject": sobject}
+        self._deliver(f"/topic/{topic}", replay_id, data, sobject)
+        return replay_id
+
+    def publish_event(self, name: str, fields: dict[str, Any]) -> int:
+        """A Platform Event `name` (`Order__e`) published, in the shape CometD delivers it: `schema`,
+        `payload` (the fields with `CreatedDate` and `CreatedById`), `event` (`replayId`, `EventUuid`)."""
+        if name not in self.platform_events:
+            raise KeyError(f"no Platform Event named {name}")
+        replay_id = self._next_replay()
+        payload = {"CreatedDate": _now(), "CreatedById": USER_ID, **fields}
+        data = {"schema": _schema_id(name), "payload": payload,
+                "event": {"EventUuid": str(uuid.uuid4()), "replayId": replay_id}}
+        self._deliver(f"/event/{name}", replay_id, data)
+        return replay_id
+
+    def publish_change(self, entity: str, change_type: str, record_ids: list[str], fields: dict[str, Any],
+                       changed_fields: list[str] | None = None) -> int:
+        """A Change Data Capture event for `entity` (`CREATE`, `UPDATE`, `DELETE`, `UNDELETE`): the
+        `ChangeEventHeader` inside `payload` beside the changed fields, on `/data/<entity>ChangeEvent` and
+        `/data/ChangeEvents` with one replayId."""
+        if entity not in self.cdc_entities:
+            raise KeyError(f"{entity} is not selected for Change Data Capture")
+        replay_id = self._next_replay()
+        commit = next(self._commit_numbers)
+        header = {"entityName": entity, "recordIds": list(record_ids), "changeType": change_type,
+                  "changeOrigin": "com/salesforce/api/rest/58.0", "transactionKey": secrets.token_hex(16),
+                  "sequenceNumber": 1, "commitTimestamp": int(time.time() * 1000), "commitNumber": commit,
+                  "commitUser": USER_ID, "nulledFields": [], "diffFields": [],
+                  "changedFields": list(changed_fields if changed_fields is not None else fields)}
+        data = {"schema": _schema_id(f"{entity}ChangeEvent"), "payload": {"ChangeEventHeader": header, **fields},
+                "event": {"replayId": replay_id}}
+        self._deliver(f"/data/{entity}ChangeEvent", replay_id, data)
+        self._deliver("/data/ChangeEvents", replay_id, data)
+        return replay_id
+
+    def publish_generic(self, channel: str, payload: str) -> int:
+        """A generic streaming event (`/u/Name`): the payload is a string, as the REST push resource takes it."""
+        if channel not in self.streaming_channels:
+            raise KeyError(f"no streaming channel {channel}")
+        replay_id = self._next_replay()
+        self._deliver(channel, replay_id, {"event": {"createdDate": _now(), "replayId": replay_id},
+                                           "payload": payload})
+        return replay_id
+
+    def _next_replay(self) -> int:
         self._expire()
         replay_id = next(self._replay_ids)
         self._last_replay = replay_id
-        channel = f"/topic/{topic}"
-        created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        message = {"channel": channel, "data": {"event": {"createdDate": created, "replayId": replay_id,
-                                                          "type": type}, "sobject": sobject}}
-        self.events.append(_Event(replay_id, channel, time.time(), message))
-        for client in self.bayeux.values():
-            if channel in client.subscriptions:
-                client.queue.append({**message, "clientId": client.client_id})
-                client.wake.set()
         return replay_id
+
+    def _deliver(self, channel: str, replay_id: int, data: dict[str, Any],
+                 fields: dict[str, Any] | None = None) -> None:
+        """Buffer the event for replay, and queue it for every client subscribed to `channel`, on the channel
+        each subscribed (a filtered one with its query, when the record matches the filter)."""
+        self.events.append(_Event(replay_id, channel, time.time(), {"channel": channel, "data": data}, fields))
+        for client in self.bayeux.values():
+            for subscribed in client.subscriptions:
+                if replay_key(subscribed) == channel and _matches(filter_of(subscribed), fields):
+                    client.queue.append({"channel": subscribed, "data": data, "clientId": client.client_id})
+                    client.wake.set()
 
     def purge(self, upto: int | None = None) -> None:
         """Drop retained events up to replayId `upto` (all when None), as the retention window does."""
@@ -298,16 +419,25 @@ class SalesforceSim:
     # ------------------------------------------------------------ OAuth and REST
 
     async def _token(self, request: web.Request) -> web.Response:
+        """The OAuth token endpoint: the username-password, JWT bearer and client-credentials flows, refusing
+        with Salesforce's error codes and words (OAuth 2.0 endpoints: `invalid_client_id` "client identifier
+        invalid", `invalid_client` "invalid client credentials", `invalid_grant` "authentication failure",
+        "user hasn't approved this consumer", "audience is invalid", "invalid assertion", "no client
+        credentials user enabled")."""
         form = await request.post()
         self.login_attempts += 1
-        if form.get("grant_type") != "password":
+        grant = form.get("grant_type")
+        if grant == "password":
+            username, refused = self._password_flow(form)
+        elif grant == JWT_BEARER:
+            username, refused = self._jwt_flow(str(form.get("assertion", "")))
+        elif grant == "client_credentials":
+            username, refused = self._client_credentials_flow(form)
+        else:
             return _oauth_error("unsupported_grant_type", "grant type not supported")
-        consumer_key = str(form.get("client_id", ""))
-        if consumer_key not in self.clients:
-            return _oauth_error("invalid_client_id", "client identifier invalid")
-        if self.clients[consumer_key] != form.get("client_secret"):
-            return _oauth_error("invalid_client", "invalid client credentials")
-        username = str(form.get("username", ""))
+        if refused is not None:
+            return refused
+        assert username is not None
         recent = self._login_times.setdefault(username, deque())
         now = time.monotonic()
         while recent and now - recent[0] > 3600:
@@ -315,15 +445,64 @@ class SalesforceSim:
         if len(recent) >= self.max_logins_per_hour:
             return _oauth_error("invalid_grant", "LOGIN_RATE_EXCEEDED: Login Rate Exceeded")
         recent.append(now)  # every attempt counts, as in the org's Login History
-        if self.users.get(username) != form.get("password"):
+        if grant == "password" and self.users.get(username) != form.get("password"):
             return _oauth_error("invalid_grant", "authentication failure")
         token = f"{self.org_id}!{secrets.token_urlsafe(24)}"
         self.tokens.add(token)
         self.logins += 1
+        self.flows.append(str(grant))
         issued = str(int(time.time() * 1000))
         return web.json_response({"access_token": token, "instance_url": self.url,
                                   "id": f"{self.url}/id/{self.org_id}/{USER_ID}", "token_type": "Bearer",
-                                  "issued_at": issued, "signature": secrets.token_urlsafe(32)})
+                                  "issued_at": issued, "signature": secrets.token_urlsafe(32),
+                                  "scope": "api"})
+
+    def _password_flow(self, form: Any) -> tuple[str | None, web.Response | None]:
+        consumer_key = str(form.get("client_id", ""))
+        if consumer_key not in self.clients:
+            return None, _oauth_error("invalid_client_id", "client identifier invalid")
+        if self.clients[consumer_key] != form.get("client_secret"):
+            return None, _oauth_error("invalid_client", "invalid client credentials")
+        return str(form.get("username", "")), None
+
+    def _client_credentials_flow(self, form: Any) -> tuple[str | None, web.Response | None]:
+        consumer_key = str(form.get("client_id", ""))
+        if consumer_key not in self.clients:
+            return None, _oauth_error("invalid_client_id", "client identifier invalid")
+        if self.clients[consumer_key] != form.get("client_secret"):
+            return None, _oauth_error("invalid_client", "invalid client credentials")
+        if consumer_key not in self.run_as:
+            return None, _oauth_error("invalid_grant", "no client credentials user enabled")
+        return self.run_as[consumer_key], None
+
+    def _jwt_flow(self, assertion: str) -> tuple[str | None, web.Response | None]:
+        """Verify the assertion as Salesforce does: the issuer is a connected app, the signature verifies
+        with its certificate (RS256), the audience is this login URL, it has not expired, the subject is a
+        user the app is approved for."""
+        try:
+            claims = jwt.decode(assertion, options={"verify_signature": False})
+            header = jwt.get_unverified_header(assertion)
+        except jwt.InvalidTokenError:
+            return None, _oauth_error("invalid_grant", "invalid assertion")
+        consumer_key = str(claims.get("iss", ""))
+        if consumer_key not in self.certificates:
+            return None, _oauth_error("invalid_client_id", "client identifier invalid")
+        if header.get("alg") != "RS256":
+            return None, _oauth_error("invalid_grant", "invalid assertion")
+        try:
+            jwt.decode(assertion, self.certificates[consumer_key], algorithms=["RS256"],
+                       options={"verify_aud": False, "require": ["exp", "iss", "sub", "aud"]})
+        except jwt.ExpiredSignatureError:
+            return None, _oauth_error("invalid_grant", "expired assertion")
+        except jwt.InvalidTokenError:
+            return None, _oauth_error("invalid_grant", "invalid assertion")
+        if str(claims.get("aud", "")).rstrip("/") != self.url:
+            return None, _oauth_error("invalid_grant", "audience is invalid")
+        username = str(claims.get("sub", ""))
+        allowed = self.approved.get(consumer_key)
+        if username not in self.users or (allowed is not None and username not in allowed):
+            return None, _oauth_error("invalid_grant", "user hasn't approved this consumer")
+        return username, None
 
     def _bearer(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")
@@ -359,6 +538,29 @@ class SalesforceSim:
                                                        f"with id: {self.topics[name]['Id']}")
         topic_id = self.create_topic(name, query, float(body.get("ApiVersion") or 58.0))
         return web.json_response({"id": topic_id, "success": True, "errors": []}, status=201)
+
+    async def _update_topic(self, request: web.Request) -> web.Response:
+        """`PATCH sobjects/PushTopic/<Id>`: 204 with no body, as Salesforce answers an update."""
+        if self._bearer(request) is None:
+            return _rest_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        record = next((t for t in self.topics.values() if t["Id"] == request.match_info["id"]), None)
+        if record is None:
+            return _rest_error(404, "NOT_FOUND", "The requested resource does not exist")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _rest_error(400, "JSON_PARSER_ERROR", "The request body is not valid JSON")
+        if not isinstance(body, dict) or "Name" in body or "Id" in body:
+            return _rest_error(400, "INVALID_FIELD_FOR_INSERT_UPDATE", "Unable to create/update fields: Name, Id")
+        query = body.get("Query", record["Query"])
+        if not isinstance(query, str) or not re.match(r"\s*SELECT\s+(.*\b)?Id\b", query, re.IGNORECASE):
+            return _rest_error(400, "INVALID_FIELD", "The query must select the Id field")
+        unknown = [k for k in body if k not in record]
+        if unknown:
+            return _rest_error(400, "INVALID_FIELD", f"No such column '{unknown[0]}' on sobject of type PushTopic")
+        record.update(body)
+        self.topic_updates.append(body)
+        return web.Response(status=204)
 
     # ------------------------------------------------------------ CometD
 
@@ -450,36 +652,53 @@ class SalesforceSim:
                        supportedConnectionTypes=["long-polling"], ext={"replay": True, "payload.format": True}),
                 client.cookie)
 
+    def _channel_exists(self, channel: str) -> bool:
+        base = replay_key(channel)
+        kind, _, name = base.removeprefix("/").partition("/")
+        if kind == "topic":
+            return name in self.topics
+        if "?" in channel:
+            return False  # filters are for PushTopics only
+        if kind == "event":
+            return name in self.platform_events
+        if kind == "data":
+            return name == "ChangeEvents" or name.removesuffix("ChangeEvent") in self.cdc_entities
+        if kind == "u":
+            return base in self.streaming_channels
+        return False
+
     def _subscribe(self, client: _Client, message: dict[str, Any]) -> dict[str, Any]:
         channel = str(message.get("subscription"))
-        name = channel.removeprefix("/topic/")
+        key = replay_key(channel)
         if channel in self.denied:
             return _reply(message, False, subscription=channel, error=self.denied[channel])
-        if not channel.startswith("/topic/") or name not in self.topics:
+        if not self._channel_exists(channel):
             return _reply(message, False, subscription=channel,
                           error=f"400::The channel you requested to subscribe to doesn't exist {{{channel}}}")
         ext = message.get("ext") or {}
         replay_map = ext.get("replay") if isinstance(ext, dict) else None
         replay_id = -1
-        if isinstance(replay_map, dict):
-            if channel not in replay_map:
+        if isinstance(replay_map, dict):  # keyed by the channel without a filter (EMP-Connector's way)
+            if key not in replay_map:
                 return _reply(message, False, subscription=channel,
-                              error=f"400::The replayId for channel {{{channel}}} wasn't found using the "
+                              error=f"400::The replayId for channel {{{key}}} wasn't found using the "
                                     "provided replay ID map")
-            replay_id = replay_map[channel]
+            replay_id = replay_map[key]
         self._expire()
+        conditions = filter_of(channel)
         if replay_id == -2:
-            backlog = [e for e in self.events if e.topic == channel]
+            backlog = [e for e in self.events if e.topic == key]
         elif replay_id == -1:
             backlog = []
         elif isinstance(replay_id, int) and self.purged_upto <= replay_id <= self._last_replay:
-            backlog = [e for e in self.events if e.topic == channel and e.replay_id > replay_id]
+            backlog = [e for e in self.events if e.topic == key and e.replay_id > replay_id]
         else:
             return _reply(message, False, subscription=channel,
                           error=f"400::The replayId {{{replay_id}}} you provided was invalid. Please provide a "
                                 "valid ID, -2 to replay all events, or -1 to replay only new events.")
         client.subscriptions.add(channel)
-        client.queue.extend({**e.message, "clientId": client.client_id} for e in backlog)
+        client.queue.extend({**e.message, "channel": channel, "clientId": client.client_id}
+                            for e in backlog if _matches(conditions, e.fields))
         if backlog:
             client.wake.set()
         return _reply(message, True, subscription=channel)
@@ -548,6 +767,45 @@ def _reply(message: dict[str, Any], successful: bool, **fields: Any) -> dict[str
         reply["clientId"] = message["clientId"]
     reply.update(fields)
     return reply
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _schema_id(name: str) -> str:
+    """A stable schema id per event type, shaped like Salesforce's (22 URL-safe characters)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(name.encode()).digest()).decode()[:22]
+
+
+def _public_key(pem: str | bytes) -> Any:
+    """The verifying key of a connected app: from its PEM certificate (what the app's "Use digital
+    signatures" upload takes) or a PEM public key."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if b"CERTIFICATE" in data:
+        return x509.load_pem_x509_certificate(data).public_key()
+    return serialization.load_pem_public_key(data)
+
+
+def throwaway_certificate(common_name: str = "listenerd-dev", bits: int = 2048) -> tuple[str, str]:
+    """A new RSA private key and a self-signed certificate for it, both PEM: what `openssl req -x509
+    -newkey rsa:2048 -nodes` makes for a connected app (the certificate uploaded, the key kept), for
+    the dev run and tests; nothing is written to disk."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _oauth_error(error: str, description: str) -> web.Response:

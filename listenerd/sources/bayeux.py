@@ -184,10 +184,12 @@ class BayeuxClient:
     _control_held: bool = False  # the control lane waits for the next successful connect or handshake
     _fallbacks: dict[str, int | None] = field(default_factory=dict)  # per channel, over `replay_fallback`
     limited: bool = False  # the last handshake was refused for the org's concurrent client limit
+    _by_key: dict[str, str] = field(default_factory=dict)  # replay key (no filter) -> channel subscribed
 
     def __post_init__(self) -> None:
         self.advice.timeout = self.default_timeout
         self.subscriptions = dict(self.subscriptions)
+        self._by_key = {replay_key(channel): channel for channel in self.subscriptions}
 
     # -- timing
 
@@ -268,6 +270,7 @@ class BayeuxClient:
         """Subscribe `channel` from `replay`: with the next subscribes, or on the control lane when connected.
         `fallback` is this channel's `replay_fallback`."""
         self.subscriptions[channel] = replay
+        self._by_key[replay_key(channel)] = channel
         self._fallbacks[channel] = fallback
         self.subscribed.discard(channel)
         self._ever_subscribed.discard(channel)
@@ -275,6 +278,8 @@ class BayeuxClient:
     def remove(self, channel: str) -> None:
         """Stop following `channel`; the server is told on the control lane when it had the subscription."""
         self.subscriptions.pop(channel, None)
+        if self._by_key.get(replay_key(channel)) == channel:
+            del self._by_key[replay_key(channel)]
         self._fallbacks.pop(channel, None)
         self._pending.pop(channel, None)
         if channel in self.subscribed:
@@ -316,8 +321,8 @@ class BayeuxClient:
             if not isinstance(message, dict):
                 continue
             channel = message.get("channel")
-            if channel in self.subscriptions and "data" in message:
-                outputs.append(self._on_data(channel, message["data"]))
+            if "data" in message and (owner := self._owner(channel)) is not None:
+                outputs.append(self._on_data(owner, message["data"]))
             elif channel == "/meta/subscribe":
                 outputs += self._on_subscribe(message, control=True)
         for message in request.messages:  # a subscribe without a reply is asked again later
@@ -355,6 +360,9 @@ class BayeuxClient:
             channel = message.get("channel")
             if channel in subscriptions and "data" in message:  # the hot path: events, in bulk
                 outputs.append(self._on_data(channel, message["data"]))
+                continue
+            if "data" in message and (owner := self._owner(channel)) is not None:  # a filtered channel's event
+                outputs.append(self._on_data(owner, message["data"]))
                 continue
             if channel == f"/meta/{awaited}":
                 answered = True
@@ -482,6 +490,14 @@ class BayeuxClient:
             return [self._retry("reconnect-advice", f"connect answered {error}; the server advised no reconnect")]
         return self._transport_failure(f"connect answered {error}", "connect", "refused")
 
+    def _owner(self, channel: Any) -> str | None:
+        """The subscribed channel an event on `channel` belongs to: a filtered subscription's events may
+        carry the channel with or without its query (EMP-Connector strips it when it files the replayId,
+        `ReplayExtension.rcv`)."""
+        if not isinstance(channel, str) or channel.startswith("/meta/"):
+            return None
+        return self._by_key.get(replay_key(channel))
+
     def _on_data(self, channel: str, data: Any) -> Message:
         event = data.get("event") if type(data) is dict else None
         replay_id = event.get("replayId") if type(event) is dict else None
@@ -542,8 +558,8 @@ class BayeuxClient:
             replay = self.subscriptions[channel]
             message = {"channel": "/meta/subscribe", "clientId": self.client_id, "subscription": channel,
                        "id": self._id()}
-            if self.replay:
-                message["ext"] = {"replay": {channel: replay}}
+            if self.replay:  # keyed without a filter's query, as the server files replayIds
+                message["ext"] = {"replay": {replay_key(channel): replay}}
             size += len(orjson.dumps(message)) + 1
             if size > MAX_BODY and messages:
                 break
@@ -561,6 +577,13 @@ class BayeuxClient:
     def _id(self) -> str:
         self._next_id += 1
         return str(self._next_id)
+
+
+def replay_key(channel: str) -> str:
+    """The replay map's key for `channel`: a filtered subscription `/topic/X?Field=v` is filed under
+    `/topic/X`, as forcedotcom/EMP-Connector does (`EmpConnector.java` `SubscriptionImpl.getReplayFrom`
+    and `ReplayExtension.java`: `topicWithoutQueryString`, `fullTopic.split("\\?")[0]`)."""
+    return channel.split("?", 1)[0]
 
 
 def _error(message: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ import aiohttp
 import orjson
 import structlog
 
-from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
+from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources, salesforce_channel_kind
 from listenerd.net import describe, kind_of
 from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources.base import SourceContext
@@ -61,9 +61,10 @@ from listenerd.sources.bayeux import (
     ReplayRejected,
     Request,
     Subscribed,
+    replay_key,
 )
 from listenerd.sources.group import follow, group_key, resolve
-from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for
+from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for, topic_name
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
 MAX_ANSWER_BYTES = 64 << 20  # bound on one long-poll answer (EMP-Connector advises a 10 MB buffer)
@@ -94,6 +95,45 @@ def start_replay(options: SalesforceOptions, stored: str | None, attempts: int,
     return -2 if options.replay == "all" else -1
 
 
+def event_of(channel: str, data: Any) -> tuple[Any, dict[str, Any]] | None:
+    """The payload root and `$` metadata of one streaming message, by the channel's kind; None when the
+    message lacks its kind's parts.
+
+    PushTopic: `data.sobject`, `$event` (`type`, `createdDate`, `replayId`). Platform Event, Change Data
+    Capture, generic: `data.payload` (generic payloads are strings: JSON ones are decoded), `$event`
+    (`replayId`, a Platform Event's `EventUuid`); CDC adds `$header`, the payload's `ChangeEventHeader`
+    (`changeType`, `entityName`, `recordIds`, `commitTimestamp`, ...). `$channel` is the channel subscribed.
+    """
+    event = data.get("event") if isinstance(data, dict) else None
+    if not isinstance(event, dict):
+        return None
+    meta: dict[str, Any] = {"$event": event, "$channel": channel}
+    kind = salesforce_channel_kind(channel)
+    if kind == "topic":
+        sobject = data.get("sobject")
+        return (sobject, meta) if isinstance(sobject, dict) else None
+    if kind not in ("event", "data", "u") or "payload" not in data:
+        return None
+    payload = data["payload"]
+    if kind == "u" and isinstance(payload, str) and payload[:1] in ("{", "["):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            payload = orjson.loads(payload)
+    if kind == "data":
+        header = payload.get("ChangeEventHeader") if isinstance(payload, dict) else None
+        if not isinstance(header, dict):
+            return None
+        meta["$header"] = header
+    return payload, meta
+
+
+def event_key(org_id: str, channel: str, replay_id: str) -> str:
+    """The source's identity of an event: org, channel (without a filter's query) and replayId. A
+    PushTopic's is `org/Name/replayId` as before channel kinds, so ids stay stable across the upgrade."""
+    if salesforce_channel_kind(channel) == "topic":
+        return f"{org_id}/{topic_name(channel)}/{replay_id}"
+    return f"{org_id}{replay_key(channel)}/{replay_id}"
+
+
 class SalesforceClients:
     """The logins and Bayeux clients of one supervisor (`ctx.shared`), by tenant and integration."""
 
@@ -113,8 +153,9 @@ class SalesforceClients:
         """The integration's live client that does not carry this channel yet, else a new one."""
         key = group_key(id(login), options.version)
         lanes = self.connections.setdefault(key, [])
+        key_of = replay_key(options.topic)  # a filtered topic shares its replay key with the unfiltered one
         for connection in lanes:
-            if not connection.closed and options.topic not in connection.members:
+            if not connection.closed and all(replay_key(c) != key_of for c in connection.members):
                 return connection
 
         def retire(done: Connection) -> None:
@@ -364,17 +405,15 @@ class Connection:
         member = self.members.get(message.channel)
         if member is None:
             return
-        data = message.data
-        sobject = data.get("sobject") if isinstance(data, dict) else None
-        event = data.get("event") if isinstance(data, dict) else None
-        if message.replay_id is None or not isinstance(sobject, dict) or not isinstance(event, dict):
-            member.ctx.count("malformed")
-            member.ctx.log.warning("event without sobject or replayId skipped", channel=message.channel)
-            return
         assert self.session is not None
+        found = event_of(member.channel, message.data)
+        if message.replay_id is None or found is None:
+            member.ctx.count("malformed")
+            member.ctx.log.warning("event without its payload or replayId skipped", channel=message.channel)
+            return
+        payload, meta = found
         replay_id = str(message.replay_id)
-        key = f"{self.session.org_id}/{member.channel.removeprefix('/topic/')}/{replay_id}"
-        await member.ctx.emit(sobject, meta={"$event": event, "$channel": message.channel}, key=key,
+        await member.ctx.emit(payload, meta=meta, key=event_key(self.session.org_id, member.channel, replay_id),
                               checkpoint=replay_id)
 
     def _count(self, kind: str) -> None:
@@ -416,12 +455,17 @@ async def run(ctx: SourceContext) -> None:
     login = clients.login_for(ctx)
     ctx.starting(f"Logging in to {integration.login_url}")
     await login.current()
-    name = options.topic.removeprefix("/topic/")
-    if ctx.launch.attempt == 0 or options.topic not in login.topics_found:  # no REST storm when a client ends
-        ctx.starting(f"Looking up PushTopic {name}")
-        if await ensure_topic_for(login, options, ctx.settings) == "created":
-            ctx.log.info("PushTopic created", topic=name)
-        login.topics_found.add(options.topic)
+    if salesforce_channel_kind(options.topic) == "topic":  # the others are defined in the org, not by us
+        name = topic_name(options.topic)
+        if ctx.launch.attempt == 0 or name not in login.topics_found:  # no REST storm when a client ends
+            ctx.starting(f"Looking up PushTopic {name}")
+            outcome = await ensure_topic_for(login, options, ctx.settings)
+            if outcome == "created":
+                ctx.log.info("PushTopic created", topic=name)
+            elif outcome.startswith("updated"):
+                ctx.log.info("PushTopic updated to the listener's query", topic=name,
+                             changed=outcome.removeprefix("updated: "))
+            login.topics_found.add(name)
     stored = await ctx.checkpoint()
     replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
     ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")

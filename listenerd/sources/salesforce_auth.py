@@ -7,11 +7,13 @@ flight). Salesforce limits logins per user (3,600 an hour, then `LOGIN_RATE_EXCE
 000381578), and a login per listener or per reconnect spends that quota in a restart storm
 (restforce/restforce#744 met it with JWT logins per call).
 
-1. Login (OAuth 2.0 username-password) with aiohttp against `{login-url}/services/oauth2/token`,
-   any host and scheme, TLS verified (optionally against `sources.ca-bundle`). `invalid_grant` /
-   `invalid_client` are `failed` with Salesforce's own words; the secrets never appear anywhere.
+1. Login (OAuth 2.0: username-password, JWT bearer or client credentials, by `auth`) with aiohttp
+   against `{login-url}/services/oauth2/token`, any host and scheme, TLS verified (optionally against
+   `sources.ca-bundle`). `invalid_grant` / `invalid_client` are `failed` with Salesforce's own words
+   (short, printable); the secrets (password, consumer secret, private key, assertion) never appear.
    `LOGIN_RATE_EXCEEDED` is `retrying`, named, after the long limit back-off.
-2. PushTopic lookup and creation over REST, per listener, with the same aiohttp and TLS as the login,
+2. PushTopic lookup, creation and update (when its query differs from the listener's) over REST, per
+   listener, with the same aiohttp and TLS as the login,
    to the instance URL exactly as the login answered it (plain http for simulators). These were
    simple-salesforce calls in a thread: two requests did not need a synchronous client, `requests`,
    a SOAP stack and a thread pool, about 17 MiB of a daemon that runs Salesforce listeners.
@@ -20,7 +22,9 @@ flight). Salesforce limits logins per user (3,600 an hour, then `LOGIN_RATE_EXCE
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +37,17 @@ from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
 from listenerd.net import client_tls, describe, kind_of, mask
 from listenerd.outcome import Ended, Fail, Retry
 
-FATAL_LOGIN_ERRORS = ("invalid_grant", "invalid_client", "invalid_client_id", "unsupported_grant_type")
+# OAuth errors that stay until someone changes the credentials or the connected app: `failed`, with
+# Salesforce's words (OAuth 2.0 error codes as its token endpoint answers them, e.g. `invalid_grant`
+# "user hasn't approved this consumer", `invalid_client_id` "client identifier invalid",
+# `invalid_app_access` "user is not admin approved to access this app").
+FATAL_LOGIN_ERRORS = ("invalid_grant", "invalid_client", "invalid_client_id", "unsupported_grant_type",
+                      "invalid_app_access", "inactive_user", "inactive_org", "invalid_request")
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# The assertion's lifetime: Salesforce accepts an `exp` at most 3 minutes ahead (OAuth 2.0 JWT Bearer
+# Flow for Server-to-Server Integration); it is made afresh for each login.
+ASSERTION_LIFETIME = 180
+WORDS_LIMIT = 300  # Salesforce's error text, as quoted in a status message
 # Salesforce's words when a user's logins pass 3,600 an hour (help article 000381578); matched anywhere
 # in the OAuth error, before `invalid_grant` counts as bad credentials.
 LOGIN_RATE_WORDS = ("login_rate_exceeded", "login rate exceeded")
@@ -56,9 +70,12 @@ class LoginRateExceeded(Exception):
     """Salesforce refused the login for the user's hourly login limit; carries its words."""
 
 
-def scrub(text: str, integration: SalesforceIntegration) -> str:
-    """Salesforce's words, minus any secret they might echo (the joined password first)."""
-    return mask(text, integration.password + integration.secret_token, *integration.secret_values(), shortest=4)
+def scrub(text: str, integration: SalesforceIntegration, *also: str) -> str:
+    """Salesforce's words, short and printable, minus any secret they might echo (the joined password first)."""
+    text = "".join(c if c.isprintable() else " " for c in text)
+    text = mask(text, integration.password + integration.secret_token, *also, *integration.secret_values(),
+                shortest=4)
+    return text if len(text) <= WORDS_LIMIT else text[: WORDS_LIMIT - 3] + "..."
 
 
 def org_id_of(answer: dict[str, Any]) -> str:
@@ -70,12 +87,49 @@ def org_id_of(answer: dict[str, Any]) -> str:
     return token.split("!", 1)[0] if "!" in token else "org"
 
 
-async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration, sslctx: ssl.SSLContext,
-                timeout: float) -> Session:
-    url = integration.login_url.rstrip("/") + "/services/oauth2/token"
-    form = {"grant_type": "password", "client_id": integration.consumer_key,
+def jwt_assertion(integration: SalesforceIntegration, now: float | None = None) -> str:
+    """The JWT bearer flow's assertion: RS256 over `iss` consumer key, `sub` username, `aud` login URL,
+    `exp` a few minutes ahead, signed with the key whose certificate is on the connected app."""
+    import jwt  # PyJWT, with cryptography for RS256
+
+    issued = int(time.time() if now is None else now)
+    claims = {"iss": integration.consumer_key, "sub": integration.username,
+              "aud": integration.login_url.rstrip("/"), "exp": issued + ASSERTION_LIFETIME}
+    return jwt.encode(claims, signing_key(integration.private_key), algorithm="RS256")
+
+
+@functools.lru_cache(maxsize=64)
+def signing_key(pem: str) -> Any:
+    """The parsed RSA key, once per key: loading a PEM checks the key's consistency, about 35 ms of CPU on
+    this project's machine (bench/salesforce_kinds.py), against 1-2 ms to sign; a login storm across many
+    integrations would pay it at every login."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(pem.encode(), password=None)
+
+
+def token_form(integration: SalesforceIntegration) -> dict[str, str]:
+    """The token request of the integration's flow (`auth`), as Salesforce's OAuth endpoint reads it."""
+    if integration.auth == "jwt":
+        return {"grant_type": JWT_BEARER, "assertion": jwt_assertion(integration)}
+    if integration.auth == "client-credentials":
+        return {"grant_type": "client_credentials", "client_id": integration.consumer_key,
+                "client_secret": integration.consumer_secret}
+    return {"grant_type": "password", "client_id": integration.consumer_key,
             "client_secret": integration.consumer_secret, "username": integration.username,
             "password": integration.password + integration.secret_token}
+
+
+async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration, sslctx: ssl.SSLContext,
+                timeout: float) -> Session:
+    """One OAuth login with the integration's flow (`password`, `jwt`, `client-credentials`).
+
+    Raises `Ended(Fail)` when Salesforce refuses the credentials or the app (its words, scrubbed),
+    `Ended(Retry)` when it cannot be reached or answers oddly, `LoginRateExceeded` for the hourly limit.
+    Shared by every Salesforce source (CometD streaming here, the Pub/Sub API beside it).
+    """
+    url = integration.login_url.rstrip("/") + "/services/oauth2/token"
+    form = token_form(integration)
     try:
         async with http.post(url, data=form, ssl=sslctx, timeout=aiohttp.ClientTimeout(total=timeout),
                              headers={"Accept": "application/json"}) as response:
@@ -89,7 +143,8 @@ async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration,
     if status == 200 and isinstance(answer, dict) and answer.get("access_token") and answer.get("instance_url"):
         return Session(answer["access_token"], str(answer["instance_url"]).rstrip("/"), org_id_of(answer))
     if isinstance(answer, dict) and answer.get("error"):
-        words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration)
+        words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration,
+                      form.get("assertion", ""))
         if any(w in words.lower() for w in LOGIN_RATE_WORDS):
             raise LoginRateExceeded(words)
         if answer["error"] in FATAL_LOGIN_ERRORS:
@@ -105,27 +160,75 @@ class SessionExpired(Exception):  # noqa: N818 - Salesforce's word for it
     """The REST API answered 401: the shared token is stale; `ensure_topic_for` refreshes it once."""
 
 
+# What listenerd creates a PushTopic with, and keeps it at: every operation, fields referenced in the query.
+TOPIC_NOTIFY: dict[str, Any] = {"NotifyForOperationCreate": True, "NotifyForOperationUpdate": True,
+                                "NotifyForOperationDelete": True, "NotifyForOperationUndelete": True,
+                                "NotifyForFields": "Referenced"}
+
+
+def topic_name(topic: str) -> str:
+    """The PushTopic's record name: `/topic/Name?Field=value` -> `Name` (a filter is not part of the name)."""
+    return topic.removeprefix("/topic/").split("?", 1)[0]
+
+
+def topic_fields(options: SalesforceOptions) -> dict[str, Any]:
+    return {"Query": options.query, "ApiVersion": float(options.version), **TOPIC_NOTIFY}
+
+
+def topic_differences(record: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The PushTopic fields whose value in the org is not what the listener wants (the query compared
+    with its whitespace collapsed, the API version as a number)."""
+    changed = []
+    for key, value in wanted.items():
+        have = record.get(key)
+        if key == "Query":
+            same = " ".join(str(have or "").split()) == " ".join(str(value).split())
+        elif key == "ApiVersion":
+            try:
+                same = float(have) == float(value)
+            except (TypeError, ValueError):
+                same = False
+        else:
+            same = have == value
+        if not same:
+            changed.append(key)
+    return changed
+
+
 async def ensure_topic(http: aiohttp.ClientSession, session: Session, options: SalesforceOptions,
                        sslctx: ssl.SSLContext, timeout: float) -> str:
-    """Find the PushTopic, creating it when a query is configured; 'found' or 'created'.
+    """Find the PushTopic; with a query, create it when missing and update it when it differs.
 
-    The two REST calls simple-salesforce made (`query/?q=SELECT ... FROM PushTopic WHERE Name = '...'`,
-    `POST sobjects/PushTopic/`), on aiohttp, against the instance URL exactly as the login gave it.
+    'found', 'created', or 'updated: Query, ApiVersion' (the fields changed). The REST calls
+    simple-salesforce makes (`query/?q=SELECT ... FROM PushTopic WHERE Name = '...'`,
+    `POST sobjects/PushTopic/`, `PATCH sobjects/PushTopic/<Id>`), on aiohttp, against the instance URL
+    exactly as the login gave it. A topic whose query changed is updated rather than kept: a listener
+    whose config says one query and whose org runs another would forward the wrong records, silently.
     """
-    name = options.topic.removeprefix("/topic/")
+    name = topic_name(options.topic)
     base = f"{session.instance_url}/services/data/v{options.version}"
     quoted = name.replace("\\", "\\\\").replace("'", "\\'")
-    soql = f"SELECT Id, Name, Query, ApiVersion, IsActive FROM PushTopic WHERE Name = '{quoted}'"
+    soql = (f"SELECT Id, Name, Query, ApiVersion, IsActive, NotifyForOperationCreate, NotifyForOperationUpdate, "
+            f"NotifyForOperationDelete, NotifyForOperationUndelete, NotifyForFields FROM PushTopic "
+            f"WHERE Name = '{quoted}'")
     found = await _rest(http, session, sslctx, timeout, name, "GET", f"{base}/query/", params={"q": soql})
+    records = found.get("records") if isinstance(found.get("records"), list) else []
     if found.get("totalSize", 0) > 0:
-        return "found"
+        record = records[0] if records and isinstance(records[0], dict) else {}
+        if not options.query or not record.get("Id"):
+            return "found"
+        wanted = topic_fields(options)
+        changed = topic_differences(record, wanted)
+        if not changed:
+            return "found"
+        await _rest(http, session, sslctx, timeout, name, "PATCH",
+                    f"{base}/sobjects/PushTopic/{record['Id']}", json={k: wanted[k] for k in changed})
+        return "updated: " + ", ".join(changed)
     if not options.query:
         raise Ended(Fail(f"PushTopic {name} does not exist in the org, and the listener has no query "
                          f"to create it with (set options.query, or create the PushTopic)"))
-    await _rest(http, session, sslctx, timeout, name, "POST", f"{base}/sobjects/PushTopic/", json={
-        "Name": name, "Query": options.query, "ApiVersion": float(options.version),
-        "NotifyForOperationCreate": True, "NotifyForOperationUpdate": True, "NotifyForOperationDelete": True,
-        "NotifyForOperationUndelete": True, "NotifyForFields": "Referenced"})
+    await _rest(http, session, sslctx, timeout, name, "POST", f"{base}/sobjects/PushTopic/",
+                json={"Name": name, **topic_fields(options)})
     return "created"
 
 

@@ -23,7 +23,7 @@ from listenerd.model import Config
 from listenerd.sim.salesforce import SalesforceSim
 from listenerd.sources.salesforce import Connection
 from listenerd.sources.salesforce_auth import Login, Session
-from tests.harness import Harness, integration, listener, wait_for
+from tests.harness import Harness, desired, integration, listener, wait_for
 
 PEERS = Path(__file__).parent
 NODE = shutil.which("node") or "/usr/bin/node"
@@ -148,6 +148,43 @@ async def test_aiosfstream_is_refused_past_the_org_client_limit(sim):
     assert reply["error"] == "403::Handshake denied"
     assert reply["ext"] == {"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}}
     assert sim.live_clients == 0  # the first one disconnected: the slot is free again
+
+
+async def test_aiosfstream_and_listenerd_see_the_same_platform_and_change_events(tmp_path, sim):
+    """aiosfstream-ng reads a Platform Event and a CDC channel of the simulator (its replay storage parses
+    each message's date from the shape: `payload.CreatedDate`, `ChangeEventHeader.commitTimestamp`, so a
+    wrong shape raises there); listenerd follows the same channels: both see the same payloads and ids."""
+    sim.define_platform_event("Order__e")
+    sim.enable_change_events("Account")
+    config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")},
+                                    "supervisor": {"backoff-initial": 0.05, "backoff-max": 0.3}})
+    creds = integration("salesforce", **{"consumer-key": "ck", "consumer-secret": "cs", "username": "u@example.com",
+                                         "password": "pwTOKEN", "login-url": sim.url})
+    pe, cdc = ("t", "PE"), ("t", "CDC")
+    async with Harness(tmp_path, config) as h, Client(authenticator(sim), replay={}) as client:
+        sup = h.supervisor()
+        await sup.start({pe: desired(listener(id="PE", type="salesforce", options={"topic": "/event/Order__e"}),
+                                     creds),
+                         cdc: desired(listener(id="CDC", type="salesforce",
+                                               options={"topic": "/data/AccountChangeEvent"}), creds)})
+        await client.subscribe("/event/Order__e")
+        await client.subscribe("/data/AccountChangeEvent")
+        await wait_for(lambda: all(sup.status(k).status == "started" for k in (pe, cdc)), what="listenerd started")
+        order = sim.publish_event("Order__e", {"Amount__c": 12.5, "Ref__c": "O-1"})
+        change = sim.publish_change("Account", "UPDATE", ["001A"], {"Name": "Acme"}, changed_fields=["Name"])
+        got = {m["channel"]: m for m in await receive(client, 2)}
+        await wait_for(lambda: sup.status(pe).received == 1 and sup.status(cdc).received == 1, what="listenerd")
+        theirs_pe, theirs_cdc = got["/event/Order__e"]["data"], got["/data/AccountChangeEvent"]["data"]
+        assert theirs_pe["event"]["replayId"] == order and theirs_cdc["event"]["replayId"] == change
+        assert theirs_pe["payload"]["Amount__c"] == 12.5 and "EventUuid" in theirs_pe["event"]
+        assert theirs_cdc["payload"]["ChangeEventHeader"]["changeType"] == "UPDATE"
+        assert [e["event"] for e in await h.events("t", "PE")] == [theirs_pe["payload"]]
+        assert [e["event"] for e in await h.events("t", "CDC")] == [theirs_cdc["payload"]]
+        assert await h.store.get_checkpoint(*pe) == str(order)
+        assert await h.store.get_checkpoint(*cdc) == str(change)
+        # aiosfstream stored a replay marker for each channel: it parsed each message's date from its shape
+        assert (await client.replay_storage.get_replay_marker("/event/Order__e")).replay_id == order
+        assert (await client.replay_storage.get_replay_marker("/data/AccountChangeEvent")).replay_id == change
 
 
 # ---------------------------------------------------------------- listenerd against faye

@@ -526,3 +526,23 @@ def test_timed_out_connects_are_not_retried_within_the_window():
     assert c.transport_error("timed out", "timeout") == []
     c.next_request()
     assert isinstance(c.transport_error("timed out", "timeout")[0], Retry)  # silence: the bound, not the window
+
+
+def test_filtered_channel_is_keyed_without_its_query_and_takes_events_either_way():
+    """EMP-Connector's `topicWithoutQueryString`: the replay map names `/topic/X`; an event may carry the
+    channel with or without the filter, and belongs to the filtered subscription in both cases."""
+    filtered = TOPIC + "?Status__c=Open"
+    c = BayeuxClient({filtered: 41})
+    handshake_ok(c)
+    req, out = subscribe_ok(c)
+    assert req.messages[0]["subscription"] == filtered
+    assert req.messages[0]["ext"] == {"replay": {TOPIC: 41}}
+    assert out == [Subscribed(filtered, 41, False)]
+    c.next_request()
+    got = c.receive([event(42, channel=filtered), event(43, channel=TOPIC), event(44, channel="/topic/Other"),
+                     connect_reply()])
+    assert [(m.channel, m.replay_id) for m in got if isinstance(m, Message)] == [(filtered, 42), (filtered, 43)]
+    assert c.subscriptions[filtered] == 43
+    c.remove(filtered)
+    c.next_request()
+    assert [m for m in c.receive([event(45, channel=TOPIC), connect_reply()]) if isinstance(m, Message)] == []

@@ -54,7 +54,12 @@ def test_dev_config_is_valid(tmp_path):
     for port, sim in enumerate(sims, start=9001):
         sim.port = port  # as if started
     cfg = demo_config("127.0.0.1:0", tmp_path, *sims)
-    assert [s.type for s in cfg.tenants[0].listeners] == ["datasift", "salesforce", "pusher"]
+    assert [s.type for s in cfg.tenants[0].listeners] == ["datasift", "salesforce", "pusher", "salesforce",
+                                                          "salesforce"]
+    assert [s.options.topic for s in cfg.tenants[0].listeners if s.type == "salesforce"] == [
+        "/topic/InvoiceStatementUpdates", "/event/Order_Placed__e", "/data/AccountChangeEvent"]
+    assert cfg.tenants[0].integrations.salesforce.auth == "jwt"
+    assert cfg.tenants[0].integrations.salesforce.private_key in cfg.secret_values()
 
 
 def test_base_is_valid():

@@ -47,6 +47,18 @@ channel = "$channel"
 owner = "Owner.Name"
 
 [[tenants.listeners]]
+id = "LI4"
+type = "salesforce"
+options = { topic = "/event/Order_Placed__e" }
+mapping = { order = "Order_Number__c", amount = "Amount__c", uuid = "$event.EventUuid", replay = "$event.replayId" }
+
+[[tenants.listeners]]
+id = "LI5"
+type = "salesforce"
+options = { topic = "/data/AccountChangeEvent" }
+mapping = { account = "Name", change = "$header.changeType", first = "$header.recordIds.0", replay = "$event.replayId" }
+
+[[tenants.listeners]]
 id = "LI3"
 type = "pusher"
 options = { channel = "orders" }
@@ -81,6 +93,17 @@ def test_salesforce_sample(tmp_path, capsys):
     assert json.loads(out) == {"invoice": "INV-0001", "state": "Open", "change": "created", "replay": 13,
                                "channel": "/topic/InvoiceStatementUpdates"}
     assert err.strip() == "unresolved: owner <- Owner.Name"
+
+
+def test_salesforce_platform_event_and_change_event_samples(tmp_path, capsys):
+    code, out, err = run_map(tmp_path, capsys, "tenant1/LI4", "salesforce-platform-event.json")
+    assert code == 0 and err == ""
+    assert json.loads(out) == {"order": "ORD-00042", "amount": 129.5, "replay": 4127,
+                               "uuid": "0d9c7d3e-8f3a-4a34-9d9f-4e1c2b6a7f10"}
+    code, out, err = run_map(tmp_path, capsys, "tenant1/LI5", "salesforce-cdc.json")
+    assert code == 0 and err == ""
+    assert json.loads(out) == {"account": "Acme Ltd", "change": "UPDATE", "first": "001D000000AbCdEIAV",
+                               "replay": 6012}
 
 
 def test_pusher_sample_from_stdin_decodes_data_twice(tmp_path, capsys, monkeypatch):
