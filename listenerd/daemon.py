@@ -51,7 +51,8 @@ class Daemon:
         self.metrics = Metrics()
         self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory)
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
-                             max_bytes=config.store.outbox_max_bytes, metrics=self.metrics)
+                             max_bytes=config.store.outbox_max_bytes, metrics=self.metrics,
+                             max_event_bytes=config.engine.max_event_bytes)
         self.dead_letters = DeadLetters(self.store, self.outbox)
         self.tap = TapHub(config.server.tap_queue)
         self.supervisor: Supervisor | None = None
@@ -74,7 +75,8 @@ class Daemon:
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
-        control = Control(self.store, self.supervisor, self.apply, self.outbox.health)
+        control = Control(self.store, self.supervisor, self.apply, self.outbox.health,
+                          limits=lambda: self.config.limits)
         self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
         await self._runner.setup()
         server = self.config.server
@@ -208,6 +210,7 @@ class Daemon:
         if (new.store.outbox_max_events, new.store.outbox_max_bytes) != (old.store.outbox_max_events,
                                                                          old.store.outbox_max_bytes):
             self.outbox.set_bounds(new.store.outbox_max_events, new.store.outbox_max_bytes)
+        self.outbox.max_event_bytes = new.engine.max_event_bytes
         self.tap.queue_size = new.server.tap_queue
         logging.getLogger().setLevel(new.log.level.upper())
         needs_restart = [name for name, before, after in (

@@ -148,6 +148,8 @@ class Metrics:
                                   registry=r)
         self.damaged_events = Counter("listenerd_store_damaged_events", "Stored events whose segment failed its "
                                       "checksum: set aside as dead letters, never sent", registry=r)
+        self.oversized_events = Counter("listenerd_oversized_events", "Events larger than engine.max-event-bytes: "
+                                        "set aside in their listener's dead letters, never sent", registry=r)
         self.store_errors = Counter("listenerd_store_errors", "Store operations that failed (disk full, I/O error)",
                                     ("op",), registry=r)
 
