@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import time
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from listenerd import config as config_module
 from listenerd.api.app import create_app
+from listenerd.api.guard import AcceptErrorLog, Guard, GuardedSite
 from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
@@ -60,6 +62,7 @@ class Daemon:
         self.ready = False
         self.api_url: str | None = None
         self._runner: web.AppRunner | None = None
+        self._previous_exception_handler: Any = None
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP's, kept so that stop can wait for them
@@ -77,10 +80,18 @@ class Daemon:
         await self.forwarder.start()
         control = Control(self.store, self.supervisor, self.apply, self.outbox.health,
                           limits=lambda: self.config.limits)
-        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
-        await self._runner.setup()
         server = self.config.server
-        site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
+        # idle-timeout is aiohttp's keep-alive timeout: it runs from the connection's start and after each answer
+        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False,
+                                     keepalive_timeout=server.idle_timeout)
+        await self._runner.setup()
+        loop = asyncio.get_running_loop()
+        self._previous_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(AcceptErrorLog(on_error=self.metrics.accept_errors.inc))
+        guard = Guard(server.header_timeout, server.max_connections,
+                      on_event=lambda kind: self.metrics.api_guard.labels(kind).inc(),
+                      on_open=self.metrics.api_connections.set)
+        site = GuardedSite(self._runner, server.host, server.port, guard)
         await site.start()
         port = self._runner.addresses[0][1] if self._runner.addresses else server.port
         self.api_url = f"http://{server.host}:{port}"
@@ -108,6 +119,7 @@ class Daemon:
             await self.forwarder.stop(flush_timeout=left())
         if self._runner:
             await self._runner.cleanup()
+            asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)
         # undelivered: what the store holds for the engine; never-written: events only memory held (the store
         # could not commit them before the bound), which never counted as received
         never_written = self.outbox.never_written
@@ -216,6 +228,9 @@ class Daemon:
         needs_restart = [name for name, before, after in (
             ("server.listen", old.server.listen, new.server.listen),
             ("server.max-body-bytes", old.server.max_body_bytes, new.server.max_body_bytes),
+            ("server.idle-timeout", old.server.idle_timeout, new.server.idle_timeout),
+            ("server.header-timeout", old.server.header_timeout, new.server.header_timeout),
+            ("server.max-connections", old.server.max_connections, new.server.max_connections),
             ("store.path", old.store.path, new.store.path),
             ("store.synchronous", old.store.synchronous, new.store.synchronous),
             ("log.format", old.log.format, new.log.format)) if before != after]

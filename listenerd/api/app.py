@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from listenerd.api import checkpoints, dead_letters, health, integrations, listeners, openapi, tap
+from listenerd.api import checkpoints, dead_letters, health, integrations, listeners, metrics, openapi, tap
 from listenerd.api.context import CONTROL, DAEMON, DaemonView
 from listenerd.api.errors import ApiError, error_response, refused
 from listenerd.control import Control, ControlError, TooMany
@@ -24,7 +24,7 @@ from listenerd.store_health import is_store_error
 
 log = structlog.get_logger("listenerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RESOURCES = (health, listeners, integrations, checkpoints, dead_letters, tap, openapi)
+RESOURCES = (health, metrics, listeners, integrations, checkpoints, dead_letters, tap, openapi)
 WRITES: web.AppKey[WriteQuota] = web.AppKey("writes")
 _READS = ("GET", "HEAD", "OPTIONS")
 _REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "forbidden",
@@ -100,6 +100,7 @@ def create_app(daemon: DaemonView, control: Control) -> web.Application:
     app[DAEMON] = daemon
     app[CONTROL] = control
     app[WRITES] = WriteQuota()
+    app[metrics.RENDERING] = {}
     for resource in RESOURCES:
         app.add_routes(resource.routes)
     return app
