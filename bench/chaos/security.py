@@ -88,8 +88,9 @@ async def run(workdir: Path, say: Any = print) -> dict[str, Any]:
                         p = template.format(t=bad if where == "tenant" else TENANT, id=bad if where == "id" else ident)
                         code, text = await call(rig, method, p, s.ops_token, body)
                         table[label][code] += 1
-                        # 400 (bad id), 403 (not this token's tenant), 404 (no such thing); never 2xx or 5xx
-                        if code not in (400, 403, 404, 405, 414, 431):
+                        # 400 (bad id), 403 (not this token's tenant), 404 (no such thing), 429 (the tenant's
+                        # write quota); never 2xx or 5xx
+                        if code not in (400, 403, 404, 405, 414, 429, 431):
                             findings.append(f"{label}: {method} {p[:120]} -> {code} {text[:120]}")
         # an integration answer must mask its secrets (the answers are also in the secret search below)
         code, text = await call(rig, "GET", f"/1.0/tenants/{TENANT}/integrations", s.ops_token)
