@@ -100,7 +100,7 @@ def create_app(daemon: DaemonView, control: Control) -> web.Application:
     app[DAEMON] = daemon
     app[CONTROL] = control
     app[WRITES] = WriteQuota()
-    app[metrics.RENDERING] = {}
+    app[metrics.RENDERING] = metrics.Page()
     for resource in RESOURCES:
         app.add_routes(resource.routes)
     return app

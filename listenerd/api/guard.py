@@ -32,6 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 
 log = structlog.get_logger("listenerd.api")
 
+BACKLOG = 1024  # connections the kernel holds for accept(): a burst past the cap is answered 503, not left waiting
 ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about failing accept() calls
 _REFUSAL_BODY = b'{"error": "too many connections; try again shortly"}'
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -92,9 +93,10 @@ class GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._messages or self._force_close or self._waiter is None:
-            self._clear_deadline()  # a whole request arrived (or the connection is going): no deadline
-        elif data and id(self) not in self.guard.timers:
+        if self._messages or self._force_close or self._request_in_progress:
+            # a whole request arrived, the bytes are a body being read (its bound: json_body), or it is closing
+            self._clear_deadline()
+        elif data and id(self) not in self.guard.timers:  # part of a request line or headers
             self.guard.timers[id(self)] = self._loop.call_later(self.guard.header_timeout, self._headers_late)
 
     def _clear_deadline(self) -> None:
@@ -104,7 +106,7 @@ class GuardedHandler(RequestHandler):
 
     def _headers_late(self) -> None:
         self.guard.timers.pop(id(self), None)
-        if self._waiter is not None and not self._waiter.done() and not self._messages:
+        if not self._messages and not self._request_in_progress and not self._force_close:
             self.guard.counted("header-timeout")
             self.force_close()
             if self.transport is not None:
@@ -130,7 +132,7 @@ class GuardedSite(web.TCPSite):
             return handler
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(make, self._host, self._port, reuse_address=True)
+        self._server = await loop.create_server(make, self._host, self._port, reuse_address=True, backlog=BACKLOG)
         sockets = self._server.sockets
         if sockets:
             self._bound_port = sockets[0].getsockname()[1]
