@@ -178,7 +178,7 @@ class Latency:
         return took
 
     async def _run(self) -> None:
-        while True:
+        while self.rig.api is not None:  # the rig may stop first, when an attack fails
             self.times.append(await self.once())
             await asyncio.sleep(0.05)
 
