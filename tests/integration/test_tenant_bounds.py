@@ -3,11 +3,13 @@ loopback, and shown refused or bounded. Slow clients (finding 5), /metrics (6), 
 bounds at the API (2; the envelope bound and the 413 split: test_amplification, test_engine_too_large)."""
 
 import asyncio
+import shutil
 import time
 
 import aiohttp
 import pytest
 
+from listenerd import testing
 from listenerd.sim.engine import EngineSim
 from tests.daemon import OTHER_TOKEN, TOKEN, base_config, running_daemon
 from tests.harness import wait_for
@@ -231,3 +233,31 @@ async def test_the_api_refuses_an_amplifying_mapping_naming_the_field(tmp_path, 
         assert code == 400 and body["fields"] == ["mapping"] and "limits.mapping-max-fields" in body["error"]
         code, body = await api.call("POST", "/1.0/tenants/t1/listeners", {**NEW, "mapping": {"x": "a." * 50 + "b"}})
         assert code == 400 and body["fields"] == ["mapping.x"]
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux) to lower the fd limit")
+async def test_accept_errors_out_of_file_descriptors_are_logged_once_per_period(tmp_path, engine):
+    """The daemon runs with 48 file descriptors; 120 clients hold connections, so accept() fails with EMFILE
+    again and again: one log line says so (not one per failure), and the API answers once they leave."""
+    text = config(tmp_path, engine.url, server="header-timeout = 60\nidle-timeout = 60")
+    entry = ("prlimit", "--nofile=48:48", "--", *testing.DAEMON)
+    async with testing.DaemonProcess(tmp_path, text, entry=entry) as daemon:
+        host, port = daemon.api_url.removeprefix("http://").rsplit(":", 1)
+        held = [await half_sent(host, int(port), b"GET / HTTP/1.1\r\n") for _ in range(120)]
+        await asyncio.sleep(3.5)  # asyncio retries accept() once a second: several failures in this window
+        for _, writer in held:
+            writer.close()
+        async with testing.Api(daemon.api_url) as api:
+            async def failures() -> float:
+                code, body = await api.call("GET", "/metrics", token=False)
+                found = [line for line in body.splitlines() if line.startswith("listenerd_api_accept_errors_total ")]
+                return float(found[0].split()[1]) if code == 200 and found else 0.0
+
+            await wait_for(lambda: _at_least(failures, 2.0), timeout=15, what="accept failures counted")
+        lines = [line for line in daemon.lines() if "cannot accept connections" in line.get("event", "")]
+        assert len(lines) == 1 and lines[0]["level"] == "error" and "EMFILE" in lines[0]["error"]
+        assert not [line for line in daemon.lines() if "out of system resource" in str(line)]
+
+
+async def _at_least(read, want) -> bool:
+    return await read() >= want
