@@ -14,7 +14,7 @@ takes every connection it is offered, so 371 half-sent requests made the API unr
 - accept errors (out of file descriptors) are logged once per `ACCEPT_LOG_EVERY` seconds with a count.
 
 aiohttp has no hook for the first two, so the handler aiohttp builds for each connection is given
-this module's subclass (same slots, only two methods more) by the site's protocol factory.
+this module's subclass (same slots, a few hooks more) by the site's protocol factory.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class GuardedHandler(RequestHandler):
     """aiohttp's handler with a connection cap at `connection_made` and a header deadline in `data_received`."""
 
     __slots__ = ()
-    guard: Guard  # set on the class made per site (`_handler_class`)
+    guard: Guard  # set on the subclass `GuardedSite.start` makes for its site
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
@@ -128,7 +128,7 @@ class GuardedSite(web.TCPSite):
 
         def make() -> RequestHandler:
             handler = server()
-            handler.__class__ = handler_class  # same slots: aiohttp's own construction, our two hooks
+            handler.__class__ = handler_class  # same slots: aiohttp's own construction, our hooks
             return handler
 
         loop = asyncio.get_running_loop()
