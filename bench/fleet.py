@@ -201,11 +201,10 @@ async def statuses(http: aiohttp.ClientSession, api: str) -> dict[str, int]:
     async with http.get(f"{api}/metrics") as response:
         text = await response.text()
     counts: dict[str, int] = {}
-    for labels, value in STATUS_LINE.findall(text):
-        if float(value) == 1.0:
-            state = re.search(r'status="([^"]*)"', labels)
-            if state:
-                counts[state.group(1)] = counts.get(state.group(1), 0) + 1
+    for labels, value in STATUS_LINE.findall(text):  # per listener (1 or 0) or summed per tenant: add them up
+        state = re.search(r'status="([^"]*)"', labels)
+        if state and float(value) >= 1.0:
+            counts[state.group(1)] = counts.get(state.group(1), 0) + int(float(value))
     return counts
 
 

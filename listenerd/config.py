@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from listenerd.model import SOURCE_TYPES, Config
+from listenerd.model import SOURCE_TYPES, Config, Limits
 
 DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -79,7 +79,11 @@ def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path
 
 def validate(data: dict[str, Any]) -> Config:
     try:
-        config = Config.model_validate(data)
+        limits = Limits.model_validate(data.get("limits") or {})
+    except (ValidationError, TypeError):
+        limits = Limits()  # its own problems are reported by the validation below
+    try:
+        config = Config.model_validate(data, context={"limits": limits})
     except ValidationError as exc:
         raise ConfigError(format_errors(exc)) from None
     problems = list(cross_check(config))

@@ -22,6 +22,7 @@ from listenerd.model import (
     INTEGRATION_TYPES,
     SAFE_ID,
     Integration,
+    Limits,
     ListenerBase,
     load_integration,
     load_listener,
@@ -29,7 +30,7 @@ from listenerd.model import (
 )
 from listenerd.observability import redactor
 from listenerd.status import ListenerStatus
-from listenerd.store import Store
+from listenerd.store import Store, TenantFull
 from listenerd.store_health import StoreHealth, is_store_error
 from listenerd.supervisor import Supervisor
 
@@ -66,6 +67,14 @@ class NotLoaded(ControlError):
     """It exists in the store, but the supervisor has not picked it up yet."""
 
 
+class TooMany(ControlError):
+    """A tenant's quota (`[limits]`) refused the request; `retry_after` says when it may succeed."""
+
+    def __init__(self, message: str, retry_after: int, fields: list[str] | None = None):
+        super().__init__(message, fields)
+        self.retry_after = retry_after
+
+
 class Unavailable(ControlError):
     """The store failed the request (disk full, I/O error): nothing is wrong with it, so try it again later."""
 
@@ -95,8 +104,9 @@ class Control:
     """Listeners, integrations and checkpoints of the running daemon: reads, and changes in order."""
 
     def __init__(self, store: Store, supervisor: Supervisor, reconcile: Callable[[], Awaitable[object]],
-                 health: StoreHealth | None = None):
+                 health: StoreHealth | None = None, limits: Callable[[], Limits] = Limits):
         self.store = store
+        self.limits = limits  # the current config's `[limits]` (a reload replaces them)
         self.supervisor = supervisor
         self._reconcile = reconcile  # the daemon's: running listeners brought in line with the store
         self.health = health
@@ -131,11 +141,18 @@ class Control:
         given = fields.get("id")
         if given is not None and not isinstance(given, str):
             raise Invalid("id: must be a string", ["id"])
-        spec = _validated({**fields, "id": given or "LI0"})  # a stand-in id until the store assigns one
+        limits = self.limits()
+        spec = _validated({**fields, "id": given or "LI0"}, limits)  # a stand-in id until the store assigns one
         # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a
-        # conflict (never an overwrite), and an assigned LI<n> is above every id this tenant ever had
-        listener_id = await self.store.insert_listener(
-            tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})))
+        # conflict (never an overwrite), an assigned LI<n> is above every id this tenant ever had, and the
+        # tenant's listener count (config-file ones included) is checked against its bound
+        try:
+            listener_id = await self.store.insert_listener(
+                tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})),
+                max_count=limits.tenant_max_listeners or None)
+        except TenantFull as exc:
+            raise TooMany(f"tenant {tenant_id!r} has {exc.count} listeners, its limit "
+                          f"(limits.tenant-max-listeners); delete one first", RETRY_AFTER) from None
         if listener_id is None:
             raise Conflict(f"id: listener {given!r} already exists in tenant {tenant_id!r}", ["id"])
         await self._reconcile()
@@ -152,7 +169,8 @@ class Control:
         unknown = sorted(set(fields) - set(EDITABLE) - {"id"})
         if unknown:
             raise Invalid(f"{unknown[0]}: unknown or read-only field", unknown)
-        spec = _validated({**stored_listener(current), **{k: v for k, v in fields.items() if k in EDITABLE}})
+        spec = _validated({**stored_listener(current), **{k: v for k, v in fields.items() if k in EDITABLE}},
+                          self.limits())
         await self.store.put_listener(tenant_id, listener_id, stored_listener(spec))
         await self._reconcile()
         return spec
@@ -259,9 +277,9 @@ def integration_type(kind: str) -> str:
     return kind
 
 
-def _validated(body: dict[str, Any]) -> ListenerBase:
+def _validated(body: dict[str, Any], limits: Limits) -> ListenerBase:
     try:
-        return load_listener(body, "api")
+        return load_listener(body, "api", limits)
     except ValidationError as exc:
         raise _invalid(exc) from None
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import time
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from listenerd import config as config_module
 from listenerd.api.app import create_app
+from listenerd.api.guard import AcceptErrorLog, Guard, GuardedSite
 from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
@@ -51,7 +53,8 @@ class Daemon:
         self.metrics = Metrics()
         self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory)
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
-                             max_bytes=config.store.outbox_max_bytes, metrics=self.metrics)
+                             max_bytes=config.store.outbox_max_bytes, metrics=self.metrics,
+                             max_event_bytes=config.engine.max_event_bytes)
         self.dead_letters = DeadLetters(self.store, self.outbox)
         self.tap = TapHub(config.server.tap_queue)
         self.supervisor: Supervisor | None = None
@@ -59,6 +62,7 @@ class Daemon:
         self.ready = False
         self.api_url: str | None = None
         self._runner: web.AppRunner | None = None
+        self._previous_exception_handler: Any = None
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP's, kept so that stop can wait for them
@@ -74,11 +78,20 @@ class Daemon:
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
-        control = Control(self.store, self.supervisor, self.apply, self.outbox.health)
-        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
-        await self._runner.setup()
+        control = Control(self.store, self.supervisor, self.apply, self.outbox.health,
+                          limits=lambda: self.config.limits)
         server = self.config.server
-        site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
+        # idle-timeout is aiohttp's keep-alive timeout: it runs from the connection's start and after each answer
+        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False,
+                                     keepalive_timeout=server.idle_timeout)
+        await self._runner.setup()
+        loop = asyncio.get_running_loop()
+        self._previous_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(AcceptErrorLog(on_error=self.metrics.accept_errors.inc))
+        guard = Guard(server.header_timeout, server.max_connections,
+                      on_event=lambda kind: self.metrics.api_guard.labels(kind).inc(),
+                      on_open=self.metrics.api_connections.set)
+        site = GuardedSite(self._runner, server.host, server.port, guard)
         await site.start()
         port = self._runner.addresses[0][1] if self._runner.addresses else server.port
         self.api_url = f"http://{server.host}:{port}"
@@ -106,6 +119,7 @@ class Daemon:
             await self.forwarder.stop(flush_timeout=left())
         if self._runner:
             await self._runner.cleanup()
+            asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)
         # undelivered: what the store holds for the engine; never-written: events only memory held (the store
         # could not commit them before the bound), which never counted as received
         never_written = self.outbox.never_written
@@ -208,11 +222,15 @@ class Daemon:
         if (new.store.outbox_max_events, new.store.outbox_max_bytes) != (old.store.outbox_max_events,
                                                                          old.store.outbox_max_bytes):
             self.outbox.set_bounds(new.store.outbox_max_events, new.store.outbox_max_bytes)
+        self.outbox.max_event_bytes = new.engine.max_event_bytes
         self.tap.queue_size = new.server.tap_queue
         logging.getLogger().setLevel(new.log.level.upper())
         needs_restart = [name for name, before, after in (
             ("server.listen", old.server.listen, new.server.listen),
             ("server.max-body-bytes", old.server.max_body_bytes, new.server.max_body_bytes),
+            ("server.idle-timeout", old.server.idle_timeout, new.server.idle_timeout),
+            ("server.header-timeout", old.server.header_timeout, new.server.header_timeout),
+            ("server.max-connections", old.server.max_connections, new.server.max_connections),
             ("store.path", old.store.path, new.store.path),
             ("store.synchronous", old.store.synchronous, new.store.synchronous),
             ("log.format", old.log.format, new.log.format)) if before != after]

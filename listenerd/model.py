@@ -12,10 +12,10 @@ import binascii
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from listenerd.mapping import compile_mapping
+from listenerd.mapping import check_bounds, compile_mapping
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SOURCE_TYPES = ("datasift", "pusher", "salesforce")
@@ -61,6 +61,27 @@ class Server(Model):
     tokens: list[Token] = Field(default_factory=list)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     tap_queue: int = Field(default=1000, gt=0)
+    # slow clients: a request's line and headers must arrive within header-timeout, an idle kept-alive
+    # connection closes after idle-timeout, and past max-connections new connections are closed at once
+    header_timeout: float = Field(default=10.0, gt=0)
+    idle_timeout: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=256, gt=0)
+    metrics_token: str | None = Field(default=None, min_length=8)  # bearer token /metrics asks for, when set
+    # per-listener labels on /metrics: true, false, or a listener count above which they are dropped
+    metrics_per_listener: bool | int = 1000
+
+    @field_validator("metrics_per_listener")
+    @classmethod
+    def _per_listener(cls, value: bool | int) -> bool | int:
+        if not isinstance(value, bool) and value < 0:
+            raise ValueError("must be true, false or a listener count (>= 0)")
+        return value
+
+    def labels_per_listener(self, listeners: int) -> bool:
+        """Whether /metrics shows per-listener series with this many listeners loaded."""
+        if isinstance(self.metrics_per_listener, bool):
+            return self.metrics_per_listener
+        return listeners <= self.metrics_per_listener
 
     @field_validator("listen")
     @classmethod
@@ -88,6 +109,7 @@ class Engine(Model):
     retry_initial: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
     ca_bundle: str | None = None
+    max_event_bytes: int = Field(default=1_048_576, ge=1024)  # a larger envelope is set aside, never sent
 
     @field_validator("url")
     @classmethod
@@ -123,6 +145,17 @@ class Sources(Model):
     pusher_pong_timeout: float = Field(default=30.0, gt=0)
     datasift_silence_timeout: float = Field(default=65.0, gt=0)
     salesforce_poll_margin: float = Field(default=1.2, ge=1.0)
+
+
+class Limits(Model):
+    """What one tenant may ask of the shared daemon (API writes and listener definitions)."""
+
+    mapping_max_fields: int = Field(default=500, gt=0)
+    mapping_max_path_length: int = Field(default=512, gt=0)  # characters
+    mapping_max_path_segments: int = Field(default=32, gt=0)
+    tenant_max_listeners: int = Field(default=10_000, ge=0)  # 0: no bound
+    tenant_write_rate: float = Field(default=20.0, ge=0)  # API writes per second per tenant; 0: no bound
+    tenant_write_burst: int = Field(default=200, gt=0)  # writes a tenant may make at once
 
 
 class Log(Model):
@@ -392,8 +425,12 @@ class ListenerBase(Model):
 
     @field_validator("mapping")
     @classmethod
-    def _mapping(cls, value: dict[str, str]) -> dict[str, str]:
+    def _mapping(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         compile_mapping(value)  # raises ValueError naming the bad field
+        limits = (info.context or {}).get("limits")
+        if limits is not None:  # the config file and the API check the bounds; a stored listener is not re-judged
+            check_bounds(value, limits.mapping_max_fields, limits.mapping_max_path_length,
+                         limits.mapping_max_path_segments)
         return value
 
     def definition(self) -> dict[str, Any]:
@@ -439,6 +476,7 @@ class Config(Model):
     supervisor: Supervisor = Field(default_factory=Supervisor)
     sources: Sources = Field(default_factory=Sources)
     log: Log = Field(default_factory=Log)
+    limits: Limits = Field(default_factory=Limits)
     tenants: list[Tenant] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -452,6 +490,8 @@ class Config(Model):
 
     def secret_values(self) -> list[str]:
         values = [t.token for t in self.server.tokens]
+        if self.server.metrics_token:
+            values.append(self.server.metrics_token)
         if self.engine.token:
             values.append(self.engine.token)
         for tenant in self.tenants:
@@ -474,8 +514,10 @@ def stored_listener(spec: ListenerBase) -> dict[str, Any]:
     return body
 
 
-def load_listener(body: dict[str, Any], managed_by: str) -> ListenerBase:
-    return _LISTENER.validate_python({**body, "managed-by": managed_by})
+def load_listener(body: dict[str, Any], managed_by: str, limits: Limits | None = None) -> ListenerBase:
+    """A listener from its stored or requested form; with `limits`, its mapping is held to their bounds."""
+    return _LISTENER.validate_python({**body, "managed-by": managed_by},
+                                     context={"limits": limits} if limits is not None else None)
 
 
 def load_integration(kind: str, body: dict[str, Any], managed_by: str) -> Integration:

@@ -148,6 +148,15 @@ class Metrics:
                                   registry=r)
         self.damaged_events = Counter("listenerd_store_damaged_events", "Stored events whose segment failed its "
                                       "checksum: set aside as dead letters, never sent", registry=r)
+        self.oversized_events = Counter("listenerd_oversized_events", "Events larger than engine.max-event-bytes: "
+                                        "set aside in their listener's dead letters, never sent", registry=r)
+        self.api_guard = Counter("listenerd_api_connections_closed", "API connections refused past "
+                                 "server.max-connections or closed for headers late (server.header-timeout)",
+                                 ("reason",), registry=r)
+        self.api_connections = Gauge("listenerd_api_connections", "Open API connections (server.max-connections "
+                                     "bounds them)", registry=r)
+        self.accept_errors = Counter("listenerd_api_accept_errors", "accept() calls that failed (out of file "
+                                     "descriptors): logged once per 10 s", registry=r)
         self.store_errors = Counter("listenerd_store_errors", "Store operations that failed (disk full, I/O error)",
                                     ("op",), registry=r)
 

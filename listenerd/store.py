@@ -241,8 +241,11 @@ class Store:
             "updated_at = excluded.updated_at", (tenant_id, listener_id, orjson.dumps(body), managed_by, now, now)))
 
     async def insert_listener(self, tenant_id: str, listener_id: str | None, build: Callable[[str], dict[str, Any]],
-                              managed_by: str = "api") -> str | None:
+                              managed_by: str = "api", max_count: int | None = None) -> str | None:
         """Insert a new listener in one transaction; None when the id is taken (never an upsert).
+
+        With `max_count`, raise `TenantFull` when the tenant already has that many listeners (counted in the
+        same transaction, so concurrent creates cannot overshoot it).
 
         Without an id, the next `LI<n>` is assigned: above every id this tenant ever had. `build(id)` gives
         the stored body for the id.
@@ -250,6 +253,10 @@ class Store:
         now = time.time()
 
         def insert(c: sqlite3.Connection) -> str | None:
+            if max_count is not None:
+                (count,) = c.execute("SELECT count(*) FROM listeners WHERE tenant_id = ?", (tenant_id,)).fetchone()
+                if count >= max_count:
+                    raise TenantFull(count)
             row = c.execute("SELECT last FROM listener_ids WHERE tenant_id = ?", (tenant_id,)).fetchone()
             last = row[0] if row else 0
             ids = [r[0] for r in c.execute("SELECT id FROM listeners WHERE tenant_id = ? AND id GLOB 'LI[0-9]*'",
@@ -341,6 +348,14 @@ class Store:
                 put_checkpoint(c, tenant_id, listener_id, value)
 
         await self.transaction(write)
+
+
+class TenantFull(Exception):
+    """A tenant has as many listeners as its bound allows (`insert_listener`'s `max_count`)."""
+
+    def __init__(self, count: int):
+        super().__init__(f"the tenant has {count} listeners")
+        self.count = count
 
 
 def put_checkpoint(conn: sqlite3.Connection, tenant_id: str, listener_id: str, value: str) -> None:

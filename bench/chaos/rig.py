@@ -238,11 +238,13 @@ class Rig:
     `counts` is how many listeners of each source type (tenant `t`); DataSift listeners share one
     socket (one tenant, one credential), Pusher and Salesforce listeners have a connection each.
     `store_dir` puts the store elsewhere than `workdir` (a small tmpfs to fill); the log stays in `workdir`.
+    `server_toml`, `limits_toml`, `other_tenant_toml` and `tenant_toml` add config text in those places.
     """
 
     def __init__(self, workdir: Path, counts: dict[str, int] | None = None, *, engine_delay: float = 0.0,
                  long_poll: float = 0.5, sources_toml: str = "", engine_toml: str = "", keep_logs: bool = True,
-                 store_dir: Path | None = None):
+                 store_dir: Path | None = None, server_toml: str = "", limits_toml: str = "",
+                 other_tenant_toml: str = "", tenant_toml: str = ""):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store_dir = Path(store_dir) if store_dir is not None else self.workdir
@@ -258,6 +260,10 @@ class Rig:
                                         long_poll=long_poll)
         self.sources_toml = sources_toml
         self.engine_toml = engine_toml
+        self.server_toml = server_toml  # more [server] keys
+        self.limits_toml = limits_toml  # the [limits] table's keys
+        self.other_tenant_toml = other_tenant_toml  # the other tenant's tables (integrations, listeners)
+        self.tenant_toml = tenant_toml  # more of the tenant's tables, after its listeners
         self.daemon: DaemonProcess | None = None
         self.api: Api | None = None
         self.responses: list[str] = []  # every API answer body the scenarios saw (searched for secrets)
@@ -318,6 +324,7 @@ class Rig:
         return f"""
 [server]
 listen = "127.0.0.1:0"
+{self.server_toml}
 
 [[server.tokens]]
 name = "ops"
@@ -348,8 +355,12 @@ stop-timeout = 5
 [sources]
 {self.sources_toml}
 
+[limits]
+{self.limits_toml}
+
 [[tenants]]
 id = "{OTHER_TENANT}"
+{self.other_tenant_toml}
 
 [[tenants]]
 id = "{TENANT}"
@@ -376,6 +387,7 @@ secret-token = "{s.sf_token}"
 login-url = "{self.salesforce.url}"
 
 {body}
+{self.tenant_toml}
 """
 
     async def begin(self, rate: float | None = None) -> None:

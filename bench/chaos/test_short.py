@@ -164,3 +164,14 @@ async def test_disk_full_loses_nothing_committed_and_recovers_by_itself(tmp_path
     assert result["recover_s"] is not None and result["recover_s"] < 40.0
     assert result["exit_code"] == 0 and result["left_in_outbox"] == 0
     _no_secret_found(result)
+
+
+async def test_one_tenant_cannot_dead_letter_or_starve_another(tmp_path):
+    """Issue 17's scenarios, short: amplification (no dead letter of the tenant's), slowloris, quotas."""
+    amplified = await security.amplification(tmp_path / "amplification", events=10)
+    assert amplified["victim_dead_letters"] == 0 and amplified["refused_20000_fields"] == 400
+    assert amplified["other_by_listener"] and sum(amplified["other_by_listener"].values()) == 20
+    loris = await security.slowloris(tmp_path / "slowloris", sockets=300, header_timeout=1.0)
+    assert "still open" not in loris["fates"] and loris["during"]["failures"] == 0
+    limited = await security.quota(tmp_path / "quota", writes=300)
+    assert limited["other_listeners"] <= 50 and any(code.startswith("429") for code in limited["codes"])

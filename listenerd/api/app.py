@@ -14,16 +14,19 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from listenerd.api import checkpoints, dead_letters, health, integrations, listeners, openapi, tap
+from listenerd.api import checkpoints, dead_letters, health, integrations, listeners, metrics, openapi, tap
 from listenerd.api.context import CONTROL, DAEMON, DaemonView
 from listenerd.api.errors import ApiError, error_response, refused
-from listenerd.control import Control, ControlError
+from listenerd.control import Control, ControlError, TooMany
 from listenerd.model import Token
+from listenerd.quotas import WriteQuota, retry_after
 from listenerd.store_health import is_store_error
 
 log = structlog.get_logger("listenerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RESOURCES = (health, listeners, integrations, checkpoints, dead_letters, tap, openapi)
+RESOURCES = (health, metrics, listeners, integrations, checkpoints, dead_letters, tap, openapi)
+WRITES: web.AppKey[WriteQuota] = web.AppKey("writes")
+_READS = ("GET", "HEAD", "OPTIONS")
 _REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "forbidden",
             404: "not found", 405: "method not allowed", 413: "request body too large",
             415: "unsupported media type"}
@@ -71,6 +74,13 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(403, f"this token may not use tenant {tenant_id!r}")
         if daemon.config.tenant(tenant_id) is None:
             raise ApiError(404, f"no tenant {tenant_id!r}")
+        if request.method not in _READS:
+            limits = daemon.config.limits
+            wait = request.app[WRITES].take(tenant_id, limits.tenant_write_rate, limits.tenant_write_burst)
+            if wait:
+                raise TooMany(f"tenant {tenant_id!r} is making writes faster than its limit "
+                              f"(limits.tenant-write-rate {limits.tenant_write_rate:g}/s, burst "
+                              f"{limits.tenant_write_burst}); retry after {retry_after(wait)}s", retry_after(wait))
     return await handler(request)
 
 
@@ -89,6 +99,8 @@ def create_app(daemon: DaemonView, control: Control) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=daemon.config.server.max_body_bytes)
     app[DAEMON] = daemon
     app[CONTROL] = control
+    app[WRITES] = WriteQuota()
+    app[metrics.RENDERING] = metrics.Page()
     for resource in RESOURCES:
         app.add_routes(resource.routes)
     return app

@@ -6,6 +6,7 @@ letters, readiness) and the `Control` that owns every change, so `api/` never im
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Protocol
 
@@ -41,8 +42,13 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong (the contract's code for a bad body)."""
     if request.content_type != "application/json":
         raise ApiError(400, "the body must be JSON, sent with Content-Type: application/json")
+    server = request.app[DAEMON].config.server
     try:
-        raw = await request.read()
+        async with asyncio.timeout(server.header_timeout):  # a half-sent body must not hold the connection
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {server.header_timeout:g}s "
+                            f"(server.header-timeout)") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(400, f"the body is too large: at most {request.app[DAEMON].config.server.max_body_bytes} "
                             f"bytes") from None

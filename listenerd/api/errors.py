@@ -6,9 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
-from listenerd.control import Conflict, ControlError, Invalid, NotFound, NotLoaded, Unavailable
+from listenerd.control import Conflict, ControlError, Invalid, NotFound, NotLoaded, TooMany, Unavailable
 
-STATUS: dict[type[ControlError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, NotLoaded: 503, Unavailable: 503}
+STATUS: dict[type[ControlError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, NotLoaded: 503, Unavailable: 503,
+                                      TooMany: 429}
 
 
 class ApiError(Exception):

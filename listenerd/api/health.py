@@ -1,9 +1,8 @@
-"""Liveness, readiness and metrics: the routes without auth."""
+"""Liveness and readiness: the routes without auth (metrics: `api.metrics`)."""
 
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from listenerd.api.context import DAEMON
 
@@ -28,9 +27,3 @@ async def readyz(request: web.Request) -> web.Response:
         body["reason"] = reason
     return web.json_response(body, status=200 if ready else 503)
 
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    return web.Response(body=generate_latest(daemon.metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})

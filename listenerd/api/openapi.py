@@ -31,7 +31,9 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "bad body or parameters; the error names the field", 401: "no or bad token",
             403: "the token may not use that tenant", 404: "no such tenant or item",
+            408: "the body did not arrive within server.header-timeout",
             409: "declared in the config file, or the id is taken",
+            429: "a tenant quota ([limits]: listeners or writes per second): try again after Retry-After seconds",
             503: "not loaded yet, or the store is failing (disk full): try again after Retry-After seconds"}
     return {str(code): _json(ERROR, text[code]) for code in codes}
 
@@ -53,7 +55,7 @@ def document() -> dict[str, Any]:
     for schema in defs.values():
         schema.get("properties", {}).pop("managed-by", None)
     auth = (401, 403, 404, 503)  # 503: every route below /1.0 may meet a failing store
-    body_errors = (400, 401, 403, 404, 503)
+    body_errors = (400, 401, 403, 404, 408, 429, 503)  # every body is a write: the tenant's write quota applies
     listener = {"$ref": "#/components/schemas/Listener"}
     lparams = [TENANT, LISTENER_ID]
     paths = {
@@ -69,7 +71,7 @@ def document() -> dict[str, Any]:
             "put": _op("Update the fields given; the listener restarts", {"200": _json(listener, "updated")},
                        lparams, *body_errors, 409, body={"$ref": "#/components/schemas/ListenerUpdate"}),
             "delete": _op("Delete a listener; it stops at once", {"204": {"description": "deleted"}}, lparams,
-                          *auth, 409),
+                          *auth, 409, 429),
         },
         "/1.0/tenants/{tid}/listeners/{id}/status": {
             "get": _op("A listener's status", {"200": _json({"$ref": "#/components/schemas/Status"}, "status")},
@@ -77,7 +79,7 @@ def document() -> dict[str, Any]:
         },
         "/1.0/tenants/{tid}/listeners/{id}/restart": {
             "post": _op("Restart now, also out of failed", {"202": _json({"type": "object"}, "restarting")},
-                        lparams, *auth),
+                        lparams, *auth, 429),
         },
         "/1.0/tenants/{tid}/listeners/{id}/checkpoint": {
             "get": _op("The stored resume point", {"200": _json({"$ref": "#/components/schemas/Checkpoint"},
@@ -97,13 +99,13 @@ def document() -> dict[str, Any]:
         },
         "/1.0/tenants/{tid}/dead-letters/{id}/retry": {
             "post": _op("Queue a dead letter for delivery again", {"202": _json({"type": "object"}, "queued")},
-                        [TENANT, DEAD_LETTER_ID], *auth),
+                        [TENANT, DEAD_LETTER_ID], *auth, 429),
         },
         "/1.0/tenants/{tid}/dead-letters/{id}": {
             "get": _op("Retrieve a dead letter", {"200": _json({"$ref": "#/components/schemas/DeadLetter"},
                                                                "dead letter")}, [TENANT, DEAD_LETTER_ID], *auth),
             "delete": _op("Discard a dead letter", {"204": {"description": "discarded"}}, [TENANT, DEAD_LETTER_ID],
-                          *auth),
+                          *auth, 429),
         },
         "/1.0/tenants/{tid}/integrations": {
             "get": _op("List integrations, secrets masked", {"200": _json({"type": "array", "items": {
@@ -120,8 +122,9 @@ def document() -> dict[str, Any]:
         "/healthz": {"get": _op("Liveness", {"200": _json({"type": "object"}, "running")}, [], auth=False)},
         "/readyz": {"get": _op("Readiness", {"200": _json({"type": "object"}, "ready"),
                                              "503": _json({"type": "object"}, "not ready")}, [], auth=False)},
-        "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text format", "content": {
-            "text/plain": {"schema": {"type": "string"}}}}}, [], auth=False)},
+        "/metrics": {"get": _op("Prometheus metrics; with server.metrics-token set, that bearer token is needed",
+                                {"200": {"description": "text format", "content": {
+                                    "text/plain": {"schema": {"type": "string"}}}}}, [], 401, auth=False)},
         "/1.0/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [],
                                          401)},
     }

@@ -106,6 +106,14 @@ def refuse(conn: sqlite3.Connection, rows: Sequence[Row], status_code: int, resp
     return gone
 
 
+def keep(conn: sqlite3.Connection, tenant_id: str, listener_id: str, status_code: int, response: str,
+         failed_at: float, pieces: Sequence[bytes]) -> None:
+    """A dead letter of one listener made by listenerd itself (never sent): `pieces` are JSON values."""
+    conn.execute("INSERT INTO dead_letters (tenant_id, listener_id, status_code, response, failed_at, events) "
+                 "VALUES (?, ?, ?, ?, ?, ?)", (tenant_id, listener_id, status_code, response, failed_at,
+                                               b"[" + b",".join(pieces) + b"]"))
+
+
 def set_aside(conn: sqlite3.Connection, seq: int, failed_at: float) -> tuple[int, int] | None:
     """Move a segment that failed its checksum to the dead letters, its waiting events as read.
 

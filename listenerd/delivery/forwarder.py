@@ -17,8 +17,9 @@ off the same way; the outbox counts and logs them (`listenerd.store_health`), so
 Outcomes: 2xx acks (rows deleted); 408, 429, 5xx and network errors retry after a capped,
 jittered exponential back-off, or exactly the engine's `Retry-After` when it sends one; any other
 4xx moves the batch to the dead-letter table with the status code and the engine's answer, and
-delivery carries on with the next rows. Bodies are the stored envelope bytes joined into a JSON
-array: nothing is re-encoded on the way out.
+delivery carries on with the next rows. A 413 (too large) first halves the batch, sending each half in
+order, until the refused event is alone: one tenant's oversized event never dead-letters another's.
+Bodies are the stored envelope bytes joined into a JSON array: nothing is re-encoded on the way out.
 """
 
 from __future__ import annotations
@@ -249,6 +250,15 @@ class Forwarder:
                             attempt=self.attempt, events=len(rows))
                 await asyncio.sleep(delay)
                 continue
+            if outcome is not None and outcome.status == 413 and len(rows) > 1:
+                # too large for the engine: halve until the refused event is alone, so only its own
+                # listener's dead letters get it (a batch mixes tenants); each half goes in order
+                log.warning("engine refused a batch as too large; splitting it", events=len(rows))
+                self.metrics.retried.labels("split").inc()
+                middle = len(rows) // 2
+                await self._deliver(rows[:middle])
+                await self._deliver(rows[middle:])
+                return
             if outcome is not None:
                 await self._settle()
                 await self.outbox.dead_letter(rows, outcome.status, outcome.response)

@@ -46,6 +46,8 @@ log = structlog.get_logger("listenerd.outbox")
 
 GROUP_BYTES = 8 << 20  # a commit group (so a segment, whose offsets are uint32) stays well below 4 GiB
 UNCOMMITTED_MAX_BYTES = 4 * GROUP_BYTES  # memory holds at most this much waiting for a commit (then sources pause)
+OVERSIZED = 413  # a dead letter's status code when listenerd set an event aside as too large to send
+OVERSIZED_KEEP = 64 * 1024  # bytes of an oversized envelope kept for inspection
 _SETTLE_TIMEOUT = 1.0  # seconds a shutdown waits for a commit under way to end, to count what it wrote
 
 
@@ -96,12 +98,13 @@ class _Usage:
 
 class Outbox:
     def __init__(self, store: Store, *, max_events: int, max_bytes: int, metrics: Metrics | None = None,
-                 max_batch: int = 1000, health: StoreHealth | None = None):
+                 max_batch: int = 1000, health: StoreHealth | None = None, max_event_bytes: int = 1 << 20):
         if not 0 < max_batch <= MASK:
             raise ValueError(f"max_batch must be 1..{MASK}")
         self.store = store
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.max_event_bytes = max_event_bytes  # a larger envelope is set aside (`set_aside_oversized`), never sent
         self.metrics = metrics
         self.health = health or StoreHealth(metrics, store.path)
         self.max_batch = max_batch  # events per transaction (so per segment at most)
@@ -172,8 +175,11 @@ class Outbox:
                      key: str | None = None, checkpoint: str | None = None,
                      on_commit: Callable[[dict[str, Any]], None] | None = None,
                      on_wait: Callable[[bool], None] | None = None,
-                     on_commit_count: Callable[[int], None] | None = None) -> None:
+                     on_commit_count: Callable[[int], None] | None = None) -> bool:
         """Queue one event; it counts as received once its group is committed.
+
+        False when its envelope is larger than `max_event_bytes`: then it is set aside in its listener's
+        dead letters instead (`set_aside_oversized`), and its checkpoint does not move.
 
         `on_commit(envelope)` is called per event after its commit (the envelope is decoded again
         from the stored bytes: for tests and tools). `on_commit_count(n)` is the cheap form sources
@@ -189,6 +195,9 @@ class Outbox:
         # "received-at", "event"}, built without the dict (the constant middle is encoded once)
         body = b"".join((b'{"id":"', event_id(tenant_id, listener_id, key).encode(), lane.prefix,
                          received_at(now).encode(), b'","event":', orjson.dumps(event), b"}"))
+        if len(body) > self.max_event_bytes:
+            await self.set_aside_oversized(tenant_id, listener_id, len(body), body[:OVERSIZED_KEEP])
+            return False
         usage = self._usage
         queued = self._queued_bytes
         if (usage.events >= self.max_events or (usage.events and usage.bytes + len(body) > self.max_bytes)
@@ -222,6 +231,32 @@ class Outbox:
         self._queued_bytes += len(body)
         self._idle.clear()
         self._wake.set()
+        return True
+
+    async def set_aside_oversized(self, tenant_id: str, listener_id: str, size: int, head: bytes | None) -> None:
+        """Keep an event too large to send in its listener's dead letters: counted, logged, never sent.
+
+        What is kept is a JSON string (the envelope's first `OVERSIZED_KEEP` bytes, or a note when the
+        mapping was stopped before the event was built), so a retry of that dead letter never sends it,
+        and it is that listener's own entry: no other listener's events are touched.
+        """
+        if self.metrics:
+            self.metrics.oversized_events.inc()
+        log.warning("event larger than engine.max-event-bytes: set aside in the listener's dead letters, not sent",
+                    tenant=tenant_id, listener=listener_id, bytes=size, limit=self.max_event_bytes)
+        kept = (head.decode("utf-8", "replace") if head is not None else
+                f"(not built: the mapping's output passed {size} bytes and was stopped there)")
+        response = (f"listenerd: the event is {'at least ' if head is None else ''}{size} bytes, above "
+                    f"engine.max-event-bytes ({self.max_event_bytes}); set aside, never sent")
+        try:
+            await self.store.transaction(lambda c: dead_letters.keep(c, tenant_id, listener_id, OVERSIZED, response,
+                                                                     time.time(), [orjson.dumps(kept)]))
+        except sqlite3.Error as exc:
+            self.health.failed("dead-letter", exc)
+            log.error("an oversized event could not be set aside; it is dropped", tenant=tenant_id,
+                      listener=listener_id, error=str(exc))
+            return
+        self.health.succeeded("dead-letter")
 
     def _lane(self, tenant_id: str, listener_id: str, source: str) -> _Lane:
         if len(self._lanes) > 10_000:  # listeners come and go: never grow without bound

@@ -4,8 +4,9 @@ It is what the forwarder's tests talk to and what `listenerd dev` prints with, s
 real engine would: the bearer token (when one is set), a JSON array body of envelopes with the
 contract's fields. Faults are programmed, never random: a script of answers for the next requests
 (`script`, `send_raw`), a per-request delay (a slow engine), holding every answer (`silence()`: a hung
-engine), and refusing connections (`refuse()`/`accept()`: the listening socket closes and reopens on
-the same port). Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`,
+engine), a body size bound (`max_body_bytes`: a larger body is answered 413), and refusing
+connections (`refuse()`/`accept()`: the listening socket closes and reopens on the same port).
+Like every simulator here: `async start() -> self`, `stop()`, `async with`, `url`,
 `port`, `silence(on)`, `async send_raw(frame: str | bytes) -> int` (exactly those bytes as the next answer).
 
 Standalone: `python -m listenerd.sim.engine --port 9000 [--token T]` prints each accepted envelope
@@ -52,7 +53,7 @@ class Request:
 class EngineSim:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None, *,
                  path: str = "/1.0/events", on_events: Callable[[list[dict[str, Any]]], None] | None = None,
-                 keep: bool = True, ssl_context: ssl.SSLContext | None = None):
+                 keep: bool = True, ssl_context: ssl.SSLContext | None = None, max_body_bytes: int | None = None):
         self.host = host
         self.port = port
         self.token = token
@@ -65,6 +66,7 @@ class EngineSim:
         self.arrivals: list[float] = []            # time.time() of each accepted envelope's request
         self.requests: list[Request] = []          # every POST, answered or not
         self.delay = 0.0                           # seconds before answering each request
+        self.max_body_bytes = max_body_bytes       # a larger request body is answered 413, as real engines do
         self._script: list[Answer] = []
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -183,6 +185,8 @@ class EngineSim:
         if self.token is not None and not hmac.compare_digest(
                 (authorization or "").encode(), f"Bearer {self.token}".encode()):
             answer = Answer(401, {}, {"error": "missing or invalid bearer token"})
+        elif self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
+            answer = Answer(413, {}, {"error": f"request body larger than {self.max_body_bytes} bytes"})
         elif self._script:
             answer = self._script.pop(0)
         elif problem:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import structlog
 
-from listenerd.mapping import CompiledMapping, compile_mapping
+from listenerd.mapping import CompiledMapping, EventTooLarge, compile_mapping
 from listenerd.status import ListenerStatus
 
 if TYPE_CHECKING:
@@ -149,16 +149,22 @@ class SourceContext:
         `checkpoint` is the resume point committed in the same transaction as this event.
         """
         try:
-            event = self._mapping.apply(payload, meta)
+            event = self._mapping.apply(payload, meta, max_bytes=self._outbox.max_event_bytes)
+        except EventTooLarge as exc:  # stopped before the copies were built: set aside, never sent
+            await self._outbox.set_aside_oversized(self.tenant_id, self.listener_id, exc.size, None)
+            self.count("oversized")
+            return
         except Exception as exc:  # a mapping never raises on data; this is a guard, counted
             self.count("mapping")
             self.log.warning("payload could not be mapped", error=str(exc))
             return
         tapped = self._tap is not None and (self._tap_clients is None
                                             or self._tap_clients(self.tenant_id, self.listener_id) > 0)
-        await self._outbox.append(self.tenant_id, self.listener_id, self.listener.type, event,
-                                  key=key, checkpoint=checkpoint, on_commit=self._tapped if tapped else None,
-                                  on_commit_count=self._on_commit_count, on_wait=self._paused)
+        queued = await self._outbox.append(self.tenant_id, self.listener_id, self.listener.type, event,
+                                           key=key, checkpoint=checkpoint, on_commit=self._tapped if tapped else None,
+                                           on_commit_count=self._on_commit_count, on_wait=self._paused)
+        if not queued:
+            self.count("oversized")
 
     async def flush(self) -> None:
         """Wait until everything this listener emitted is durable."""

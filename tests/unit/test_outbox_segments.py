@@ -221,6 +221,7 @@ async def test_big_events_split_commit_groups_by_bytes(tmp_path):
 
     async with Harness(tmp_path) as h:
         text = "x" * (module.GROUP_BYTES // 3)
+        h.outbox.max_event_bytes = module.GROUP_BYTES  # events this big pass only a raised engine.max-event-bytes
         for n in range(7):
             await h.outbox.append("t", "L", "pusher", {"n": n, "text": text})
         await h.outbox.flush()
