@@ -10,6 +10,7 @@ told by the supervisor, which hears it from `listenerd.store_health`).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,8 @@ STORE_FAILING = " (store failing: {}; new events wait in memory until it writes 
 STORE_PAUSED = " (paused: store failing: {}; reading resumes once it writes again)"
 State = Literal["starting", "started", "retrying", "failed", "stopped"]
 STATES: tuple[State, ...] = ("starting", "started", "retrying", "failed", "stopped")
+RATE_WINDOW = 60  # seconds `rate` averages over
+HISTORY = 20  # status changes a record keeps for `history`
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -45,6 +48,14 @@ class ListenerStatus:
     store_problem: str | None = field(default=None, init=False, repr=False)
     _paused: bool = field(default=False, init=False, repr=False)
     _suffix: str = field(default="", init=False, repr=False)  # the waiting note at the end of `message`
+    # events committed per second of the last RATE_WINDOW seconds, a ring indexed by second % RATE_WINDOW
+    _window: list[int] = field(default_factory=lambda: [0] * RATE_WINDOW, init=False, repr=False)
+    _window_second: int = field(default=0, init=False, repr=False)  # the newest second the ring counts
+    _history: deque[tuple[float, State, str]] = field(default_factory=lambda: deque(maxlen=HISTORY), init=False,
+                                                      repr=False)
+
+    def __post_init__(self) -> None:
+        self._history.append((self.since, self.status, self.message))
 
     def set(self, status: State, message: str, *, error: str | None = None) -> None:
         suffix = self._waiting_note(status)
@@ -56,6 +67,7 @@ class ListenerStatus:
         if status != previous:
             self.since = time.time()
             self.started_at = self.since if status == "started" else None
+            self._history.append((self.since, status, message))
         if error is not None:
             self.last_error = error
         if self.on_change:
@@ -64,7 +76,29 @@ class ListenerStatus:
     def committed(self, count: int) -> None:
         """`count` of this listener's events became durable."""
         self.received += count
-        self.last_event_at = time.time()
+        now = self.last_event_at = time.time()
+        second = int(now)
+        if second != self._window_second:
+            self._advance(second)
+        self._window[second % RATE_WINDOW] += count
+
+    def _advance(self, second: int) -> None:
+        """Move the ring to `second`, zeroing the seconds it skipped (all of them after a minute's quiet)."""
+        gap = second - self._window_second
+        if gap <= 0:
+            return
+        for skipped in range(self._window_second + 1, self._window_second + 1 + min(gap, RATE_WINDOW)):
+            self._window[skipped % RATE_WINDOW] = 0
+        self._window_second = second
+
+    def rate(self, now: float | None = None) -> float:
+        """Events committed per second, averaged over the last RATE_WINDOW seconds (this one included)."""
+        self._advance(int(time.time() if now is None else now))
+        return sum(self._window) / RATE_WINDOW
+
+    def history(self) -> list[dict[str, Any]]:
+        """The last HISTORY status changes, oldest first: when, to what, with which message."""
+        return [{"status": status, "message": message, "at": rfc3339(at)} for at, status, message in self._history]
 
     def paused(self, paused: bool) -> None:
         """Back-pressure holds (or releases) the source: a started listener's message says so."""
@@ -102,4 +136,6 @@ class ListenerStatus:
             "last-event-at": rfc3339(self.last_event_at),
             "last-error": self.last_error,
             "attempts": self.attempts,
+            "rate": round(self.rate(), 3),
+            "history": self.history(),
         }
