@@ -51,6 +51,7 @@ class ListenerStatus:
     # events committed per second of the last RATE_WINDOW seconds, a ring indexed by second % RATE_WINDOW
     _window: list[int] = field(default_factory=lambda: [0] * RATE_WINDOW, init=False, repr=False)
     _window_second: int = field(default=0, init=False, repr=False)  # the newest second the ring counts
+    _first_second: int | None = field(default=None, init=False, repr=False)  # the second of the first commit
     _history: deque[tuple[float, State, str]] = field(default_factory=lambda: deque(maxlen=HISTORY), init=False,
                                                       repr=False)
 
@@ -73,12 +74,14 @@ class ListenerStatus:
         if self.on_change:
             self.on_change(self, previous)
 
-    def committed(self, count: int) -> None:
-        """`count` of this listener's events became durable."""
+    def committed(self, count: int, now: float | None = None) -> None:
+        """`count` of this listener's events became durable (at `now`, the wall clock by default)."""
         self.received += count
-        now = self.last_event_at = time.time()
+        now = self.last_event_at = time.time() if now is None else now
         second = int(now)
-        if second != self._window_second:
+        if self._first_second is None:
+            self._first_second = self._window_second = second
+        elif second != self._window_second:
             self._advance(second)
         self._window[second % RATE_WINDOW] += count
 
@@ -92,9 +95,13 @@ class ListenerStatus:
         self._window_second = second
 
     def rate(self, now: float | None = None) -> float:
-        """Events committed per second, averaged over the last RATE_WINDOW seconds (this one included)."""
-        self._advance(int(time.time() if now is None else now))
-        return sum(self._window) / RATE_WINDOW
+        """Events committed per second, averaged over the last RATE_WINDOW seconds (this one included), or
+        over the seconds since the first event when that is shorter: a listener started 5 s ago is not diluted."""
+        if self._first_second is None:
+            return 0.0
+        second = int(time.time() if now is None else now)
+        self._advance(second)
+        return sum(self._window) / max(1, min(RATE_WINDOW, second - self._first_second + 1))
 
     def history(self) -> list[dict[str, Any]]:
         """The last HISTORY status changes, oldest first: when, to what, with which message."""

@@ -210,7 +210,7 @@ def age(since: str | None, now: float) -> str:
 
 def table(snapshot: Snapshot) -> Table:
     """The listeners as a rich table: one section per tenant, long cells cut with an ellipsis to fit."""
-    grid = Table(box=None, header_style="bold", pad_edge=False, expand=False)
+    grid = Table(box=None, header_style="bold", pad_edge=False, expand=True)  # the error column takes what is left
     grid.add_column("TENANT", no_wrap=True)
     grid.add_column("ID", no_wrap=True)
     grid.add_column("TYPE", no_wrap=True)
