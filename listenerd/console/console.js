@@ -4,7 +4,7 @@
 
 const TOKEN_KEY = "listenerd-token";
 const POLL_MS = 2000;        // short polling of the API; the tap is a streamed response
-const SPARK_POINTS = 30;     // samples kept per listener for the sparkline (a minute at POLL_MS)
+const SPARK_POINTS = 20;     // samples kept per listener for the sparkline (40 s at POLL_MS)
 const TAP_KEEP = 50;         // tapped events shown on a listener's page
 
 const state = {
@@ -12,7 +12,7 @@ const state = {
   tenants: [],
   samples: new Map(),        // "tid/id" -> [{t, received}]
   rows: new Map(),           // "tid/id" -> row elements of the overview
-  deadIds: "",               // the dead letters shown, to rebuild only on change
+  deadIds: null,             // the dead letters shown, to rebuild only on change
   timer: null,
   tap: null,                 // AbortController of the running tap
   route: null,
@@ -119,7 +119,7 @@ function signOut(message = "") {
   clearTimeout(state.timer);
   state.rows.clear();
   state.samples.clear();
-  state.deadIds = "";
+  state.deadIds = null;
   $("tenants").replaceChildren();
   $("dead-letters").replaceChildren();
   showOnly("login");
@@ -148,7 +148,7 @@ async function refreshEngine() {
   $("outbox-depth").textContent = `${body.outbox.events} event(s), ${Math.round(body.outbox.bytes / 1024)} KiB`;
   $("store-state").textContent = body.store.writing ? "writing" : `failing: ${body.store.problem}`;
   $("engine-error").hidden = !body.engine["last-error"];
-  $("engine-error").textContent = body.engine["last-error"] ? `Engine: ${body.engine["last-error"]}` : "";
+  $("engine-error").textContent = body.engine["last-error"] ? `Engine's last error: ${body.engine["last-error"]}` : "";
 }
 
 function sample(key, status) {
@@ -167,7 +167,9 @@ function sparkline(svg, samples) {
     rates.push(seconds > 0 ? Math.max(0, samples[i].received - samples[i - 1].received) / seconds : 0);
   }
   const peak = Math.max(1, ...rates);
-  const points = rates.map((r, i) => `${(i * 100 / (SPARK_POINTS - 1)).toFixed(1)},${(19 - r * 18 / peak).toFixed(1)}`);
+  const offset = SPARK_POINTS - rates.length;  // right-aligned: the newest sample at the right edge
+  const points = rates.map((r, i) =>
+    `${((offset + i) * 100 / (SPARK_POINTS - 1)).toFixed(1)},${(19 - r * 15 / peak).toFixed(1)}`);
   svg.querySelector("polyline").setAttribute("points", points.join(" "));
   const last = rates.length ? rates[rates.length - 1] : 0;
   svg.querySelector("title").textContent = `Event rate over the last polls; now ${last.toFixed(1)} per second`;
@@ -180,7 +182,11 @@ function newSpark() {
   svg.setAttribute("viewBox", "0 0 100 20");
   svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
-  svg.append(document.createElementNS(ns, "title"), document.createElementNS(ns, "polyline"));
+  const baseline = document.createElementNS(ns, "line");
+  for (const [key, value] of [["x1", 0], ["y1", 19.5], ["x2", 100], ["y2", 19.5], ["class", "baseline"]]) {
+    baseline.setAttribute(key, value);
+  }
+  svg.append(document.createElementNS(ns, "title"), baseline, document.createElementNS(ns, "polyline"));
   return svg;
 }
 
@@ -190,8 +196,8 @@ function tenantTable(tenant) {
   if (table) return table;
   table = el("table", { id, class: "listeners" },
     el("caption", { text: `Tenant ${tenant.id}${tenant.name ? ` (${tenant.name})` : ""}` }),
-    el("thead", {}, el("tr", {}, ...["Listener", "Type", "Status", "Message", "Received", "Forwarded", "Rate /s",
-      "Events"].map((h, i) => el("th", { scope: "col", class: i >= 4 && i < 7 ? "num" : "", text: h })))),
+    el("thead", {}, el("tr", {}, ...["Listener", "Type", "Status", "Message", "Received", "Forwarded", "Per second",
+      "Recent rate"].map((h, i) => el("th", { scope: "col", class: i >= 4 && i < 7 ? "num" : "", text: h })))),
     el("tbody"));
   $("tenants").append(table);
   return table;
@@ -297,7 +303,7 @@ async function deadLetterAction(tid, id, action) {
     if (error instanceof Refused) { signOut(error.message); return; }
     $("dead-message").textContent = `Dead letter ${id}: ${error.message}`;
   }
-  state.deadIds = "";
+  state.deadIds = null;
   await refreshDeadLetters().catch(() => {});
 }
 
