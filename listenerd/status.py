@@ -52,11 +52,11 @@ class ListenerStatus:
     _window: list[int] = field(default_factory=lambda: [0] * RATE_WINDOW, init=False, repr=False)
     _window_second: int = field(default=0, init=False, repr=False)  # the newest second the ring counts
     _first_second: int | None = field(default=None, init=False, repr=False)  # the second of the first commit
-    _history: deque[tuple[float, State, str]] = field(default_factory=lambda: deque(maxlen=HISTORY), init=False,
-                                                      repr=False)
+    _history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY), init=False,
+                                            repr=False)  # formatted once, when the change happens
 
     def __post_init__(self) -> None:
-        self._history.append((self.since, self.status, self.message))
+        self._remember()
 
     def set(self, status: State, message: str, *, error: str | None = None) -> None:
         suffix = self._waiting_note(status)
@@ -68,7 +68,7 @@ class ListenerStatus:
         if status != previous:
             self.since = time.time()
             self.started_at = self.since if status == "started" else None
-            self._history.append((self.since, status, message))
+            self._remember()
         if error is not None:
             self.last_error = error
         if self.on_change:
@@ -105,7 +105,10 @@ class ListenerStatus:
 
     def history(self) -> list[dict[str, Any]]:
         """The last HISTORY status changes, oldest first: when, to what, with which message."""
-        return [{"status": status, "message": message, "at": rfc3339(at)} for at, status, message in self._history]
+        return list(self._history)
+
+    def _remember(self) -> None:
+        self._history.append({"status": self.status, "message": self.message, "at": rfc3339(self.since)})
 
     def paused(self, paused: bool) -> None:
         """Back-pressure holds (or releases) the source: a started listener's message says so."""
