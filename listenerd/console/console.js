@@ -14,6 +14,7 @@ const state = {
   rows: new Map(),           // "tid/id" -> row elements of the overview
   deadIds: null,             // the dead letters shown, to rebuild only on change
   timer: null,
+  pollRun: 0,                // each poll() bumps it: a poll that finds it changed was superseded, and stops
   tap: null,                 // AbortController of the running tap
   route: null,
 };
@@ -131,6 +132,7 @@ function signOut(message = "") {
 
 async function poll() {
   clearTimeout(state.timer);
+  const run = ++state.pollRun;
   if (!state.token) return;
   try {
     state.tenants = await getJson("/1.0/tenants");
@@ -139,7 +141,7 @@ async function poll() {
     if (error instanceof Refused) { signOut(error.message); return; }
     $("overview-summary").textContent = `Could not refresh: ${error.message}`;
   }
-  state.timer = setTimeout(poll, POLL_MS);
+  if (run === state.pollRun && state.token) state.timer = setTimeout(poll, POLL_MS);
 }
 
 async function refreshEngine() {
