@@ -37,6 +37,8 @@ async def test_dev_run_streams_all_three_sources_and_stops_on_sigint(tmp_path):
         await wait_for(lambda: sources() == {"datasift", "pusher", "salesforce"}, timeout=30,
                        what="events from all three sources in the sink")
         text = out.read_text()
+        first = next(line for line in text.splitlines() if line.strip())
+        assert f"{match.group(1)}/console/" in first, first  # the console's address comes first
         assert "curl -s -H \"Authorization: Bearer" in text and "/listeners/LI1/status" in text
         assert re.search(r"engine <- datasift\s+demo/LI1\s+\{\"username\"", text)
     finally:
