@@ -57,11 +57,21 @@ def parser() -> argparse.ArgumentParser:
                                         "may use --tenant)")
     status.add_argument("--tenant", help="only this tenant (default: every tenant the token may use)")
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch "
+    status.add_argument("--interval", type=_positive, default=2.0, help="seconds between refreshes with --watch "
                                                                     "(default 2)")
     status.add_argument("--json", action="store_true", help="print the listener and status objects as JSON")
     commands.add_parser("version", help="print the version")
     return top
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

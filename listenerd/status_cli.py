@@ -40,6 +40,10 @@ _NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 class Unusable(Exception):
     """The daemon cannot be asked (unreachable, token refused, answer not understood): one line, exit 1."""
 
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code  # the HTTP status that said no, when one did
+
 
 class Usage(Exception):
     """Nothing to ask with (no URL or token to be found): one line, exit 2."""
@@ -127,7 +131,7 @@ class Client:
                 reason = json.loads(body)["error"]
             except (ValueError, KeyError, TypeError):
                 reason = body[:200].decode("utf-8", "replace")
-            raise Unusable(f"GET {path}: {response.status} {reason}")
+            raise Unusable(f"GET {path}: {response.status} {reason}", response.status)
         try:
             data = json.loads(body)
         except ValueError:
@@ -170,7 +174,15 @@ def take(client: Client, tenant: str | None) -> Snapshot:
     for tid in tenants:
         base = f"/1.0/tenants/{quote(tid, safe='')}/listeners"
         for listener in client.get_all(base):
-            status, _ = client.get(f"{base}/{quote(listener['id'], safe='')}/status")
+            try:
+                status, _ = client.get(f"{base}/{quote(listener['id'], safe='')}/status")
+            except Unusable as exc:
+                if exc.code == 404:  # deleted since the list was read
+                    continue
+                if exc.code != 503:
+                    raise
+                # created a moment ago (not loaded yet), or the store fails: shown, and not `started`
+                status = {"status": "starting", "message": str(exc), "last-error": str(exc)}
             snapshot.rows.append({"tenant-id": tid, "listener": listener, "status": status})
     return snapshot
 
