@@ -46,6 +46,10 @@ async def test_the_console_works_from_the_keyboard(dev_stack, page):
 
 
 async def test_listeners_live_and_a_listeners_tapped_events(dev_stack, page, tmp_path):
+    requests, errors = [], []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     await sign_in(page, dev_stack)
     for lid in ("LI1", "LI2", "LI3"):
         await expect(page.locator(f"#row-{TENANT}-{lid} .status")).to_have_text("started", timeout=30_000)
@@ -69,6 +73,16 @@ async def test_listeners_live_and_a_listeners_tapped_events(dev_stack, page, tmp
 
     await page.get_by_role("link", name="All listeners").click()
     await expect(page.locator("#tap-state")).to_be_hidden()
+    assert errors == []
+    assert requests and all(url.startswith(dev_stack.daemon.api_url + "/") for url in requests)  # no CDN, no internet
+    assert not any(DEV_TOKEN in url for url in requests)
+    unlabelled = await page.evaluate("""() => [
+        ...[...document.querySelectorAll('input')].filter((i) => !i.labels.length).map((i) => i.outerHTML),
+        ...[...document.querySelectorAll('button, a')].filter((b) => !(b.getAttribute('aria-label')
+            || b.textContent.trim())).map((b) => b.outerHTML),
+        ...[...document.querySelectorAll('svg[role=img]')].filter((s) => !s.querySelector('title')?.textContent)
+            .map((s) => s.outerHTML)]""")
+    assert unlabelled == []
 
 
 async def test_a_listener_turns_retrying_when_its_simulator_drops_it(dev_stack, page):
