@@ -24,6 +24,7 @@ THROUGHPUT = [
     ["bench/salesforce_kinds.py"],
     ["bench/datasift_throughput.py"],
     ["bench/fleet.py"],
+    ["bench/people_views.py"],
 ]
 CHAOS = ["crash_loop", "engine_outage", "flaps", "bad_input", "soak", "security"]
 

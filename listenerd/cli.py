@@ -1,4 +1,4 @@
-"""Command line: run / check / dev / map / version. Exit codes: 0 ok, 2 bad config or usage, 1 other."""
+"""Command line: run / check / dev / map / status / version. Exit codes: 0 ok, 2 bad config or usage, 1 other."""
 
 from __future__ import annotations
 
@@ -49,8 +49,29 @@ def parser() -> argparse.ArgumentParser:
     mapper.add_argument("--config", required=True, help="config file")
     mapper.add_argument("--listener", required=True, metavar="TENANT/ID", help="the listener, e.g. tenant1/LI1")
     mapper.add_argument("file", nargs="?", help="payload JSON file (default: stdin)")
+    status = commands.add_parser("status", help="the running daemon's listeners as a table (exit 3: not all started)")
+    status.add_argument("--config", help="config file to find the API address and a token in (default as for run; "
+                                         "only its [server] table is read)")
+    status.add_argument("--url", help="the daemon's API, e.g. http://127.0.0.1:8088 (default: from server.listen)")
+    status.add_argument("--token", help="API token (default: $LISTENERD_TOKEN, else the config's first token that "
+                                        "may use --tenant)")
+    status.add_argument("--tenant", help="only this tenant (default: every tenant the token may use)")
+    status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    status.add_argument("--interval", type=_positive, default=2.0, help="seconds between refreshes with --watch "
+                                                                    "(default 2)")
+    status.add_argument("--json", action="store_true", help="print the listener and status objects as JSON")
     commands.add_parser("version", help="print the version")
     return top
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 return check(args.config or config_module.default_path())
             case "map":
                 return map_payload(args.config, args.listener, args.file)
+            case "status":
+                from listenerd.status_cli import main_args
+
+                return main_args(args)
             case "run":
                 return run(args.config or config_module.default_path(), fmt)
             case "dev":

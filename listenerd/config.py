@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from listenerd.model import SOURCE_TYPES, Config, Limits
+from listenerd.model import SOURCE_TYPES, Config, Limits, Server
 
 DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -56,6 +56,26 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read config: {exc.strerror or exc}")]) from None
     return parse(text, environ, base_dir=Path(path).parent, name=str(path))
+
+
+def load_server(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Server:
+    """Only the `[server]` table (address and tokens), for clients of a running daemon such as
+    `listenerd status`: an operator's shell need not hold the integrations' secrets to read it."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read config: {exc.strerror or exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from None
+    problems: list[Problem] = []
+    server = _expand(raw.get("server", {}), ("server",), os.environ if environ is None else environ,
+                     Path(path).parent, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Server.model_validate(server)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, ("server",))) from None
 
 
 def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path | None = None,

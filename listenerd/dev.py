@@ -137,7 +137,9 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
     curl = f'curl -s -H "Authorization: Bearer {DEV_TOKEN}"'
     lines = [
         "",
-        "listenerd dev: a complete local run (simulators, demo listeners, a local engine sink)",
+        f"listenerd dev: open the console at {api}/console/  (token: {DEV_TOKEN})",
+        "",
+        "A complete local run (simulators, demo listeners, a local engine sink):",
         f"  API:       {api}        token: {DEV_TOKEN}",
         f"  engine:    {sims['engine']}  (prints every event below; also {directory / 'engine-events.jsonl'})",
         f"  store:     {directory / 'listenerd.db'}",
@@ -151,6 +153,7 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
         f"  {curl} {api}/1.0/tenants/{TENANT}/listeners",
         f"  {curl} -N {api}/1.0/tenants/{TENANT}/listeners/LI3/tap",
         f"  curl -s {api}/metrics | grep listenerd_events",
+        f"  listenerd status --url {api} --token {DEV_TOKEN}",
         "",
         "Ctrl-C stops everything.",
         "",
@@ -178,27 +181,76 @@ def simulators(sink: Sink | None = None) -> tuple[EngineSim, PusherSim, DataSift
     return engine, pusher, datasift, salesforce
 
 
+class DevStack:
+    """A dev run's parts in one event loop: the four simulators, the daemon, the demo publishers.
+
+    `listenerd dev` runs one until Ctrl-C; the browser tests run one to drive the simulators
+    (drop a socket, refuse a batch) while a real browser watches the console.
+    """
+
+    def __init__(self, listen: str, workdir: Path, rate: float = 1.0, stream: Any = None):
+        self.listen, self.workdir, self.rate = listen, workdir, rate
+        self.sink = Sink(workdir / "engine-events.jsonl", stream)
+        self.engine, self.pusher, self.datasift, self.salesforce = simulators(self.sink)
+        self.daemon: Daemon | None = None
+        self._started: list[Any] = []
+        self._publisher: asyncio.Task[None] | None = None
+
+    async def start(self) -> DevStack:
+        """Start everything; a StoreUnavailable or OSError (the API's port taken) leaves nothing running."""
+        try:
+            for sim in (self.engine, self.pusher, self.datasift, self.salesforce):
+                await sim.start()
+                self._started.append(sim)
+            self.salesforce.create_topic(TOPIC, "SELECT Id, Name, Status__c, Amount__c FROM Invoice_Statement__c")
+            config = demo_config(self.listen, self.workdir, self.engine, self.pusher, self.datasift, self.salesforce)
+            self.daemon = Daemon(config, None, notifier=Notifier.from_env())
+            await self.daemon.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.datasift.feed(DATASIFT_HASH, interval=1.0 / self.rate)
+        self._publisher = asyncio.create_task(publish_demo_events(self.pusher, self.salesforce, self.rate),
+                                              name="demo-publisher")
+        return self
+
+    async def stop(self) -> None:
+        if self._publisher:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+            self._publisher = None
+        if self.daemon and self.daemon.ready:
+            await self.daemon.stop()
+        for sim in reversed(self._started):
+            with contextlib.suppress(Exception):
+                await sim.stop()
+        self._started.clear()
+        self.sink.close()
+
+    async def __aenter__(self) -> DevStack:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    def banner(self) -> str:
+        assert self.daemon is not None
+        return banner(self.daemon, self.workdir, {"engine": self.engine.url, "pusher": self.pusher.url,
+                                                  "datasift": self.datasift.url, "salesforce": self.salesforce.url})
+
+
 async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate: float = 1.0) -> int:
     workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="listenerd-dev-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    sink = Sink(workdir / "engine-events.jsonl")
-    engine, pusher, datasift, salesforce = simulators(sink)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    started: list[Any] = []
-    daemon: Daemon | None = None
-    publisher: asyncio.Task[None] | None = None
+    stack = DevStack(listen, workdir, rate)
     try:
-        for sim in (engine, pusher, datasift, salesforce):
-            await sim.start()
-            started.append(sim)
-        salesforce.create_topic(TOPIC, "SELECT Id, Name, Status__c, Amount__c FROM Invoice_Statement__c")
-        config = demo_config(listen, workdir, engine, pusher, datasift, salesforce)
-        daemon = Daemon(config, None, notifier=Notifier.from_env())
         try:
-            await daemon.start()
+            await stack.start()
         except StoreUnavailable as exc:
             log.error("listenerd dev could not start", error=str(exc))
             return 1
@@ -206,23 +258,11 @@ async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate
             log.error("cannot start the API", listen=listen, error=str(exc),
                       hint="is another listenerd running? try `listenerd dev --listen 127.0.0.1:8089`")
             return 1
-        print(banner(daemon, workdir, {"engine": engine.url, "pusher": pusher.url, "datasift": datasift.url,
-                                       "salesforce": salesforce.url}), flush=True)
-        datasift.feed(DATASIFT_HASH, interval=1.0 / rate)
-        publisher = asyncio.create_task(publish_demo_events(pusher, salesforce, rate), name="demo-publisher")
+        print(stack.banner(), flush=True)
         await stop.wait()
-        log.info("listenerd dev stopping", events_in_sink=sink.count)
+        log.info("listenerd dev stopping", events_in_sink=stack.sink.count)
         return 0
     finally:
-        if publisher:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
-        if daemon and daemon.ready:
-            await daemon.stop()
-        for sim in reversed(started):
-            with contextlib.suppress(Exception):
-                await sim.stop()
-        sink.close()
+        await stack.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

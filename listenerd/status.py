@@ -10,6 +10,7 @@ told by the supervisor, which hears it from `listenerd.store_health`).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,8 @@ STORE_FAILING = " (store failing: {}; new events wait in memory until it writes 
 STORE_PAUSED = " (paused: store failing: {}; reading resumes once it writes again)"
 State = Literal["starting", "started", "retrying", "failed", "stopped"]
 STATES: tuple[State, ...] = ("starting", "started", "retrying", "failed", "stopped")
+RATE_WINDOW = 60  # seconds `rate` averages over
+HISTORY = 20  # status changes a record keeps for `history`
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -45,6 +48,15 @@ class ListenerStatus:
     store_problem: str | None = field(default=None, init=False, repr=False)
     _paused: bool = field(default=False, init=False, repr=False)
     _suffix: str = field(default="", init=False, repr=False)  # the waiting note at the end of `message`
+    # events committed per second of the last RATE_WINDOW seconds, a ring indexed by second % RATE_WINDOW
+    _window: list[int] = field(default_factory=lambda: [0] * RATE_WINDOW, init=False, repr=False)
+    _window_second: int = field(default=0, init=False, repr=False)  # the newest second the ring counts
+    _first_second: int | None = field(default=None, init=False, repr=False)  # the second of the first commit
+    _history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY), init=False,
+                                            repr=False)  # formatted once, when the change happens
+
+    def __post_init__(self) -> None:
+        self._remember()
 
     def set(self, status: State, message: str, *, error: str | None = None) -> None:
         suffix = self._waiting_note(status)
@@ -56,15 +68,47 @@ class ListenerStatus:
         if status != previous:
             self.since = time.time()
             self.started_at = self.since if status == "started" else None
+            self._remember()
         if error is not None:
             self.last_error = error
         if self.on_change:
             self.on_change(self, previous)
 
-    def committed(self, count: int) -> None:
-        """`count` of this listener's events became durable."""
+    def committed(self, count: int, now: float | None = None) -> None:
+        """`count` of this listener's events became durable (at `now`, the wall clock by default)."""
         self.received += count
-        self.last_event_at = time.time()
+        now = self.last_event_at = time.time() if now is None else now
+        second = int(now)
+        if self._first_second is None:
+            self._first_second = self._window_second = second
+        elif second != self._window_second:
+            self._advance(second)
+        self._window[second % RATE_WINDOW] += count
+
+    def _advance(self, second: int) -> None:
+        """Move the ring to `second`, zeroing the seconds it skipped (all of them after a minute's quiet)."""
+        gap = second - self._window_second
+        if gap <= 0:
+            return
+        for skipped in range(self._window_second + 1, self._window_second + 1 + min(gap, RATE_WINDOW)):
+            self._window[skipped % RATE_WINDOW] = 0
+        self._window_second = second
+
+    def rate(self, now: float | None = None) -> float:
+        """Events committed per second, averaged over the last RATE_WINDOW seconds (this one included), or
+        over the seconds since the first event when that is shorter: a listener started 5 s ago is not diluted."""
+        if self._first_second is None:
+            return 0.0
+        second = int(time.time() if now is None else now)
+        self._advance(second)
+        return sum(self._window) / max(1, min(RATE_WINDOW, second - self._first_second + 1))
+
+    def history(self) -> list[dict[str, Any]]:
+        """The last HISTORY status changes, oldest first: when, to what, with which message."""
+        return list(self._history)
+
+    def _remember(self) -> None:
+        self._history.append({"status": self.status, "message": self.message, "at": rfc3339(self.since)})
 
     def paused(self, paused: bool) -> None:
         """Back-pressure holds (or releases) the source: a started listener's message says so."""
@@ -102,4 +146,6 @@ class ListenerStatus:
             "last-event-at": rfc3339(self.last_event_at),
             "last-error": self.last_error,
             "attempts": self.attempts,
+            "rate": round(self.rate(), 3),
+            "history": self.history(),
         }

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from listenerd.api import checkpoints, dead_letters, health, integrations, listeners, metrics, openapi, tap
-from listenerd.api.context import CONTROL, DAEMON, DaemonView
+from listenerd.api import checkpoints, console, dead_letters, health, integrations, listeners, metrics, openapi, overview, tap
+from listenerd.api.context import CONTROL, DAEMON, TOKEN, DaemonView
 from listenerd.api.errors import ApiError, error_response, refused
 from listenerd.control import Control, ControlError, TooMany
 from listenerd.model import Token
@@ -24,7 +24,7 @@ from listenerd.store_health import is_store_error
 
 log = structlog.get_logger("listenerd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RESOURCES = (health, metrics, listeners, integrations, checkpoints, dead_letters, tap, openapi)
+RESOURCES = (health, metrics, listeners, integrations, checkpoints, dead_letters, tap, overview, openapi, console)
 WRITES: web.AppKey[WriteQuota] = web.AppKey("writes")
 _READS = ("GET", "HEAD", "OPTIONS")
 _REASONS = {400: "bad request", 401: "missing or invalid bearer token", 403: "forbidden",
@@ -68,6 +68,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = authenticate(daemon.config.server.tokens, request.headers.get("Authorization", ""))
     if token is None:
         raise ApiError(401, "missing or invalid bearer token")
+    request[TOKEN] = token
     tenant_id = request.match_info.get("tid")
     if tenant_id is not None:
         if not token.allows(tenant_id):

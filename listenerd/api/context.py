@@ -15,7 +15,9 @@ from aiohttp import web
 from listenerd.api.errors import ApiError
 from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
-from listenerd.model import Config
+from listenerd.delivery.forwarder import Forwarder
+from listenerd.delivery.outbox import Outbox
+from listenerd.model import Config, Token
 from listenerd.observability import Metrics
 from listenerd.tap import TapHub
 
@@ -27,6 +29,8 @@ class DaemonView(Protocol):
     metrics: Metrics
     tap: TapHub
     dead_letters: DeadLetters
+    outbox: Outbox
+    forwarder: Forwarder | None
     ready: bool
 
     def components(self) -> dict[str, bool]:
@@ -36,6 +40,7 @@ class DaemonView(Protocol):
 
 DAEMON: web.AppKey[DaemonView] = web.AppKey("daemon")
 CONTROL: web.AppKey[Control] = web.AppKey("control")
+TOKEN: web.RequestKey[Token] = web.RequestKey("token")  # the caller's token, set by the auth middleware
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

@@ -59,6 +59,14 @@ def document() -> dict[str, Any]:
     listener = {"$ref": "#/components/schemas/Listener"}
     lparams = [TENANT, LISTENER_ID]
     paths = {
+        "/1.0/tenants": {
+            "get": _op("The tenants this token may use", {"200": _json({"type": "array", "items": {
+                "$ref": "#/components/schemas/Tenant"}}, "tenants")}, [], 401, 503),
+        },
+        "/1.0/engine": {
+            "get": _op("The delivery side, daemon-wide: engine state, outbox depth, store health (any token)",
+                       {"200": _json({"$ref": "#/components/schemas/Engine"}, "engine state")}, [], 401, 503),
+        },
         "/1.0/tenants/{tid}/listeners": {
             "get": _op("List listeners", {"200": _json({"type": "array", "items": listener}, "listeners")},
                        [TENANT], *auth),
@@ -119,6 +127,16 @@ def document() -> dict[str, Any]:
                         {"200": _json({"$ref": "#/components/schemas/Integration"}, "stored, secrets masked")},
                         [TENANT, TYPE], *body_errors, 409, body={"type": "object"}),
         },
+        "/console": {"get": _op("Redirect to /console/", {"302": {"description": "to /console/"}}, [], auth=False)},
+        "/console/": {"get": _op("The web console (it asks for a token and reads this API with it)",
+                                 {"200": {"description": "HTML", "content": {"text/html": {
+                                     "schema": {"type": "string"}}}}}, [], 404, auth=False)},
+        "/console/{name}": {"get": _op("The console's stylesheet and script (console.css, console.js)",
+                                       {"200": {"description": "the file", "content": {
+                                           "text/css": {"schema": {"type": "string"}},
+                                           "text/javascript": {"schema": {"type": "string"}}}}},
+                                       [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                       404, auth=False)},
         "/healthz": {"get": _op("Liveness", {"200": _json({"type": "object"}, "running")}, [], auth=False)},
         "/readyz": {"get": _op("Readiness", {"200": _json({"type": "object"}, "ready"),
                                              "503": _json({"type": "object"}, "not ready")}, [], auth=False)},
@@ -145,12 +163,35 @@ def document() -> dict[str, Any]:
                                     "mapping": {"type": "object", "additionalProperties": {"type": "string"}},
                                     "managed-by": {"enum": ["config", "api"]}}},
         "Status": {"type": "object", "required": ["status", "message", "since", "received", "forwarded",
-                                                  "last-event-at", "last-error", "attempts"],
+                                                  "last-event-at", "last-error", "attempts", "rate", "history"],
                    "properties": {"status": {"enum": ["starting", "started", "retrying", "failed", "stopped"]},
                                   "message": {"type": "string"}, "since": {"type": "string", "format": "date-time"},
                                   "received": {"type": "integer"}, "forwarded": {"type": "integer"},
                                   "last-event-at": nullable_time, "last-error": {"type": ["string", "null"]},
-                                  "attempts": {"type": "integer"}}},
+                                  "attempts": {"type": "integer"},
+                                  "rate": {"type": "number", "description": "events per second, averaged over "
+                                                                           "the last 60 s"},
+                                  "history": {"type": "array", "description": "the last 20 status changes, "
+                                                                              "oldest first",
+                                              "items": {"type": "object", "required": ["status", "message", "at"],
+                                                        "properties": {"status": {"type": "string"},
+                                                                       "message": {"type": "string"},
+                                                                       "at": {"type": "string",
+                                                                              "format": "date-time"}}}}}},
+        "Tenant": {"type": "object", "required": ["id", "name"],
+                   "properties": {"id": {"type": "string"}, "name": {"type": "string"}}},
+        "Engine": {"type": "object", "required": ["engine", "outbox", "store"], "properties": {
+            "engine": {"type": "object", "required": ["state", "in-flight", "attempt", "last-error"], "properties": {
+                "state": {"enum": ["idle", "delivering", "retrying", "stopped"]},
+                "in-flight": {"type": "integer", "description": "events in the batch being sent"},
+                "attempt": {"type": "integer", "description": "failed attempts of the batch being sent"},
+                "last-error": {"type": ["string", "null"]}}},
+            "outbox": {"type": "object", "required": ["events", "bytes", "max-events", "max-bytes", "oldest-age"],
+                       "properties": {"events": {"type": "integer"}, "bytes": {"type": "integer"},
+                                      "max-events": {"type": "integer"}, "max-bytes": {"type": "integer"},
+                                      "oldest-age": {"type": "number", "description": "seconds"}}},
+            "store": {"type": "object", "required": ["writing", "problem"], "properties": {
+                "writing": {"type": "boolean"}, "problem": {"type": ["string", "null"]}}}}},
         "Checkpoint": {"type": "object", "required": ["replay"], "additionalProperties": False,
                        "properties": {"replay": {"type": "integer", "minimum": -2}}},
         "Integration": {"type": "object", "required": ["id", "type", "managed-by"],

@@ -67,7 +67,7 @@ async def test_status_route_answers_per_contract(daemon):
     body = await api.wait_status("t1", "CFG1", "started")
     assert body["message"] == "Subscribed to channel: cfg"
     assert set(body) == {"status", "message", "since", "received", "forwarded", "last-event-at", "last-error",
-                         "attempts"}
+                         "attempts", "rate", "history"}
     assert body["since"].endswith("Z")
     await wait_for(lambda: api.status("t1", "CFG1"), what="status")
 

@@ -50,6 +50,8 @@ async def test_dev_run_streams_all_three_sources_and_stops_on_sigint(tmp_path):
         assert seen["LI5"]["change"] in ("CREATE", "UPDATE") and seen["LI5"]["records"][0].startswith("001")
         assert isinstance(seen["LI4"]["replay-id"], int) and isinstance(seen["LI5"]["replay-id"], int)
         text = out.read_text()
+        first = next(line for line in text.splitlines() if line.strip())
+        assert f"{match.group(1)}/console/" in first, first  # the console's address comes first
         assert "curl -s -H \"Authorization: Bearer" in text and "/listeners/LI1/status" in text
         assert re.search(r"engine <- datasift\s+demo/LI1\s+\{\"username\"", text)
     finally:
