@@ -14,7 +14,18 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from listenerd.api import checkpoints, console, dead_letters, health, integrations, listeners, metrics, openapi, overview, tap
+from listenerd.api import (
+    checkpoints,
+    console,
+    dead_letters,
+    health,
+    integrations,
+    listeners,
+    metrics,
+    openapi,
+    overview,
+    tap,
+)
 from listenerd.api.context import CONTROL, DAEMON, TOKEN, DaemonView
 from listenerd.api.errors import ApiError, error_response, refused
 from listenerd.control import Control, ControlError, TooMany
