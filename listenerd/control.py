@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 from pydantic import ValidationError
 
 from listenerd.config import format_errors
+from listenerd.egress import EgressRefused, Policy, check_integration
 from listenerd.model import (
     INTEGRATION_TYPES,
     SAFE_ID,
@@ -245,10 +246,47 @@ class Control:
             integration = load_integration(kind, body, "api")
         except ValidationError as exc:
             raise _invalid(exc) from None
-        redactor.register(*integration.secret_values())  # before it is stored: no log line can show them
+        for name in integration.SECRETS:
+            problem = weak_secret(getattr(integration, name.replace("-", "_")) or "")
+            if problem:
+                raise Invalid(f"{name}: {problem}", [name])
+        try:
+            check_integration(Policy.from_settings(self.supervisor.config.server.egress), integration)
+        except EgressRefused as exc:
+            raise Invalid(exc.message, [exc.field] if exc.field else None) from None
+        # before it is stored: no log line can show them; the replaced credentials' secrets are dropped
+        redactor.replace(secrets_owner(tenant_id, kind), integration.secret_values())
         await self.store.put_integration(tenant_id, kind, integration.dump())
         await self._reconcile()
         return integration
+
+
+def secrets_owner(tenant_id: str, kind: str) -> str:
+    """The redactor's owner of one integration's secrets: replacing them forgets the old ones."""
+    return f"integration:{tenant_id}:{kind}"
+
+
+# Words a secret set through the API may not be: the log's own vocabulary and well-known passwords. Each
+# registered secret is removed from every log line, so "error" as a secret would blind every tenant's logs.
+COMMON_SECRETS = frozenset({
+    "password", "passw0rd", "12345678", "123456789", "1234567890", "qwertyuiop", "changeme", "iloveyou",
+    "listener", "listenerd", "salesforce", "datasift", "starting", "started", "retrying", "stopped", "warning",
+    "critical", "exception", "timestamp", "connected", "reconnect", "subscribe", "integration", "integrations",
+    "tenant-id", "listener-id", "secret-token", "consumer-secret", "redacted", "[redacted]", "********"})
+MIN_SECRET_LENGTH = 8
+
+
+def weak_secret(value: str) -> str | None:
+    """Why `value` is too weak to be registered as a secret (too short, too common, too repetitive), or None."""
+    if not value:
+        return None
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"too short to be a secret (at least {MIN_SECRET_LENGTH} characters)"
+    if value.lower() in COMMON_SECRETS:
+        return "too common to be a secret"
+    if len(set(value)) < 4:
+        return "too repetitive to be a secret (at least 4 different characters)"
+    return None
 
 
 def integration_type(kind: str) -> str:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from listenerd import config as config_module
 from listenerd.api.app import create_app
-from listenerd.control import Control
+from listenerd.control import Control, secrets_owner
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.delivery.outbox import Outbox
@@ -62,7 +62,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP's, kept so that stop can wait for them
-        redactor.register(*config.secret_values())
+        redactor.replace("config", config.secret_values())
 
     # -- lifecycle
 
@@ -186,7 +186,7 @@ class Daemon:
                 self.notifier.notify(READY=1, STATUS=f"Reload failed ({len(exc.problems)} config problem(s)); "
                                                      f"still running the previous config. {self.status_line()}")
                 return False
-            redactor.register(*new.secret_values())
+            redactor.replace("config", new.secret_values())  # a secret the new config dropped is forgotten
             await self._apply_settings(self.config, new)
             self.config = new
             await self.apply_config_objects(new)
@@ -235,7 +235,8 @@ class Daemon:
                 with contextlib.suppress(ValidationError):
                     integration = load_integration(row.key, row.body, row.managed_by)
                     integrations[(row.tenant_id, row.key)] = integration
-                    redactor.register(*integration.secret_values())
+                    if row.managed_by == "api":
+                        redactor.replace(secrets_owner(row.tenant_id, row.key), integration.secret_values())
         desired: dict[Key, Desired] = {}
         for row in await self.store.all_listeners():
             if row.tenant_id not in tenant_ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -55,9 +56,30 @@ class Token(Model):
         return "*" in self.tenants or tenant_id in self.tenants
 
 
+class Egress(Model):
+    """`[server.egress]`: what integrations made through the API may connect to beyond their provider's hosts
+    (`listenerd.egress`). Config-file integrations are the operator's and are not checked."""
+
+    hosts: list[str] = Field(default_factory=list)  # exact host names, e.g. "streams.example.com"
+    suffixes: list[str] = Field(default_factory=list)  # "example.net" allows example.net and *.example.net
+    networks: list[str] = Field(default_factory=list)  # CIDRs an IP literal or a resolved address may be in
+    plaintext: bool = False  # http:// and ws:// URLs, Pusher tls = false
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for index, network in enumerate(value):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"[{index}] {network!r} is not an address or CIDR network") from None
+        return value
+
+
 class Server(Model):
     listen: str = "127.0.0.1:8088"
     tokens: list[Token] = Field(default_factory=list)
+    egress: Egress = Field(default_factory=Egress)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     tap_queue: int = Field(default=1000, gt=0)
 

@@ -25,6 +25,13 @@ def describe(exc: BaseException, limit: int | None = None) -> str:
     return text[:limit] if limit is not None else text
 
 
+def sanitised(text: str, limit: int = 160) -> str:
+    """An upstream's words as a short, printable reason: control characters and markup runs collapsed, cut at
+    `limit`. A status message may quote a provider, never relay an arbitrary server's answer."""
+    cleaned = " ".join("".join(c if c.isprintable() and c not in "<>" else " " for c in text).split())
+    return cleaned if len(cleaned) <= limit else cleaned[:limit - 1] + "…"
+
+
 def kind_of(exc: BaseException) -> str:
     """The outcome kind of a connection error: "timeout" when nothing answered in time, else "network"."""
     return "timeout" if isinstance(exc, TimeoutError) else "network"

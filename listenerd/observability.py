@@ -11,52 +11,125 @@ Metrics: one prometheus-client registry per daemon, so tests can run several in 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 import warnings
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
+import ahocorasick
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REDACTED = "[REDACTED]"
-_MIN_SUBSTRING = 4  # shorter secrets are redacted only where they are a whole value
+_MIN_SUBSTRING = 4  # shorter secrets (config-file ones only: the API refuses them) are redacted only as whole values
+# Fields listenerd itself writes: a secret registered through the API must never blind them (a tenant
+# whose "secret" is "error" would otherwise erase the level of every line, and with it level-based alerts).
+# `event` is structural on listenerd's own lines, not on foreign (stdlib) records, whose message is free text.
+STRUCTURAL = frozenset({"level", "logger", "timestamp", "tenant", "listener", "source", "logger_name"})
+
+
+def encodings(secret: str) -> set[str]:
+    """The forms a secret takes on its way out: as is, URL-encoded (path and form), JSON-escaped."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1],
+             json.dumps(secret, ensure_ascii=False)[1:-1]}
+    return {f for f in forms if f}
+
+
+def _automaton(words: Iterable[str]) -> Any:
+    """One Aho-Corasick automaton over every form of every secret: a string is scanned once, whatever the
+    number of secrets (a loop of `in` tests, or a regex alternation, costs a pass or a branch per secret)."""
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_LENGTH)
+    for word in words:
+        automaton.add_word(word)
+    automaton.make_automaton()
+    return automaton
 
 
 class SecretRedactor:
-    """A structlog processor that replaces every registered secret value."""
+    """A structlog processor that replaces every registered secret value, in one pass over each string.
+
+    Secrets are kept per owner (the config file, each API-made integration), so replacing an
+    integration's credentials unregisters the old ones, and the set stays as large as what is live.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._secrets: frozenset[str] = frozenset()
+        self._owners: dict[str, frozenset[str]] = {}
+        self._whole: frozenset[str] = frozenset()  # short secrets: redacted where they are a whole value
+        self._automaton: Any = None
+        self._dirty = False
 
-    def register(self, *values: str | None) -> None:
-        fresh = {v for v in values if v}
-        if not fresh <= self._secrets:
+    def register(self, *values: str | None, owner: str = "static") -> None:
+        """Add secrets to `owner`'s (the default owner's are never dropped)."""
+        fresh = frozenset(v for v in values if v)
+        if not fresh <= self._owners.get(owner, frozenset()):
+            self.replace(owner, self._owners.get(owner, frozenset()) | fresh)
+
+    def replace(self, owner: str, values: Iterable[str | None]) -> None:
+        """`owner`'s secrets are now `values` (none: forget the owner)."""
+        fresh = frozenset(v for v in values if v)
+        with self._lock:
+            if self._owners.get(owner, frozenset()) == fresh:
+                return
+            if fresh:
+                self._owners[owner] = fresh
+            else:
+                self._owners.pop(owner, None)
+            self._dirty = True
+
+    def forget(self, owner: str) -> None:
+        self.replace(owner, ())
+
+    @property
+    def count(self) -> int:
+        return len(set().union(*self._owners.values())) if self._owners else 0
+
+    def _compiled(self) -> Any:
+        if self._dirty:
             with self._lock:
-                self._secrets = self._secrets | fresh
+                secrets = set().union(*self._owners.values()) if self._owners else set()
+                self._whole = frozenset(secrets)
+                words = {form for s in secrets if len(s) >= _MIN_SUBSTRING for form in encodings(s)}
+                words = {w for w in words if len(w) >= _MIN_SUBSTRING}
+                self._automaton = _automaton(words) if words else None
+                self._dirty = False
+        return self._automaton
 
     def scrub(self, value: Any) -> Any:
+        pattern = self._compiled()
+        return self._scrub(value, pattern)
+
+    def _scrub(self, value: Any, pattern: Any) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if value == secret:
-                    return REDACTED
-                if len(secret) >= _MIN_SUBSTRING and secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            if value in self._whole:
+                return REDACTED
+            if pattern is None:
+                return value
+            out, last = [], 0
+            for end, length in pattern.iter_long(value):  # the longest match at each place, left to right
+                out.append(value[last:end + 1 - length])
+                out.append(REDACTED)
+                last = end + 1
+            return "".join(out) + value[last:] if out else value
         if isinstance(value, dict):
-            return {k: self.scrub(v) for k, v in value.items()}
+            return {k: self._scrub(v, pattern) for k, v in value.items()}
         if isinstance(value, list | tuple | set):
-            return [self.scrub(v) for v in value]
+            return [self._scrub(v, pattern) for v in value]
         if isinstance(value, int | float | bool) or value is None:
             return value
-        return self.scrub(str(value))
+        return self._scrub(str(value), pattern)
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if not self._secrets:
+        if not self._owners:
             return event_dict
-        return {k: self.scrub(v) for k, v in event_dict.items()}
+        pattern = self._compiled()
+        own = event_dict.get("_from_structlog", True)
+        return {k: (v if k in STRUCTURAL or (k == "event" and own) or k.startswith("_") else self._scrub(v, pattern))
+                for k, v in event_dict.items()}
 
 
 redactor = SecretRedactor()
@@ -103,7 +176,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared[:-3],
         processors=[structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,
-                    structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor, renderer],
+                    redactor, structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
