@@ -92,6 +92,8 @@ def check(path: str) -> int:
     except config_module.ConfigError as exc:
         return _problems(exc)
     print(config_module.summary(config))
+    for warning in config_module.file_warnings(path):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -30,7 +30,7 @@ from listenerd.model import (
 )
 from listenerd.observability import redactor
 from listenerd.status import ListenerStatus
-from listenerd.store import Store
+from listenerd.store import Row, Store
 from listenerd.store_health import StoreHealth, is_store_error
 from listenerd.supervisor import Supervisor
 
@@ -218,8 +218,8 @@ class Control:
     @_uses_store("api-read")
     async def integrations(self, tenant_id: str) -> list[Integration]:
         """A tenant's integrations, in the order of `INTEGRATION_TYPES`."""
-        found = {row.key: load_integration(row.key, row.body, row.managed_by)
-                 for row in await self.store.integrations(tenant_id) if row.key in INTEGRATION_TYPES}
+        found = {row.key: self._integration(row) for row in await self.store.integrations(tenant_id)
+                 if row.key in INTEGRATION_TYPES}
         return [found[kind] for kind in INTEGRATION_TYPES if kind in found]
 
     @_uses_store("api-read")
@@ -227,7 +227,16 @@ class Control:
         row = await self.store.get_integration(tenant_id, kind) if kind in INTEGRATION_TYPES else None
         if row is None:
             raise NotFound(f"no {kind[:64]!r} integration in tenant {tenant_id!r}")
-        return load_integration(kind, row.body, row.managed_by)
+        return self._integration(row)
+
+    def _integration(self, row: Row) -> Integration:
+        """A stored integration; a config-file one is the config's (the store does not keep its secrets)."""
+        if row.managed_by == "config":
+            tenant = self.supervisor.config.tenant(row.tenant_id)
+            found = tenant.integrations.get(row.key) if tenant is not None else None
+            if found is not None:
+                return found
+        return load_integration(row.key, row.body, row.managed_by)
 
     @_uses_store("api-write")
     async def set_integration(self, tenant_id: str, kind: str, fields: Mapping[str, Any]) -> Integration:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -33,8 +34,10 @@ from listenerd.model import (
     load_integration,
     load_listener,
     stored_listener,
+    without_secrets,
 )
 from listenerd.observability import Metrics, redactor
+from listenerd.sealing import sealer_for
 from listenerd.store import Store
 from listenerd.supervisor import Desired, Key, Supervisor
 from listenerd.systemd import Notifier
@@ -49,7 +52,8 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
-        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory)
+        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory,
+                           sealer=functools.partial(sealer_for, config.store, config.store.path))
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
                              max_bytes=config.store.outbox_max_bytes, metrics=self.metrics)
         self.dead_letters = DeadLetters(self.store, self.outbox)
@@ -68,6 +72,8 @@ class Daemon:
 
     async def start(self) -> None:
         await self.store.open()
+        if resealed := await self.store.reseal():
+            log.info("integration secrets sealed with the current key", integrations=resealed)
         await self.apply_config_objects(self.config)
         await self.outbox.start()
         self.supervisor = Supervisor(self.config, self.outbox, self.metrics, tap=self.tap.publish,
@@ -85,7 +91,7 @@ class Daemon:
         await self.supervisor.start(await self.desired())
         self.ready = True
         log.info("listenerd ready", api=self.api_url, listeners=len(self.supervisor.records),
-                 engine=self.config.engine.url)
+                 engine=self.config.engine.public_url)
         self.notifier.notify(READY=1, STATUS=self.status_line())
         self.notifier.start_watchdog()
 
@@ -204,7 +210,7 @@ class Daemon:
                                        if self.supervisor else None)
             await previous.stop(flush_timeout=min(1.0, new.supervisor.stop_timeout))
             await self.forwarder.start()
-            log.info("engine settings reloaded", engine=new.engine.url)
+            log.info("engine settings reloaded", engine=new.engine.public_url)
         if (new.store.outbox_max_events, new.store.outbox_max_bytes) != (old.store.outbox_max_events,
                                                                          old.store.outbox_max_bytes):
             self.outbox.set_bounds(new.store.outbox_max_events, new.store.outbox_max_bytes)
@@ -221,7 +227,8 @@ class Daemon:
 
     async def apply_config_objects(self, config: Config) -> None:
         tenants = [(t.id, t.name) for t in config.tenants]
-        integrations = [(t.id, kind, integration.dump()) for t in config.tenants for kind in SOURCE_TYPES
+        # config-file secrets stay in the config (their home): the store keeps the rest of the integration
+        integrations = [(t.id, kind, without_secrets(integration)) for t in config.tenants for kind in SOURCE_TYPES
                         if (integration := t.integrations.get(kind)) is not None]
         listeners = [(t.id, spec.id, stored_listener(spec)) for t in config.tenants for spec in t.listeners]
         await self.store.sync_config_objects(tenants, integrations, listeners)
@@ -232,6 +239,11 @@ class Daemon:
         integrations: dict[tuple[str, str], Integration] = {}
         for row in await self.store.all_integrations():
             if row.tenant_id in tenant_ids and row.key in INTEGRATION_TYPES:
+                if row.managed_by == "config":
+                    tenant = self.config.tenant(row.tenant_id)
+                    if tenant is not None and (found := tenant.integrations.get(row.key)) is not None:
+                        integrations[(row.tenant_id, row.key)] = found
+                    continue
                 with contextlib.suppress(ValidationError):
                     integration = load_integration(row.key, row.body, row.managed_by)
                     integrations[(row.tenant_id, row.key)] = integration

@@ -12,6 +12,7 @@ import binascii
 import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -117,6 +118,19 @@ class Engine(Model):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @property
+    def public_url(self) -> str:
+        """The URL as printed and logged: user information (`user:password@`) replaced by `***@`."""
+        parts = urlsplit(self.url)
+        if "@" not in parts.netloc:
+            return self.url
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+    def userinfo(self) -> list[str]:
+        """The secrets a URL's user information carries (so the redactor knows them)."""
+        parts = urlsplit(self.url)
+        return [v for v in (parts.password, unquote(parts.password or "")) if v]
+
 
 class Store(Model):
     path: str = "/var/lib/listenerd/listenerd.db"
@@ -125,6 +139,9 @@ class Store(Model):
     synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
     outbox_max_events: int = Field(default=1_000_000, gt=0)
     outbox_max_bytes: int = Field(default=1_073_741_824, gt=0)
+    # the key that seals API-set secrets at rest (sealing.py); None: a key generated beside the store
+    secrets_key_file: str | None = None
+    secrets_old_key_files: list[str] = Field(default_factory=list)  # still open, never seal: for rotation
 
 
 class Supervisor(Model):
@@ -373,6 +390,7 @@ class Config(Model):
         values = [t.token for t in self.server.tokens]
         if self.engine.token:
             values.append(self.engine.token)
+        values.extend(self.engine.userinfo())
         for tenant in self.tenants:
             for source_type in SOURCE_TYPES:
                 integration = tenant.integrations.get(source_type)
@@ -395,6 +413,11 @@ def stored_listener(spec: ListenerBase) -> dict[str, Any]:
 
 def load_listener(body: dict[str, Any], managed_by: str) -> ListenerBase:
     return _LISTENER.validate_python({**body, "managed-by": managed_by})
+
+
+def without_secrets(integration: Integration) -> dict[str, Any]:
+    """A config-file integration as the store keeps it: its secrets stay in the config."""
+    return {k: v for k, v in integration.dump().items() if k not in integration.SECRETS}
 
 
 def load_integration(kind: str, body: dict[str, Any], managed_by: str) -> Integration:

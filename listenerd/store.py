@@ -24,7 +24,8 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 import structlog
 
-from listenerd.store_checks import StoreUnavailable, prepare_location, salvage, unusable
+from listenerd.sealing import Sealer
+from listenerd.store_checks import StoreUnavailable, prepare_location, private_file, salvage, unusable
 
 T = TypeVar("T")
 log = structlog.get_logger("listenerd.store")
@@ -147,8 +148,11 @@ class Row(NamedTuple):
 class Store:
     """Async front of one SQLite database. `run(fn)` executes `fn(conn)` on the store thread."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL", create_directory: bool = False):
+    def __init__(self, path: str, synchronous: str = "NORMAL", create_directory: bool = False,
+                 sealer: Callable[[], Sealer] | None = None):
         self.path = path
+        self._make_sealer = sealer  # made once the directory is there (a generated key lives beside the store)
+        self.sealer: Sealer | None = None  # None: integration secrets are stored as given (tests' own stores)
         self.synchronous = synchronous
         self.create_directory = create_directory  # else only systemd's StateDirectory is created
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="listenerd-store")
@@ -168,6 +172,13 @@ class Store:
             path = Path(self.path)
             created = prepare_location(path, self.create_directory)
             new = not path.exists() or path.stat().st_size == 0
+            private_file(path)
+            if self._make_sealer is not None:
+                try:
+                    self.sealer = self._make_sealer()
+                except (ValueError, OSError) as exc:
+                    raise StoreUnavailable(self.path, f"cannot load the secrets key ({exc})",
+                                           "check [store] secrets-key-file and secrets-old-key-files") from None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
@@ -280,17 +291,37 @@ class Store:
         return await self.transaction(delete)
 
     async def get_integration(self, tenant_id: str, kind: str) -> Row | None:
-        return await self._one("SELECT tenant_id, type, fields, managed_by FROM integrations "
-                               "WHERE tenant_id = ? AND type = ?", (tenant_id, kind))
+        row = await self._one("SELECT tenant_id, type, fields, managed_by FROM integrations "
+                              "WHERE tenant_id = ? AND type = ?", (tenant_id, kind))
+        return self._opened(row) if row else None
 
     async def integrations(self, tenant_id: str) -> list[Row]:
-        return await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations WHERE tenant_id = ? "
-                                "ORDER BY rowid", (tenant_id,))
+        return [self._opened(r) for r in await self._rows(
+            "SELECT tenant_id, type, fields, managed_by FROM integrations WHERE tenant_id = ? ORDER BY rowid",
+            (tenant_id,))]
 
     async def all_integrations(self) -> list[Row]:
-        return await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations ORDER BY rowid", ())
+        return [self._opened(r) for r in await self._rows(
+            "SELECT tenant_id, type, fields, managed_by FROM integrations ORDER BY rowid", ())]
+
+    def _opened(self, row: Row) -> Row:
+        """The row with its sealed secrets opened (SealError when no configured key opens them)."""
+        return row._replace(body=self.sealer.open(row.tenant_id, row.key, row.body)) if self.sealer else row
+
+    async def reseal(self) -> int:
+        """Seal every API-made integration's secrets with the current key (plain ones from older versions,
+        ones sealed with an old key after a rotation); how many rows were rewritten."""
+        if self.sealer is None:
+            return 0
+        stale = [r for r in await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations "
+                                             "WHERE managed_by = 'api'", ()) if self.sealer.stale(r.key, r.body)]
+        for row in stale:
+            await self.put_integration(row.tenant_id, row.key, self._opened(row).body)
+        return len(stale)
 
     async def put_integration(self, tenant_id: str, kind: str, body: dict[str, Any], managed_by: str = "api") -> None:
+        if self.sealer is not None:
+            body = self.sealer.seal(tenant_id, kind, body)
         now = time.time()
         await self.transaction(lambda c: c.execute(
             "INSERT INTO integrations (tenant_id, type, fields, managed_by, updated_at) VALUES (?, ?, ?, ?, ?) "
