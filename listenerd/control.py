@@ -34,6 +34,7 @@ from listenerd.store import Row, Store
 from listenerd.store_health import StoreHealth, is_store_error
 from listenerd.supervisor import Supervisor
 
+MAX_REPLAY_ID = 2**63 - 1  # a replayId is a signed 64-bit integer (Salesforce, CometD's replay extension)
 EDITABLE = ("name", "description", "status", "type", "options", "mapping")
 RETRY_AFTER = 5  # seconds a client is asked to wait while the store fails (its commits retry at least this often)
 P = ParamSpec("P")
@@ -198,9 +199,9 @@ class Control:
         if spec.type != "salesforce":
             raise Invalid(f"replay: only salesforce listeners have checkpoints ({listener_id!r} is {spec.type})",
                           ["replay"])
-        if isinstance(replay, bool) or not isinstance(replay, int) or replay < -2:
-            raise Invalid("replay: must be a replayId (an integer >= 0), -1 (new events) or -2 (all retained)",
-                          ["replay"])
+        if isinstance(replay, bool) or not isinstance(replay, int) or not -2 <= replay <= MAX_REPLAY_ID:
+            raise Invalid(f"replay: must be a replayId (an integer from 0 to {MAX_REPLAY_ID}, Salesforce's 64-bit "
+                          f"range), -1 (new events) or -2 (all retained)", ["replay"])
         unknown = sorted(set(fields) - {"replay"})
         if unknown:
             raise Invalid(f"{unknown[0]}: unknown field", unknown)

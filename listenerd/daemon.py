@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from listenerd import config as config_module
-from listenerd.api.app import create_app
+from listenerd.api.app import ApiRunner, create_app
 from listenerd.control import Control, secrets_owner
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
@@ -81,7 +81,7 @@ class Daemon:
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
         control = Control(self.store, self.supervisor, self.apply, self.outbox.health)
-        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
+        self._runner = ApiRunner(create_app(self, control), access_log=None, handle_signals=False)
         await self._runner.setup()
         server = self.config.server
         site = web.TCPSite(self._runner, server.host, server.port, reuse_address=True)
