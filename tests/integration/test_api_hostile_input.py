@@ -70,6 +70,7 @@ async def test_a_checkpoint_outside_64_bits_is_a_400(api, replay):
 def test_status_messages_show_no_object_reprs():
     class Wrapped(OSError):
         def __str__(self):
-            return "Cannot connect to host h:443 ssl:<ssl.SSLContext object at 0x7f2a1c> [refused] <Foo object at 0xdead>"
+            return ("Cannot connect to host h:443 ssl:<ssl.SSLContext object at 0x7f2a1c> [refused] "
+                    "<Foo object at 0xdead>")
     words = describe(Wrapped())
     assert "0x" not in words and "object at" not in words and "Cannot connect to host h:443" in words
