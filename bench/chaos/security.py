@@ -340,7 +340,8 @@ def redactor_cost(lines: int = 5000) -> dict[str, float]:
 def summary_part_a(ssrf_result: dict[str, Any], poison: dict[str, Any]) -> str:
     cost = poison["redactor"]
     return (f"**SSRF** (a tenant-limited token against a loopback 'internal service'): with the default policy "
-            f"(no `[server.egress]`), {ssrf_result['refused']} of {ssrf_result['forms']} URL forms (loopback, decimal, hex, octal, short, "
+            f"(no `[server.egress]`), {ssrf_result['refused']} of {ssrf_result['forms']} URL forms "
+            f"(loopback, decimal, hex, octal, short, "
             f"IPv4-mapped IPv6, ::1, metadata 169.254.169.254, RFC 1918, ULA, user-info and fragment tricks, "
             f"look-alike suffixes, plaintext, a cluster that escapes its host) refused with a 400 naming the field. "
             f"With `[server.egress]` allowing the name `localhost` and plaintext but no network, integrations "
