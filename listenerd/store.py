@@ -173,12 +173,6 @@ class Store:
             created = prepare_location(path, self.create_directory)
             new = not path.exists() or path.stat().st_size == 0
             private_file(path)
-            if self._make_sealer is not None:
-                try:
-                    self.sealer = self._make_sealer()
-                except (ValueError, OSError) as exc:
-                    raise StoreUnavailable(self.path, f"cannot load the secrets key ({exc})",
-                                           "check [store] secrets-key-file and secrets-old-key-files") from None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
@@ -196,6 +190,15 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             raise unusable(self.path, exc) from exc
+        if self.path != ":memory:":
+            private_file(Path(self.path), narrow=True)
+        if self._make_sealer is not None:  # once the store is known good: a damaged one is the one line to print
+            try:
+                self.sealer = self._make_sealer()
+            except (ValueError, OSError) as exc:
+                conn.close()
+                raise StoreUnavailable(self.path, f"cannot load the secrets key ({exc})",
+                                       "check [store] secrets-key-file and secrets-old-key-files") from None
         if new and self.path != ":memory:":
             log.info("new store: empty, nothing waiting", path=self.path, schema=version, directory_created=created)
         self._conn = conn

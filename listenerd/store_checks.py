@@ -97,9 +97,12 @@ def salvage(path: str) -> str:
             f"{path}.recovered` and point [store] path at that")
 
 
-def private_file(path: Path) -> None:
-    """The store file readable by its owner only: created 0600, an existing one narrowed to it (it holds
-    checkpoints, events and sealed credentials; SQLite gives its -wal and -shm files the same mode)."""
+def private_file(path: Path, narrow: bool = False) -> None:
+    """The store file readable by its owner only: created 0600, or (`narrow`, once it is known to be a good
+    store) an existing one narrowed to it. It holds checkpoints, events and sealed credentials; SQLite
+    gives its -wal and -shm files the same mode."""
+    if not narrow and path.exists():
+        return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
