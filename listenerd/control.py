@@ -237,7 +237,11 @@ class Control:
             found = tenant.integrations.get(row.key) if tenant is not None else None
             if found is not None:
                 return found
-        return load_integration(row.key, row.body, row.managed_by)
+        try:
+            return load_integration(row.key, row.body, row.managed_by)
+        except ValidationError:  # its sealed secrets do not open (the store logged why): as if absent
+            raise NotFound(f"the {row.key} integration of tenant {row.tenant_id!r} cannot be opened with the "
+                           f"configured secrets key; set it again") from None
 
     @_uses_store("api-write")
     async def set_integration(self, tenant_id: str, kind: str, fields: Mapping[str, Any]) -> Integration:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 import structlog
 
-from listenerd.sealing import Sealer
+from listenerd.sealing import PREFIX, Sealer, SealError
 from listenerd.store_checks import StoreUnavailable, prepare_location, private_file, salvage, unusable
 
 T = TypeVar("T")
@@ -308,8 +308,16 @@ class Store:
             "SELECT tenant_id, type, fields, managed_by FROM integrations ORDER BY rowid", ())]
 
     def _opened(self, row: Row) -> Row:
-        """The row with its sealed secrets opened (SealError when no configured key opens them)."""
-        return row._replace(body=self.sealer.open(row.tenant_id, row.key, row.body)) if self.sealer else row
+        """The row with its sealed secrets opened; one no configured key opens is logged and left out (the
+        integration then fails validation and counts as absent: set it again through the API)."""
+        if self.sealer is None:
+            return row
+        try:
+            return row._replace(body=self.sealer.open(row.tenant_id, row.key, row.body))
+        except SealError as exc:
+            log.error("stored integration secrets cannot be opened; set the integration again",
+                      tenant=row.tenant_id, type=row.key, problem=str(exc))
+            return row._replace(body={k: v for k, v in row.body.items() if not str(v).startswith(PREFIX)})
 
     async def reseal(self) -> int:
         """Seal every API-made integration's secrets with the current key (plain ones from older versions,

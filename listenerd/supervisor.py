@@ -71,6 +71,9 @@ class Desired:
             "listener": self.listener.definition(),
             "integration": self.integration.dump() if self.integration else None,
             "sources": config.sources.dump(),
+            # an API-made integration runs under [server.egress]: a reload that changes it restarts its listeners
+            "egress": (config.server.egress.dump() if self.integration and self.integration.managed_by == "api"
+                       else None),
         }, option=orjson.OPT_SORT_KEYS)
 
 

@@ -54,6 +54,17 @@ async def test_the_store_file_holds_no_secret_in_plain_text(tmp_path):
             assert code == 200 and body["api-key"] == "********"
         assert API_SECRET.encode() not in stored_bytes(store_dir)
 
+        # a key that opens nothing: the daemon runs, the integration counts as absent until it is set again
+        wrong_key = tmp_path / "wrong.key"
+        wrong_key.write_bytes(base64.b64encode(os.urandom(32)))
+        wrong = text.replace("[store]", f'[store]\nsecrets-key-file = "{wrong_key}"')
+        async with running_daemon(tmp_path, wrong) as (_, api):
+            code, body = await api.call("GET", "/1.0/tenants/other/integrations/datasift")
+            assert code == 404 and "set it again" in body["error"]
+            code, _ = await api.call("POST", "/1.0/tenants/other/integrations/datasift",
+                                     {"username": "u", "api-key": API_SECRET})
+            assert code == 200
+
 
 async def test_an_existing_world_readable_store_is_narrowed(tmp_path):
     async with EngineSim() as engine:
