@@ -106,7 +106,7 @@ def run(path: str, fmt: str) -> int:
         for problem in exc.problems:
             log.error("invalid config", problem=str(problem))
         return EXIT_USAGE
-    redactor.register(*config.secret_values())
+    redactor.replace("config", config.secret_values())  # the daemon's own owner: a reload replaces it
     configure_logging(fmt if fmt != "auto" else config.log.format, config.log.level)
     from listenerd.daemon import Daemon
     from listenerd.store import StoreUnavailable

@@ -2,7 +2,9 @@
 are not in it at all; API-set secrets are sealed, and a rotation re-seals them with the new key."""
 
 import base64
+import json
 import os
+import sqlite3
 import stat
 
 from listenerd.sim.engine import EngineSim
@@ -64,6 +66,24 @@ async def test_the_store_file_holds_no_secret_in_plain_text(tmp_path):
             code, _ = await api.call("POST", "/1.0/tenants/other/integrations/datasift",
                                      {"username": "u", "api-key": API_SECRET})
             assert code == 200
+
+
+async def test_plain_secrets_an_older_version_stored_are_sealed_or_dropped(tmp_path):
+    async with EngineSim() as engine:
+        text = base_config(tmp_path, engine.url, TENANT)
+        async with running_daemon(tmp_path, text):
+            pass
+        with sqlite3.connect(tmp_path / "listenerd.db") as db:  # what listenerd wrote before sealing
+            db.execute("UPDATE integrations SET fields = ? WHERE tenant_id = 't1'",
+                       (json.dumps({"key": "app-key", "secret": CONFIG_SECRET}),))
+            db.execute("INSERT INTO integrations VALUES ('other', 'datasift', ?, 'api', 0)",
+                       (json.dumps({"username": "u", "api-key": API_SECRET}),))
+        db.close()
+        assert API_SECRET.encode() in stored_bytes(tmp_path)
+        async with running_daemon(tmp_path, text) as (_, api):
+            assert (await api.call("GET", "/1.0/tenants/other/integrations/datasift"))[0] == 200
+        data = stored_bytes(tmp_path)
+        assert CONFIG_SECRET.encode() not in data and API_SECRET.encode() not in data
 
 
 async def test_an_existing_world_readable_store_is_narrowed(tmp_path):
