@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -233,8 +235,31 @@ class Policy:
 
 
 def session_options(policy: Policy | None) -> dict[str, Any]:
-    """aiohttp `ClientSession` keyword arguments that make its connections obey `policy` (none: as given)."""
-    return {"connector": policy.connector()} if policy is not None else {}
+    """aiohttp `ClientSession` keyword arguments that make its connections obey `policy` (none: as given): the
+    checking resolver for names, and a check of every request's URL and redirect target for IP literals,
+    which aiohttp connects to without asking a resolver."""
+    if policy is None:
+        return {}
+    import aiohttp
+
+    def check(url: Any) -> None:
+        host = url.host or ""
+        address = literal_address(host)
+        if address is not None:
+            policy.check_address(host, address)
+
+    async def on_start(session: Any, context: Any, params: Any) -> None:
+        check(params.url)
+
+    async def on_redirect(session: Any, context: Any, params: Any) -> None:
+        location = params.response.headers.get("Location")
+        if location:
+            check(params.url.join(URL(location)))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)
+    trace.on_request_redirect.append(on_redirect)
+    return {"connector": policy.connector(), "trace_configs": [trace]}
 
 
 async def websocket_options(policy: Policy | None, provider: str, url: str, where: str,

@@ -7,6 +7,7 @@ makes the listener `failed` at connect time, before a byte is sent; the Salesfor
 """
 
 import pytest
+from aiohttp import web
 
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
@@ -137,3 +138,45 @@ async def test_the_instance_url_a_login_answers_is_held_to_the_policy(tmp_path):
                                         {"type": "salesforce", "options": {"topic": "Orders"}})
             status = await api.wait_status("t1", body["id"], "failed")
             assert "instance_url" in status["message"] and "127.0.0.2" in status["message"], status
+
+
+async def test_a_redirect_to_an_internal_address_is_refused(tmp_path):
+    """An allowed login server answering 307 to an internal IP literal (which aiohttp connects to without a
+    resolver): the redirect is refused, the listener `failed`, the internal service never reached."""
+    hits = []
+
+    async def internal(request):
+        hits.append(request.path)
+        return web.Response(text="internal")
+
+    async def redirector(request):
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.2:{internal_port}/admin")
+
+    internal_app, redirect_app = web.Application(), web.Application()
+    internal_app.router.add_route("*", "/{tail:.*}", internal)
+    redirect_app.router.add_route("*", "/{tail:.*}", redirector)
+    runners = [web.AppRunner(internal_app), web.AppRunner(redirect_app)]
+    for runner in runners:
+        await runner.setup()
+    internal_site = web.TCPSite(runners[0], "127.0.0.2", 0)
+    redirect_site = web.TCPSite(runners[1], "127.0.0.1", 0)
+    await internal_site.start()
+    await redirect_site.start()
+    internal_port = internal_site._server.sockets[0].getsockname()[1]
+    redirect_port = redirect_site._server.sockets[0].getsockname()[1]
+    try:
+        async with EngineSim() as engine:
+            text = with_egress(base_config(tmp_path, engine.url, TENANT),
+                               'hosts = ["localhost"]\nnetworks = ["127.0.0.1/32", "::1/128"]\nplaintext = true')
+            async with running_daemon(tmp_path, text) as (_, api):
+                code, body = await api.call("POST", "/1.0/tenants/t1/integrations/salesforce",
+                                            {**SALESFORCE, "login-url": f"http://localhost:{redirect_port}"})
+                assert code == 200, body
+                code, body = await api.call("POST", "/1.0/tenants/t1/listeners",
+                                            {"type": "salesforce", "options": {"topic": "Orders"}})
+                status = await api.wait_status("t1", body["id"], "failed")
+                assert "egress refused: 127.0.0.2" in status["message"], status
+        assert hits == []
+    finally:
+        for runner in runners:
+            await runner.cleanup()
