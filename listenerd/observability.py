@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -49,19 +50,30 @@ def _automaton(words: Iterable[str]) -> Any:
     return automaton
 
 
+def _forms(secrets: Iterable[str]) -> set[str]:
+    return {form for s in secrets if len(s) >= _MIN_SUBSTRING for form in encodings(s) if len(form) >= _MIN_SUBSTRING}
+
+
 class SecretRedactor:
     """A structlog processor that replaces every registered secret value, in one pass over each string.
 
     Secrets are kept per owner (the config file, each API-made integration), so replacing an
     integration's credentials unregisters the old ones, and the set stays as large as what is live.
+
+    Matching: one Aho-Corasick automaton over every secret (built in a background thread, as it takes
+    about a second at 60,000 secrets), plus a small automaton over the secrets registered since it was
+    built (built when the next line is written, so a new secret is redacted from its first line on and
+    the event loop never waits for the big one). A forgotten secret stays matched until the next build.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owners: dict[str, frozenset[str]] = {}
-        self._whole: frozenset[str] = frozenset()  # short secrets: redacted where they are a whole value
-        self._automaton: Any = None
-        self._dirty = False
+        self._whole: frozenset[str] = frozenset()  # every secret, redacted where it is a whole value
+        self._built: frozenset[str] = frozenset()  # the secrets in the big automaton
+        self._state: tuple[Any, Any] = (None, None)  # (big automaton, automaton of the secrets since), read at once
+        self._pending_dirty = False
+        self._rebuilding = False
 
     def register(self, *values: str | None, owner: str = "static") -> None:
         """Add secrets to `owner`'s (the default owner's are never dropped)."""
@@ -79,57 +91,91 @@ class SecretRedactor:
                 self._owners[owner] = fresh
             else:
                 self._owners.pop(owner, None)
-            self._dirty = True
+            self._whole = frozenset().union(*self._owners.values())
+            self._pending_dirty = True
+            start = not self._rebuilding
+            self._rebuilding = True
+        if start:
+            threading.Thread(target=self._rebuild, name="listenerd-redactor", daemon=True).start()
 
     def forget(self, owner: str) -> None:
         self.replace(owner, ())
 
     @property
     def count(self) -> int:
-        return len(set().union(*self._owners.values())) if self._owners else 0
+        return len(self._whole)
 
-    def _compiled(self) -> Any:
-        if self._dirty:
+    def wait_built(self, timeout: float = 30.0) -> bool:
+        """Wait until the big automaton holds every secret (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._rebuilding and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._rebuilding
+
+    def _rebuild(self) -> None:
+        while True:
             with self._lock:
-                secrets = set().union(*self._owners.values()) if self._owners else set()
-                self._whole = frozenset(secrets)
-                words = {form for s in secrets if len(s) >= _MIN_SUBSTRING for form in encodings(s)}
-                words = {w for w in words if len(w) >= _MIN_SUBSTRING}
-                self._automaton = _automaton(words) if words else None
-                self._dirty = False
-        return self._automaton
+                secrets = self._whole
+            automaton = _automaton(_forms(secrets)) if secrets else None
+            with self._lock:
+                self._built = secrets
+                self._state = (automaton, self._state[1])
+                self._pending_dirty = True  # what is pending is now relative to this build
+                if self._whole == secrets:
+                    self._rebuilding = False
+                    return
+
+    def _automata(self) -> tuple[Any, Any]:
+        if self._pending_dirty:
+            with self._lock:
+                if self._pending_dirty:
+                    pending = _forms(self._whole - self._built)
+                    self._state = (self._state[0], _automaton(pending) if pending else None)
+                    self._pending_dirty = False
+        return self._state
 
     def scrub(self, value: Any) -> Any:
-        pattern = self._compiled()
-        return self._scrub(value, pattern)
+        return self._scrub(value, self._automata())
 
-    def _scrub(self, value: Any, pattern: Any) -> Any:
+    def _scrub(self, value: Any, automata: tuple[Any, Any]) -> Any:
         if isinstance(value, str):
             if value in self._whole:
                 return REDACTED
-            if pattern is None:
-                return value
-            out, last = [], 0
-            for end, length in pattern.iter_long(value):  # the longest match at each place, left to right
-                out.append(value[last:end + 1 - length])
-                out.append(REDACTED)
-                last = end + 1
-            return "".join(out) + value[last:] if out else value
+            return _redact(value, automata)
         if isinstance(value, dict):
-            return {k: self._scrub(v, pattern) for k, v in value.items()}
+            return {k: self._scrub(v, automata) for k, v in value.items()}
         if isinstance(value, list | tuple | set):
-            return [self._scrub(v, pattern) for v in value]
+            return [self._scrub(v, automata) for v in value]
         if isinstance(value, int | float | bool) or value is None:
             return value
-        return self._scrub(str(value), pattern)
+        return self._scrub(str(value), automata)
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if not self._owners:
+        if not self._whole:
             return event_dict
-        pattern = self._compiled()
+        automata = self._automata()
         own = event_dict.get("_from_structlog", True)
-        return {k: (v if k in STRUCTURAL or (k == "event" and own) or k.startswith("_") else self._scrub(v, pattern))
+        return {k: (v if k in STRUCTURAL or (k == "event" and own) or k.startswith("_") else self._scrub(v, automata))
                 for k, v in event_dict.items()}
+
+
+def _redact(value: str, automata: tuple[Any, Any]) -> str:
+    """`value` with every character any match of any automaton covers replaced: overlapping secrets, or one
+    inside another, leave no remainder whichever automaton knows which."""
+    spans = sorted((end + 1 - length, end + 1) for automaton in automata if automaton is not None
+                   for end, length in automaton.iter(value))
+    if not spans:
+        return value
+    out, last = [], 0
+    start, stop = spans[0]
+    for begin, end in spans[1:]:
+        if begin <= stop:
+            stop = max(stop, end)
+            continue
+        out += [value[last:start], REDACTED]
+        last, start, stop = stop, begin, end
+    out += [value[last:start], REDACTED, value[stop:]]
+    return "".join(out)
 
 
 redactor = SecretRedactor()

@@ -62,14 +62,28 @@ def test_encoded_copies_are_redacted():
 
 def test_overlapping_secrets_leave_nothing_behind():
     redactor = SecretRedactor()
-    redactor.replace("a", ["abcdefgh", "abcdefghijkl"])
+    redactor.replace("a", ["abcdefgh", "abcdefghijkl", "ghijklmnop"])
     assert redactor.scrub("xabcdefghijkly") == f"x{REDACTED}y"
+    assert redactor.scrub("abcdefghijklmnop!") == f"{REDACTED}!"
+    assert redactor.wait_built()
+    redactor.replace("b", ["fghijklm-more"])  # pending (small automaton) overlapping built ones
+    assert redactor.scrub("abcdefghijklm-more") == REDACTED
+
+
+def test_a_new_secret_is_redacted_from_its_first_line_while_the_big_automaton_builds():
+    redactor = SecretRedactor()
+    redactor.replace("many", [secrets.token_urlsafe(18) for _ in range(20_000)])
+    redactor.replace("new", ["fresh-secret-value"])
+    assert redactor.scrub("a fresh-secret-value b") == f"a {REDACTED} b"
+    assert redactor.wait_built()
+    assert redactor.scrub("a fresh-secret-value b") == f"a {REDACTED} b"
 
 
 def cost_per_line(redactor: SecretRedactor, lines: int = 2000) -> float:
     entry = line(message="Connecting to wss://websocket.datasift.com/multi for stream "
                          "4f3af38ad1c31646561bc814c3e69af5 as user demo; attempt 3 of the reconnect policy",
                  url="https://acme.my.salesforce.com/cometd/58.0")
+    assert redactor.wait_built()
     redactor(None, "info", entry)  # compiled once, outside the timing
     start = time.perf_counter()
     for _ in range(lines):
