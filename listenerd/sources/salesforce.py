@@ -104,7 +104,7 @@ class SalesforceClients:
 
     def login_for(self, ctx: SourceContext) -> Login:
         # the settings too: after a reload that changes them, restarted listeners get a login that uses them
-        key = group_key(ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump())
+        key = group_key(ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump(), repr(ctx.egress))
         found = self.logins.get(key)
         if found is None:
             found = self.logins[key] = Login(ctx.integration, ctx.settings, ctx.egress)  # type: ignore[arg-type]
