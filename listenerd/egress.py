@@ -21,7 +21,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -121,7 +121,6 @@ class Policy:
     suffixes: tuple[str, ...] = ()
     networks: tuple[Network, ...] = ()
     plaintext: bool = False
-    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Policy:
