@@ -117,6 +117,8 @@ def check(path: str) -> int:
     except config_module.ConfigError as exc:
         return _problems(exc)
     print(config_module.summary(config))
+    for warning in config_module.file_warnings(path):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -129,7 +131,7 @@ def run(path: str, fmt: str) -> int:
         for problem in exc.problems:
             log.error("invalid config", problem=str(problem))
         return EXIT_USAGE
-    redactor.register(*config.secret_values())
+    redactor.replace("config", config.secret_values())  # the daemon's own owner: a reload replaces it
     configure_logging(fmt if fmt != "auto" else config.log.format, config.log.level)
     from listenerd.daemon import Daemon
     from listenerd.store import StoreUnavailable

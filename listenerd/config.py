@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,13 +19,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from listenerd.model import SOURCE_TYPES, Config, Limits, Server
+from listenerd.model import INTEGRATION_TYPES, SOURCE_TYPES, Config, Limits, Server
 
 DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FILE_SUFFIX = "-file"
 _TAGS = set(SOURCE_TYPES)
 _UNSET = "<unset-value-reported-above>"  # stands in for a missing value so validation can go on
+MAX_SECRET_FILE_BYTES = 65_536
+MAX_CONFIG_BYTES = 16 * 1_048_576
+MAX_DEPTH = 32  # tables and arrays nested deeper than any listenerd config: refused before validation
+# the keys a `<key>-file` may stand for: secrets only (every other `-file` key is a key of its own)
+SECRET_FIELDS = frozenset({"token", "private-key"} | {s for t in INTEGRATION_TYPES.values() for s in t.SECRETS})
 _MAPPING_PROBLEM = re.compile(r"^mapping\.(?P<field>[^:]+): (?P<problem>.*)$", re.S)
 
 
@@ -52,9 +58,17 @@ def default_path() -> str:
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate; raise ConfigError with every problem found."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([Problem(str(path), f"cannot read config: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([Problem(str(path), f"larger than {MAX_CONFIG_BYTES} bytes")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError([Problem(f"{path}:{line}", f"not UTF-8 text (byte {exc.start})")]) from None
     return parse(text, environ, base_dir=Path(path).parent, name=str(path))
 
 
@@ -84,6 +98,12 @@ def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(name, f"not valid TOML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(name, f"nested too deeply to be a listenerd config (over {MAX_DEPTH} levels)")]) \
+            from None
+    if (deep := _too_deep(raw, ())) is not None:
+        raise ConfigError([Problem(location(deep), f"nested too deeply to be a listenerd config "
+                                                   f"(over {MAX_DEPTH} levels)")])
     problems: list[Problem] = []
     expanded = _expand(raw, (), os.environ if environ is None else environ, base_dir or Path("."), problems)
     try:
@@ -95,6 +115,16 @@ def parse(text: str, environ: Mapping[str, str] | None = None, *, base_dir: Path
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _too_deep(node: Any, loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if len(loc) > MAX_DEPTH:
+        return loc
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if (found := _too_deep(value, loc + (key,))) is not None:
+            return found
+    return None
 
 
 def validate(data: dict[str, Any]) -> Config:
@@ -180,7 +210,7 @@ def _expand(node: Any, loc: tuple[Any, ...], environ: Mapping[str, str], base_di
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
-            if key.endswith(_FILE_SUFFIX) and isinstance(value, str):
+            if isinstance(value, str) and _is_secret_file_key(key):
                 target = key.removesuffix(_FILE_SUFFIX)
                 where = location(loc + (key,))
                 if target in node:
@@ -189,10 +219,10 @@ def _expand(node: Any, loc: tuple[Any, ...], environ: Mapping[str, str], base_di
                 file_path = Path(_expand(value, loc + (key,), environ, base_dir, problems))
                 file_path = file_path if file_path.is_absolute() else base_dir / file_path
                 try:
-                    out[target] = file_path.read_text(encoding="utf-8").strip()
-                except OSError as exc:
+                    out[target] = read_secret_file(file_path)
+                except (OSError, ValueError) as exc:
                     problems.append(Problem(where, f"cannot read secret file {str(file_path)!r}: "
-                                                   f"{exc.strerror or exc}"))
+                                                   f"{getattr(exc, 'strerror', None) or exc}"))
                     out[target] = _UNSET  # reported above; a stand-in lets the rest be validated
                 continue
             out[key] = _expand(value, loc + (key,), environ, base_dir, problems)
@@ -202,6 +232,64 @@ def _expand(node: Any, loc: tuple[Any, ...], environ: Mapping[str, str], base_di
     if isinstance(node, str) and "$" in node:
         return _substitute(node, loc, environ, problems)
     return node
+
+
+def _is_secret_file_key(key: str) -> bool:
+    return key.endswith(_FILE_SUFFIX) and key.removesuffix(_FILE_SUFFIX) in SECRET_FIELDS
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret file's text: a regular file (a FIFO would block, a device never ends), at most
+    MAX_SECRET_FILE_BYTES, UTF-8. Opened without following a FIFO's open-blocking, then checked by fstat."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file (a FIFO, device or directory cannot hold a secret)")
+        if info.st_size > MAX_SECRET_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_SECRET_FILE_BYTES} bytes; a secret is smaller")
+        data = os.read(fd, MAX_SECRET_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+
+
+def file_warnings(path: str | os.PathLike[str]) -> list[Problem]:
+    """`secret_file_warnings` of a config file that loads."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    return secret_file_warnings(raw, Path(path).parent)
+
+
+def secret_file_warnings(raw: Any, base_dir: Path, loc: tuple[Any, ...] = ()) -> list[Problem]:
+    """What `listenerd check` warns about secret files: readable by group or others, or a symlink."""
+    found: list[Problem] = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            where = loc + (key,)
+            if key.endswith(_FILE_SUFFIX) and isinstance(value, str) and "$" not in value \
+                    and key.removesuffix(_FILE_SUFFIX) in SECRET_FIELDS:
+                path = Path(value) if Path(value).is_absolute() else base_dir / value
+                try:
+                    if path.is_symlink():
+                        found.append(Problem(location(where), f"{path} is a symlink; point at the file itself"))
+                    mode = path.stat().st_mode
+                except OSError:
+                    continue
+                if mode & 0o077:
+                    found.append(Problem(location(where), f"{path} is readable by group or others "
+                                                          f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"))
+            else:
+                found += secret_file_warnings(value, base_dir, where)
+    elif isinstance(raw, list):
+        for index, item in enumerate(raw):
+            found += secret_file_warnings(item, base_dir, loc + (index,))
+    return found
 
 
 def _substitute(text: str, loc: tuple[Any, ...], environ: Mapping[str, str], problems: list[Problem]) -> str:
@@ -222,7 +310,7 @@ def summary(config: Config) -> str:
     lines = [f"config ok: {len(config.tenants)} tenant(s), "
              f"{sum(len(t.listeners) for t in config.tenants)} listener(s), "
              f"{len(config.server.tokens)} API token(s)",
-             f"  api: http://{config.server.listen}  engine: {config.engine.url}  store: {config.store.path}"]
+             f"  api: http://{config.server.listen}  engine: {config.engine.public_url}  store: {config.store.path}"]
     for tenant in config.tenants:
         kinds = [k for k in SOURCE_TYPES if tenant.integrations.get(k)]
         lines.append(f"  tenant {tenant.id} ({tenant.name or '-'}): integrations {', '.join(kinds) or 'none'}")

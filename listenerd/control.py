@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 from pydantic import ValidationError
 
 from listenerd.config import format_errors
+from listenerd.egress import EgressRefused, Policy, check_integration
 from listenerd.model import (
     INTEGRATION_TYPES,
     SAFE_ID,
@@ -30,10 +31,11 @@ from listenerd.model import (
 )
 from listenerd.observability import redactor
 from listenerd.status import ListenerStatus
-from listenerd.store import Store, TenantFull
+from listenerd.store import Row, Store, TenantFull
 from listenerd.store_health import StoreHealth, is_store_error
 from listenerd.supervisor import Supervisor
 
+MAX_REPLAY_ID = 2**63 - 1  # a replayId is a signed 64-bit integer (Salesforce, CometD's replay extension)
 EDITABLE = ("name", "description", "status", "type", "options", "mapping")
 RETRY_AFTER = 5  # seconds a client is asked to wait while the store fails (its commits retry at least this often)
 P = ParamSpec("P")
@@ -215,9 +217,9 @@ class Control:
         if spec.type != "salesforce":
             raise Invalid(f"replay: only salesforce listeners have checkpoints ({listener_id!r} is {spec.type})",
                           ["replay"])
-        if isinstance(replay, bool) or not isinstance(replay, int) or replay < -2:
-            raise Invalid("replay: must be a replayId (an integer >= 0), -1 (new events) or -2 (all retained)",
-                          ["replay"])
+        if isinstance(replay, bool) or not isinstance(replay, int) or not -2 <= replay <= MAX_REPLAY_ID:
+            raise Invalid(f"replay: must be a replayId (an integer from 0 to {MAX_REPLAY_ID}, Salesforce's 64-bit "
+                          f"range), -1 (new events) or -2 (all retained)", ["replay"])
         unknown = sorted(set(fields) - {"replay"})
         if unknown:
             raise Invalid(f"{unknown[0]}: unknown field", unknown)
@@ -235,8 +237,8 @@ class Control:
     @_uses_store("api-read")
     async def integrations(self, tenant_id: str) -> list[Integration]:
         """A tenant's integrations, in the order of `INTEGRATION_TYPES`."""
-        found = {row.key: load_integration(row.key, row.body, row.managed_by)
-                 for row in await self.store.integrations(tenant_id) if row.key in INTEGRATION_TYPES}
+        found = {row.key: self._integration(row) for row in await self.store.integrations(tenant_id)
+                 if row.key in INTEGRATION_TYPES}
         return [found[kind] for kind in INTEGRATION_TYPES if kind in found]
 
     @_uses_store("api-read")
@@ -244,7 +246,20 @@ class Control:
         row = await self.store.get_integration(tenant_id, kind) if kind in INTEGRATION_TYPES else None
         if row is None:
             raise NotFound(f"no {kind[:64]!r} integration in tenant {tenant_id!r}")
-        return load_integration(kind, row.body, row.managed_by)
+        return self._integration(row)
+
+    def _integration(self, row: Row) -> Integration:
+        """A stored integration; a config-file one is the config's (the store does not keep its secrets)."""
+        if row.managed_by == "config":
+            tenant = self.supervisor.config.tenant(row.tenant_id)
+            found = tenant.integrations.get(row.key) if tenant is not None else None
+            if found is not None:
+                return found
+        try:
+            return load_integration(row.key, row.body, row.managed_by)
+        except ValidationError:  # its sealed secrets do not open (the store logged why): as if absent
+            raise NotFound(f"the {row.key} integration of tenant {row.tenant_id!r} cannot be opened with the "
+                           f"configured secrets key; set it again") from None
 
     @_uses_store("api-write")
     async def set_integration(self, tenant_id: str, kind: str, fields: Mapping[str, Any]) -> Integration:
@@ -263,10 +278,47 @@ class Control:
             integration = load_integration(kind, body, "api")
         except ValidationError as exc:
             raise _invalid(exc) from None
-        redactor.register(*integration.secret_values())  # before it is stored: no log line can show them
+        for name in integration.SECRETS:
+            problem = weak_secret(getattr(integration, name.replace("-", "_")) or "")
+            if problem:
+                raise Invalid(f"{name}: {problem}", [name])
+        try:
+            check_integration(Policy.from_settings(self.supervisor.config.server.egress), integration)
+        except EgressRefused as exc:
+            raise Invalid(exc.message, [exc.field] if exc.field else None) from None
+        # before it is stored: no log line can show them; the replaced credentials' secrets are dropped
+        redactor.replace(secrets_owner(tenant_id, kind), integration.secret_values())
         await self.store.put_integration(tenant_id, kind, integration.dump())
         await self._reconcile()
         return integration
+
+
+def secrets_owner(tenant_id: str, kind: str) -> str:
+    """The redactor's owner of one integration's secrets: replacing them forgets the old ones."""
+    return f"integration:{tenant_id}:{kind}"
+
+
+# Words a secret set through the API may not be: the log's own vocabulary and well-known passwords. Each
+# registered secret is removed from every log line, so "error" as a secret would blind every tenant's logs.
+COMMON_SECRETS = frozenset({
+    "password", "passw0rd", "12345678", "123456789", "1234567890", "qwertyuiop", "changeme", "iloveyou",
+    "listener", "listenerd", "salesforce", "datasift", "starting", "started", "retrying", "stopped", "warning",
+    "critical", "exception", "timestamp", "connected", "reconnect", "subscribe", "integration", "integrations",
+    "tenant-id", "listener-id", "secret-token", "consumer-secret", "redacted", "[redacted]", "********"})
+MIN_SECRET_LENGTH = 8
+
+
+def weak_secret(value: str) -> str | None:
+    """Why `value` is too weak to be registered as a secret (too short, too common, too repetitive), or None."""
+    if not value:
+        return None
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"too short to be a secret (at least {MIN_SECRET_LENGTH} characters)"
+    if value.lower() in COMMON_SECRETS:
+        return "too common to be a secret"
+    if len(set(value)) < 4:
+        return "too repetitive to be a secret (at least 4 different characters)"
+    return None
 
 
 def integration_type(kind: str) -> str:

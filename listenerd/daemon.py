@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -21,9 +22,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from listenerd import config as config_module
-from listenerd.api.app import create_app
+from listenerd.api.app import ApiRunner, create_app
 from listenerd.api.guard import AcceptErrorLog, Guard, GuardedSite
-from listenerd.control import Control
+from listenerd.control import Control, secrets_owner
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.delivery.outbox import Outbox
@@ -35,8 +36,10 @@ from listenerd.model import (
     load_integration,
     load_listener,
     stored_listener,
+    without_secrets,
 )
 from listenerd.observability import Metrics, redactor
+from listenerd.sealing import sealer_for
 from listenerd.store import Store
 from listenerd.supervisor import Desired, Key, Supervisor
 from listenerd.systemd import Notifier
@@ -51,7 +54,8 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
-        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory)
+        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory,
+                           sealer=functools.partial(sealer_for, config.store, config.store.path))
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
                              max_bytes=config.store.outbox_max_bytes, metrics=self.metrics,
                              max_event_bytes=config.engine.max_event_bytes)
@@ -66,12 +70,14 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()  # SIGHUP's, kept so that stop can wait for them
-        redactor.register(*config.secret_values())
+        redactor.replace("config", config.secret_values())
 
     # -- lifecycle
 
     async def start(self) -> None:
         await self.store.open()
+        if resealed := await self.store.reseal():
+            log.info("integration secrets sealed with the current key", integrations=resealed)
         await self.apply_config_objects(self.config)
         await self.outbox.start()
         self.supervisor = Supervisor(self.config, self.outbox, self.metrics, tap=self.tap.publish,
@@ -82,7 +88,7 @@ class Daemon:
                           limits=lambda: self.config.limits)
         server = self.config.server
         # idle-timeout is aiohttp's keep-alive timeout: it runs from the connection's start and after each answer
-        self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False,
+        self._runner = ApiRunner(create_app(self, control), access_log=None, handle_signals=False,
                                      keepalive_timeout=server.idle_timeout)
         await self._runner.setup()
         loop = asyncio.get_running_loop()
@@ -98,7 +104,7 @@ class Daemon:
         await self.supervisor.start(await self.desired())
         self.ready = True
         log.info("listenerd ready", api=self.api_url, listeners=len(self.supervisor.records),
-                 engine=self.config.engine.url)
+                 engine=self.config.engine.public_url)
         self.notifier.notify(READY=1, STATUS=self.status_line())
         self.notifier.start_watchdog()
 
@@ -200,7 +206,7 @@ class Daemon:
                 self.notifier.notify(READY=1, STATUS=f"Reload failed ({len(exc.problems)} config problem(s)); "
                                                      f"still running the previous config. {self.status_line()}")
                 return False
-            redactor.register(*new.secret_values())
+            redactor.replace("config", new.secret_values())  # a secret the new config dropped is forgotten
             await self._apply_settings(self.config, new)
             self.config = new
             await self.apply_config_objects(new)
@@ -218,7 +224,7 @@ class Daemon:
                                        if self.supervisor else None)
             await previous.stop(flush_timeout=min(1.0, new.supervisor.stop_timeout))
             await self.forwarder.start()
-            log.info("engine settings reloaded", engine=new.engine.url)
+            log.info("engine settings reloaded", engine=new.engine.public_url)
         if (new.store.outbox_max_events, new.store.outbox_max_bytes) != (old.store.outbox_max_events,
                                                                          old.store.outbox_max_bytes):
             self.outbox.set_bounds(new.store.outbox_max_events, new.store.outbox_max_bytes)
@@ -239,7 +245,8 @@ class Daemon:
 
     async def apply_config_objects(self, config: Config) -> None:
         tenants = [(t.id, t.name) for t in config.tenants]
-        integrations = [(t.id, kind, integration.dump()) for t in config.tenants for kind in SOURCE_TYPES
+        # config-file secrets stay in the config (their home): the store keeps the rest of the integration
+        integrations = [(t.id, kind, without_secrets(integration)) for t in config.tenants for kind in SOURCE_TYPES
                         if (integration := t.integrations.get(kind)) is not None]
         listeners = [(t.id, spec.id, stored_listener(spec)) for t in config.tenants for spec in t.listeners]
         await self.store.sync_config_objects(tenants, integrations, listeners)
@@ -250,10 +257,16 @@ class Daemon:
         integrations: dict[tuple[str, str], Integration] = {}
         for row in await self.store.all_integrations():
             if row.tenant_id in tenant_ids and row.key in INTEGRATION_TYPES:
+                if row.managed_by == "config":
+                    tenant = self.config.tenant(row.tenant_id)
+                    if tenant is not None and (found := tenant.integrations.get(row.key)) is not None:
+                        integrations[(row.tenant_id, row.key)] = found
+                    continue
                 with contextlib.suppress(ValidationError):
                     integration = load_integration(row.key, row.body, row.managed_by)
                     integrations[(row.tenant_id, row.key)] = integration
-                    redactor.register(*integration.secret_values())
+                    if row.managed_by == "api":
+                        redactor.replace(secrets_owner(row.tenant_id, row.key), integration.secret_values())
         desired: dict[Key, Desired] = {}
         for row in await self.store.all_listeners():
             if row.tenant_id not in tenant_ids:

@@ -76,7 +76,9 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                 salesforce: SalesforceSim) -> Config:
     """The demo's config, validated as a config file is (cross-checks included)."""
     return config_module.validate({
-        "server": {"listen": listen, "tokens": [{"name": "dev", "token": DEV_TOKEN, "tenants": ["*"]}]},
+        "server": {"listen": listen, "tokens": [{"name": "dev", "token": DEV_TOKEN, "tenants": ["*"]}],
+                   # integrations made through the API may point at the local simulators
+                   "egress": {"hosts": ["localhost"], "networks": ["127.0.0.0/8", "::1/128"], "plaintext": True}},
         "engine": {"url": engine.url},
         "store": {"path": str(directory / "listenerd.db")},
         "supervisor": {"backoff-max": 5.0, "stop-timeout": 5.0},

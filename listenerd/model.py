@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -56,9 +58,30 @@ class Token(Model):
         return "*" in self.tenants or tenant_id in self.tenants
 
 
+class Egress(Model):
+    """`[server.egress]`: what integrations made through the API may connect to beyond their provider's hosts
+    (`listenerd.egress`). Config-file integrations are the operator's and are not checked."""
+
+    hosts: list[str] = Field(default_factory=list)  # exact host names, e.g. "streams.example.com"
+    suffixes: list[str] = Field(default_factory=list)  # "example.net" allows example.net and *.example.net
+    networks: list[str] = Field(default_factory=list)  # CIDRs an IP literal or a resolved address may be in
+    plaintext: bool = False  # http:// and ws:// URLs, Pusher tls = false
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for index, network in enumerate(value):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"[{index}] {network!r} is not an address or CIDR network") from None
+        return value
+
+
 class Server(Model):
     listen: str = "127.0.0.1:8088"
     tokens: list[Token] = Field(default_factory=list)
+    egress: Egress = Field(default_factory=Egress)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     tap_queue: int = Field(default=1000, gt=0)
     # slow clients: a request's line and headers must arrive within header-timeout, an idle kept-alive
@@ -118,6 +141,19 @@ class Engine(Model):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @property
+    def public_url(self) -> str:
+        """The URL as printed and logged: user information (`user:password@`) replaced by `***@`."""
+        parts = urlsplit(self.url)
+        if "@" not in parts.netloc:
+            return self.url
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+    def userinfo(self) -> list[str]:
+        """The secrets a URL's user information carries (so the redactor knows them)."""
+        parts = urlsplit(self.url)
+        return [v for v in (parts.password, unquote(parts.password or "")) if v]
+
 
 class Store(Model):
     path: str = "/var/lib/listenerd/listenerd.db"
@@ -126,6 +162,9 @@ class Store(Model):
     synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
     outbox_max_events: int = Field(default=1_000_000, gt=0)
     outbox_max_bytes: int = Field(default=1_073_741_824, gt=0)
+    # the key that seals API-set secrets at rest (sealing.py); None: a key generated beside the store
+    secrets_key_file: str | None = None
+    secrets_old_key_files: list[str] = Field(default_factory=list)  # still open, never seal: for rotation
 
 
 class Supervisor(Model):
@@ -494,6 +533,7 @@ class Config(Model):
             values.append(self.server.metrics_token)
         if self.engine.token:
             values.append(self.engine.token)
+        values.extend(self.engine.userinfo())
         for tenant in self.tenants:
             for source_type in SOURCE_TYPES:
                 integration = tenant.integrations.get(source_type)
@@ -518,6 +558,11 @@ def load_listener(body: dict[str, Any], managed_by: str, limits: Limits | None =
     """A listener from its stored or requested form; with `limits`, its mapping is held to their bounds."""
     return _LISTENER.validate_python({**body, "managed-by": managed_by},
                                      context={"limits": limits} if limits is not None else None)
+
+
+def without_secrets(integration: Integration) -> dict[str, Any]:
+    """A config-file integration as the store keeps it: its secrets stay in the config."""
+    return {k: v for k, v in integration.dump().items() if k not in integration.SECRETS}
 
 
 def load_integration(kind: str, body: dict[str, Any], managed_by: str) -> Integration:

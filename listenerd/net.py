@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import functools
+import re
 import ssl
 
 from listenerd.model import SECRET_MASK
+
+# aiohttp's connection errors name the TLS context by its repr (`ssl:<ssl.SSLContext object at 0x7f..>`):
+# an address in our memory and no help to anyone reading a status
+_SSL_REPR = re.compile(r" ?ssl:<[^>]*>")
+_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
 
 
 @functools.lru_cache(maxsize=8)
@@ -21,8 +27,15 @@ def describe(exc: BaseException, limit: int | None = None) -> str:
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    text = str(exc) or type(exc).__name__
+    text = _REPR.sub(lambda m: m.group(1).rsplit(".", 1)[-1], _SSL_REPR.sub("", str(exc))) or type(exc).__name__
     return text[:limit] if limit is not None else text
+
+
+def sanitised(text: str, limit: int = 160) -> str:
+    """An upstream's words as a short, printable reason: control characters and markup runs collapsed, cut at
+    `limit`. A status message may quote a provider, never relay an arbitrary server's answer."""
+    cleaned = " ".join("".join(c if c.isprintable() and c not in "<>" else " " for c in text).split())
+    return cleaned if len(cleaned) <= limit else cleaned[:limit - 1] + "…"
 
 
 def kind_of(exc: BaseException) -> str:

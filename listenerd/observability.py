@@ -11,52 +11,171 @@ Metrics: one prometheus-client registry per daemon, so tests can run several in 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
+import time
 import warnings
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
+import ahocorasick
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REDACTED = "[REDACTED]"
-_MIN_SUBSTRING = 4  # shorter secrets are redacted only where they are a whole value
+_MIN_SUBSTRING = 4  # shorter secrets (config-file ones only: the API refuses them) are redacted only as whole values
+# Fields listenerd itself writes: a secret registered through the API must never blind them (a tenant
+# whose "secret" is "error" would otherwise erase the level of every line, and with it level-based alerts).
+# `event` is structural on listenerd's own lines, not on foreign (stdlib) records, whose message is free text.
+STRUCTURAL = frozenset({"level", "logger", "timestamp", "tenant", "listener", "source", "logger_name"})
+
+
+def encodings(secret: str) -> set[str]:
+    """The forms a secret takes on its way out: as is, URL-encoded (path and form), JSON-escaped."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1],
+             json.dumps(secret, ensure_ascii=False)[1:-1]}
+    return {f for f in forms if f}
+
+
+def _automaton(words: Iterable[str]) -> Any:
+    """One Aho-Corasick automaton over every form of every secret: a string is scanned once, whatever the
+    number of secrets (a loop of `in` tests, or a regex alternation, costs a pass or a branch per secret)."""
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_LENGTH)
+    for word in words:
+        automaton.add_word(word)
+    automaton.make_automaton()
+    return automaton
+
+
+def _forms(secrets: Iterable[str]) -> set[str]:
+    return {form for s in secrets if len(s) >= _MIN_SUBSTRING for form in encodings(s) if len(form) >= _MIN_SUBSTRING}
 
 
 class SecretRedactor:
-    """A structlog processor that replaces every registered secret value."""
+    """A structlog processor that replaces every registered secret value, in one pass over each string.
+
+    Secrets are kept per owner (the config file, each API-made integration), so replacing an
+    integration's credentials unregisters the old ones, and the set stays as large as what is live.
+
+    Matching: one Aho-Corasick automaton over every secret (built in a background thread, as it takes
+    about a second at 60,000 secrets), plus a small automaton over the secrets registered since it was
+    built (built when the next line is written, so a new secret is redacted from its first line on and
+    the event loop never waits for the big one). A forgotten secret stays matched until the next build.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._secrets: frozenset[str] = frozenset()
+        self._owners: dict[str, frozenset[str]] = {}
+        self._whole: frozenset[str] = frozenset()  # every secret, redacted where it is a whole value
+        self._built: frozenset[str] = frozenset()  # the secrets in the big automaton
+        self._state: tuple[Any, Any] = (None, None)  # (big automaton, automaton of the secrets since), read at once
+        self._pending_dirty = False
+        self._rebuilding = False
 
-    def register(self, *values: str | None) -> None:
-        fresh = {v for v in values if v}
-        if not fresh <= self._secrets:
+    def register(self, *values: str | None, owner: str = "static") -> None:
+        """Add secrets to `owner`'s (the default owner's are never dropped)."""
+        fresh = frozenset(v for v in values if v)
+        if not fresh <= self._owners.get(owner, frozenset()):
+            self.replace(owner, self._owners.get(owner, frozenset()) | fresh)
+
+    def replace(self, owner: str, values: Iterable[str | None]) -> None:
+        """`owner`'s secrets are now `values` (none: forget the owner)."""
+        fresh = frozenset(v for v in values if v)
+        with self._lock:
+            if self._owners.get(owner, frozenset()) == fresh:
+                return
+            if fresh:
+                self._owners[owner] = fresh
+            else:
+                self._owners.pop(owner, None)
+            self._whole = frozenset().union(*self._owners.values())
+            self._pending_dirty = True
+            start = not self._rebuilding
+            self._rebuilding = True
+        if start:
+            threading.Thread(target=self._rebuild, name="listenerd-redactor", daemon=True).start()
+
+    def forget(self, owner: str) -> None:
+        self.replace(owner, ())
+
+    @property
+    def count(self) -> int:
+        return len(self._whole)
+
+    def wait_built(self, timeout: float = 30.0) -> bool:
+        """Wait until the big automaton holds every secret (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._rebuilding and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._rebuilding
+
+    def _rebuild(self) -> None:
+        while True:
             with self._lock:
-                self._secrets = self._secrets | fresh
+                secrets = self._whole
+            automaton = _automaton(_forms(secrets)) if secrets else None
+            with self._lock:
+                self._built = secrets
+                self._state = (automaton, self._state[1])
+                self._pending_dirty = True  # what is pending is now relative to this build
+                if self._whole == secrets:
+                    self._rebuilding = False
+                    return
+
+    def _automata(self) -> tuple[Any, Any]:
+        if self._pending_dirty:
+            with self._lock:
+                if self._pending_dirty:
+                    pending = _forms(self._whole - self._built)
+                    self._state = (self._state[0], _automaton(pending) if pending else None)
+                    self._pending_dirty = False
+        return self._state
 
     def scrub(self, value: Any) -> Any:
+        return self._scrub(value, self._automata())
+
+    def _scrub(self, value: Any, automata: tuple[Any, Any]) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if value == secret:
-                    return REDACTED
-                if len(secret) >= _MIN_SUBSTRING and secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            if value in self._whole:
+                return REDACTED
+            return _redact(value, automata)
         if isinstance(value, dict):
-            return {k: self.scrub(v) for k, v in value.items()}
+            return {k: self._scrub(v, automata) for k, v in value.items()}
         if isinstance(value, list | tuple | set):
-            return [self.scrub(v) for v in value]
+            return [self._scrub(v, automata) for v in value]
         if isinstance(value, int | float | bool) or value is None:
             return value
-        return self.scrub(str(value))
+        return self._scrub(str(value), automata)
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if not self._secrets:
+        if not self._whole:
             return event_dict
-        return {k: self.scrub(v) for k, v in event_dict.items()}
+        automata = self._automata()
+        own = event_dict.get("_from_structlog", True)
+        return {k: (v if k in STRUCTURAL or (k == "event" and own) or k.startswith("_") else self._scrub(v, automata))
+                for k, v in event_dict.items()}
+
+
+def _redact(value: str, automata: tuple[Any, Any]) -> str:
+    """`value` with every character any match of any automaton covers replaced: overlapping secrets, or one
+    inside another, leave no remainder whichever automaton knows which."""
+    spans = sorted((end + 1 - length, end + 1) for automaton in automata if automaton is not None
+                   for end, length in automaton.iter(value))
+    if not spans:
+        return value
+    out, last = [], 0
+    start, stop = spans[0]
+    for begin, end in spans[1:]:
+        if begin <= stop:
+            stop = max(stop, end)
+            continue
+        out += [value[last:start], REDACTED]
+        last, start, stop = stop, begin, end
+    out += [value[last:start], REDACTED, value[stop:]]
+    return "".join(out)
 
 
 redactor = SecretRedactor()
@@ -103,7 +222,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared[:-3],
         processors=[structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,
-                    structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor, renderer],
+                    redactor, structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)

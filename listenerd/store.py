@@ -24,7 +24,8 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 import structlog
 
-from listenerd.store_checks import StoreUnavailable, prepare_location, salvage, unusable
+from listenerd.sealing import PREFIX, Sealer, SealError
+from listenerd.store_checks import StoreUnavailable, prepare_location, private_file, salvage, unusable
 
 T = TypeVar("T")
 log = structlog.get_logger("listenerd.store")
@@ -147,8 +148,11 @@ class Row(NamedTuple):
 class Store:
     """Async front of one SQLite database. `run(fn)` executes `fn(conn)` on the store thread."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL", create_directory: bool = False):
+    def __init__(self, path: str, synchronous: str = "NORMAL", create_directory: bool = False,
+                 sealer: Callable[[], Sealer] | None = None):
         self.path = path
+        self._make_sealer = sealer  # made once the directory is there (a generated key lives beside the store)
+        self.sealer: Sealer | None = None  # None: integration secrets are stored as given (tests' own stores)
         self.synchronous = synchronous
         self.create_directory = create_directory  # else only systemd's StateDirectory is created
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="listenerd-store")
@@ -168,6 +172,7 @@ class Store:
             path = Path(self.path)
             created = prepare_location(path, self.create_directory)
             new = not path.exists() or path.stat().st_size == 0
+            private_file(path)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
@@ -175,6 +180,9 @@ class Store:
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA busy_timeout=5000")
+                # deleted and replaced rows are zeroed on the pages that are written anyway: a credential an
+                # older version stored in plain text, once sealed or dropped, is not left in the file
+                conn.execute("PRAGMA secure_delete=FAST")
                 problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
                 if problems != ["ok"]:
                     raise StoreUnavailable(self.path, f"is damaged (quick_check: {'; '.join(problems)})",
@@ -185,6 +193,15 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             raise unusable(self.path, exc) from exc
+        if self.path != ":memory:":
+            private_file(Path(self.path), narrow=True)
+        if self._make_sealer is not None:  # once the store is known good: a damaged one is the one line to print
+            try:
+                self.sealer = self._make_sealer()
+            except (ValueError, OSError) as exc:
+                conn.close()
+                raise StoreUnavailable(self.path, f"cannot load the secrets key ({exc})",
+                                       "check [store] secrets-key-file and secrets-old-key-files") from None
         if new and self.path != ":memory:":
             log.info("new store: empty, nothing waiting", path=self.path, schema=version, directory_created=created)
         self._conn = conn
@@ -287,17 +304,45 @@ class Store:
         return await self.transaction(delete)
 
     async def get_integration(self, tenant_id: str, kind: str) -> Row | None:
-        return await self._one("SELECT tenant_id, type, fields, managed_by FROM integrations "
-                               "WHERE tenant_id = ? AND type = ?", (tenant_id, kind))
+        row = await self._one("SELECT tenant_id, type, fields, managed_by FROM integrations "
+                              "WHERE tenant_id = ? AND type = ?", (tenant_id, kind))
+        return self._opened(row) if row else None
 
     async def integrations(self, tenant_id: str) -> list[Row]:
-        return await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations WHERE tenant_id = ? "
-                                "ORDER BY rowid", (tenant_id,))
+        return [self._opened(r) for r in await self._rows(
+            "SELECT tenant_id, type, fields, managed_by FROM integrations WHERE tenant_id = ? ORDER BY rowid",
+            (tenant_id,))]
 
     async def all_integrations(self) -> list[Row]:
-        return await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations ORDER BY rowid", ())
+        return [self._opened(r) for r in await self._rows(
+            "SELECT tenant_id, type, fields, managed_by FROM integrations ORDER BY rowid", ())]
+
+    def _opened(self, row: Row) -> Row:
+        """The row with its sealed secrets opened; one no configured key opens is logged and left out (the
+        integration then fails validation and counts as absent: set it again through the API)."""
+        if self.sealer is None:
+            return row
+        try:
+            return row._replace(body=self.sealer.open(row.tenant_id, row.key, row.body))
+        except SealError as exc:
+            log.error("stored integration secrets cannot be opened; set the integration again",
+                      tenant=row.tenant_id, type=row.key, problem=str(exc))
+            return row._replace(body={k: v for k, v in row.body.items() if not str(v).startswith(PREFIX)})
+
+    async def reseal(self) -> int:
+        """Seal every API-made integration's secrets with the current key (plain ones from older versions,
+        ones sealed with an old key after a rotation); how many rows were rewritten."""
+        if self.sealer is None:
+            return 0
+        stale = [r for r in await self._rows("SELECT tenant_id, type, fields, managed_by FROM integrations "
+                                             "WHERE managed_by = 'api'", ()) if self.sealer.stale(r.key, r.body)]
+        for row in stale:
+            await self.put_integration(row.tenant_id, row.key, self._opened(row).body)
+        return len(stale)
 
     async def put_integration(self, tenant_id: str, kind: str, body: dict[str, Any], managed_by: str = "api") -> None:
+        if self.sealer is not None:
+            body = self.sealer.seal(tenant_id, kind, body)
         now = time.time()
         await self.transaction(lambda c: c.execute(
             "INSERT INTO integrations (tenant_id, type, fields, managed_by, updated_at) VALUES (?, ?, ?, ?, ?) "

@@ -11,6 +11,10 @@ import os
 import sqlite3
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger("listenerd.store")
+
 
 class StoreUnavailable(RuntimeError):
     """The store cannot be used as it is; the message is one line: the path, the problem, what to do."""
@@ -37,7 +41,7 @@ def prepare_location(path: Path, create_directory: bool) -> str | None:
                 raise StoreUnavailable(path, f"directory {directory} does not exist",
                                        "mount the volume that holds the store or create the directory "
                                        "(set [store] create-directory = true to let listenerd create it)")
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             return reason
         if not directory.is_dir():
             raise StoreUnavailable(path, f"{directory} is not a directory",
@@ -91,3 +95,22 @@ def unusable(path: str, exc: sqlite3.Error) -> StoreUnavailable:
 def salvage(path: str) -> str:
     return (f"restore it from a backup, or salvage what it holds with `sqlite3 {path} .recover | sqlite3 "
             f"{path}.recovered` and point [store] path at that")
+
+
+def private_file(path: Path, narrow: bool = False) -> None:
+    """The store file readable by its owner only: created 0600, or (`narrow`, once it is known to be a good
+    store) an existing one narrowed to it. It holds checkpoints, events and sealed credentials; SQLite
+    gives its -wal and -shm files the same mode."""
+    if not narrow and path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return  # SQLite will say why, in its own words
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("store file was readable by others; narrowed to 0600", path=str(path), was=oct(mode))
+    finally:
+        os.close(fd)

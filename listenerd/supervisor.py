@@ -27,6 +27,7 @@ import orjson
 import structlog
 
 from listenerd.backoff import backoff_delay
+from listenerd.egress import Policy
 from listenerd.model import Config, Integration, ListenerBase
 from listenerd.model import Supervisor as SupervisorSettings
 from listenerd.outcome import Ended, Fail, Outcome, Retry
@@ -70,6 +71,9 @@ class Desired:
             "listener": self.listener.definition(),
             "integration": self.integration.dump() if self.integration else None,
             "sources": config.sources.dump(),
+            # an API-made integration runs under [server.egress]: a reload that changes it restarts its listeners
+            "egress": (config.server.egress.dump() if self.integration and self.integration.managed_by == "api"
+                       else None),
         }, option=orjson.OPT_SORT_KEYS)
 
 
@@ -295,7 +299,9 @@ class Supervisor:
         assert want.integration is not None
         return SourceContext(tenant_id=key[0], listener=want.listener, integration=want.integration,
                              settings=self.config.sources, launch=launch, status=record, outbox=self.outbox,
-                             metrics=self.metrics, shared=self.shared, tap=self.tap, tap_clients=self.tap_clients)
+                             metrics=self.metrics, shared=self.shared, tap=self.tap, tap_clients=self.tap_clients,
+                             egress=(Policy.from_settings(self.config.server.egress)
+                                     if want.integration.managed_by == "api" else None))
 
     def status(self, key: Key) -> ListenerStatus | None:
         return self.records.get(key)

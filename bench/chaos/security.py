@@ -2,13 +2,15 @@
 traversal and oversized ids; then every secret value searched for in every log line and answer.
 Then one tenant against another (issue 17): mapping amplification with two tenants, slowloris,
 a /metrics flood and the quotas, each measured by what the other tenant still gets.
+Part A of that issue adds `ssrf` (a tenant pointing the daemon at an internal service, in every form) and
+`poisoning` (secrets that would blind the log, and 2,000 integration updates).
 
 Why: the API is the daemon's only door and holds credentials. A route that forgets the token check,
 lets one tenant read another's objects, turns `..` into something meaningful, or answers a 500 to a
 silly id, is found here by brute enumeration, not by reading the code. The secrets are fresh random
 values for each run (tokens, engine token, every integration secret), so any hit is a real leak.
 
-    .venv/bin/python -m bench.chaos.security [--write] [--only routes|amplification|slowloris|metrics|quota]
+    .venv/bin/python -m bench.chaos.security [--write] [--only routes|part-a|amplification|slowloris|metrics|quota]
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import json  # noqa: E402
+import secrets as secret_values  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
 from bench.chaos.rig import OTHER_TENANT, TENANT, Rig, header, loadavg, sample, write_section  # noqa: E402
+from listenerd.observability import SecretRedactor  # noqa: E402
 from listenerd.testing import wait_for  # noqa: E402
 
 # (method, path template, body) for every route of CONTRACT section 3 below /1.0
@@ -479,14 +487,238 @@ def tenants_summary(r: dict[str, Any]) -> str:
 SCENARIOS = {"amplification": amplification, "slowloris": slowloris, "metrics": metrics_flood, "quota": quota}
 
 
+# ---------------------------------------------------------------- issue 17 part A: egress and the redactor
+
+
+class EgressRig(Rig):
+    """The rig with `[server.egress]` allowing the name `localhost` and plaintext, but no internal network:
+    what an operator who allows a host by name gets when the name resolves (or re-binds) to loopback."""
+
+    def config_text(self) -> str:
+        return super().config_text().replace(
+            "[engine]", '[server.egress]\nhosts = ["localhost"]\nplaintext = true\n\n[engine]', 1)
+
+
+class InternalService:
+    """A loopback HTTP service the tenant should never reach (an admin API, a metadata endpoint): counts hits."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> InternalService:
+        async def any_path(request: web.Request) -> web.Response:
+            self.hits += 1
+            return web.Response(text="internal admin: secret-internal-answer " * 20)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", any_path)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def ssrf_forms(port: int) -> list[tuple[str, dict[str, Any], str]]:
+    """(integration type, fields, the field a 400 must name): every form the attack review used, and more."""
+    sf = {"consumer-key": "ck", "consumer-secret": "cs-" + secret_values.token_hex(8), "username": "u@example.com",
+          "password": "pw-" + secret_values.token_hex(8)}
+    ps = {"key": "k", "secret": "ps-" + secret_values.token_hex(8)}
+    ds = {"username": "u", "api-key": "ds-" + secret_values.token_hex(8)}
+    forms = [f"http://127.0.0.1:{port}/admin/x#", f"https://127.0.0.1:{port}", f"https://localhost:{port}",
+             f"https://0x7f000001:{port}", f"https://2130706433:{port}", f"https://0177.0.0.1:{port}",
+             f"https://127.1:{port}", f"https://[::ffff:127.0.0.1]:{port}", f"https://[::1]:{port}",
+             "https://169.254.169.254/latest/meta-data", "https://10.0.0.1", "https://192.168.1.1",
+             "https://[fd00::1]", f"https://login.salesforce.com@127.0.0.1:{port}",
+             "https://login.salesforce.com.attacker.example", "https://attacker.example/#.salesforce.com",
+             "https://attacker.example?.force.com"]
+    cases: list[tuple[str, dict[str, Any], str]] = [("salesforce", {**sf, "login-url": url}, "login-url")
+                                                    for url in forms]
+    cases += [("datasift", {**ds, "stream-url": url.replace("https", "wss").replace("http", "ws")}, "stream-url")
+              for url in forms]
+    for host in ("127.0.0.1", "localhost", "0x7f000001", "2130706433", "::ffff:127.0.0.1", "169.254.169.254",
+                 "metadata.google.internal", "10.0.0.1"):
+        cases.append(("pusher", {**ps, "host": host, "port": port}, "host"))
+    cases.append(("pusher", {**ps, "tls": False}, "tls"))
+    cases.append(("pusher", {**ps, "cluster": "x.attacker.example/"}, "cluster"))
+    return cases
+
+
+async def ssrf(workdir: Path, say: Any = print) -> dict[str, Any]:
+    """Every SSRF form is a 400 naming its field; a name the operator allowed that lands on loopback at connect
+    time makes the listener `failed`; the internal service never sees a request."""
+    internal = await InternalService().start()
+    findings: list[str] = []
+    plain = Rig(workdir / "default-policy", counts={})  # no [server.egress]: provider hosts over TLS only
+    try:
+        await plain.start()
+        await plain.start_daemon()
+        cases = ssrf_forms(internal.port)
+        refused = 0
+        for kind, fields, field_name in cases:
+            code, text = await call(plain, "POST", f"/1.0/tenants/{OTHER_TENANT}/integrations/{kind}",
+                                    plain.secrets.other_token, fields)
+            body = json.loads(text)
+            if code == 400 and body.get("fields") == [field_name]:
+                refused += 1
+            else:
+                findings.append(f"{kind} {fields.get(field_name)!r}: {code} {text[:120]}")
+    finally:
+        await plain.stop()
+    rig = EgressRig(workdir / "localhost-by-name", counts={})
+    try:
+        await rig.start()
+        await rig.start_daemon()
+        # allowed by name (hosts = ["localhost"]), refused by address at connect time
+        started = time.monotonic()
+        failed_at: dict[str, float] = {}
+        for kind, fields, options in (
+                ("pusher", {"key": "k", "secret": "ps-" + secret_values.token_hex(8), "host": "localhost",
+                            "port": internal.port, "tls": False}, {"channel": "c"}),
+                ("salesforce", {"consumer-key": "ck", "consumer-secret": "cs-" + secret_values.token_hex(8),
+                                "username": "u@example.com", "password": "pw-" + secret_values.token_hex(8),
+                                "login-url": f"http://localhost:{internal.port}"}, {"topic": "T"})):
+            code, text = await call(rig, "POST", f"/1.0/tenants/{OTHER_TENANT}/integrations/{kind}",
+                                    rig.secrets.other_token, fields)
+            assert code == 200, text
+            code, text = await call(rig, "POST", f"/1.0/tenants/{OTHER_TENANT}/listeners", rig.secrets.other_token,
+                                    {"type": kind, "options": options})
+            assert code == 201, text
+            assert rig.api is not None
+            other = type(rig.api)(rig.api.base_url, token=rig.secrets.other_token)
+            try:
+                status = await other.wait_status(OTHER_TENANT, json.loads(text)["id"], "failed")
+            finally:
+                await other.close()
+            failed_at[kind] = time.monotonic() - started
+            if "egress refused" not in status["message"]:
+                findings.append(f"{kind} via localhost: {status['message'][:160]}")
+        hits = internal.hits
+        if hits:
+            findings.append(f"the internal service was reached {hits} time(s)")
+        await rig.stop()
+    finally:
+        await rig.stop()
+        await internal.stop()
+    for line in findings:
+        say("FINDING: " + line)
+    result = {"forms": len(cases), "refused": refused, "findings": findings, "internal_hits": hits,
+              "failed_after": {k: round(v, 2) for k, v in failed_at.items()}}
+    assert not findings, findings
+    return result
+
+
+POISON = ["acme", "error", "listener", "info", "t", "warning", "password", "12345678", "aaaaaaaa", "[REDACTED]"]
+
+
+async def poisoning(workdir: Path, say: Any = print, updates: int = 2000) -> dict[str, Any]:
+    """Secrets chosen to blind the log are refused; then `updates` integration updates through the API (each
+    with fresh secrets): the update latency stays flat, and no log line loses its level, logger or tenant."""
+    rig = Rig(workdir, counts={})
+    findings: list[str] = []
+    try:
+        await rig.start()
+        await rig.start_daemon()
+        refused = 0
+        for word in POISON:
+            code, text = await call(rig, "POST", f"/1.0/tenants/{OTHER_TENANT}/integrations/pusher",
+                                    rig.secrets.other_token, {"key": "k", "secret": word})
+            if code == 400 and json.loads(text).get("fields") == ["secret"]:
+                refused += 1
+            else:
+                findings.append(f"secret {word!r}: {code} {text[:120]}")
+        latencies = []
+        for _ in range(updates):
+            t0 = time.perf_counter()
+            code, text = await call(rig, "POST", f"/1.0/tenants/{OTHER_TENANT}/integrations/pusher",
+                                    rig.secrets.other_token, {"key": "k", "secret": secret_values.token_urlsafe(16)})
+            latencies.append(time.perf_counter() - t0)
+            if code != 200:
+                findings.append(f"update: {code} {text[:120]}")
+                break
+        rig.responses.clear()  # thousands of answers: the secret search below is about the rig's own secrets
+        await rig.stop()
+        lines = [json.loads(line) for line in rig.daemon.log_text().splitlines() if line.startswith("{")] \
+            if rig.daemon else []
+        blinded = [line for line in lines if "[REDACTED]" in (str(line.get("level")) + str(line.get("logger"))
+                                                              + str(line.get("tenant")) + str(line.get("event")))]
+        if blinded:
+            findings.append(f"{len(blinded)} log lines with a structural field redacted: {blinded[0]}")
+    finally:
+        await rig.stop()
+    first, last = latencies[:100], latencies[-100:]
+    result = {"refused": refused, "poison": len(POISON), "updates": len(latencies), "log_lines": len(lines),
+              "blinded": len(blinded), "first_ms": 1000 * sorted(first)[len(first) // 2],
+              "last_ms": 1000 * sorted(last)[len(last) // 2], "findings": findings, "redactor": redactor_cost()}
+    for line in findings:
+        say("FINDING: " + line)
+    assert not findings, findings
+    return result
+
+
+def redactor_cost(lines: int = 5000) -> dict[str, float]:
+    """Microseconds per log line through the redactor with 10 and 60,000 secrets registered, and with one
+    integration's secrets replaced 20,000 times (the review's 150x came from those left behind)."""
+    entry = {"event": "listener status", "level": "info", "logger": "listenerd.supervisor", "tenant": "acme",
+             "listener": "LI1", "message": "Connecting to wss://websocket.datasift.com/multi for stream "
+             "4f3af38ad1c31646561bc814c3e69af5 as user demo", "url": "https://acme.my.salesforce.com/cometd/58.0"}
+    out: dict[str, float] = {}
+    for label, count in (("10 secrets", 10), ("60,000 secrets", 60_000)):
+        redactor = SecretRedactor()
+        t0 = time.perf_counter()
+        redactor.replace("bench", [secret_values.token_urlsafe(18) for _ in range(count)])
+        redactor.wait_built()  # in a background thread: log lines meanwhile use the small automaton
+        redactor(None, "info", entry)
+        out[f"{label}: build s"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        for _ in range(lines):
+            redactor(None, "info", entry)
+        out[f"{label}: us/line"] = round((time.perf_counter() - t0) / lines * 1e6, 2)
+    redactor = SecretRedactor()
+    for _ in range(20_000):
+        redactor.replace("integration:t:pusher", [secret_values.token_urlsafe(18) for _ in range(3)])
+    out["after 20,000 updates: secrets registered"] = redactor.count
+    return out
+
+
+def summary_part_a(ssrf_result: dict[str, Any], poison: dict[str, Any]) -> str:
+    cost = poison["redactor"]
+    return (f"**SSRF** (a tenant-limited token against a loopback 'internal service'): with the default policy "
+            f"(no `[server.egress]`), {ssrf_result['refused']} of {ssrf_result['forms']} URL forms "
+            f"(loopback, decimal, hex, octal, short, "
+            f"IPv4-mapped IPv6, ::1, metadata 169.254.169.254, RFC 1918, ULA, user-info and fragment tricks, "
+            f"look-alike suffixes, plaintext, a cluster that escapes its host) refused with a 400 naming the field. "
+            f"With `[server.egress]` allowing the name `localhost` and plaintext but no network, integrations "
+            f"accepted by name and resolving to loopback at connect time: Pusher `failed` after "
+            f"{ssrf_result['failed_after'].get('pusher')} s, Salesforce login `failed` after "
+            f"{ssrf_result['failed_after'].get('salesforce')} s (both counted from the first integration write). "
+            f"Requests that reached the internal service: {ssrf_result['internal_hits']}.\n\n"
+            f"**Redactor poisoning**: {poison['refused']} of {poison['poison']} would-be secrets "
+            f"({', '.join(repr(p) for p in POISON)}) refused with a 400 naming `secret`. {poison['updates']} "
+            f"integration updates through the API: median update {poison['first_ms']:.1f} ms for the first 100, "
+            f"{poison['last_ms']:.1f} ms for the last 100 (flat: replaced secrets are unregistered); "
+            f"{poison['log_lines']} daemon log lines, {poison['blinded']} with `level`, `logger`, `event` or `tenant` "
+            f"redacted (that a registered secret never touches those fields is shown line by line in "
+            f"tests/unit/test_redactor_poisoning.py).\n\n"
+            f"**Redactor cost** (in process, one Aho-Corasick automaton over every secret and its URL, form and JSON "
+            f"encodings): " + "; ".join(f"{k}: {v}" for k, v in cost.items()) + ".")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="accepted for symmetry: the checks are the same")
     parser.add_argument("--write", action="store_true")
-    parser.add_argument("--only", choices=["routes", *SCENARIOS], action="append",
+    parser.add_argument("--only", choices=["routes", "part-a", *SCENARIOS], action="append",
                         help="run only these (repeatable); default: all")
     args = parser.parse_args()
-    chosen = args.only or ["routes", *SCENARIOS]
+    chosen = args.only or ["routes", "part-a", *SCENARIOS]
     start_load = loadavg()
     if "routes" in chosen:
         with tempfile.TemporaryDirectory(prefix="chaos-security-") as tmp:
@@ -510,6 +742,17 @@ def main() -> None:
                           f"`.venv/bin/python -m bench.chaos.security --only amplification --only slowloris "
                           f"--only metrics --only quota`\n\n"
                           f"{header(f'Load at start {start_load}, at end {loadavg()}.')}\n\n{text}")
+    if "part-a" in chosen:
+        start_load = loadavg()
+        with tempfile.TemporaryDirectory(prefix="chaos-security-a-") as tmp:
+            ssrf_result = asyncio.run(ssrf(Path(tmp) / "ssrf"))
+            poison = asyncio.run(poisoning(Path(tmp) / "poison"))
+        text_a = summary_part_a(ssrf_result, poison)
+        print(text_a)
+        if args.write:
+            write_section("Chaos: egress and the redactor (issue 17, part A)",
+                          f"`.venv/bin/python -m bench.chaos.security --only part-a`\n\n"
+                          f"{header(f'Load at start {start_load}, at end {loadavg()}.')}\n\n{text_a}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,18 @@ async def test_security_every_route_guarded(tmp_path):
     assert sum(result["hits"].values()) == 0
 
 
+async def test_ssrf_every_form_refused_and_the_internal_service_never_reached(tmp_path):
+    result = await security.ssrf(tmp_path, say=_say)
+    assert result["refused"] == result["forms"] and result["internal_hits"] == 0
+    assert set(result["failed_after"]) == {"pusher", "salesforce"}
+
+
+async def test_poisoning_refused_and_updates_stay_flat(tmp_path):
+    result = await security.poisoning(tmp_path, say=_say, updates=300)
+    assert result["refused"] == result["poison"] and result["blinded"] == 0
+    assert result["redactor"]["after 20,000 updates: secrets registered"] == 3
+
+
 async def test_no_secret_even_in_part_in_the_log_and_answers_of_a_run_with_credential_faults(tmp_path):
     """Its own run: every integration connects, then DataSift revokes the key, Salesforce expires the session,
     Pusher asks for a reconnect (a fresh signature), the daemon is killed and restarted, and the integrations

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from listenerd.api import (
     checkpoints,
@@ -30,6 +32,7 @@ from listenerd.api.context import CONTROL, DAEMON, TOKEN, DaemonView
 from listenerd.api.errors import ApiError, error_response, refused
 from listenerd.control import Control, ControlError, TooMany
 from listenerd.model import Token
+from listenerd.net import sanitised
 from listenerd.quotas import WriteQuota, retry_after
 from listenerd.store_health import is_store_error
 
@@ -100,11 +103,47 @@ def authenticate(tokens: list[Token], header: str) -> Token | None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return None
+    try:
+        wanted = presented.strip().encode("utf-8")
+    except UnicodeError:  # a header byte aiohttp decoded into a lone surrogate: no token has it
+        return None
     found = None
     for token in tokens:  # compare against all: timing says nothing
-        if hmac.compare_digest(token.token.encode(), presented.strip().encode()):
+        if hmac.compare_digest(token.token.encode(), wanted):
             found = token
     return found
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (a bad header, a bad method) itself, in plain text, before any
+    middleware: the same answer as JSON, with the parser's reason in short printable words."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)
+        if status < 400 or status >= 500:
+            return plain
+        reason = sanitised((getattr(exc, "message", None) or message or "").split("\n", 1)[0], limit=120)
+        response = error_response(status, f"malformed HTTP request: {reason or _REASONS.get(status, 'bad request')}")
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """The API's runner: its low-level HTTP errors are JSON like every other error."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        if type(server) is web.Server:
+            server.__class__ = _JsonErrorServer
+        return server
 
 
 def create_app(daemon: DaemonView, control: Control) -> web.Application:

@@ -65,4 +65,25 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "the body is not acceptable JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    if (where := _lone_surrogate(body, "")) is not None:
+        raise ApiError(400, f"{where or 'body'}: not valid Unicode (a lone surrogate escape such as \\ud800)",
+                       fields=[where] if where else None)
     return body
+
+
+def _lone_surrogate(node: Any, where: str) -> str | None:
+    """Where a string (or key) holding a lone UTF-16 surrogate is, which JSON allows and UTF-8 cannot store."""
+    if isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where else str(key))
+        if isinstance(key, str) and _lone_surrogate(key, path) is not None:
+            return path
+        if (found := _lone_surrogate(value, path)) is not None:
+            return found
+    return None

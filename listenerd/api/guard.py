@@ -124,10 +124,14 @@ class GuardedSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        handler_class = type("GuardedHandler", (GuardedHandler,), {"__slots__": (), "guard": self.guard})
+        classes: dict[type, type] = {}  # the runner's own handler class (e.g. JSON errors) under our hooks
 
         def make() -> RequestHandler:
             handler = server()
+            base = type(handler)
+            if (handler_class := classes.get(base)) is None:
+                handler_class = classes[base] = type("GuardedHandler", (GuardedHandler, base),
+                                                     {"__slots__": (), "guard": self.guard})
             handler.__class__ = handler_class  # same slots: aiohttp's own construction, our hooks
             return handler
 

@@ -123,7 +123,9 @@ def document() -> dict[str, Any]:
             "get": _op("Retrieve an integration, secrets masked",
                        {"200": _json({"$ref": "#/components/schemas/Integration"}, "integration")},
                        [TENANT, TYPE], *auth),
-            "post": _op("Set up or replace that type's credentials; listeners using it restart",
+            "post": _op("Set up or replace that type's credentials; listeners using it restart. 400 names the field "
+                        "when a URL or host is outside [server.egress] (TLS and the provider's hosts by default) "
+                        "or a secret is too short (under 8 characters), too common or too repetitive",
                         {"200": _json({"$ref": "#/components/schemas/Integration"}, "stored, secrets masked")},
                         [TENANT, TYPE], *body_errors, 409, body={"type": "object"}),
         },

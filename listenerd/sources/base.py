@@ -42,6 +42,7 @@ from listenerd.status import ListenerStatus
 
 if TYPE_CHECKING:
     from listenerd.delivery.outbox import Outbox
+    from listenerd.egress import Policy
     from listenerd.model import Integration, ListenerBase, Sources
     from listenerd.observability import Metrics
 
@@ -84,7 +85,7 @@ class SourceContext:
     def __init__(self, *, tenant_id: str, listener: ListenerBase, integration: Integration, settings: Sources,
                  status: ListenerStatus, outbox: Outbox, metrics: Metrics, shared: Shared,
                  launch: Launch = Launch(), tap: Callable[[str, str, dict[str, Any]], None] | None = None,
-                 tap_clients: Callable[[str, str], int] | None = None):
+                 tap_clients: Callable[[str, str], int] | None = None, egress: Policy | None = None):
         self.tenant_id = tenant_id
         self.listener = listener
         self.listener_id = listener.id
@@ -92,6 +93,8 @@ class SourceContext:
         self.settings = settings
         self.launch = launch
         self.shared = shared
+        # where an API-made integration may connect (checked again at connect time); None: the operator's own
+        self.egress = egress
         self._status = status
         self._outbox = outbox
         self._metrics = metrics

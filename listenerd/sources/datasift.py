@@ -34,9 +34,10 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from listenerd.egress import EgressRefused, Policy, websocket_options
 from listenerd.model import Sources
 from listenerd.net import client_tls, describe, kind_of
-from listenerd.outcome import Ended, Outcome, Retry
+from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.datasift_protocol import (
     Action,
@@ -91,6 +92,7 @@ class Stream(Registered):
     api_key: str
     base_url: str
     settings: Sources
+    egress: Policy | None = None  # an API-made integration's connections obey it
     subscribers: list[_Subscriber] = field(default_factory=list)
     closed: bool = False
     task: asyncio.Task[None] | None = None
@@ -162,8 +164,14 @@ class Stream(Registered):
         for sub in self.subscribers:
             sub.ctx.starting(f"Connecting to DataSift at {self.url} for stream: {sub.hash}")
         try:
+            checked = await websocket_options(self.egress, "datasift", url, "stream-url", settings.connect_timeout)
+        except EgressRefused as exc:
+            raise Ended(Fail(str(exc))) from None
+        except (OSError, TimeoutError) as exc:
+            raise Ended(machine.unreachable(describe(exc), kind_of(exc))) from None
+        try:
             self.ws = await connect(
-                url, open_timeout=settings.connect_timeout,
+                url, **checked, open_timeout=settings.connect_timeout,
                 ssl=client_tls(settings.ca_bundle) if url.lower().startswith("wss:") else None,
                 max_size=settings.max_frame_bytes * 16, close_timeout=_CLOSE_WAIT,
                 user_agent_header="listenerd", logger=_WS_LOG)
@@ -270,11 +278,13 @@ def _stream_for(ctx: SourceContext) -> Stream:
     registry = ctx.shared.get(Streams)
     creds = ctx.integration
     # settings too: after a reload that changes them, restarted listeners get a socket that uses them
-    key = group_key(ctx.tenant_id, creds.username, creds.api_key, creds.stream_url, ctx.settings.dump())
+    key = group_key(ctx.tenant_id, creds.username, creds.api_key, creds.stream_url, ctx.settings.dump(),
+                    repr(ctx.egress))
     stream = registry.get(key)
     if stream is None or stream.closed:
         stream = Stream(key=key, registry=registry, tenant_id=ctx.tenant_id, username=creds.username,
-                        api_key=creds.api_key, base_url=creds.stream_url, settings=ctx.settings)
+                        api_key=creds.api_key, base_url=creds.stream_url, settings=ctx.settings,
+                        egress=ctx.egress)
         registry[key] = stream
     return stream
 

@@ -34,6 +34,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from listenerd.egress import EgressRefused, Policy, websocket_options
 from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Fail, Outcome, Retry
 from listenerd.sources.group import Registered, follow, group_key, resolve
@@ -79,6 +80,7 @@ class Connection(Registered):
     tenant_id: str
     integration: PusherIntegration
     settings: Sources
+    egress: Policy | None = None  # an API-made integration's connections obey it
     subscribers: dict[int, _Subscriber] = field(default_factory=dict)
     closed: bool = False
     task: asyncio.Task[None] | None = None
@@ -153,7 +155,13 @@ class Connection(Registered):
     async def _connect_and_converse(self) -> Outcome:
         settings, url = self.settings, self.url
         try:
-            self.ws = await connect(url, open_timeout=settings.connect_timeout, ping_interval=None,
+            checked = await websocket_options(self.egress, "pusher", url, "host", settings.connect_timeout)
+        except EgressRefused as exc:
+            return Fail(str(exc))
+        except (OSError, TimeoutError) as exc:
+            return Retry(kind_of(exc), f"Could not connect to {url}: {describe(exc, limit=200)}")
+        try:
+            self.ws = await connect(url, **checked, open_timeout=settings.connect_timeout, ping_interval=None,
                                     max_size=settings.max_frame_bytes, compression=None, proxy=None,
                                     close_timeout=_CLOSE_WAIT, ssl=client_tls(settings.ca_bundle) if self.tls else None,
                                     user_agent_header=f"listenerd/{CLIENT_VERSION}")
@@ -288,11 +296,11 @@ def _connection_for(ctx: SourceContext) -> Connection:
     registry = ctx.shared.get(Connections)
     integration: PusherIntegration = ctx.integration  # type: ignore[assignment]
     # settings too: after a reload that changes them, restarted listeners get a socket that uses them
-    key = group_key(ctx.tenant_id, integration.dump(), ctx.settings.dump())
+    key = group_key(ctx.tenant_id, integration.dump(), ctx.settings.dump(), repr(ctx.egress))
     connection = registry.get(key)
     if connection is None or connection.closed:
         connection = Connection(key=key, registry=registry, tenant_id=ctx.tenant_id, integration=integration,
-                                settings=ctx.settings)
+                                settings=ctx.settings, egress=ctx.egress)
         registry[key] = connection
     return connection
 

@@ -48,8 +48,9 @@ import aiohttp
 import orjson
 import structlog
 
+from listenerd.egress import refusal, session_options
 from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources, salesforce_channel_kind
-from listenerd.net import describe, kind_of
+from listenerd.net import describe, kind_of, sanitised
 from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources.base import SourceContext
 from listenerd.sources.bayeux import (
@@ -143,10 +144,10 @@ class SalesforceClients:
 
     def login_for(self, ctx: SourceContext) -> Login:
         # the settings too: after a reload that changes them, restarted listeners get a login that uses them
-        key = group_key(ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump())
+        key = group_key(ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump(), repr(ctx.egress))
         found = self.logins.get(key)
         if found is None:
-            found = self.logins[key] = Login(ctx.integration, ctx.settings)  # type: ignore[arg-type]
+            found = self.logins[key] = Login(ctx.integration, ctx.settings, ctx.egress)  # type: ignore[arg-type]
         return found
 
     def connection_for(self, ctx: SourceContext, login: Login, options: SalesforceOptions) -> Connection:
@@ -315,7 +316,8 @@ class Connection:
         if request.kind == "handshake":
             if self.http is not None:
                 await self.http.close()
-            self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                              **session_options(self.login.egress))
         if request.delay:
             await asyncio.sleep(request.delay)
         try:
@@ -324,11 +326,13 @@ class Connection:
             self._count("oversized")
             return machine.malformed(str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if (refused := refusal(exc)) is not None:
+                raise Ended(Fail(f"instance_url: {refused}")) from None
             return machine.transport_error(f"{request.kind} failed: {describe(exc)}", kind_of(exc))
         for member in self.members.values():
             member.ctx.alive()
         if status != 200:
-            return machine.http_error(status, body[:200].decode("utf-8", "replace"))
+            return machine.http_error(status, sanitised(body[:400].decode("utf-8", "replace")))
         try:
             messages = orjson.loads(body)
         except orjson.JSONDecodeError:

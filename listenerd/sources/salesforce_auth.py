@@ -33,8 +33,9 @@ import aiohttp
 import orjson
 
 from listenerd.backoff import backoff_delay
+from listenerd.egress import EgressRefused, Policy, refusal, session_options
 from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
-from listenerd.net import client_tls, describe, kind_of, mask
+from listenerd.net import client_tls, describe, kind_of, mask, sanitised
 from listenerd.outcome import Ended, Fail, Retry
 
 # OAuth errors that stay until someone changes the credentials or the connected app: `failed`, with
@@ -121,30 +122,45 @@ def token_form(integration: SalesforceIntegration) -> dict[str, str]:
 
 
 async def login(http: aiohttp.ClientSession, integration: SalesforceIntegration, sslctx: ssl.SSLContext,
-                timeout: float) -> Session:
+                timeout: float, egress: Policy | None = None) -> Session:
     """One OAuth login with the integration's flow (`password`, `jwt`, `client-credentials`).
+
+    With `egress` (an API-made integration), the login URL and the instance URL Salesforce answers must
+    both be hosts the policy allows, and every address they resolve to is checked at connect time.
 
     Raises `Ended(Fail)` when Salesforce refuses the credentials or the app (its words, scrubbed),
     `Ended(Retry)` when it cannot be reached or answers oddly, `LoginRateExceeded` for the hourly limit.
     Shared by every Salesforce source (CometD streaming here, the Pub/Sub API beside it).
     """
     url = integration.login_url.rstrip("/") + "/services/oauth2/token"
+    if egress is not None:
+        try:
+            egress.check_url("salesforce", integration.login_url, "login-url", ("https",))
+        except EgressRefused as exc:
+            raise Ended(Fail(str(exc))) from None
     form = token_form(integration)
     try:
         async with http.post(url, data=form, ssl=sslctx, timeout=aiohttp.ClientTimeout(total=timeout),
                              headers={"Accept": "application/json"}) as response:
             status, body = response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if (refused := refusal(exc)) is not None:
+            raise Ended(Fail(f"login-url: {refused}")) from None
         raise Ended(Retry(kind_of(exc), f"Cannot reach {integration.login_url}: {describe(exc)}")) from None
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
         answer = None
     if status == 200 and isinstance(answer, dict) and answer.get("access_token") and answer.get("instance_url"):
+        if egress is not None:
+            try:
+                egress.check_url("salesforce", str(answer["instance_url"]), "instance_url", ("https",))
+            except EgressRefused as exc:
+                raise Ended(Fail(f"the login answered {sanitised(exc.message)}")) from None
         return Session(answer["access_token"], str(answer["instance_url"]).rstrip("/"), org_id_of(answer))
     if isinstance(answer, dict) and answer.get("error"):
-        words = scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "), integration,
-                      form.get("assertion", ""))
+        words = sanitised(scrub(f"{answer['error']}: {answer.get('error_description', '')}".rstrip(": "),
+                                integration, form.get("assertion", "")), WORDS_LIMIT)
         if any(w in words.lower() for w in LOGIN_RATE_WORDS):
             raise LoginRateExceeded(words)
         if answer["error"] in FATAL_LOGIN_ERRORS:
@@ -242,6 +258,8 @@ async def _rest(http: aiohttp.ClientSession, session: Session, sslctx: ssl.SSLCo
                                 timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as response:
             status, body = response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if (refused := refusal(exc)) is not None:
+            raise Ended(Fail(f"instance_url: {refused}")) from None
         raise Ended(Retry(kind_of(exc), f"Cannot reach {session.instance_url}: {describe(exc, limit=200)}")) from None
     try:
         answer = orjson.loads(body) if body else {}
@@ -260,7 +278,8 @@ async def _rest(http: aiohttp.ClientSession, session: Session, sslctx: ssl.SSLCo
 def rest_words(status: int, answer: Any) -> str:
     """Salesforce's error list (`[{"errorCode", "message"}]`) as text, else the status."""
     if isinstance(answer, list):
-        return "; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}" for c in answer if isinstance(c, dict))
+        return sanitised("; ".join(f"{c.get('errorCode', '')}: {c.get('message', '')}"
+                                   for c in answer if isinstance(c, dict)))
     return f"HTTP {status}"
 
 
@@ -272,8 +291,9 @@ class Login:
     flight), so a session expiry under any number of listeners costs exactly one login.
     """
 
-    def __init__(self, integration: SalesforceIntegration, settings: Sources):
+    def __init__(self, integration: SalesforceIntegration, settings: Sources, egress: Policy | None = None):
         self.integration = integration
+        self.egress = egress
         self.ssl = client_tls(settings.ca_bundle)
         self.timeout = settings.connect_timeout
         self.session: Session | None = None
@@ -312,8 +332,8 @@ class Login:
 
     async def _post(self) -> Session:
         try:
-            async with aiohttp.ClientSession() as http:
-                session = await login(http, self.integration, self.ssl, self.timeout)
+            async with aiohttp.ClientSession(**session_options(self.egress)) as http:
+                session = await login(http, self.integration, self.ssl, self.timeout, egress=self.egress)
         except LoginRateExceeded as exc:
             raise Ended(Retry("refused", f"Salesforce's login rate limit for this user is reached "
                                          f"(LOGIN_RATE_EXCEEDED; Salesforce said: {exc}); logging in again later",
@@ -325,7 +345,7 @@ class Login:
 async def ensure_topic_for(login: Login, options: SalesforceOptions, settings: Sources) -> str:
     """`ensure_topic` with the shared token; a 401 there refreshes it once (single flight)."""
     session = await login.current()
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(**session_options(login.egress)) as http:
         for attempt in (1, 2):
             try:
                 return await ensure_topic(http, session, options, login.ssl, settings.connect_timeout)

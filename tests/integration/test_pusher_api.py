@@ -35,9 +35,9 @@ async def test_a_channel_pusher_would_refuse_is_a_400_naming_the_field(api, chan
 
 async def test_encryption_master_key_is_checked_and_masked(api):
     code, body = await api.call("POST", "/1.0/tenants/t1/integrations/pusher",
-                                {"key": "k", "secret": "s", "encryption-master-key": "bm90LTMyLWJ5dGVz"})
+                                {"key": "k", "secret": "pusher-secret-1", "encryption-master-key": "bm90LTMyLWJ5dGVz"})
     assert code == 400 and body["error"].startswith("encryption-master-key: must be base64 of 32 bytes")
     master = base64.b64encode(b"m" * 32).decode()
     code, body = await api.call("POST", "/1.0/tenants/t1/integrations/pusher",
-                                {"key": "k", "secret": "s", "encryption-master-key": master})
+                                {"key": "k", "secret": "pusher-secret-1", "encryption-master-key": master})
     assert code == 200 and body["encryption-master-key"] == SECRET_MASK and master not in str(body)

@@ -81,7 +81,7 @@ def logins(monkeypatch):
 
     calls = []
 
-    async def fake_login(http, integration_, sslctx, timeout):
+    async def fake_login(http, integration_, sslctx, timeout, egress=None):
         calls.append(integration_.username)
         await asyncio.sleep(0.01)  # the others arrive while the first login is in flight
         if isinstance(calls_behaviour[0], Exception):
