@@ -153,7 +153,10 @@ options = {{ topic = "Invoices" }}
     secrets = [SECRET, PASSWORD, TOKEN, PRIVATE_KEY, *PRIVATE_KEY.strip().splitlines()[1:-1]]
     async with EngineSim() as engine:
         with structlog.testing.capture_logs() as logs:
-            async with running_daemon(tmp_path, base_config(tmp_path, engine.url, tenants)) as (_, api):
+            # the simulator is on loopback, over http: the operator allows that for API-made integrations
+            text = base_config(tmp_path, engine.url, tenants).replace(
+                "[engine]", '[server.egress]\nhosts = ["localhost"]\nnetworks = ["127.0.0.0/8", "::1/128"]\nplaintext = true\n\n[engine]', 1)
+            async with running_daemon(tmp_path, text) as (_, api):
                 seen = []
                 for n in range(3):
                     await api.wait_status(f"f{n}", "SF", "started")
@@ -174,7 +177,7 @@ options = {{ topic = "Invoices" }}
                 code, made = await api.call("POST", "/1.0/tenants/other/integrations/salesforce",
                                             {**body, "private-key": PRIVATE_KEY})
                 seen.append((code, made))
-                assert code == 200 and made["private-key"] == SECRET_MASK
+                assert code == 200 and made["private-key"] == SECRET_MASK, made
     password, jwt_flow, client = seen[0][1], seen[3][1], seen[6][1]  # GET .../integrations/salesforce of each
     assert [password[k] for k in ("consumer-secret", "password", "secret-token")] == [SECRET_MASK] * 3
     assert jwt_flow["auth"] == "jwt" and jwt_flow["private-key"] == SECRET_MASK and jwt_flow["username"] == USER
