@@ -194,8 +194,9 @@ class Control:
         """Set a Salesforce listener's resume point (`{"replay": n}`) and restart it from there."""
         spec = await self.get_listener(tenant_id, listener_id)
         replay = fields.get("replay")
-        if spec.type != "salesforce":
-            raise Invalid(f"replay: only salesforce listeners have checkpoints ({listener_id!r} is {spec.type})",
+        if spec.type not in ("salesforce", "salesforce-pubsub"):
+            raise Invalid(f"replay: only salesforce and salesforce-pubsub listeners have checkpoints "
+                          f"({listener_id!r} is {spec.type})",
                           ["replay"])
         if isinstance(replay, bool) or not isinstance(replay, int) or replay < -2:
             raise Invalid("replay: must be a replayId (an integer >= 0), -1 (new events) or -2 (all retained)",
