@@ -155,7 +155,8 @@ class Stream:
     def __init__(self, ctx: SourceContext, channel: PubSubChannel, sub: Subscription, session: Session):
         self.ctx, self.channel, self.sub, self.session = ctx, channel, sub, session
         self.requests: asyncio.Queue[pb.FetchRequest] = asyncio.Queue()
-        self.note = ""
+        self.note = ""  # said beside "Subscribed" (a replay gap)
+        self.subscribed = False
 
     async def _requests(self) -> Any:
         while True:
@@ -213,9 +214,9 @@ class Stream:
         ctx, sub = self.ctx, self.sub
         sub.received(len(response.events), response.latest_replay_id, time.monotonic())
         ctx.alive()
-        if not self.note.startswith("Subscribed"):
-            self.note = f"Subscribed to {sub.topic} on the Pub/Sub API{self.note}"
-            ctx.started(self.note)
+        if not self.subscribed:  # the first answer (events or a keepalive) proves the subscription
+            self.subscribed = True
+            ctx.started(f"Subscribed to {sub.topic} on the Pub/Sub API{self.note}")
         for consumer in response.events:
             event = consumer.event
             schema = await self.channel.schema(event.schema_id, metadata)
