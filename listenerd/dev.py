@@ -1,8 +1,9 @@
 """`listenerd dev`: a complete local run with no accounts and no network beyond loopback.
 
-Starts the Pusher, DataSift and Salesforce simulators, a local engine sink that prints every
-normalized event and appends it to a JSON-lines file, and the daemon itself with a demo tenant
-holding one listener of each kind; demo publishers send realistic payloads at a gentle rate.
+Starts the Pusher, DataSift and Salesforce simulators (CometD and the Pub/Sub API, one org), a local
+engine sink that prints every normalized event and appends it to a JSON-lines file, and the daemon
+itself with a demo tenant holding one listener of each kind; demo publishers send realistic payloads
+at a gentle rate.
 Everything runs in this one process and event loop; Ctrl-C stops it all cleanly. There is no config
 file for it: the config is built here (`demo_config`), because it points at the simulators' ports.
 """
@@ -29,6 +30,7 @@ from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
+from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
 from listenerd.store import StoreUnavailable
 from listenerd.systemd import Notifier
 
@@ -37,6 +39,7 @@ DEV_TOKEN = "listenerd-dev-token"
 TENANT = "demo"
 DATASIFT_HASH = "4f3af38ad1c31646561bc814c3e69af5"
 TOPIC = "InvoiceStatementUpdates"
+PUBSUB_TOPIC = "/event/Order__e"
 _STATES = ("created", "paid", "packed", "shipped", "delivered")
 _CUSTOMERS = ("Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson", "Edsger Dijkstra")
 _INVOICE_STATES = ("Open", "Negotiating", "Pending", "Closed")
@@ -65,8 +68,18 @@ class Sink:
 
 
 def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherSim, datasift: DataSiftSim,
-                salesforce: SalesforceSim) -> Config:
-    """The demo's config, validated as a config file is (cross-checks included)."""
+                salesforce: SalesforceSim, pubsub_url: str | None = None) -> Config:
+    """The demo's config, validated as a config file is (cross-checks included).
+
+    With `pubsub_url` (the Pub/Sub API simulator's), the Salesforce integration also carries a
+    `salesforce-pubsub` listener (LI4) on the org's Platform Event `/event/Order__e`.
+    """
+    pubsub = {"pubsub-url": pubsub_url} if pubsub_url else {}
+    pubsub_listeners = [
+        {"id": "LI4", "name": "Demo Salesforce orders (Pub/Sub API)", "type": "salesforce-pubsub",
+         "options": {"topic": PUBSUB_TOPIC, "replay": "resume", "batch": 100},
+         "mapping": {"order": "OrderNumber__c", "amount": "Amount__c", "state": "Status__c",
+                     "replay-id": "$event.replayId", "schema": "$schema.id"}}] if pubsub_url else []
     return config_module.validate({
         "server": {"listen": listen, "tokens": [{"name": "dev", "token": DEV_TOKEN, "tenants": ["*"]}]},
         "engine": {"url": engine.url},
@@ -80,7 +93,7 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                 "datasift": {"username": "demo", "api-key": "demo-datasift-key", "stream-url": datasift.url},
                 "salesforce": {"consumer-key": "demo-consumer-key", "consumer-secret": "demo-consumer-secret",
                                "username": "demo@example.com", "password": "demo-password",
-                               "secret-token": "DEMOTOKEN", "login-url": salesforce.url},
+                               "secret-token": "DEMOTOKEN", "login-url": salesforce.url, **pubsub},
             },
             "listeners": [
                 {"id": "LI1", "name": "Demo Datasift", "type": "datasift", "options": {"hash": DATASIFT_HASH},
@@ -93,12 +106,14 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                 {"id": "LI3", "name": "Demo Pusher orders", "type": "pusher",
                  "options": {"channel": "orders"},
                  "mapping": {"order": "id", "state": "state", "customer": "customer.name", "event": "$event"}},
+                *pubsub_listeners,
             ],
         }],
     })
 
 
-async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate: float) -> None:
+async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate: float,
+                              pubsub: SalesforcePubsubSim | None = None) -> None:
     """Realistic payloads at `rate` per second per source (DataSift feeds itself)."""
     rnd = random.Random()
     for n in itertools.count(1):
@@ -109,6 +124,9 @@ async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate
                                    "Status__c": rnd.choice(_INVOICE_STATES),
                                    "Amount__c": round(rnd.uniform(100, 10_000), 2)},
                            type=rnd.choice(("created", "updated")))
+        if pubsub is not None:
+            pubsub.publish(PUBSUB_TOPIC, {"OrderNumber__c": f"O-{n:05d}", "Amount__c": round(rnd.uniform(5, 500), 2),
+                                          "Status__c": rnd.choice(_STATES)})
         await asyncio.sleep(1.0 / rate)
 
 
@@ -121,11 +139,12 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
         f"  API:       {api}        token: {DEV_TOKEN}",
         f"  engine:    {sims['engine']}  (prints every event below; also {directory / 'engine-events.jsonl'})",
         f"  store:     {directory / 'listenerd.db'}",
-        f"  simulators: pusher {sims['pusher']}  datasift {sims['datasift']}  salesforce {sims['salesforce']}",
+        f"  simulators: pusher {sims['pusher']}  datasift {sims['datasift']}  salesforce {sims['salesforce']}"
+        f"  salesforce pub/sub {sims['pubsub']}",
         "",
         "Try:",
     ]
-    for lid in ("LI1", "LI2", "LI3"):
+    for lid in ("LI1", "LI2", "LI3", "LI4"):
         lines.append(f"  {curl} {api}/1.0/tenants/{TENANT}/listeners/{lid}/status")
     lines += [
         f"  {curl} {api}/1.0/tenants/{TENANT}/listeners",
@@ -165,7 +184,9 @@ async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate
             await sim.start()
             started.append(sim)
         salesforce.create_topic(TOPIC, "SELECT Id, Name, Status__c, Amount__c FROM Invoice_Statement__c")
-        config = demo_config(listen, workdir, engine, pusher, datasift, salesforce)
+        pubsub = await SalesforcePubsubSim(salesforce).start()  # the same org: its tokens work on both APIs
+        started.append(pubsub)
+        config = demo_config(listen, workdir, engine, pusher, datasift, salesforce, pubsub_url=pubsub.url)
         daemon = Daemon(config, None, notifier=Notifier.from_env())
         try:
             await daemon.start()
@@ -177,9 +198,9 @@ async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate
                       hint="is another listenerd running? try `listenerd dev --listen 127.0.0.1:8089`")
             return 1
         print(banner(daemon, workdir, {"engine": engine.url, "pusher": pusher.url, "datasift": datasift.url,
-                                       "salesforce": salesforce.url}), flush=True)
+                                       "salesforce": salesforce.url, "pubsub": pubsub.url}), flush=True)
         datasift.feed(DATASIFT_HASH, interval=1.0 / rate)
-        publisher = asyncio.create_task(publish_demo_events(pusher, salesforce, rate), name="demo-publisher")
+        publisher = asyncio.create_task(publish_demo_events(pusher, salesforce, rate, pubsub), name="demo-publisher")
         await stop.wait()
         log.info("listenerd dev stopping", events_in_sink=sink.count)
         return 0

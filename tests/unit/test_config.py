@@ -42,7 +42,8 @@ def problems(text: str, env: dict | None = None) -> list[str]:
 
 def test_example_config_is_valid():
     cfg = config.load(ROOT / "config" / "listenerd.example.toml", EXAMPLE_ENV)
-    assert [s.id for s in cfg.tenants[0].listeners] == ["LI1", "LI2", "LI3"]
+    assert [s.id for s in cfg.tenants[0].listeners] == ["LI1", "LI2", "LI3", "LI4"]
+    assert cfg.tenants[0].listeners[3].options.topic == "/data/AccountChangeEvent"
     assert cfg.tenants[0].listeners[1].options.topic == "/topic/InvoiceStatementUpdates"
     assert cfg.tenants[0].integrations.datasift.api_key == "ds-key-9876"
     assert "sf-password" in cfg.secret_values()
@@ -55,6 +56,9 @@ def test_dev_config_is_valid(tmp_path):
         sim.port = port  # as if started
     cfg = demo_config("127.0.0.1:0", tmp_path, *sims)
     assert [s.type for s in cfg.tenants[0].listeners] == ["datasift", "salesforce", "pusher"]
+    cfg = demo_config("127.0.0.1:0", tmp_path, *sims, pubsub_url="http://127.0.0.1:9005")
+    assert [s.type for s in cfg.tenants[0].listeners][-1] == "salesforce-pubsub"
+    assert cfg.tenants[0].integrations.salesforce.pubsub_url == "http://127.0.0.1:9005"
 
 
 def test_base_is_valid():
@@ -68,7 +72,8 @@ def test_base_is_valid():
     (('options = { hash = "abc" }', 'options = { hash = "abc" }\nstatus = "yes please"'),
      "tenants[0].listeners[0].status: Input should be a valid boolean"),
     (('type = "datasift"', 'type = "twitter"'),
-     "tenants[0].listeners[0].type: unknown listener type 'twitter' (expected one of: datasift, pusher, salesforce)"),
+     "tenants[0].listeners[0].type: unknown listener type 'twitter' "
+     "(expected one of: datasift, pusher, salesforce, salesforce-pubsub)"),
     (('options = { hash = "abc" }', 'options = { hash = "abc", colour = "red" }'),
      "tenants[0].listeners[0].options.colour: unknown key"),
     (('username = "myuser"', 'username = "myuser"\napi_key2 = 1'),
