@@ -30,6 +30,7 @@ Checked against a client written by others (aiosfpubsub's stubs and Apache Avro 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import io
 import itertools
@@ -298,6 +299,7 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
         assert topic is not None
         stats.topic = topic.name
         position = await self._start(context, topic, first)  # the last replay id already sent (or skipped)
+        await context.send_initial_metadata((("rpc-id", secrets.token_hex(8)),))  # accepted: headers now
         stats.requested = owed = max(0, first.num_requested)
         stats.most_owed = owed
         problems: list[str] = []
@@ -324,7 +326,8 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
                                        f"A FetchRequest named topic {problems[0]} on a stream of {topic.name}.")
                 if self._drops != generation:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "RST_STREAM closed stream")
-                pending = [e for r, e in topic.events if r > position][:min(owed, MAX_PER_RESPONSE)]
+                start = bisect.bisect_right(topic.events, position, key=lambda item: item[0])  # in replay order
+                pending = [e for _, e in topic.events[start:start + min(owed, MAX_PER_RESPONSE)]]
                 now = time.monotonic()
                 if not self._silent and pending:
                     owed -= len(pending)

@@ -93,7 +93,8 @@ class PubSubChannel(Registered):
         self.closed = False
         self.task = None
         self.members = 0
-        self.schemas: dict[str, asyncio.Task[Schema]] = {}
+        self.schemas: dict[str, asyncio.Task[Schema]] = {}  # fetches, in flight or failed
+        self.ready: dict[str, Schema] = {}  # fetched: the per-event path reads only this
         target, tls = target_of(url)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         if tls:
@@ -114,6 +115,9 @@ class PubSubChannel(Registered):
 
     async def schema(self, schema_id: str, metadata: tuple[tuple[str, str], ...]) -> Schema:
         """`GetSchema` once per id (concurrent asks share one call); a failed fetch is not cached."""
+        found = self.ready.get(schema_id)
+        if found is not None:
+            return found
         flight = self.schemas.get(schema_id)
         if flight is None or (flight.done() and (flight.cancelled() or flight.exception() is not None)):
             flight = self.schemas[schema_id] = asyncio.create_task(self._fetch_schema(schema_id, metadata))
@@ -122,7 +126,8 @@ class PubSubChannel(Registered):
     async def _fetch_schema(self, schema_id: str, metadata: tuple[tuple[str, str], ...]) -> Schema:
         info = await self.stub.GetSchema(pb.SchemaRequest(schema_id=schema_id), metadata=metadata)
         raw = orjson.loads(info.schema_json)
-        return Schema(fastavro.parse_schema(raw), raw)
+        schema = self.ready[schema_id] = Schema(fastavro.parse_schema(raw), raw)
+        return schema
 
 
 def metadata_for(session: Session) -> tuple[tuple[str, str], ...]:
@@ -169,16 +174,23 @@ class Stream:
         call = self.channel.stub.Subscribe(self._requests(), metadata=metadata)
         self.requests.put_nowait(pb.FetchRequest(**sub.open(time.monotonic(), ctx.outbox_room())))  # type: ignore[arg-type]
         read: asyncio.Future[Any] = asyncio.ensure_future(call.read())
+        headers: asyncio.Future[Any] | None = asyncio.ensure_future(call.initial_metadata())
         room: asyncio.Task[None] | None = None
         try:
             while True:
                 waits: set[asyncio.Future[Any]] = {read}
+                if headers is not None:
+                    waits.add(headers)
                 if sub.owed == 0 and room is None:
                     room = asyncio.create_task(ctx.wait_for_room())
                 if room is not None:
                     waits.add(room)
                 done, _ = await asyncio.wait(waits, timeout=min(CHECK_EVERY, sub.bound / 4),
                                              return_when=asyncio.FIRST_COMPLETED)
+                if headers is not None and headers in done:
+                    headers = None
+                    if not call.done():  # headers of an accepted stream, not a refusal's trailers-only answer
+                        self._subscribed()
                 if room is not None and room in done:
                     room = None
                     sub.idle(time.monotonic())
@@ -199,7 +211,7 @@ class Stream:
             return sub.failed(grpc_error(exc))
         finally:
             call.cancel()
-            for task in (read, room):
+            for task in (read, room, headers):
                 if task is not None and not task.done():
                     task.cancel()
             with contextlib.suppress(BaseException):
@@ -210,16 +222,21 @@ class Stream:
         if more:
             self.requests.put_nowait(pb.FetchRequest(num_requested=more))
 
+    def _subscribed(self) -> None:
+        """The server accepted the stream (its headers, or a first response: events or a keepalive)."""
+        if not self.subscribed:
+            self.subscribed = True
+            self.sub.answered = True
+            self.ctx.started(f"Subscribed to {self.sub.topic} on the Pub/Sub API{self.note}")
+
     async def _received(self, response: Any, metadata: tuple[tuple[str, str], ...]) -> None:
         ctx, sub = self.ctx, self.sub
         sub.received(len(response.events), response.latest_replay_id, time.monotonic())
         ctx.alive()
-        if not self.subscribed:  # the first answer (events or a keepalive) proves the subscription
-            self.subscribed = True
-            ctx.started(f"Subscribed to {sub.topic} on the Pub/Sub API{self.note}")
+        self._subscribed()
         for consumer in response.events:
             event = consumer.event
-            schema = await self.channel.schema(event.schema_id, metadata)
+            schema = self.channel.ready.get(event.schema_id) or await self.channel.schema(event.schema_id, metadata)
             try:
                 record = fastavro.schemaless_reader(io.BytesIO(event.payload), schema.parsed, None)
             except Exception as exc:  # the schema says one thing, the bytes another: count, skip, go on

@@ -127,6 +127,7 @@ class Subscription:
         self.start = start
         self.batch = max(1, min(batch, MAX_BATCH))
         self.fallback = fallback
+        self.keepalive = keepalive
         self.bound = keepalive * margin  # silence past this is a dead stream
         self.owed = 0  # events requested and not yet received
         self.last_replay: bytes | None = None  # the newest event handed on in this run
@@ -189,8 +190,8 @@ class Subscription:
         quiet = now - self.last_seen
         if quiet <= self.bound:
             return None
-        return Retry("heartbeat", f"No Pub/Sub API response for {quiet:.0f} s on {self.topic} (Salesforce "
-                                  f"sends a keepalive at least every {KEEPALIVE_INTERVAL:.0f} s)", delay=0)
+        return Retry("heartbeat", f"No Pub/Sub API response for {quiet:.1f} s on {self.topic} (a keepalive "
+                                  f"is due at least every {self.keepalive:g} s)", delay=0)
 
     def idle(self, now: float) -> None:
         """Waiting for outbox room is ours, not the server's silence: the clock restarts."""

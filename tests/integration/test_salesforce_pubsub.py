@@ -185,8 +185,9 @@ async def test_silence_is_retrying_then_resumes(tmp_path, org, bus):
         await wait_for(lambda: record.attempts >= 1, what="a retry after silence")
         assert "No Pub/Sub API response" in record.last_error
         bus.silence(False)
-        bus.publish(ORDERS, {"OrderNumber__c": "after silence"})
-        await wait_for(lambda: record.received == 1 and record.status == "started", what="resumed")
+        await wait_for(lambda: record.status == "started" and len(bus.streams) >= 2, what="subscribed again")
+        bus.publish(ORDERS, {"OrderNumber__c": "after silence"})  # after it: `resume` without a checkpoint is LATEST
+        await wait_for(lambda: record.received == 1, what="resumed")
 
 
 async def test_restart_resumes_from_the_checkpoint(tmp_path, org, bus):
