@@ -37,7 +37,7 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import fastavro
 import grpc
@@ -122,6 +122,27 @@ def bitmap_of(schema: dict[str, Any], names: list[str]) -> list[str]:
 
 def replay_bytes(number: int) -> bytes:
     return number.to_bytes(8, "big")
+
+
+class Refused(Exception):  # noqa: N818 - the API's refusal, as a status
+    """A call ends with this gRPC status, Salesforce's code in the `error-code` trailer and an `rpc-id`."""
+
+    def __init__(self, code: grpc.StatusCode, error_code: str, message: str):
+        super().__init__(message)
+        self.code, self.error_code, self.rpc_id = code, error_code, secrets.token_hex(8)
+        self.details = f"{message} rpcId: {self.rpc_id}"
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        return ((("error-code", self.error_code),) if self.error_code else ()) + (("rpc-id", self.rpc_id),)
+
+    def end(self, context: grpc.aio.ServicerContext) -> None:
+        context.set_trailing_metadata(self.trailers())
+        context.set_code(self.code)
+        context.set_details(self.details)
+
+    async def abort(self, context: grpc.aio.ServicerContext) -> None:
+        context.set_trailing_metadata(self.trailers())
+        await context.abort(self.code, self.details)
 
 
 @dataclass
@@ -250,52 +271,64 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
 
     # ------------------------------------------------------------ RPCs
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, error_code: str,
-                      message: str) -> None:
-        rpc_id = secrets.token_hex(8)
+    def _refuse(self, code: grpc.StatusCode, error_code: str, message: str) -> NoReturn:
         self.refused.append((code.name, error_code))
-        context.set_trailing_metadata((("error-code", error_code), ("rpc-id", rpc_id)))
-        await context.abort(code, f"{message} rpcId: {rpc_id}")
+        raise Refused(code, error_code, message)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         if not (self.org.valid_token(metadata.get("accesstoken", ""))
                 and metadata.get("instanceurl", "").rstrip("/") == self.org.url
                 and metadata.get("tenantid") == self.org.org_id):
-            await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, AUTH_ERROR,
-                               "An authentication exception occurred. Provide valid authentication via metadata "
-                               "headers.")
+            self._refuse(grpc.StatusCode.UNAUTHENTICATED, AUTH_ERROR,
+                         "An authentication exception occurred. Provide valid authentication via metadata headers.")
         return metadata
 
     async def GetSchema(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - the RPC's name
-        await self._authenticate(context)
-        self.schema_requests += 1
-        for topic in self.topics.values():
-            if topic.schema_id == request.schema_id:
-                return pb.SchemaInfo(schema_json=orjson.dumps(topic.schema).decode(), schema_id=topic.schema_id,
-                                     rpc_id=secrets.token_hex(8))
-        await self._refuse(context, grpc.StatusCode.NOT_FOUND, "sfdc.platform.eventbus.grpc.schema.not.found",
-                           f"Schema {request.schema_id} not found.")
+        try:
+            self._authenticate(context)
+            self.schema_requests += 1
+            for topic in self.topics.values():
+                if topic.schema_id == request.schema_id:
+                    return pb.SchemaInfo(schema_json=orjson.dumps(topic.schema).decode(), schema_id=topic.schema_id,
+                                         rpc_id=secrets.token_hex(8))
+            self._refuse(grpc.StatusCode.NOT_FOUND, "sfdc.platform.eventbus.grpc.schema.not.found",
+                         f"Schema {request.schema_id} not found.")
+        except Refused as refused:
+            await refused.abort(context)
 
     async def GetTopic(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        await self._authenticate(context)
-        topic = self.topics.get(request.topic_name)
-        if topic is None:
-            await self._refuse(context, grpc.StatusCode.NOT_FOUND, TOPIC_ERROR,
-                               f"The topic {request.topic_name} does not exist or you lack access.")
-        return pb.TopicInfo(topic_name=topic.name, tenant_guid=self.org.org_id, can_publish=True,  # type: ignore
-                            can_subscribe=True, schema_id=topic.schema_id, rpc_id=secrets.token_hex(8))
+        try:
+            self._authenticate(context)
+            topic = self.topics.get(request.topic_name)
+            if topic is None:
+                self._refuse(grpc.StatusCode.NOT_FOUND, TOPIC_ERROR,
+                             f"The topic {request.topic_name} does not exist or you lack access.")
+            return pb.TopicInfo(topic_name=topic.name, tenant_guid=self.org.org_id, can_publish=True,
+                                can_subscribe=True, schema_id=topic.schema_id, rpc_id=secrets.token_hex(8))
+        except Refused as refused:
+            await refused.abort(context)
 
     async def Subscribe(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        stats = StreamStats(metadata=await self._authenticate(context))
-        self.streams.append(stats)
+        """The stream, ended by a refusal as a status with trailers (set, then return: no abort inside a generator)."""
+        try:
+            async for response in self._subscribe(request_iterator, context):
+                yield response
+        except Refused as refused:
+            refused.end(context)
+
+    async def _subscribe(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        # The first FetchRequest is read before anything is refused: a stream ended before the client's first
+        # message is taken makes grpc's client report INTERNAL ("Internal error from Core") now and then.
         first = await anext(aiter(request_iterator), None)
+        stats = StreamStats(metadata=self._authenticate(context))
+        self.streams.append(stats)
         if first is None:
             return
         topic = self.topics.get(first.topic_name)
         if topic is None:
-            await self._refuse(context, grpc.StatusCode.NOT_FOUND, TOPIC_ERROR,
-                               f"The topic {first.topic_name} does not exist or you lack access.")
+            self._refuse(grpc.StatusCode.NOT_FOUND, TOPIC_ERROR,
+                         f"The topic {first.topic_name} does not exist or you lack access.")
         assert topic is not None
         stats.topic = topic.name
         position = await self._start(context, topic, first)  # the last replay id already sent (or skipped)
@@ -321,11 +354,11 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
         try:
             while True:
                 if problems:
-                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                       "sfdc.platform.eventbus.grpc.subscription.fetch.topic.mismatch",
-                                       f"A FetchRequest named topic {problems[0]} on a stream of {topic.name}.")
+                    self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                                 "sfdc.platform.eventbus.grpc.subscription.fetch.topic.mismatch",
+                                 f"A FetchRequest named topic {problems[0]} on a stream of {topic.name}.")
                 if self._drops != generation:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "RST_STREAM closed stream")
+                    raise Refused(grpc.StatusCode.UNAVAILABLE, "", "RST_STREAM closed stream")
                 start = bisect.bisect_right(topic.events, position, key=lambda item: item[0])  # in replay order
                 pending = [e for _, e in topic.events[start:start + min(owed, MAX_PER_RESPONSE)]]
                 now = time.monotonic()
@@ -358,8 +391,8 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
             return 0
         replay = int.from_bytes(first.replay_id, "big") if len(first.replay_id) == 8 else -1
         if replay < self.purged_upto or replay > self._newest() or replay < 0:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, REPLAY_ERROR,
-                               "The Replay ID validation failed. Ensure that the Replay ID is valid.")
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, REPLAY_ERROR,
+                         "The Replay ID validation failed. Ensure that the Replay ID is valid.")
         return replay
 
     def _newest(self) -> int:

@@ -28,7 +28,8 @@ def client_with(metadata):
 
 def refusal(exc):
     trailers = dict(exc.trailing_metadata() or ())
-    return {"code": exc.code().name, "error-code": trailers.get("error-code"), "rpc-id": bool(trailers.get("rpc-id"))}
+    return {"code": exc.code().name, "error-code": trailers.get("error-code"), "rpc-id": bool(trailers.get("rpc-id")),
+            "details": exc.details()}
 
 
 async def subscribe(stub, client, metadata, topic, replay_type, replay_id, asks, want, quiet=0.6):

@@ -58,9 +58,12 @@ async def test_aiosfpubsub_subscribes_replays_decodes_and_is_refused_as_document
     header = seen["cdc"]["events"][0]["record"]["ChangeEventHeader"]
     assert header["entityName"] == "Account" and header["changeType"] == "UPDATE"
     assert header["changedFields"] == ["0x2", "4-0x2"]  # Name is field 1; City is field 1 of BillingAddress (4)
-    assert seen["bad_token"]["refused"] == {"code": "UNAUTHENTICATED", "rpc-id": True,
-                                            "error-code": "sfdc.platform.eventbus.grpc.service.auth.error"}
-    assert seen["unknown_topic"]["refused"]["code"] == "NOT_FOUND"
-    assert seen["bad_replay"]["refused"] == {
-        "code": "INVALID_ARGUMENT", "rpc-id": True,
-        "error-code": "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted"}
+    refused = {case: seen[case]["refused"] for case in ("bad_token", "unknown_topic", "bad_replay")}
+    details = {case: answer.pop("details") for case, answer in refused.items()}
+    assert refused["bad_token"] == {"code": "UNAUTHENTICATED", "rpc-id": True,
+                                    "error-code": "sfdc.platform.eventbus.grpc.service.auth.error"}, details
+    assert details["bad_token"].startswith("An authentication exception occurred.")
+    assert refused["unknown_topic"]["code"] == "NOT_FOUND" and "/event/Nope__e" in details["unknown_topic"]
+    assert refused["bad_replay"] == {"code": "INVALID_ARGUMENT", "rpc-id": True, "error-code":
+                                     "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted"}, details
+    assert all("rpcId: " in words for words in details.values())  # as the API appends it
