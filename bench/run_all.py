@@ -21,6 +21,7 @@ THROUGHPUT = [
     ["bench/pusher_fanout.py"],
     ["bench/salesforce_throughput.py", "--repeat", "3", "--write"],
     ["bench/salesforce_shared.py"],
+    ["bench/salesforce_pubsub.py"],
     ["bench/datasift_throughput.py"],
     ["bench/fleet.py"],
 ]
