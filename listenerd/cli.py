@@ -155,7 +155,8 @@ def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
     """Accept a payload as the source delivers it on the wire, or the bare payload itself.
 
     DataSift: a stream message `{"hash", "data"}`; Salesforce: a CometD message with
-    `data.event`/`data.sobject`; Pusher: an event frame `{"event", "channel", "data"}`. Anything else
+    `data.event`/`data.sobject`; Salesforce Pub/Sub: the decoded record (a CDC one's `ChangeEventHeader`
+    as `$header`); Pusher: an event frame `{"event", "channel", "data"}`. Anything else
     is taken as the payload root, with no metadata.
     """
     if not isinstance(message, dict):
@@ -166,6 +167,8 @@ def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
     if source_type == "salesforce" and isinstance(message.get("data"), dict) and "sobject" in message["data"]:
         return message["data"]["sobject"], {"$event": message["data"].get("event", {}),
                                             "$channel": message.get("channel")}
+    if source_type == "salesforce-pubsub" and isinstance(message.get("ChangeEventHeader"), dict):
+        return message, {"$header": message["ChangeEventHeader"]}  # a decoded CDC record: its header too
     if source_type == "pusher" and "event" in message and "data" in message:
         data = message["data"]
         if isinstance(data, str):

@@ -169,8 +169,12 @@ class StreamStats:
 
 
 class SalesforcePubsubSim(pb_grpc.PubSubServicer):
-    def __init__(self, org: SalesforceSim, host: str = "127.0.0.1", port: int = 0, *, keepalive: float = 270.0):
+    def __init__(self, org: SalesforceSim, host: str = "127.0.0.1", port: int = 0, *, keepalive: float = 270.0,
+                 tls: tuple[bytes, bytes] | None = None):
+        """`keepalive`: seconds between keepalives on an idle stream (270 s on the real API); `tls`: (private
+        key PEM, certificate chain PEM) to serve TLS, as the real endpoint does (`url` is then https://)."""
         self.org = org
+        self.tls = tls
         self.host, self.port = host, port
         self.keepalive = keepalive
         self.topics: dict[str, _Topic] = {}
@@ -189,12 +193,14 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> SalesforcePubsubSim:
         self._server = grpc.aio.server()
         pb_grpc.add_PubSubServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        self.port = (self._server.add_secure_port(address, grpc.ssl_server_credentials([self.tls])) if self.tls
+                     else self._server.add_insecure_port(address))
         await self._server.start()
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 
 import pytest
 import structlog
@@ -20,6 +21,7 @@ from listenerd.sim.salesforce import ORG_ID, SalesforceSim
 from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
 from listenerd.sources.salesforce_pubsub import PubSubChannels
 from tests.harness import Harness, desired, integration, listener, wait_for
+from tests.tls import self_signed
 
 PASSWORD, TOKEN = "pa55-word", "SECTOKEN123"
 KEY = ("t1", "LP1")
@@ -225,3 +227,32 @@ async def test_engine_down_flow_control_holds_the_bound_and_resumes(tmp_path, or
         assert record.received == total and bus.streams[-1] is stream  # one stream all along: it resumed
         assert stream.sent == total <= stream.requested and stream.most_owed <= 4
         assert [f'"O-{i}"'.encode() in body for i, body in enumerate(delivered)] == [True] * total
+
+
+def tls_files(tmp_path):
+    """A throwaway CA's (key, certificate) PEM bytes for the simulator, and the bundle a client trusts."""
+    _, ca_bundle = self_signed(tmp_path)
+    cert = Path(ca_bundle).read_bytes()
+    return (Path(ca_bundle.replace("-cert.pem", "-key.pem")).read_bytes(), cert), ca_bundle
+
+
+async def test_tls_is_verified_against_the_ca_bundle_and_refused_without_it(tmp_path, org):
+    (key, cert), ca_bundle = tls_files(tmp_path)
+    async with SalesforcePubsubSim(org, keepalive=0.3, tls=(key, cert)) as secure:
+        assert secure.url.startswith("https://")
+        config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")},
+                                        "supervisor": {"backoff-initial": 0.05, "backoff-max": 0.3},
+                                        "sources": {"ca-bundle": ca_bundle, "salesforce-pubsub-keepalive": 0.3}})
+        async with Harness(tmp_path, config) as h:
+            sup = h.supervisor()
+            await sup.start({KEY: desired(spec(), creds(org.url, secure.url))})
+            record = sup.status(KEY)
+            await started(record)
+            secure.publish(ORDERS, {"OrderNumber__c": "over TLS"})
+            await wait_for(lambda: record.received == 1, what="an event over TLS")
+        (tmp_path / "untrusted").mkdir()
+        async with running(tmp_path / "untrusted", org, secure.url) as (_, _, record):  # the system's CAs only
+            await wait_for(lambda: record.attempts >= 2, what="retries")
+            assert record.status in ("retrying", "starting") and "Pub/Sub API unavailable" in record.last_error
+            assert "CERTIFICATE_VERIFY_FAILED" in record.last_error  # the operator reads why
+            assert len(secure.streams) == 1  # the untrusted listener never got a stream
