@@ -129,18 +129,22 @@ async def test_refused_connection_is_retrying_and_names_the_endpoint(tmp_path, o
 
 
 async def test_expired_token_logs_in_again_once_and_loses_nothing(tmp_path, org, bus):
-    async with running(tmp_path, org, bus.url) as (h, sup, record):
-        await started(record)
-        bus.publish(ORDERS, {"OrderNumber__c": "before"})
-        await wait_for(lambda: record.received == 1, what="first event")
-        logins = org.logins
-        org.expire_sessions()
-        bus.drop_streams()  # the stream ends; the next one presents the revoked token
-        bus.publish(ORDERS, {"OrderNumber__c": "after"})
-        await wait_for(lambda: record.received == 2, what="second event")
-        assert orders(await h.events()) == ["before", "after"]
-        assert org.logins == logins + 1
-        assert ("UNAUTHENTICATED", "sfdc.platform.eventbus.grpc.service.auth.error") in bus.refused
+    with structlog.testing.capture_logs() as logs:
+        async with running(tmp_path, org, bus.url) as (h, sup, record):
+            await started(record)
+            bus.publish(ORDERS, {"OrderNumber__c": "before"})
+            await wait_for(lambda: record.received == 1, what="first event")
+            logins = org.logins
+            org.expire_sessions()
+            bus.drop_streams()  # the stream ends; the next one presents the revoked token
+            bus.publish(ORDERS, {"OrderNumber__c": "after"})
+            await wait_for(lambda: record.received == 2, what="second event")
+            assert orders(await h.events()) == ["before", "after"]
+            assert org.logins == logins + 1
+            assert ("UNAUTHENTICATED", "sfdc.platform.eventbus.grpc.service.auth.error") in bus.refused
+            seen = repr(logs) + record.message + str(record.last_error) + repr(await h.events())
+    tokens = {stream.metadata["accesstoken"] for stream in bus.streams}
+    assert len(tokens) == 2 and not any(token in seen for token in tokens)  # the secret never shows
 
 
 async def test_dropped_stream_resumes_after_the_last_event(tmp_path, org, bus):
