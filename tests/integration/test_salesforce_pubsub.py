@@ -260,3 +260,19 @@ async def test_tls_is_verified_against_the_ca_bundle_and_refused_without_it(tmp_
             assert record.status in ("retrying", "starting") and "Pub/Sub API unavailable" in record.last_error
             assert "CERTIFICATE_VERIFY_FAILED" in record.last_error  # the operator reads why
             assert len(secure.streams) == 1  # the untrusted listener never got a stream
+
+
+async def test_restart_mid_stream_resumes_after_the_last_committed_event(tmp_path, org, bus):
+    total = 300
+    for i in range(total):
+        bus.publish(ORDERS, {"OrderNumber__c": f"O-{i:03d}"})
+    async with running(tmp_path, org, bus.url, replay="all", batch=5) as (h, sup, record):
+        await wait_for(lambda: record.received >= 40, what="part of the backlog")
+    # stopped mid-stream; `all` would start from EARLIEST again, but the checkpoint set through the API
+    # (as `PUT .../checkpoint` does) and `resume` both continue after the last committed event
+    async with running(tmp_path, org, bus.url, replay="resume", batch=5) as (h, sup, record):
+        await wait_for(lambda: len(bus.streams) >= 2 and bus.streams[-1].sent > 0, what="the second stream")
+        await wait_for(lambda: h.outbox.depth == total, what="the whole backlog, once", timeout=20)
+        events = await h.events()
+        assert orders(events) == [f"O-{i:03d}" for i in range(total)]  # no gap, no duplicate, in order
+        assert len({e["id"] for e in events}) == total
