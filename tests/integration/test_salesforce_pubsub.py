@@ -276,3 +276,14 @@ async def test_restart_mid_stream_resumes_after_the_last_committed_event(tmp_pat
         events = await h.events()
         assert orders(events) == [f"O-{i:03d}" for i in range(total)]  # no gap, no duplicate, in order
         assert len({e["id"] for e in events}) == total
+
+
+async def test_a_payload_its_schema_cannot_decode_is_counted_and_skipped(tmp_path, org, bus):
+    async with running(tmp_path, org, bus.url) as (h, sup, record):
+        await started(record)
+        await bus.send_raw(ORDERS, b"\xff\xff\xff")  # a long that never ends: not an Order__e
+        good = bus.publish(ORDERS, {"OrderNumber__c": "after the bad one"})
+        await wait_for(lambda: record.received == 1, what="the good event")
+        assert orders(await h.events()) == ["after the bad one"]
+        assert h.metrics.listener_errors.labels(*KEY, "malformed")._value.get() == 1
+        assert await h.store.get_checkpoint(*KEY) == str(good) and record.status == "started"
