@@ -185,3 +185,35 @@ def test_every_problem_is_reported_at_once_even_with_a_missing_variable(tmp_path
         "tenants[0].listeners[0].options.hash: required",
         "tenants[0].listeners[0].mapping.who: path 'a..b' has an empty segment",
     }
+
+
+def test_a_pubsub_listener_runs_on_the_salesforce_integration():
+    listener = """
+[[tenants.listeners]]
+id = "LP"
+type = "salesforce-pubsub"
+options = { topic = "/event/Order__e", batch = 20 }
+"""
+    assert problems(BASE + listener) == [
+        "tenants[0].listeners[1].type: no salesforce integration: add [tenants.integrations.salesforce] "
+        "to tenant 'tenant1'"]
+    salesforce = """
+[tenants.integrations.salesforce]
+consumer-key = "ck"
+consumer-secret = "cs-123"
+username = "u@example.com"
+password = "pw-123"
+pubsub-url = "http://127.0.0.1:7443"
+"""
+    cfg = config.parse(BASE.replace("[[tenants.listeners]]", salesforce + "\n[[tenants.listeners]]", 1) + listener,
+                       {})
+    assert cfg.tenants[0].listeners[1].options.batch == 20
+    line = config.summary(cfg).splitlines()[-1]
+    assert line.endswith("LP salesforce-pubsub enabled: Pub/Sub topic /event/Order__e (replay resume, batch 20), "
+                         "mapping 0 field(s)")
+    bad = BASE + listener.replace('"/event/Order__e", batch = 20', '"Invoices", batch = 500')
+    found = problems(bad.replace("[[tenants.listeners]]", salesforce.replace("http://127.0.0.1:7443", "ftp://x")
+                                 + "\n[[tenants.listeners]]", 1))
+    assert any(p.startswith("tenants[0].listeners[1].options.topic: must be /event/") for p in found), found
+    assert any(p.startswith("tenants[0].listeners[1].options.batch: ") for p in found), found
+    assert any(p.startswith("tenants[0].integrations.salesforce.pubsub-url: must be https://") for p in found), found
