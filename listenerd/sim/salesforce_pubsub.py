@@ -170,9 +170,11 @@ class StreamStats:
 
 class SalesforcePubsubSim(pb_grpc.PubSubServicer):
     def __init__(self, org: SalesforceSim, host: str = "127.0.0.1", port: int = 0, *, keepalive: float = 270.0,
-                 tls: tuple[bytes, bytes] | None = None):
+                 tls: tuple[bytes, bytes] | None = None, headers_at_once: bool = True):
         """`keepalive`: seconds between keepalives on an idle stream (270 s on the real API); `tls`: (private
-        key PEM, certificate chain PEM) to serve TLS, as the real endpoint does (`url` is then https://)."""
+        key PEM, certificate chain PEM) to serve TLS, as the real endpoint does (`url` is then https://);
+        `headers_at_once=False` holds the response headers until the first message, as a gRPC server may."""
+        self.headers_at_once = headers_at_once
         self.org = org
         self.tls = tls
         self.host, self.port = host, port
@@ -338,7 +340,8 @@ class SalesforcePubsubSim(pb_grpc.PubSubServicer):
         assert topic is not None
         stats.topic = topic.name
         position = await self._start(context, topic, first)  # the last replay id already sent (or skipped)
-        await context.send_initial_metadata((("rpc-id", secrets.token_hex(8)),))  # accepted: headers now
+        if self.headers_at_once:
+            await context.send_initial_metadata((("rpc-id", secrets.token_hex(8)),))  # accepted: headers now
         stats.requested = owed = max(0, first.num_requested)
         stats.most_owed = owed
         problems: list[str] = []

@@ -53,6 +53,10 @@ from listenerd.sources.salesforce_pubsub_protocol import (
 STOP_TIMEOUT = 2.0
 MAX_MESSAGE_BYTES = 64 << 20  # one FetchResponse: up to 100 events of up to 1 MB each (Salesforce's event limit)
 CHECK_EVERY = 1.0  # how often a quiet stream looks at its clock (more often for a short bound)
+# A stream the server has neither refused nor answered after this long counts as subscribed: Salesforce
+# refuses a bad token, topic or replay id at once, but a gRPC server may hold its response headers until
+# its first message, which on an idle topic is the keepalive up to 270 s later.
+ACCEPTED_AFTER = 3.0
 BITMAP_FIELDS = ("changedFields", "nulledFields", "diffFields")
 
 
@@ -172,6 +176,7 @@ class Stream:
         ctx, sub = self.ctx, self.sub
         metadata = metadata_for(self.session)
         call = self.channel.stub.Subscribe(self._requests(), metadata=metadata)
+        opened = time.monotonic()
         self.requests.put_nowait(pb.FetchRequest(**sub.open(time.monotonic(), ctx.outbox_room())))  # type: ignore[arg-type]
         read: asyncio.Future[Any] = asyncio.ensure_future(call.read())
         headers: asyncio.Future[Any] | None = asyncio.ensure_future(call.initial_metadata())
@@ -203,6 +208,8 @@ class Stream:
                     read = asyncio.ensure_future(call.read())
                     self._top_up()
                 elif not done:
+                    if not self.subscribed and time.monotonic() - opened >= ACCEPTED_AFTER and not call.done():
+                        self._subscribed()
                     if ctx.paused:
                         sub.idle(time.monotonic())
                     elif (silent := sub.silent(time.monotonic())) is not None:

@@ -287,3 +287,13 @@ async def test_a_payload_its_schema_cannot_decode_is_counted_and_skipped(tmp_pat
         assert orders(await h.events()) == ["after the bad one"]
         assert h.metrics.listener_errors.labels(*KEY, "malformed")._value.get() == 1
         assert await h.store.get_checkpoint(*KEY) == str(good) and record.status == "started"
+
+
+async def test_a_quiet_stream_not_refused_counts_as_subscribed(tmp_path, org):
+    # headers held until the first message, and no keepalive for 30 s: accepted once not refused for 3 s
+    async with SalesforcePubsubSim(org, keepalive=30, headers_at_once=False) as quiet, \
+            running(tmp_path, org, quiet.url, keepalive=30) as (h, sup, record):
+        await wait_for(lambda: record.status == "started", timeout=6, what="started without a response")
+        assert quiet.streams[0].responses == 0 and quiet.streams[0].keepalives == 0
+        quiet.publish(ORDERS, {"OrderNumber__c": "first"})
+        await wait_for(lambda: record.received == 1, what="the first event")
