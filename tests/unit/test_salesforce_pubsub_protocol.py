@@ -166,3 +166,11 @@ def test_options_validate_topic_and_batch():
             SalesforcePubsubOptions(topic=bad)
     with pytest.raises(ValueError):
         SalesforcePubsubOptions(topic="/event/X__e", batch=101)
+
+
+def test_pubsub_url_to_grpc_target():
+    from listenerd.sources.salesforce_pubsub import target_of
+
+    assert target_of("https://api.pubsub.salesforce.com:7443") == ("api.pubsub.salesforce.com:7443", True)
+    assert target_of("https://pubsub.example.com") == ("pubsub.example.com:443", True)
+    assert target_of("http://127.0.0.1:50051") == ("127.0.0.1:50051", False)
