@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PYTEST_ARGS ?= -q
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint bench clean stubs
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.test tests/peers/node_modules/.installed lint
 
 bench: $(VENV)/.test tests/peers/node_modules/.installed
 	$(VENV)/bin/python bench/run_all.py
+
+# The Pub/Sub API stubs are committed (listenerd/proto/*_pb2*.py); regenerate after editing the .proto.
+stubs: $(VENV)/.test
+	$(VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. listenerd/proto/pubsub_api.proto
 
 clean:
 	rm -rf $(VENV) tests/peers/node_modules

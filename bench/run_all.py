@@ -22,6 +22,7 @@ THROUGHPUT = [
     ["bench/salesforce_throughput.py", "--repeat", "3", "--write"],
     ["bench/salesforce_shared.py"],
     ["bench/salesforce_kinds.py"],
+    ["bench/salesforce_pubsub.py"],
     ["bench/datasift_throughput.py"],
     ["bench/fleet.py"],
     ["bench/people_views.py"],

@@ -182,9 +182,9 @@ def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
     """Accept a payload as the source delivers it on the wire, or the bare payload itself.
 
     DataSift: a stream message `{"hash", "data"}`; Salesforce: a CometD message, by its channel's kind
-    (`data.sobject` for a PushTopic, `data.payload` for Platform Events, CDC and generic); Pusher: an
-    event frame `{"event", "channel", "data"}`. Anything else
-    is taken as the payload root, with no metadata.
+    (`data.sobject` for a PushTopic, `data.payload` for Platform Events, CDC and generic); Salesforce
+    Pub/Sub: the decoded record (a CDC one's `ChangeEventHeader` as `$header`); Pusher: an event frame
+    `{"event", "channel", "data"}`. Anything else is taken as the payload root, with no metadata.
     """
     if not isinstance(message, dict):
         return message, {}
@@ -198,6 +198,8 @@ def split_message(source_type: str, message: Any) -> tuple[Any, dict[str, Any]]:
         found = event_of(channel, message["data"])
         if found is not None:
             return found
+    if source_type == "salesforce-pubsub" and isinstance(message.get("ChangeEventHeader"), dict):
+        return message, {"$header": message["ChangeEventHeader"]}  # a decoded CDC record: its header too
     if source_type == "pusher" and "event" in message and "data" in message:
         data = message["data"]
         if isinstance(data, str):

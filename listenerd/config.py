@@ -19,12 +19,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from listenerd.model import INTEGRATION_TYPES, SOURCE_TYPES, Config, Limits, Server
+from listenerd.model import INTEGRATION_TYPES, LISTENER_TYPES, SOURCE_TYPES, Config, Limits, Server, integration_type
 
 DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FILE_SUFFIX = "-file"
-_TAGS = set(SOURCE_TYPES)
+_TAGS = set(LISTENER_TYPES)
 _UNSET = "<unset-value-reported-above>"  # stands in for a missing value so validation can go on
 MAX_SECRET_FILE_BYTES = 65_536
 MAX_CONFIG_BYTES = 16 * 1_048_576
@@ -164,7 +164,7 @@ def format_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[Pr
         elif kind == "union_tag_invalid":
             loc.append("type")
             message = f"unknown listener type {error['input'].get('type')!r} (expected one of: " \
-                      f"{', '.join(SOURCE_TYPES)})"
+                      f"{', '.join(LISTENER_TYPES)})"
         elif kind == "union_tag_not_found":
             loc.append("type")
             message = "required"
@@ -192,9 +192,10 @@ def cross_check(config: Config) -> Iterable[Problem]:
             if listener.id in listener_ids:
                 yield Problem(f"{where}.id", f"duplicate listener id {listener.id!r} in tenant {tenant.id!r}")
             listener_ids.add(listener.id)
-            if tenant.integrations.get(listener.type) is None:
-                yield Problem(f"{where}.type", f"no {listener.type} integration: add "
-                                               f"[tenants.integrations.{listener.type}] to tenant {tenant.id!r}")
+            kind = integration_type(listener.type)
+            if tenant.integrations.get(kind) is None:
+                yield Problem(f"{where}.type", f"no {kind} integration: add "
+                                               f"[tenants.integrations.{kind}] to tenant {tenant.id!r}")
     names = set()
     for index, token in enumerate(config.server.tokens):
         if token.name in names:
@@ -328,5 +329,7 @@ def _describe(listener: Any) -> str:
             return f"stream {options.hash}"
         case "salesforce":
             return f"topic {options.topic} (replay {options.replay})"
+        case "salesforce-pubsub":
+            return f"Pub/Sub topic {options.topic} (replay {options.replay}, batch {options.batch})"
         case _:
             return f"channel {options.channel}"

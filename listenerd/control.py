@@ -214,8 +214,9 @@ class Control:
         """Set a Salesforce listener's resume point (`{"replay": n}`) and restart it from there."""
         spec = await self.get_listener(tenant_id, listener_id)
         replay = fields.get("replay")
-        if spec.type != "salesforce":
-            raise Invalid(f"replay: only salesforce listeners have checkpoints ({listener_id!r} is {spec.type})",
+        if spec.type not in ("salesforce", "salesforce-pubsub"):
+            raise Invalid(f"replay: only salesforce and salesforce-pubsub listeners have checkpoints "
+                          f"({listener_id!r} is {spec.type})",
                           ["replay"])
         if isinstance(replay, bool) or not isinstance(replay, int) or not -2 <= replay <= MAX_REPLAY_ID:
             raise Invalid(f"replay: must be a replayId (an integer from 0 to {MAX_REPLAY_ID}, Salesforce's 64-bit "

@@ -33,6 +33,7 @@ from listenerd.model import (
     SOURCE_TYPES,
     Config,
     Integration,
+    integration_type,
     load_integration,
     load_listener,
     stored_listener,
@@ -277,7 +278,8 @@ class Daemon:
                 log.error("stored listener is invalid; skipped", tenant=row.tenant_id, listener=row.key,
                           error=str(exc))
                 continue
-            desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get((row.tenant_id, spec.type)))
+            integration_key = (row.tenant_id, integration_type(spec.type))
+            desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get(integration_key))
         return desired
 
     async def apply(self) -> dict[str, list[Key]]:

@@ -1,12 +1,14 @@
 """`listenerd dev`: a complete local run with no accounts and no network beyond loopback.
 
-Starts the Pusher, DataSift and Salesforce simulators, a local engine sink that prints every
-normalized event and appends it to a JSON-lines file, and the daemon itself with a demo tenant
-holding one listener of each kind; demo publishers send realistic payloads at a gentle rate.
+Starts the Pusher, DataSift and Salesforce simulators (CometD and the Pub/Sub API, one org), a local
+engine sink that prints every normalized event and appends it to a JSON-lines file, and the daemon
+itself with a demo tenant holding one listener of each kind; demo publishers send realistic payloads
+at a gentle rate.
 Salesforce logs in with the JWT bearer flow: the run makes its own throwaway RSA key and self-signed
 certificate at start (in memory: `dev_app_key`), gives the certificate to the simulated connected app
 and the key to the integration, as an admin would with `openssl` (README). Beside the PushTopic
-listener there is a Platform Event listener and a Change Data Capture listener.
+listener there is a Platform Event listener, a Change Data Capture listener and a Pub/Sub API
+listener.
 Everything runs in this one process and event loop; Ctrl-C stops it all cleanly. There is no config
 file for it: the config is built here (`demo_config`), because it points at the simulators' ports.
 """
@@ -34,6 +36,7 @@ from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim, throwaway_certificate
+from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
 from listenerd.store import StoreUnavailable
 from listenerd.systemd import Notifier
 
@@ -45,6 +48,7 @@ TOPIC = "InvoiceStatementUpdates"
 PLATFORM_EVENT = "Order_Placed__e"
 CDC_OBJECT = "Account"
 _INDUSTRIES = ("Banking", "Retail", "Energy", "Healthcare", "Education")
+PUBSUB_TOPIC = "/event/Order__e"
 _STATES = ("created", "paid", "packed", "shipped", "delivered")
 _CUSTOMERS = ("Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson", "Edsger Dijkstra")
 _INVOICE_STATES = ("Open", "Negotiating", "Pending", "Closed")
@@ -73,8 +77,18 @@ class Sink:
 
 
 def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherSim, datasift: DataSiftSim,
-                salesforce: SalesforceSim) -> Config:
-    """The demo's config, validated as a config file is (cross-checks included)."""
+                salesforce: SalesforceSim, pubsub_url: str | None = None) -> Config:
+    """The demo's config, validated as a config file is (cross-checks included).
+
+    With `pubsub_url` (the Pub/Sub API simulator's), the Salesforce integration also carries a
+    `salesforce-pubsub` listener (LI6) on the org's Platform Event `/event/Order__e`.
+    """
+    pubsub = {"pubsub-url": pubsub_url} if pubsub_url else {}
+    pubsub_listeners = [
+        {"id": "LI6", "name": "Demo Salesforce orders (Pub/Sub API)", "type": "salesforce-pubsub",
+         "options": {"topic": PUBSUB_TOPIC, "replay": "resume", "batch": 100},
+         "mapping": {"order": "OrderNumber__c", "amount": "Amount__c", "state": "Status__c",
+                     "replay-id": "$event.replayId", "schema": "$schema.id"}}] if pubsub_url else []
     return config_module.validate({
         "server": {"listen": listen, "tokens": [{"name": "dev", "token": DEV_TOKEN, "tenants": ["*"]}],
                    # integrations made through the API may point at the local simulators
@@ -89,7 +103,8 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                            "host": pusher.host, "port": pusher.port, "tls": False},
                 "datasift": {"username": "demo", "api-key": "demo-datasift-key", "stream-url": datasift.url},
                 "salesforce": {"auth": "jwt", "consumer-key": "demo-consumer-key", "username": "demo@example.com",
-                               "private-key": dev_app_key()[0], "login-url": salesforce.url},
+                               "private-key": dev_app_key()[0], "login-url": salesforce.url,
+                               **pubsub},
             },
             "listeners": [
                 {"id": "LI1", "name": "Demo Datasift", "type": "datasift", "options": {"hash": DATASIFT_HASH},
@@ -110,12 +125,14 @@ def demo_config(listen: str, directory: Path, engine: EngineSim, pusher: PusherS
                  "options": {"topic": f"/data/{CDC_OBJECT}ChangeEvent"},
                  "mapping": {"account": "Name", "industry": "Industry", "change": "$header.changeType",
                              "records": "$header.recordIds", "replay-id": "$event.replayId"}},
+                *pubsub_listeners,
             ],
         }],
     })
 
 
-async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate: float) -> None:
+async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate: float,
+                              pubsub: SalesforcePubsubSim | None = None) -> None:
     """Realistic payloads at `rate` per second per source (DataSift feeds itself)."""
     rnd = random.Random()
     for n in itertools.count(1):
@@ -131,6 +148,9 @@ async def publish_demo_events(pusher: PusherSim, salesforce: SalesforceSim, rate
         change = "CREATE" if n % 3 == 1 else "UPDATE"
         salesforce.publish_change(CDC_OBJECT, change, [f"001D000000Ab{(n + 2) // 3:06d}"],
                                   {"Name": rnd.choice(_CUSTOMERS) + " Ltd", "Industry": rnd.choice(_INDUSTRIES)})
+        if pubsub is not None:
+            pubsub.publish(PUBSUB_TOPIC, {"OrderNumber__c": f"O-{n:05d}", "Amount__c": round(rnd.uniform(5, 500), 2),
+                                          "Status__c": rnd.choice(_STATES)})
         await asyncio.sleep(1.0 / rate)
 
 
@@ -145,11 +165,12 @@ def banner(daemon: Daemon, directory: Path, sims: dict[str, str]) -> str:
         f"  API:       {api}        token: {DEV_TOKEN}",
         f"  engine:    {sims['engine']}  (prints every event below; also {directory / 'engine-events.jsonl'})",
         f"  store:     {directory / 'listenerd.db'}",
-        f"  simulators: pusher {sims['pusher']}  datasift {sims['datasift']}  salesforce {sims['salesforce']}",
+        f"  simulators: pusher {sims['pusher']}  datasift {sims['datasift']}  salesforce {sims['salesforce']}"
+        f"  salesforce pub/sub {sims['pubsub']}",
         "",
         "Try:",
     ]
-    for lid in ("LI1", "LI2", "LI3", "LI4", "LI5"):
+    for lid in ("LI1", "LI2", "LI3", "LI4", "LI5", "LI6"):
         lines.append(f"  {curl} {api}/1.0/tenants/{TENANT}/listeners/{lid}/status")
     lines += [
         f"  {curl} {api}/1.0/tenants/{TENANT}/listeners",
@@ -194,6 +215,7 @@ class DevStack:
         self.listen, self.workdir, self.rate = listen, workdir, rate
         self.sink = Sink(workdir / "engine-events.jsonl", stream)
         self.engine, self.pusher, self.datasift, self.salesforce = simulators(self.sink)
+        self.pubsub: SalesforcePubsubSim | None = None
         self.daemon: Daemon | None = None
         self._started: list[Any] = []
         self._publisher: asyncio.Task[None] | None = None
@@ -205,15 +227,18 @@ class DevStack:
                 await sim.start()
                 self._started.append(sim)
             self.salesforce.create_topic(TOPIC, "SELECT Id, Name, Status__c, Amount__c FROM Invoice_Statement__c")
-            config = demo_config(self.listen, self.workdir, self.engine, self.pusher, self.datasift, self.salesforce)
+            self.pubsub = await SalesforcePubsubSim(self.salesforce).start()  # the same org: its tokens work on both
+            self._started.append(self.pubsub)
+            config = demo_config(self.listen, self.workdir, self.engine, self.pusher, self.datasift, self.salesforce,
+                                 pubsub_url=self.pubsub.url)
             self.daemon = Daemon(config, None, notifier=Notifier.from_env())
             await self.daemon.start()
         except BaseException:
             await self.stop()
             raise
         self.datasift.feed(DATASIFT_HASH, interval=1.0 / self.rate)
-        self._publisher = asyncio.create_task(publish_demo_events(self.pusher, self.salesforce, self.rate),
-                                              name="demo-publisher")
+        self._publisher = asyncio.create_task(publish_demo_events(self.pusher, self.salesforce, self.rate,
+                                                                  self.pubsub), name="demo-publisher")
         return self
 
     async def stop(self) -> None:
@@ -239,7 +264,8 @@ class DevStack:
     def banner(self) -> str:
         assert self.daemon is not None
         return banner(self.daemon, self.workdir, {"engine": self.engine.url, "pusher": self.pusher.url,
-                                                  "datasift": self.datasift.url, "salesforce": self.salesforce.url})
+                                                  "datasift": self.datasift.url, "salesforce": self.salesforce.url,
+                                                  "pubsub": self.pubsub.url if self.pubsub else ""})
 
 
 async def dev(listen: str = "127.0.0.1:8088", directory: str | None = None, rate: float = 1.0) -> int:

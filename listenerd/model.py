@@ -20,7 +20,16 @@ from pydantic_core import PydanticCustomError
 from listenerd.mapping import check_bounds, compile_mapping
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-SOURCE_TYPES = ("datasift", "pusher", "salesforce")
+SOURCE_TYPES = ("datasift", "pusher", "salesforce")  # integration types (one per provider)
+# listener types, and the integration each one runs on (a provider may offer more than one API)
+LISTENER_INTEGRATIONS = {"datasift": "datasift", "pusher": "pusher", "salesforce": "salesforce",
+                         "salesforce-pubsub": "salesforce"}
+LISTENER_TYPES = tuple(LISTENER_INTEGRATIONS)
+
+
+def integration_type(listener_type: str) -> str:
+    """The integration a listener type runs on (`salesforce-pubsub` shares the `salesforce` one)."""
+    return LISTENER_INTEGRATIONS.get(listener_type, listener_type)
 
 
 def _hyphenate(name: str) -> str:
@@ -184,6 +193,9 @@ class Sources(Model):
     pusher_pong_timeout: float = Field(default=30.0, gt=0)
     datasift_silence_timeout: float = Field(default=65.0, gt=0)
     salesforce_poll_margin: float = Field(default=1.2, ge=1.0)
+    # Pub/Sub API: the server's keepalive interval (Salesforce: an empty FetchResponse at least every 270 s);
+    # a stream silent past it x salesforce-poll-margin is dead
+    salesforce_pubsub_keepalive: float = Field(default=270.0, gt=0)
 
 
 class Limits(Model):
@@ -266,6 +278,14 @@ class SalesforceIntegration(Integration):
     secret_token: str = ""
     private_key: str = ""  # PEM (PKCS#1 or PKCS#8, unencrypted); `private-key-file` in the config file
     login_url: str = "https://login.salesforce.com"
+    pubsub_url: str = "https://api.pubsub.salesforce.com:7443"  # Pub/Sub API; http:// is plaintext gRPC (simulators)
+
+    @field_validator("pubsub_url")
+    @classmethod
+    def _pubsub_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(:\d+)?/?$", value):
+            raise ValueError("must be https://host[:port] (or http:// for a local plaintext simulator)")
+        return value.rstrip("/")
 
     def secret_values(self) -> list[str]:
         """The secrets, and each base64 line of a PEM key too: a line quoted alone (a traceback, a diff) is
@@ -420,6 +440,20 @@ class SalesforceOptions(Model):
         return self
 
 
+class SalesforcePubsubOptions(Model):
+    topic: str = Field(min_length=1)
+    replay: Literal["resume", "new", "all"] = "resume"
+    batch: int = Field(default=100, ge=1, le=100)  # Salesforce takes at most 100 per FetchRequest
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_path(cls, value: str) -> str:
+        if not re.match(r"^/(event|data)/[A-Za-z][A-Za-z0-9_]*$", value):
+            raise ValueError("must be /event/<Name>__e (Platform Event) or /data/<Object>ChangeEvent, "
+                             "/data/ChangeEvents (Change Data Capture)")
+        return value
+
+
 PUSHER_CHANNEL_MAX = 164  # Pusher's limit, prefixes included (docs: "Invalid channel name")
 _PUSHER_CHANNEL = re.compile(r"[-A-Za-z0-9_=@,.;]+")  # pusher-http-python `util.channel_name_re`
 
@@ -488,12 +522,18 @@ class SalesforceListener(ListenerBase):
     options: SalesforceOptions
 
 
+class SalesforcePubsubListener(ListenerBase):
+    type: Literal["salesforce-pubsub"]
+    options: SalesforcePubsubOptions
+
+
 class PusherListener(ListenerBase):
     type: Literal["pusher"]
     options: PusherOptions
 
 
-Listener = Annotated[DatasiftListener | SalesforceListener | PusherListener, Field(discriminator="type")]
+Listener = Annotated[DatasiftListener | SalesforceListener | SalesforcePubsubListener | PusherListener,
+                     Field(discriminator="type")]
 
 
 class Tenant(Model):

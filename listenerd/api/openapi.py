@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import TypeAdapter
 
 from listenerd import version
-from listenerd.model import INTEGRATION_TYPES, Listener
+from listenerd.model import INTEGRATION_TYPES, LISTENER_TYPES, Listener
 
 routes = web.RouteTableDef()
 
@@ -154,13 +154,13 @@ def document() -> dict[str, Any]:
         "ListenerInput": listener_input,
         "ListenerUpdate": {"type": "object", "properties": {
             "name": {"type": "string"}, "description": {"type": "string"}, "status": {"type": "boolean"},
-            "type": {"enum": ["datasift", "pusher", "salesforce"]}, "options": {"type": "object"},
+            "type": {"enum": list(LISTENER_TYPES)}, "options": {"type": "object"},
             "mapping": {"type": "object", "additionalProperties": {"type": "string"}}}, "additionalProperties": False},
         "Listener": {"type": "object", "required": ["id", "name", "description", "status", "type", "options",
                                                     "mapping", "managed-by"],
                      "properties": {"id": {"type": "string"}, "name": {"type": "string"},
                                     "description": {"type": "string"}, "status": {"type": "boolean"},
-                                    "type": {"enum": ["datasift", "pusher", "salesforce"]},
+                                    "type": {"enum": list(LISTENER_TYPES)},
                                     "options": {"type": "object"},
                                     "mapping": {"type": "object", "additionalProperties": {"type": "string"}},
                                     "managed-by": {"enum": ["config", "api"]}}},

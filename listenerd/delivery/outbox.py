@@ -289,6 +289,15 @@ class Outbox:
             if on_wait:
                 on_wait(False)
 
+    def room(self) -> int:
+        """Events the outbox takes before its event bound (0 at any bound): what a pull-based source may ask for."""
+        return 0 if self._full(0) else self.max_events - self._usage.events
+
+    async def wait_for_room(self, on_wait: Callable[[bool], None] | None = None) -> None:
+        """Return once the outbox is below its bounds (at once when it is)."""
+        if self._full(0):
+            await self._wait_for_room(0, on_wait)
+
     async def flush(self) -> None:
         """Wait until everything appended so far is committed."""
         while self._groups or not self._idle.is_set():

@@ -504,10 +504,14 @@ class SalesforceSim:
             return None, _oauth_error("invalid_grant", "user hasn't approved this consumer")
         return username, None
 
+    def valid_token(self, token: str) -> bool:
+        """An access token this org issued and has not revoked: the one check for REST, CometD and Pub/Sub."""
+        return token in self.tokens
+
     def _bearer(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        return token if scheme in ("Bearer", "OAuth") and token in self.tokens else None
+        return token if scheme in ("Bearer", "OAuth") and self.valid_token(token) else None
 
     async def _query(self, request: web.Request) -> web.Response:
         if self._bearer(request) is None:

@@ -7,7 +7,8 @@ import importlib
 from listenerd.sources.base import SourceRun
 
 _MODULES = {"datasift": "listenerd.sources.datasift", "pusher": "listenerd.sources.pusher",
-            "salesforce": "listenerd.sources.salesforce"}
+            "salesforce": "listenerd.sources.salesforce",
+            "salesforce-pubsub": "listenerd.sources.salesforce_pubsub"}
 _EXTRA: dict[str, SourceRun] = {}
 
 

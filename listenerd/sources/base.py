@@ -169,6 +169,14 @@ class SourceContext:
         if not queued:
             self.count("oversized")
 
+    def outbox_room(self) -> int:
+        """How many more events the outbox takes before its bound: a pull-based source asks for no more."""
+        return self._outbox.room()
+
+    async def wait_for_room(self) -> None:
+        """Wait (reported as paused by back-pressure) until the outbox is below its bounds."""
+        await self._outbox.wait_for_room(self._paused)
+
     async def flush(self) -> None:
         """Wait until everything this listener emitted is durable."""
         await self._outbox.flush()

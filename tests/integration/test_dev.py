@@ -1,5 +1,5 @@
 """`listenerd dev` in a subprocess: every demo listener started (Salesforce by JWT: PushTopic, Platform Event,
-CDC), events from all three sources, SIGINT exits 0."""
+CDC, and the Pub/Sub API), events from every listener type, SIGINT exits 0."""
 
 import asyncio
 import json
@@ -27,7 +27,7 @@ async def test_dev_run_streams_all_three_sources_and_stops_on_sigint(tmp_path):
                                timeout=30, what="the banner")
         api = Api(match.group(1), token=match.group(2))
         try:
-            for lid in ("LI1", "LI2", "LI3", "LI4", "LI5"):
+            for lid in ("LI1", "LI2", "LI3", "LI4", "LI5", "LI6"):
                 await api.wait_status("demo", lid, "started", timeout=30)
         finally:
             await api.close()
@@ -35,8 +35,8 @@ async def test_dev_run_streams_all_three_sources_and_stops_on_sigint(tmp_path):
         def sources():
             lines = (tmp_path / "engine-events.jsonl").read_text().splitlines()
             return {json.loads(line)["source"] for line in lines}
-        await wait_for(lambda: sources() == {"datasift", "pusher", "salesforce"}, timeout=30,
-                       what="events from all three sources in the sink")
+        await wait_for(lambda: sources() == {"datasift", "pusher", "salesforce", "salesforce-pubsub"}, timeout=30,
+                       what="events from all four listener types in the sink")
 
         def salesforce_events():
             lines = (tmp_path / "engine-events.jsonl").read_text().splitlines()

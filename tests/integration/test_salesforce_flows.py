@@ -154,8 +154,8 @@ options = {{ topic = "Invoices" }}
     async with EngineSim() as engine:
         with structlog.testing.capture_logs() as logs:
             # the simulator is on loopback, over http: the operator allows that for API-made integrations
-            text = base_config(tmp_path, engine.url, tenants).replace(
-                "[engine]", '[server.egress]\nhosts = ["localhost"]\nnetworks = ["127.0.0.0/8", "::1/128"]\nplaintext = true\n\n[engine]', 1)
+            egress = '[server.egress]\nhosts = ["localhost"]\nnetworks = ["127.0.0.0/8", "::1/128"]\nplaintext = true'
+            text = base_config(tmp_path, engine.url, tenants).replace("[engine]", f"{egress}\n\n[engine]", 1)
             async with running_daemon(tmp_path, text) as (_, api):
                 seen = []
                 for n in range(3):

@@ -42,7 +42,8 @@ def problems(text: str, env: dict | None = None) -> list[str]:
 
 def test_example_config_is_valid():
     cfg = config.load(ROOT / "config" / "listenerd.example.toml", EXAMPLE_ENV)
-    assert [s.id for s in cfg.tenants[0].listeners] == ["LI1", "LI2", "LI3"]
+    assert [s.id for s in cfg.tenants[0].listeners] == ["LI1", "LI2", "LI3", "LI4"]
+    assert cfg.tenants[0].listeners[3].options.topic == "/data/AccountChangeEvent"
     assert cfg.tenants[0].listeners[1].options.topic == "/topic/InvoiceStatementUpdates"
     assert cfg.tenants[0].integrations.datasift.api_key == "ds-key-9876"
     assert "sf-password" in cfg.secret_values()
@@ -60,6 +61,9 @@ def test_dev_config_is_valid(tmp_path):
         "/topic/InvoiceStatementUpdates", "/event/Order_Placed__e", "/data/AccountChangeEvent"]
     assert cfg.tenants[0].integrations.salesforce.auth == "jwt"
     assert cfg.tenants[0].integrations.salesforce.private_key in cfg.secret_values()
+    cfg = demo_config("127.0.0.1:0", tmp_path, *sims, pubsub_url="http://127.0.0.1:9005")
+    assert [s.type for s in cfg.tenants[0].listeners][-1] == "salesforce-pubsub"
+    assert cfg.tenants[0].integrations.salesforce.pubsub_url == "http://127.0.0.1:9005"
 
 
 def test_base_is_valid():
@@ -73,7 +77,8 @@ def test_base_is_valid():
     (('options = { hash = "abc" }', 'options = { hash = "abc" }\nstatus = "yes please"'),
      "tenants[0].listeners[0].status: Input should be a valid boolean"),
     (('type = "datasift"', 'type = "twitter"'),
-     "tenants[0].listeners[0].type: unknown listener type 'twitter' (expected one of: datasift, pusher, salesforce)"),
+     "tenants[0].listeners[0].type: unknown listener type 'twitter' "
+     "(expected one of: datasift, pusher, salesforce, salesforce-pubsub)"),
     (('options = { hash = "abc" }', 'options = { hash = "abc", colour = "red" }'),
      "tenants[0].listeners[0].options.colour: unknown key"),
     (('username = "myuser"', 'username = "myuser"\napi_key2 = 1'),
@@ -185,3 +190,35 @@ def test_every_problem_is_reported_at_once_even_with_a_missing_variable(tmp_path
         "tenants[0].listeners[0].options.hash: required",
         "tenants[0].listeners[0].mapping.who: path 'a..b' has an empty segment",
     }
+
+
+def test_a_pubsub_listener_runs_on_the_salesforce_integration():
+    listener = """
+[[tenants.listeners]]
+id = "LP"
+type = "salesforce-pubsub"
+options = { topic = "/event/Order__e", batch = 20 }
+"""
+    assert problems(BASE + listener) == [
+        "tenants[0].listeners[1].type: no salesforce integration: add [tenants.integrations.salesforce] "
+        "to tenant 'tenant1'"]
+    salesforce = """
+[tenants.integrations.salesforce]
+consumer-key = "ck"
+consumer-secret = "cs-123"
+username = "u@example.com"
+password = "pw-123"
+pubsub-url = "http://127.0.0.1:7443"
+"""
+    cfg = config.parse(BASE.replace("[[tenants.listeners]]", salesforce + "\n[[tenants.listeners]]", 1) + listener,
+                       {})
+    assert cfg.tenants[0].listeners[1].options.batch == 20
+    line = config.summary(cfg).splitlines()[-1]
+    assert line.endswith("LP salesforce-pubsub enabled: Pub/Sub topic /event/Order__e (replay resume, batch 20), "
+                         "mapping 0 field(s)")
+    bad = BASE + listener.replace('"/event/Order__e", batch = 20', '"Invoices", batch = 500')
+    found = problems(bad.replace("[[tenants.listeners]]", salesforce.replace("http://127.0.0.1:7443", "ftp://x")
+                                 + "\n[[tenants.listeners]]", 1))
+    assert any(p.startswith("tenants[0].listeners[1].options.topic: must be /event/") for p in found), found
+    assert any(p.startswith("tenants[0].listeners[1].options.batch: ") for p in found), found
+    assert any(p.startswith("tenants[0].integrations.salesforce.pubsub-url: must be https://") for p in found), found

@@ -92,6 +92,14 @@ async def test_checkpoint_refusals_name_the_field(control):
         await control.set_checkpoint("t", "NOPE", {"replay": 1})
 
 
+async def test_a_pubsub_listener_takes_a_replay_id_checkpoint(control):
+    await control.store.put_integration("t", "salesforce", SALESFORCE)
+    await control.create_listener("t", {"id": "PS", "type": "salesforce-pubsub",
+                                        "options": {"topic": "/event/Order__e"}, "status": False})
+    assert await control.set_checkpoint("t", "PS", {"replay": 1_234_567}) == 1_234_567
+    assert await control.checkpoint("t", "PS") == "1234567"
+
+
 async def test_delete_stops_the_listener_and_clears_its_checkpoint(control, scripted_source):
     async def run(ctx):
         ctx.started("Subscribed")
