@@ -17,7 +17,6 @@ import time
 
 import structlog
 from aiohttp import web
-from pydantic import ValidationError
 
 from listenerd import config as config_module
 from listenerd.api.app import create_app
@@ -25,18 +24,11 @@ from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.delivery.outbox import Outbox
-from listenerd.model import (
-    INTEGRATION_TYPES,
-    SOURCE_TYPES,
-    Config,
-    Integration,
-    load_integration,
-    load_listener,
-    stored_listener,
-)
+from listenerd.fleet import Fleet
+from listenerd.model import SOURCE_TYPES, Config, stored_listener
 from listenerd.observability import Metrics, redactor
 from listenerd.store import Store
-from listenerd.supervisor import Desired, Key, Supervisor
+from listenerd.supervisor import Supervisor
 from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
@@ -55,6 +47,7 @@ class Daemon:
         self.dead_letters = DeadLetters(self.store, self.outbox)
         self.tap = TapHub(config.server.tap_queue)
         self.supervisor: Supervisor | None = None
+        self.fleet: Fleet | None = None
         self.forwarder: Forwarder | None = None
         self.ready = False
         self.api_url: str | None = None
@@ -74,7 +67,8 @@ class Daemon:
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
-        control = Control(self.store, self.supervisor, self.apply, self.outbox.health)
+        self.fleet = Fleet(self.store, self.supervisor, lambda: {t.id for t in self.config.tenants})
+        control = Control(self.store, self.supervisor, self.fleet, self.outbox.health)
         self._runner = web.AppRunner(create_app(self, control), access_log=None, handle_signals=False)
         await self._runner.setup()
         server = self.config.server
@@ -82,7 +76,7 @@ class Daemon:
         await site.start()
         port = self._runner.addresses[0][1] if self._runner.addresses else server.port
         self.api_url = f"http://{server.host}:{port}"
-        await self.supervisor.start(await self.desired())
+        await self.supervisor.start(await self.fleet.everything())
         self.ready = True
         log.info("listenerd ready", api=self.api_url, listeners=len(self.supervisor.records),
                  engine=self.config.engine.url)
@@ -191,7 +185,7 @@ class Daemon:
             self.config = new
             await self.apply_config_objects(new)
             assert self.supervisor is not None
-            changes = await self.supervisor.reconcile(await self.desired(), config=new)
+            changes = await self.supervisor.reconcile(await self.fleet.everything(), config=new)
             log.info("config reloaded", **{k: [f"{t}/{i}" for t, i in v] for k, v in changes.items() if v})
             self.notifier.notify(READY=1, STATUS=self.status_line())
             return True
@@ -225,32 +219,3 @@ class Daemon:
                         if (integration := t.integrations.get(kind)) is not None]
         listeners = [(t.id, spec.id, stored_listener(spec)) for t in config.tenants for spec in t.listeners]
         await self.store.sync_config_objects(tenants, integrations, listeners)
-
-    async def desired(self) -> dict[Key, Desired]:
-        """Every listener of a configured tenant, with its tenant's integration, from the store."""
-        tenant_ids = {t.id for t in self.config.tenants}
-        integrations: dict[tuple[str, str], Integration] = {}
-        for row in await self.store.all_integrations():
-            if row.tenant_id in tenant_ids and row.key in INTEGRATION_TYPES:
-                with contextlib.suppress(ValidationError):
-                    integration = load_integration(row.key, row.body, row.managed_by)
-                    integrations[(row.tenant_id, row.key)] = integration
-                    redactor.register(*integration.secret_values())
-        desired: dict[Key, Desired] = {}
-        for row in await self.store.all_listeners():
-            if row.tenant_id not in tenant_ids:
-                continue
-            try:
-                spec = load_listener(row.body, row.managed_by)
-            except ValidationError as exc:
-                log.error("stored listener is invalid; skipped", tenant=row.tenant_id, listener=row.key,
-                          error=str(exc))
-                continue
-            desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get((row.tenant_id, spec.type)))
-        return desired
-
-    async def apply(self) -> dict[str, list[Key]]:
-        """Reconcile the supervisor with the store after an API change."""
-        assert self.supervisor is not None
-        return await self.supervisor.reconcile(await self.desired())
-

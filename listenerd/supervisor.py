@@ -65,12 +65,17 @@ class Desired:
     listener: ListenerBase
     integration: Integration | None
 
-    def fingerprint(self, config: Config) -> bytes:
+    def fingerprint(self, sources: dict[str, Any]) -> bytes:
+        """What a restart depends on; `sources` is the config's sources settings, dumped once per reconcile."""
         return orjson.dumps({
             "listener": self.listener.definition(),
             "integration": self.integration.dump() if self.integration else None,
-            "sources": config.sources.dump(),
+            "sources": sources,
         }, option=orjson.OPT_SORT_KEYS)
+
+
+def _no_changes() -> dict[str, list[Key]]:
+    return {"started": [], "restarted": [], "stopped": [], "removed": [], "unchanged": []}
 
 
 class Runner:
@@ -202,40 +207,59 @@ class Supervisor:
     # -- reconciliation
 
     async def reconcile(self, desired: dict[Key, Desired], config: Config | None = None) -> dict[str, list[Key]]:
-        """Bring running listeners in line with `desired`; only changed definitions restart."""
+        """Bring running listeners in line with the whole `desired` set; only changed definitions restart."""
         async with self._lock:
             if config is not None:
                 self.config = config
-            changes: dict[str, list[Key]] = {"started": [], "restarted": [], "stopped": [], "removed": [],
-                                              "unchanged": []}
-            timeout = self.config.supervisor.stop_timeout
+            changes = _no_changes()
+            sources = self.config.sources.dump()
             for key in [k for k in self.desired if k not in desired]:
-                runner = self.runners.pop(key, None)
-                if runner:
-                    await runner.stop("Stopped: listener deleted", timeout)
-                self.records.pop(key, None)
-                self._replay_from.pop(key, None)
-                self.metrics.forget_listener(*key)
-                changes["removed"].append(key)
+                await self._reconcile_key(key, None, sources, changes)
             for key, want in desired.items():
-                runner = self.runners.get(key)
-                previous = self.desired.get(key)
-                same = previous is not None and previous.fingerprint(self.config) == want.fingerprint(self.config)
-                if same and (runner is not None or not want.listener.status):
-                    changes["unchanged"].append(key)
-                    continue
-                if runner:
-                    await runner.stop("Restarting with its new definition", timeout)
-                    del self.runners[key]
-                record = self.records.get(key) or self._new_record(key)
-                if not want.listener.status:
-                    record.set("stopped", "Disabled: the listener's status is false")
-                    changes["stopped"].append(key)
-                else:
-                    self._launch(key, want, record)
-                    changes["restarted" if runner else "started"].append(key)
-            self.desired = dict(desired)
+                await self._reconcile_key(key, want, sources, changes)
             return changes
+
+    async def reconcile_some(self, desired: dict[Key, Desired | None]) -> dict[str, list[Key]]:
+        """Bring only these listeners in line (None: it is gone); the others are not looked at."""
+        async with self._lock:
+            changes = _no_changes()
+            sources = self.config.sources.dump()
+            for key, want in desired.items():
+                await self._reconcile_key(key, want, sources, changes)
+            return changes
+
+    async def _reconcile_key(self, key: Key, want: Desired | None, sources: dict[str, Any],
+                             changes: dict[str, list[Key]]) -> None:
+        timeout = self.config.supervisor.stop_timeout
+        runner = self.runners.get(key)
+        previous = self.desired.get(key)
+        if want is None:
+            if previous is None and runner is None:
+                return
+            self.runners.pop(key, None)
+            if runner:
+                await runner.stop("Stopped: listener deleted", timeout)
+            self.desired.pop(key, None)
+            self.records.pop(key, None)
+            self._replay_from.pop(key, None)
+            self.metrics.forget_listener(*key)
+            changes["removed"].append(key)
+            return
+        self.desired[key] = want
+        same = previous is not None and previous.fingerprint(sources) == want.fingerprint(sources)
+        if same and (runner is not None or not want.listener.status):
+            changes["unchanged"].append(key)
+            return
+        if runner:
+            await runner.stop("Restarting with its new definition", timeout)
+            del self.runners[key]
+        record = self.records.get(key) or self._new_record(key)
+        if not want.listener.status:
+            record.set("stopped", "Disabled: the listener's status is false")
+            changes["stopped"].append(key)
+        else:
+            self._launch(key, want, record)
+            changes["restarted" if runner else "started"].append(key)
 
     async def restart(self, key: Key, while_stopped: Callable[[], Awaitable[Any]] | None = None,
                       replay_from: str | None = None) -> bool:
@@ -307,6 +331,7 @@ class Supervisor:
         self.metrics.forwarded.labels(tenant_id, listener_id).inc(count)
 
     def summary(self) -> str:
+        """One line of counts per status, for systemd's STATUS=."""
         counts: dict[str, int] = {}
         for record in self.records.values():
             counts[record.status] = counts.get(record.status, 0) + 1

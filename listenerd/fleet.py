@@ -1,0 +1,97 @@
+"""The listeners that should run, read from the store, and the running set kept in step with it.
+
+Start and a reload read the whole set once (`everything`) and the supervisor diffs it. An API change
+reads only what it touched, by key: one listener (`listener_changed`) or one connection group, the
+listeners of a tenant's integration (`integration_changed`), so its cost does not grow with the
+number of listeners. The in-memory `ListenerIndex` is updated in the same step, from the same rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import structlog
+from pydantic import ValidationError
+
+from listenerd.listener_index import ListenerIndex
+from listenerd.model import INTEGRATION_TYPES, Integration, ListenerBase, load_integration, load_listener
+from listenerd.observability import redactor
+from listenerd.store import Row, Store
+from listenerd.supervisor import Desired, Key, Supervisor
+
+log = structlog.get_logger("listenerd.fleet")
+
+
+class Fleet:
+    """`tenants()` gives the ids of the configured tenants (None: every tenant in the store, for tests)."""
+
+    def __init__(self, store: Store, supervisor: Supervisor,
+                 tenants: Callable[[], set[str] | None] = lambda: None):
+        self.store = store
+        self.supervisor = supervisor
+        self.tenants = tenants
+        self.index = ListenerIndex()
+
+    async def everything(self) -> dict[Key, Desired]:
+        """Every listener of a configured tenant with its tenant's integration; the index becomes this set."""
+        tenant_ids = self.tenants()
+        integrations: dict[tuple[str, str], Integration] = {}
+        for row in await self.store.all_integrations():
+            if (tenant_ids is None or row.tenant_id in tenant_ids) and (loaded := _integration(row)) is not None:
+                integrations[(row.tenant_id, row.key)] = loaded
+        desired: dict[Key, Desired] = {}
+        for row in await self.store.all_listeners():
+            if tenant_ids is not None and row.tenant_id not in tenant_ids:
+                continue
+            spec = _listener(row)
+            if spec is not None:
+                desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get((row.tenant_id, spec.type)))
+        self.index.replace((tenant_id, want.listener) for (tenant_id, _), want in desired.items())
+        return desired
+
+    async def reconcile_all(self) -> dict[str, list[Key]]:
+        return await self.supervisor.reconcile(await self.everything())
+
+    async def listener_changed(self, tenant_id: str, listener_id: str) -> dict[str, list[Key]]:
+        """One listener was created, changed or deleted: read it (and its integration) by key, run that."""
+        row = await self.store.get_listener(tenant_id, listener_id)
+        spec = _listener(row) if row is not None and self._configured(tenant_id) else None
+        want = None
+        if spec is None:
+            self.index.remove(tenant_id, listener_id)
+        else:
+            stored = await self.store.get_integration(tenant_id, spec.type)
+            want = Desired(spec, _integration(stored) if stored is not None else None)
+            self.index.put(tenant_id, spec)
+        return await self.supervisor.reconcile_some({(tenant_id, listener_id): want})
+
+    async def integration_changed(self, tenant_id: str, kind: str) -> dict[str, list[Key]]:
+        """A tenant's credentials of one type changed: that connection group's listeners, and no others."""
+        stored = await self.store.get_integration(tenant_id, kind)
+        integration = _integration(stored) if stored is not None else None
+        group = {(tenant_id, spec.id): Desired(spec, integration)
+                 for spec in self.index.of_tenant(tenant_id) if spec.type == kind}
+        return await self.supervisor.reconcile_some(group)
+
+    def _configured(self, tenant_id: str) -> bool:
+        tenant_ids = self.tenants()
+        return tenant_ids is None or tenant_id in tenant_ids
+
+
+def _integration(row: Row) -> Integration | None:
+    if row.key not in INTEGRATION_TYPES:
+        return None
+    with contextlib.suppress(ValidationError):
+        integration = load_integration(row.key, row.body, row.managed_by)
+        redactor.register(*integration.secret_values())
+        return integration
+    return None
+
+
+def _listener(row: Row) -> ListenerBase | None:
+    try:
+        return load_listener(row.body, row.managed_by)
+    except ValidationError as exc:
+        log.error("stored listener is invalid; skipped", tenant=row.tenant_id, listener=row.key, error=str(exc))
+        return None
