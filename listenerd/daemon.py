@@ -28,7 +28,7 @@ from listenerd.fleet import Fleet
 from listenerd.model import SOURCE_TYPES, Config, stored_listener
 from listenerd.observability import Metrics, redactor
 from listenerd.store import Store
-from listenerd.supervisor import Supervisor
+from listenerd.supervisor import Key, Supervisor
 from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
@@ -186,7 +186,7 @@ class Daemon:
             await self.apply_config_objects(new)
             assert self.supervisor is not None
             changes = await self.supervisor.reconcile(await self.fleet.everything(), config=new)
-            log.info("config reloaded", **{k: [f"{t}/{i}" for t, i in v] for k, v in changes.items() if v})
+            log.info("config reloaded", **reload_summary(changes))
             self.notifier.notify(READY=1, STATUS=self.status_line())
             return True
 
@@ -219,3 +219,22 @@ class Daemon:
                         if (integration := t.integrations.get(kind)) is not None]
         listeners = [(t.id, spec.id, stored_listener(spec)) for t in config.tenants for spec in t.listeners]
         await self.store.sync_config_objects(tenants, integrations, listeners)
+
+
+LOGGED_KEYS = 50  # listeners named per kind of change in the reload's log line; past that, a count
+
+
+def reload_summary(changes: dict[str, list[Key]]) -> dict[str, object]:
+    """What a reload changed, for its log line: the listeners started, restarted, stopped or removed
+    (the first LOGGED_KEYS of each, then how many more), and how many were left alone. The unchanged are
+    counted, never listed: with 10,000 listeners that list alone took seconds to write (every value of
+    a log line is checked against every secret)."""
+    summary: dict[str, object] = {}
+    for kind, keys in changes.items():
+        if kind == "unchanged":
+            summary[kind] = len(keys)
+        elif keys:
+            summary[kind] = [f"{t}/{i}" for t, i in keys[:LOGGED_KEYS]]
+            if len(keys) > LOGGED_KEYS:
+                summary[f"{kind}-more"] = len(keys) - LOGGED_KEYS
+    return summary
