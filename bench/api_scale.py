@@ -130,7 +130,8 @@ async def until_all_started(client: Client, tenants: int, total: int, timeout: f
         for t in range(tenants):  # say why, with a few of the listeners not started
             _, summary = await client.call("GET", f"/1.0/tenants/t{t}/listeners/status")
             if summary["not-started"]:
-                last["e.g."] = [(f"t{t}/{e['id']}", e["status"], e["message"][:120]) for e in summary["not-started"][:3]]
+                last["e.g."] = [(f"t{t}/{e['id']}", e["status"], e["message"][:120])
+                                for e in summary["not-started"][:3]]
                 break
         return None, last
 
