@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import orjson
 import structlog
 from pydantic import ValidationError
 
@@ -32,6 +33,9 @@ class Fleet:
         self.supervisor = supervisor
         self.tenants = tenants
         self.index = ListenerIndex()
+        # each listener's stored bytes and their definition, from the last full read: a reload parses only
+        # the rows that changed (parsing 10,000 definitions was half of a reload's time)
+        self._parsed: dict[Key, tuple[bytes, str, ListenerBase]] = {}
 
     async def everything(self) -> dict[Key, Desired]:
         """Every listener of a configured tenant with its tenant's integration; the index becomes this set."""
@@ -41,12 +45,20 @@ class Fleet:
             if (tenant_ids is None or row.tenant_id in tenant_ids) and (loaded := _integration(row)) is not None:
                 integrations[(row.tenant_id, row.key)] = loaded
         desired: dict[Key, Desired] = {}
-        for row in await self.store.all_listeners():
-            if tenant_ids is not None and row.tenant_id not in tenant_ids:
+        parsed: dict[Key, tuple[bytes, str, ListenerBase]] = {}
+        for tenant_id, listener_id, body, managed_by in await self.store.all_listeners_stored():
+            if tenant_ids is not None and tenant_id not in tenant_ids:
                 continue
-            spec = _listener(row)
+            key = (tenant_id, listener_id)
+            known = self._parsed.get(key)
+            if known is not None and known[0] == body and known[1] == managed_by:
+                spec: ListenerBase | None = known[2]  # the same stored bytes: the same definition, not parsed again
+            else:
+                spec = _listener(Row(tenant_id, listener_id, orjson.loads(body), managed_by))
             if spec is not None:
-                desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get((row.tenant_id, spec.type)))
+                parsed[key] = (body, managed_by, spec)
+                desired[key] = Desired(spec, integrations.get((tenant_id, spec.type)))
+        self._parsed = parsed
         self.index.replace((tenant_id, want.listener) for (tenant_id, _), want in desired.items())
         return desired
 

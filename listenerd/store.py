@@ -232,6 +232,12 @@ class Store:
         """Every tenant's listeners, oldest first: what the daemon reconciles against."""
         return await self._rows("SELECT tenant_id, id, spec, managed_by FROM listeners ORDER BY rowid", ())
 
+    async def all_listeners_stored(self) -> list[tuple[str, str, bytes, str]]:
+        """Every tenant's listeners as stored (tenant id, id, the definition's JSON bytes, managed-by), oldest
+        first: for a reader that parses only what changed since it last looked."""
+        return await self.run(lambda c: c.execute("SELECT tenant_id, id, spec, managed_by FROM listeners "
+                                                  "ORDER BY rowid").fetchall())
+
     async def put_listener(self, tenant_id: str, listener_id: str, body: dict[str, Any],
                            managed_by: str = "api") -> None:
         now = time.time()
