@@ -185,7 +185,8 @@ class Daemon:
             self.config = new
             await self.apply_config_objects(new)
             assert self.supervisor is not None
-            changes = await self.supervisor.reconcile(await self.fleet.everything(), config=new)
+            assert self.fleet is not None
+            changes = await self.fleet.reconcile_all(config=new)
             log.info("config reloaded", **reload_summary(changes))
             self.notifier.notify(READY=1, STATUS=self.status_line())
             return True

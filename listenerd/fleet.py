@@ -8,6 +8,7 @@ number of listeners. The in-memory `ListenerIndex` is updated in the same step, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ import structlog
 from pydantic import ValidationError
 
 from listenerd.listener_index import ListenerIndex
-from listenerd.model import INTEGRATION_TYPES, Integration, ListenerBase, load_integration, load_listener
+from listenerd.model import INTEGRATION_TYPES, Config, Integration, ListenerBase, load_integration, load_listener
 from listenerd.observability import redactor
 from listenerd.store import Row, Store
 from listenerd.supervisor import Desired, Key, Supervisor
@@ -33,6 +34,8 @@ class Fleet:
         self.supervisor = supervisor
         self.tenants = tenants
         self.index = ListenerIndex()
+        # one read-and-reconcile at a time: a reload's whole read never lands after an API change it missed
+        self._lock = asyncio.Lock()
         # each listener's stored bytes and their definition, from the last full read: a reload parses only
         # the rows that changed (parsing 10,000 definitions was half of a reload's time)
         self._parsed: dict[Key, tuple[bytes, str, ListenerBase]] = {}
@@ -62,11 +65,17 @@ class Fleet:
         self.index.replace((tenant_id, want.listener) for (tenant_id, _), want in desired.items())
         return desired
 
-    async def reconcile_all(self) -> dict[str, list[Key]]:
-        return await self.supervisor.reconcile(await self.everything())
+    async def reconcile_all(self, config: Config | None = None) -> dict[str, list[Key]]:
+        """Read the whole set and bring the running listeners in line (a reload: `config` is the new one)."""
+        async with self._lock:
+            return await self.supervisor.reconcile(await self.everything(), config=config)
 
     async def listener_changed(self, tenant_id: str, listener_id: str) -> dict[str, list[Key]]:
         """One listener was created, changed or deleted: read it (and its integration) by key, run that."""
+        async with self._lock:
+            return await self._listener_changed(tenant_id, listener_id)
+
+    async def _listener_changed(self, tenant_id: str, listener_id: str) -> dict[str, list[Key]]:
         row = await self.store.get_listener(tenant_id, listener_id)
         spec = _listener(row) if row is not None and self._configured(tenant_id) else None
         want = None
@@ -80,6 +89,10 @@ class Fleet:
 
     async def integration_changed(self, tenant_id: str, kind: str) -> dict[str, list[Key]]:
         """A tenant's credentials of one type changed: that connection group's listeners, and no others."""
+        async with self._lock:
+            return await self._integration_changed(tenant_id, kind)
+
+    async def _integration_changed(self, tenant_id: str, kind: str) -> dict[str, list[Key]]:
         stored = await self.store.get_integration(tenant_id, kind)
         integration = _integration(stored) if stored is not None else None
         group = {(tenant_id, spec.id): Desired(spec, integration)
