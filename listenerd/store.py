@@ -232,6 +232,11 @@ class Store:
         """Every tenant's listeners, oldest first: what the daemon reconciles against."""
         return await self._rows("SELECT tenant_id, id, spec, managed_by FROM listeners ORDER BY rowid", ())
 
+    async def get_listener_stored(self, tenant_id: str, listener_id: str) -> tuple[bytes, str] | None:
+        """One listener as stored: the definition's JSON bytes and managed-by, or None."""
+        return await self.run(lambda c: c.execute("SELECT spec, managed_by FROM listeners WHERE tenant_id = ? AND "
+                                                  "id = ?", (tenant_id, listener_id)).fetchone())
+
     async def all_listeners_stored(self) -> list[tuple[str, str, bytes, str]]:
         """Every tenant's listeners as stored (tenant id, id, the definition's JSON bytes, managed-by), oldest
         first: for a reader that parses only what changed since it last looked."""
