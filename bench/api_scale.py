@@ -17,7 +17,8 @@ Measured, in one run:
 - RSS of the daemon with everything started (and its peak), and idle CPU over `--idle` seconds;
 - a SIGHUP whose config changes only R1: until the daemon logs `config reloaded`, and what it restarted;
 - a restart of the daemon on the same store: from spawn until every listener is `started`;
-- `listenerd check` of a config that declares the same number of listeners.
+- a daemon whose config declares the same listeners (a new store): from spawn until all are `started`,
+  and `listenerd check` of that config.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import aiohttp  # noqa: E402
 
 from bench.chaos.rig import header, loadavg, sample, write_section  # noqa: E402
 from bench.common import pct  # noqa: E402
-from bench.fleet import OPS_TOKEN, SOURCES, SimProcess, config_text, peak_rss_kb, shares  # noqa: E402
+from bench.fleet import OPS_TOKEN, SOURCES, SimProcess, config_text, peak_rss_kb  # noqa: E402
 from listenerd.sim.engine import EngineSim  # noqa: E402
 from listenerd.testing import DaemonProcess, wait_for  # noqa: E402
 
@@ -53,6 +54,27 @@ def option(source: str, i: int, topics: int) -> dict[str, str]:
     """A listener's options: distinct channels and hashes, Salesforce topics the simulator has."""
     return {"pusher": {"channel": f"scale-{i}"}, "datasift": {"hash": f"{i:032x}"},
             "salesforce": {"topic": f"Fleet{i % topics}"}}[source]
+
+
+def declared(size: int, tenants: int, topics: int) -> dict[str, str]:
+    """`[[tenants.listeners]]` tables of `size` listeners, by tenant id: the API fleet, declared instead."""
+    tables: dict[str, list[str]] = {}
+    for i in range(size):
+        source = SOURCES[i % 3]
+        ((name, value),) = option(source, i, topics).items()
+        tables.setdefault(f"t{i % tenants}", []).append(
+            f'[[tenants.listeners]]\nid = "C{i}"\ntype = "{source}"\noptions = {{ {name} = "{value}" }}\n')
+    return {tenant: "\n".join(parts) for tenant, parts in tables.items()}
+
+
+def with_declared(text: str, size: int, tenants: int, topics: int) -> str:
+    """`text` (a config of `tenants` tenants) with `size` listeners declared, dealt over its tenants."""
+    for tenant, tables in sorted(declared(size, tenants, topics).items(), key=lambda kv: -int(kv[0][1:])):
+        head, marker, rest = text.partition(f'[[tenants]]\nid = "{tenant}"\n')
+        after = rest.find("[[tenants]]")
+        rest = (rest + "\n" + tables) if after < 0 else (rest[:after] + tables + "\n" + rest[after:])
+        text = head + marker + rest
+    return text
 
 
 def daemon_config(db: Path, engine_url: str, addresses: dict[str, Any], tenants: int, topics: int,
@@ -207,16 +229,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["restart_all_started"] = None if took is None else took + result["api_up_after_restart"]
                 result["statuses_after_restart"] = last
                 result["rss_after_restart"] = sample(daemon.process.pid).rss_kb
+            # the same number of listeners declared in the config, on a new store: from spawn until all started
+            assert await daemon.stop() == 0
+            declared_text = with_declared(daemon_config(workdir / "declared.db", engine.url, addresses, args.tenants,
+                                                        topics, "r-a"), sizes[-1] - 1, args.tenants, topics)
+            daemon = DaemonProcess(workdir, declared_text, name="declared")
+            t0 = time.monotonic()
+            api = await daemon.start(timeout=args.timeout)
+            result["declared_api_up"] = time.monotonic() - t0
+            async with aiohttp.ClientSession() as http:
+                took, last = await until_all_started(Client(http, api), args.tenants, fleet, args.timeout)
+                result["declared_all_started"] = None if took is None else took + result["declared_api_up"]
+                result["statuses_declared"] = last
+                assert daemon.process is not None
+                result["rss_declared"] = sample(daemon.process.pid).rss_kb
         finally:
             if daemon is not None:
                 await daemon.stop()
             await engine.stop()
             for sim in sims.values():
                 await sim.stop()
-        counts = shares(sizes[-1])
         check_config = workdir / "check.toml"
-        check_config.write_text(config_text(workdir / "check.db", "http://127.0.0.1:9/1.0/events", addresses,
-                                            {**counts, "salesforce": counts["salesforce"]}, args.tenants, True))
+        check_config.write_text(declared_text)
         t0 = time.monotonic()
         check = await asyncio.create_subprocess_exec(sys.executable, "-m", "listenerd", "check", "--config",
                                                      str(check_config), stdout=subprocess.DEVNULL,
@@ -258,7 +292,11 @@ def table(args: argparse.Namespace, r: dict[str, Any]) -> str:
               f"| restart on the same store: API up / all `started` | {r['api_up_after_restart']:.1f} s / "
               f"{secs(r['restart_all_started'])} ({r['statuses_after_restart']}) | < 60 s |",
               f"| RSS after the restart, all started | {r['rss_after_restart'] / 1024:.0f} MiB | < 500 MiB |",
-              f"| `listenerd check` of {args.sizes.split(',')[-1]} declared listeners | {r['check_seconds']:.2f} s "
+              f"| start with the {r['fleet']:,} declared in the config (new store): API up / all `started` | "
+              f"{r['declared_api_up']:.1f} s / {secs(r['declared_all_started'])} ({r['statuses_declared']}) | "
+              f"< 60 s |",
+              f"| RSS then, all started | {r['rss_declared'] / 1024:.0f} MiB | < 500 MiB |",
+              f"| `listenerd check` of that config | {r['check_seconds']:.2f} s "
               f"(exit {r['check_exit']}) | |"]
     return "\n".join(lines)
 

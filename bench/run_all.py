@@ -23,6 +23,7 @@ THROUGHPUT = [
     ["bench/salesforce_shared.py"],
     ["bench/datasift_throughput.py"],
     ["bench/fleet.py"],
+    ["bench/api_scale.py"],
 ]
 CHAOS = ["crash_loop", "engine_outage", "flaps", "bad_input", "soak", "security"]
 
