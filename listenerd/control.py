@@ -147,7 +147,7 @@ class Control:
         not_started: list[dict[str, Any]] = []
         for spec in self.fleet.index.of_tenant(tenant_id):
             record = self.supervisor.status((tenant_id, spec.id))
-            status = self._status_of(tenant_id, spec)
+            status = record.status if record is not None else "starting"  # stored, not loaded yet
             counts[status] += 1
             if status != "started":
                 entry: dict[str, Any] = {"id": spec.id, "name": spec.name, "type": spec.type, "enabled": spec.status}
