@@ -100,7 +100,8 @@ def sim_main(kind: str, conn: Any, counts: dict[str, int], tenants: int) -> None
             sim = DataSiftSim(users={f"fleet{t}": f"fleet-ds-key-{t}" for t in range(tenants)}, tick_interval=10.0)
         else:
             sim = SalesforceSim(users={f"fleet{t}@example.com": SF_PASSWORD + SF_TOKEN for t in range(tenants)},
-                                clients={CONSUMER_KEY: CONSUMER_SECRET}, long_poll=110.0)
+                                clients={CONSUMER_KEY: CONSUMER_SECRET}, long_poll=110.0,
+                                max_clients=20 * tenants)  # one simulated org stands for one org per tenant
             for i in range(counts["salesforce"]):
                 sim.create_topic(f"Fleet{i}", f"SELECT Id, Name FROM Fleet{i}__c")
         await sim.start()

@@ -26,6 +26,7 @@ THROUGHPUT = [
     ["bench/datasift_throughput.py"],
     ["bench/fleet.py"],
     ["bench/people_views.py"],
+    ["bench/api_scale.py"],
 ]
 CHAOS = ["crash_loop", "engine_outage", "flaps", "bad_input", "soak", "security"]
 

@@ -19,8 +19,10 @@ from pydantic import ValidationError
 
 from listenerd.config import format_errors
 from listenerd.egress import EgressRefused, Policy, check_integration
+from listenerd.fleet import Fleet
 from listenerd.model import (
     INTEGRATION_TYPES,
+    LISTENER_TYPES,
     SAFE_ID,
     Integration,
     Limits,
@@ -29,13 +31,15 @@ from listenerd.model import (
     load_listener,
     stored_listener,
 )
-from listenerd.observability import redactor
-from listenerd.status import ListenerStatus
+from listenerd.observability import redactor, secrets_owner
+from listenerd.status import STATES, ListenerStatus
 from listenerd.store import Row, Store, TenantFull
 from listenerd.store_health import StoreHealth, is_store_error
 from listenerd.supervisor import Supervisor
 
 MAX_REPLAY_ID = 2**63 - 1  # a replayId is a signed 64-bit integer (Salesforce, CometD's replay extension)
+DEFAULT_LIMIT = 100  # listed items per page unless a client asks for another number
+MAX_LIMIT = 1000
 EDITABLE = ("name", "description", "status", "type", "options", "mapping")
 RETRY_AFTER = 5  # seconds a client is asked to wait while the store fails (its commits retry at least this often)
 P = ParamSpec("P")
@@ -105,12 +109,12 @@ def _uses_store(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Aw
 class Control:
     """Listeners, integrations and checkpoints of the running daemon: reads, and changes in order."""
 
-    def __init__(self, store: Store, supervisor: Supervisor, reconcile: Callable[[], Awaitable[object]],
-                 health: StoreHealth | None = None, limits: Callable[[], Limits] = Limits):
+    def __init__(self, store: Store, supervisor: Supervisor, fleet: Fleet, health: StoreHealth | None = None,
+                 limits: Callable[[], Limits] = Limits):
         self.store = store
         self.limits = limits  # the current config's `[limits]` (a reload replaces them)
         self.supervisor = supervisor
-        self._reconcile = reconcile  # the daemon's: running listeners brought in line with the store
+        self.fleet = fleet  # brings the running listener (or connection group) a change touched in line with the store
         self.health = health
 
     def unavailable(self, op: str, exc: BaseException) -> Unavailable:
@@ -131,9 +135,43 @@ class Control:
             raise NotFound(f"no listener {listener_id!r} in tenant {tenant_id!r}")
         return load_listener(row.body, row.managed_by)
 
-    @_uses_store("api-read")
-    async def listeners(self, tenant_id: str) -> list[ListenerBase]:
-        return [load_listener(row.body, row.managed_by) for row in await self.store.listeners(tenant_id)]
+    async def listeners(self, tenant_id: str, after: str | None = None, limit: int = DEFAULT_LIMIT,
+                        status: str | None = None, kind: str | None = None) -> tuple[list[ListenerBase], bool]:
+        """A page of a tenant's listeners in id order after the id `after`, and whether more follow.
+
+        `status` keeps those in that runtime status (`started`, `failed`, ...), `kind` those of that type.
+        Read from the in-memory index: its cost is the page's, not the tenant's.
+        """
+        if status is not None and status not in STATES:
+            raise Invalid(f"status: must be one of {', '.join(STATES)} (the runtime status)", ["status"])
+        if kind is not None and kind not in LISTENER_TYPES:
+            raise Invalid(f"type: unknown listener type {kind[:64]!r} (known: {', '.join(LISTENER_TYPES)})",
+                          ["type"])
+
+        def keep(spec: ListenerBase) -> bool:
+            return ((kind is None or spec.type == kind)
+                    and (status is None or self._status_of(tenant_id, spec) == status))
+
+        return self.fleet.index.page(tenant_id, after, limit, keep)
+
+    def listener_summary(self, tenant_id: str) -> dict[str, Any]:
+        """Counts per runtime status, and every listener not `started` with its status: a tenant's health."""
+        counts = dict.fromkeys(STATES, 0)
+        not_started: list[dict[str, Any]] = []
+        for spec in self.fleet.index.of_tenant(tenant_id):
+            record = self.supervisor.status((tenant_id, spec.id))
+            status = record.status if record is not None else "starting"  # stored, not loaded yet
+            counts[status] += 1
+            if status != "started":
+                entry: dict[str, Any] = {"id": spec.id, "name": spec.name, "type": spec.type, "enabled": spec.status}
+                entry.update(record.as_json() if record is not None else
+                             {"status": status, "message": "Not loaded yet", "since": None, "last-error": None})
+                not_started.append(entry)
+        return {"total": sum(counts.values()), "counts": counts, "not-started": not_started}
+
+    def _status_of(self, tenant_id: str, spec: ListenerBase) -> str:
+        record = self.supervisor.status((tenant_id, spec.id))
+        return record.status if record is not None else "starting"
 
     @_uses_store("api-write")
     async def create_listener(self, tenant_id: str, fields: Mapping[str, Any]) -> ListenerBase:
@@ -143,6 +181,8 @@ class Control:
         given = fields.get("id")
         if given is not None and not isinstance(given, str):
             raise Invalid("id: must be a string", ["id"])
+        if given == "status":
+            raise Invalid("id: 'status' is reserved (GET .../listeners/status is the tenant's summary)", ["id"])
         limits = self.limits()
         spec = _validated({**fields, "id": given or "LI0"}, limits)  # a stand-in id until the store assigns one
         # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a
@@ -157,7 +197,7 @@ class Control:
                           f"(limits.tenant-max-listeners); delete one first", RETRY_AFTER) from None
         if listener_id is None:
             raise Conflict(f"id: listener {given!r} already exists in tenant {tenant_id!r}", ["id"])
-        await self._reconcile()
+        await self.fleet.listener_changed(tenant_id, listener_id)
         return spec.model_copy(update={"id": listener_id})
 
     @_uses_store("api-write")
@@ -174,7 +214,7 @@ class Control:
         spec = _validated({**stored_listener(current), **{k: v for k, v in fields.items() if k in EDITABLE}},
                           self.limits())
         await self.store.put_listener(tenant_id, listener_id, stored_listener(spec))
-        await self._reconcile()
+        await self.fleet.listener_changed(tenant_id, listener_id)
         return spec
 
     @_uses_store("api-write")
@@ -184,7 +224,7 @@ class Control:
         if current.managed_by == "config":
             raise Conflict(f"listener {listener_id!r} is declared in the config file; remove it there")
         await self.store.delete_listener(tenant_id, listener_id)
-        await self._reconcile()
+        await self.fleet.listener_changed(tenant_id, listener_id)
 
     @_uses_store("api-read")
     async def restart_listener(self, tenant_id: str, listener_id: str) -> None:
@@ -290,13 +330,8 @@ class Control:
         # before it is stored: no log line can show them; the replaced credentials' secrets are dropped
         redactor.replace(secrets_owner(tenant_id, kind), integration.secret_values())
         await self.store.put_integration(tenant_id, kind, integration.dump())
-        await self._reconcile()
+        await self.fleet.integration_changed(tenant_id, kind)
         return integration
-
-
-def secrets_owner(tenant_id: str, kind: str) -> str:
-    """The redactor's owner of one integration's secrets: replacing them forgets the old ones."""
-    return f"integration:{tenant_id}:{kind}"
 
 
 # Words a secret set through the API may not be: the log's own vocabulary and well-known passwords. Each

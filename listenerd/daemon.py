@@ -19,30 +19,20 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import ValidationError
 
 from listenerd import config as config_module
 from listenerd.api.app import ApiRunner, create_app
 from listenerd.api.guard import AcceptErrorLog, Guard, GuardedSite
-from listenerd.control import Control, secrets_owner
+from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
 from listenerd.delivery.outbox import Outbox
-from listenerd.model import (
-    INTEGRATION_TYPES,
-    SOURCE_TYPES,
-    Config,
-    Integration,
-    integration_type,
-    load_integration,
-    load_listener,
-    stored_listener,
-    without_secrets,
-)
+from listenerd.fleet import Fleet
+from listenerd.model import SOURCE_TYPES, Config, Integration, stored_listener, without_secrets
 from listenerd.observability import Metrics, redactor
 from listenerd.sealing import sealer_for
 from listenerd.store import Store
-from listenerd.supervisor import Desired, Key, Supervisor
+from listenerd.supervisor import Key, Supervisor
 from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
@@ -63,6 +53,7 @@ class Daemon:
         self.dead_letters = DeadLetters(self.store, self.outbox)
         self.tap = TapHub(config.server.tap_queue)
         self.supervisor: Supervisor | None = None
+        self.fleet: Fleet | None = None
         self.forwarder: Forwarder | None = None
         self.ready = False
         self.api_url: str | None = None
@@ -85,7 +76,9 @@ class Daemon:
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
         await self.forwarder.start()
-        control = Control(self.store, self.supervisor, self.apply, self.outbox.health,
+        self.fleet = Fleet(self.store, self.supervisor, lambda: {t.id for t in self.config.tenants},
+                           configured=self.configured_integration)
+        control = Control(self.store, self.supervisor, self.fleet, self.outbox.health,
                           limits=lambda: self.config.limits)
         server = self.config.server
         # idle-timeout is aiohttp's keep-alive timeout: it runs from the connection's start and after each answer
@@ -102,7 +95,7 @@ class Daemon:
         await site.start()
         port = self._runner.addresses[0][1] if self._runner.addresses else server.port
         self.api_url = f"http://{server.host}:{port}"
-        await self.supervisor.start(await self.desired())
+        await self.supervisor.start(await self.fleet.everything())
         self.ready = True
         log.info("listenerd ready", api=self.api_url, listeners=len(self.supervisor.records),
                  engine=self.config.engine.public_url)
@@ -212,8 +205,9 @@ class Daemon:
             self.config = new
             await self.apply_config_objects(new)
             assert self.supervisor is not None
-            changes = await self.supervisor.reconcile(await self.desired(), config=new)
-            log.info("config reloaded", **{k: [f"{t}/{i}" for t, i in v] for k, v in changes.items() if v})
+            assert self.fleet is not None
+            changes = await self.fleet.reconcile_all(config=new)
+            log.info("config reloaded", **reload_summary(changes))
             self.notifier.notify(READY=1, STATUS=self.status_line())
             return True
 
@@ -244,6 +238,11 @@ class Daemon:
         if needs_restart:
             log.warning("config change needs a restart to take effect", keys=needs_restart)
 
+    def configured_integration(self, tenant_id: str, kind: str) -> Integration | None:
+        """A config-file integration as the config holds it: its secrets live there, never in the store."""
+        tenant = self.config.tenant(tenant_id)
+        return tenant.integrations.get(kind) if tenant is not None else None
+
     async def apply_config_objects(self, config: Config) -> None:
         tenants = [(t.id, t.name) for t in config.tenants]
         # config-file secrets stay in the config (their home): the store keeps the rest of the integration
@@ -252,38 +251,21 @@ class Daemon:
         listeners = [(t.id, spec.id, stored_listener(spec)) for t in config.tenants for spec in t.listeners]
         await self.store.sync_config_objects(tenants, integrations, listeners)
 
-    async def desired(self) -> dict[Key, Desired]:
-        """Every listener of a configured tenant, with its tenant's integration, from the store."""
-        tenant_ids = {t.id for t in self.config.tenants}
-        integrations: dict[tuple[str, str], Integration] = {}
-        for row in await self.store.all_integrations():
-            if row.tenant_id in tenant_ids and row.key in INTEGRATION_TYPES:
-                if row.managed_by == "config":
-                    tenant = self.config.tenant(row.tenant_id)
-                    if tenant is not None and (found := tenant.integrations.get(row.key)) is not None:
-                        integrations[(row.tenant_id, row.key)] = found
-                    continue
-                with contextlib.suppress(ValidationError):
-                    integration = load_integration(row.key, row.body, row.managed_by)
-                    integrations[(row.tenant_id, row.key)] = integration
-                    if row.managed_by == "api":
-                        redactor.replace(secrets_owner(row.tenant_id, row.key), integration.secret_values())
-        desired: dict[Key, Desired] = {}
-        for row in await self.store.all_listeners():
-            if row.tenant_id not in tenant_ids:
-                continue
-            try:
-                spec = load_listener(row.body, row.managed_by)
-            except ValidationError as exc:
-                log.error("stored listener is invalid; skipped", tenant=row.tenant_id, listener=row.key,
-                          error=str(exc))
-                continue
-            integration_key = (row.tenant_id, integration_type(spec.type))
-            desired[(row.tenant_id, row.key)] = Desired(spec, integrations.get(integration_key))
-        return desired
 
-    async def apply(self) -> dict[str, list[Key]]:
-        """Reconcile the supervisor with the store after an API change."""
-        assert self.supervisor is not None
-        return await self.supervisor.reconcile(await self.desired())
+LOGGED_KEYS = 50  # listeners named per kind of change in the reload's log line; past that, a count
 
+
+def reload_summary(changes: dict[str, list[Key]]) -> dict[str, object]:
+    """What a reload changed, for its log line: the listeners started, restarted, stopped or removed
+    (the first LOGGED_KEYS of each, then how many more), and how many were left alone. The unchanged are
+    counted, never listed: with 10,000 listeners that list alone took seconds to write (every value of
+    a log line is checked against every secret)."""
+    summary: dict[str, object] = {}
+    for kind, keys in changes.items():
+        if kind == "unchanged":
+            summary[kind] = len(keys)
+        elif keys:
+            summary[kind] = [f"{t}/{i}" for t, i in keys[:LOGGED_KEYS]]
+            if len(keys) > LOGGED_KEYS:
+                summary[f"{kind}-more"] = len(keys) - LOGGED_KEYS
+    return summary

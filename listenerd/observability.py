@@ -178,6 +178,11 @@ def _redact(value: str, automata: tuple[Any, Any]) -> str:
     return "".join(out)
 
 
+
+def secrets_owner(tenant_id: str, kind: str) -> str:
+    """The redactor's owner of one integration's secrets: replacing them forgets the old ones."""
+    return f"integration:{tenant_id}:{kind}"
+
 redactor = SecretRedactor()
 
 

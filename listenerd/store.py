@@ -249,6 +249,17 @@ class Store:
         """Every tenant's listeners, oldest first: what the daemon reconciles against."""
         return await self._rows("SELECT tenant_id, id, spec, managed_by FROM listeners ORDER BY rowid", ())
 
+    async def get_listener_stored(self, tenant_id: str, listener_id: str) -> tuple[bytes, str] | None:
+        """One listener as stored: the definition's JSON bytes and managed-by, or None."""
+        return await self.run(lambda c: c.execute("SELECT spec, managed_by FROM listeners WHERE tenant_id = ? AND "
+                                                  "id = ?", (tenant_id, listener_id)).fetchone())
+
+    async def all_listeners_stored(self) -> list[tuple[str, str, bytes, str]]:
+        """Every tenant's listeners as stored (tenant id, id, the definition's JSON bytes, managed-by), oldest
+        first: for a reader that parses only what changed since it last looked."""
+        return await self.run(lambda c: c.execute("SELECT tenant_id, id, spec, managed_by FROM listeners "
+                                                  "ORDER BY rowid").fetchall())
+
     async def put_listener(self, tenant_id: str, listener_id: str, body: dict[str, Any],
                            managed_by: str = "api") -> None:
         now = time.time()
@@ -269,6 +280,15 @@ class Store:
         """
         now = time.time()
 
+        def put(c: sqlite3.Connection, new_id: str) -> bool:
+            try:
+                c.execute("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", (tenant_id, new_id, orjson.dumps(build(new_id)), managed_by,
+                                                        now, now))
+            except sqlite3.IntegrityError:
+                return False
+            return True
+
         def insert(c: sqlite3.Connection) -> str | None:
             if max_count is not None:
                 (count,) = c.execute("SELECT count(*) FROM listeners WHERE tenant_id = ?", (tenant_id,)).fetchone()
@@ -276,17 +296,19 @@ class Store:
                     raise TenantFull(count)
             row = c.execute("SELECT last FROM listener_ids WHERE tenant_id = ?", (tenant_id,)).fetchone()
             last = row[0] if row else 0
-            ids = [r[0] for r in c.execute("SELECT id FROM listeners WHERE tenant_id = ? AND id GLOB 'LI[0-9]*'",
-                                           (tenant_id,))]
-            last = max([last, *(int(i[2:]) for i in ids if i[2:].isdigit())])
-            new_id = listener_id or f"LI{last + 1}"
-            try:
-                c.execute("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
-                          "VALUES (?, ?, ?, ?, ?, ?)", (tenant_id, new_id, orjson.dumps(build(new_id)), managed_by,
-                                                        now, now))
-            except sqlite3.IntegrityError:
-                return None
-            if new_id.startswith("LI") and new_id[2:].isdigit():
+            if listener_id is not None:
+                new_id = listener_id
+                if not put(c, new_id):
+                    return None
+            elif put(c, f"LI{last + 1}"):  # the usual case: one lookup by key, whatever the tenant's size
+                new_id = f"LI{last + 1}"
+            else:  # taken by a listener the counter has not seen (declared in the config): above every LI<n>
+                ids = [r[0] for r in c.execute("SELECT id FROM listeners WHERE tenant_id = ? AND id GLOB 'LI[0-9]*'",
+                                               (tenant_id,))]
+                last = max([last, *(int(i[2:]) for i in ids if i[2:].isdigit())])
+                new_id = f"LI{last + 1}"
+                put(c, new_id)
+            if new_id.startswith("LI") and new_id[2:].isdigit() and len(new_id) < 20:  # an INTEGER holds it
                 last = max(last, int(new_id[2:]))
             c.execute("INSERT INTO listener_ids (tenant_id, last) VALUES (?, ?) ON CONFLICT (tenant_id) "
                       "DO UPDATE SET last = max(last, excluded.last)", (tenant_id, last))
@@ -374,6 +396,11 @@ class Store:
             c.executemany("INSERT OR REPLACE INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
                           "VALUES (?, ?, ?, 'config', ?, ?)",
                           [(t, k, orjson.dumps(b), now, now) for t, k, b in listeners])
+            # a declared LI<n> counts as handed out: the API's next LI<n> is above it, even once it leaves the config
+            c.executemany("INSERT INTO listener_ids (tenant_id, last) VALUES (?, ?) ON CONFLICT (tenant_id) "
+                          "DO UPDATE SET last = max(last, excluded.last)",
+                          [(t, int(k[2:])) for t, k, _ in listeners if k.startswith("LI") and k[2:].isdigit()
+                           and len(k) < 20])
 
         await self.transaction(sync)
 

@@ -97,6 +97,31 @@ class Api:
             except ValueError:
                 return response.status, text
 
+    async def page(self, path: str, token: str | None | bool = True) -> tuple[int, Any, str | None]:
+        """(status, JSON body, the next page's path from the Link header or None) of a GET of a list."""
+        hdrs = {}
+        use = self.token if token is True else token
+        if use:
+            hdrs["Authorization"] = f"Bearer {use}"
+        async with self.session.get(self.base_url + path, headers=hdrs) as response:
+            body = await response.json(content_type=None)
+            link = response.headers.get("Link")
+            if link is None:
+                return response.status, body, None
+            target, _, relation = link.partition(">; ")
+            assert relation == 'rel="next"' and target.startswith("<"), link
+            return response.status, body, target[1:]
+
+    async def every_page(self, path: str) -> list[list[Any]]:
+        """Each page of a list, following the Link headers from `path` to the last page."""
+        pages: list[list[Any]] = []
+        next_path: str | None = path
+        while next_path is not None:
+            code, body, next_path = await self.page(next_path)
+            assert code == 200, (code, body)
+            pages.append(body)
+        return pages
+
     async def status(self, tenant: str, listener: str) -> dict:
         code, body = await self.call("GET", f"/1.0/tenants/{tenant}/listeners/{listener}/status")
         assert code == 200, (code, body)

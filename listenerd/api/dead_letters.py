@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from listenerd.api import paging
 from listenerd.api.context import DAEMON
 from listenerd.api.errors import ApiError
 from listenerd.delivery.dead_letters import DeadLetter
@@ -43,11 +44,20 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
 
 @routes.get(BASE)
 async def list_dead_letters(request: web.Request) -> web.Response:
-    """Oldest first; `?listener-id=LI1` narrows to one listener."""
+    """A page, oldest first; `?listener-id=LI1` narrows to one listener, `?status-code=422` to one answer."""
     daemon = request.app[DAEMON]
-    listener_id = request.query.get("listener-id") or None
-    letters = await daemon.dead_letters.of_tenant(request.match_info["tid"], listener_id)
-    return web.json_response([dead_letter_json(letter) for letter in letters])
+    query = request.query
+    listener_id = query.get("listener-id") or None
+    raw_code = query.get("status-code") or None
+    if raw_code is not None and not (raw_code.isascii() and raw_code.isdigit() and len(raw_code) <= 3):
+        raise ApiError(400, "status-code: must be an HTTP status code (0-999)", fields=["status-code"])
+    limit = paging.limit(query)
+    letters = await daemon.dead_letters.of_tenant(request.match_info["tid"], listener_id,
+                                                  after=paging.cursor(query, int), limit=limit + 1,
+                                                  status_code=int(raw_code) if raw_code is not None else None)
+    more = len(letters) > limit
+    letters = letters[:limit]
+    return paging.answer(request, [dead_letter_json(letter) for letter in letters], letters[-1].id if more else None)
 
 
 @routes.get(BASE + "/{id}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from listenerd.api import paging
 from listenerd.api.context import CONTROL, json_body
 from listenerd.model import ListenerBase
 
@@ -32,8 +33,17 @@ def listener_json(spec: ListenerBase) -> dict[str, Any]:
 
 @routes.get(BASE)
 async def list_listeners(request: web.Request) -> web.Response:
-    found = await request.app[CONTROL].listeners(request.match_info["tid"])
-    return web.json_response([listener_json(spec) for spec in found])
+    """A page in id order (`LI2` before `LI10`); `?status=failed` (runtime status) and `?type=pusher` filter."""
+    query = request.query
+    found, more = await request.app[CONTROL].listeners(
+        request.match_info["tid"], after=paging.cursor(query, str), limit=paging.limit(query),
+        status=query.get("status") or None, kind=query.get("type") or None)
+    return paging.answer(request, [listener_json(spec) for spec in found], found[-1].id if more else None)
+
+
+@routes.get(BASE + "/status")  # before BASE/{id}, which would take "status" for an id
+async def listeners_summary(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CONTROL].listener_summary(request.match_info["tid"]))
 
 
 @routes.post(BASE)

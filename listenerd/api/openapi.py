@@ -13,7 +13,9 @@ from aiohttp import web
 from pydantic import TypeAdapter
 
 from listenerd import version
+from listenerd.control import DEFAULT_LIMIT, MAX_LIMIT
 from listenerd.model import INTEGRATION_TYPES, LISTENER_TYPES, Listener
+from listenerd.status import STATES
 
 routes = web.RouteTableDef()
 
@@ -22,10 +24,33 @@ TENANT = {"name": "tid", "in": "path", "required": True, "schema": {"type": "str
 LISTENER_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 DEAD_LETTER_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 TYPE = {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
+PAGE = [{"name": "limit", "in": "query", "required": False, "description": "items per page",
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
+        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "opaque; the next page's URL, cursor included, is in the Link header (rel=\"next\"), "
+                        "absent on the last page"}]
+LISTENER_FILTERS = [
+    {"name": "status", "in": "query", "required": False, "description": "only listeners in this runtime status",
+     "schema": {"enum": list(STATES)}},
+    {"name": "type", "in": "query", "required": False, "description": "only listeners of this type",
+     "schema": {"enum": list(LISTENER_TYPES)}}]
+DEAD_LETTER_FILTERS = [
+    {"name": "listener-id", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "only this listener's dead letters"},
+    {"name": "status-code", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
+                                                                          "maximum": 999},
+     "description": "only batches the engine answered with this status code"}]
+LINK = {"Link": {"description": "<url>; rel=\"next\": the next page, when there is one",
+                 "schema": {"type": "string"}}}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _page(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """A page of a list: a bare JSON array, the next page in the Link header."""
+    return {**_json({"type": "array", "items": schema}, description), "headers": LINK}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -68,11 +93,15 @@ def document() -> dict[str, Any]:
                        {"200": _json({"$ref": "#/components/schemas/Engine"}, "engine state")}, [], 401, 503),
         },
         "/1.0/tenants/{tid}/listeners": {
-            "get": _op("List listeners", {"200": _json({"type": "array", "items": listener}, "listeners")},
-                       [TENANT], *auth),
+            "get": _op("List listeners, a page at a time, in id order (LI2 before LI10)",
+                       {"200": _page(listener, "listeners")}, [TENANT, *PAGE, *LISTENER_FILTERS], 400, *auth),
             "post": _op("Create a listener (starts at once when status is true)",
                         {"201": _json(listener, "created")}, [TENANT], *body_errors, 409,
                         body={"$ref": "#/components/schemas/ListenerInput"}),
+        },
+        "/1.0/tenants/{tid}/listeners/status": {
+            "get": _op("A tenant's health: counts per runtime status, and every listener not started",
+                       {"200": _json({"$ref": "#/components/schemas/Summary"}, "summary")}, [TENANT], *auth),
         },
         "/1.0/tenants/{tid}/listeners/{id}": {
             "get": _op("Retrieve a listener", {"200": _json(listener, "the listener")}, lparams, *auth),
@@ -102,8 +131,9 @@ def document() -> dict[str, Any]:
                            "schema": {"type": "string"}}}}}, lparams, *auth),
         },
         "/1.0/tenants/{tid}/dead-letters": {
-            "get": _op("Batches the engine refused", {"200": _json({"type": "array", "items": {
-                "$ref": "#/components/schemas/DeadLetter"}}, "dead letters")}, [TENANT], *auth),
+            "get": _op("Batches the engine refused, a page at a time, oldest first", {"200": _page(
+                {"$ref": "#/components/schemas/DeadLetter"}, "dead letters")}, [TENANT, *PAGE, *DEAD_LETTER_FILTERS],
+                400, *auth),
         },
         "/1.0/tenants/{tid}/dead-letters/{id}/retry": {
             "post": _op("Queue a dead letter for delivery again", {"202": _json({"type": "object"}, "queued")},
@@ -194,6 +224,18 @@ def document() -> dict[str, Any]:
                                       "oldest-age": {"type": "number", "description": "seconds"}}},
             "store": {"type": "object", "required": ["writing", "problem"], "properties": {
                 "writing": {"type": "boolean"}, "problem": {"type": ["string", "null"]}}}}},
+        "Summary": {"type": "object", "required": ["total", "counts", "not-started"], "properties": {
+            "total": {"type": "integer"},
+            "counts": {"type": "object", "required": list(STATES),
+                       "properties": {state: {"type": "integer"} for state in STATES}},
+            "not-started": {"type": "array", "description": "every listener whose runtime status is not started, "
+                            "disabled ones (enabled false, status stopped) included", "items": {
+                "type": "object", "required": ["id", "name", "type", "enabled", "status", "message", "since",
+                                               "last-error"],
+                "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                               "type": {"enum": list(LISTENER_TYPES)}, "enabled": {"type": "boolean"},
+                               "status": {"enum": list(STATES)}, "message": {"type": "string"},
+                               "since": {"type": ["string", "null"]}, "last-error": {"type": ["string", "null"]}}}}}},
         "Checkpoint": {"type": "object", "required": ["replay"], "additionalProperties": False,
                        "properties": {"replay": {"type": "integer", "minimum": -2}}},
         "Integration": {"type": "object", "required": ["id", "type", "managed-by"],

@@ -56,9 +56,12 @@ class DeadLetters:
         self.store = store
         self.outbox = outbox
 
-    async def of_tenant(self, tenant_id: str, listener_id: str | None = None) -> list[DeadLetter]:
-        """Every dead letter of a tenant (or of one of its listeners), oldest first."""
-        return await self.store.run(lambda c: select(c, tenant_id, listener_id))
+    async def of_tenant(self, tenant_id: str, listener_id: str | None = None, *, after: int | None = None,
+                        limit: int | None = None, status_code: int | None = None) -> list[DeadLetter]:
+        """A tenant's dead letters (or one listener's, or those of one status code), oldest first: with
+        `after` and `limit`, up to `limit` of those with a greater id (a page, read through the index)."""
+        return await self.store.run(lambda c: select(c, tenant_id, listener_id, after=after, limit=limit,
+                                                     status_code=status_code))
 
     async def get(self, tenant_id: str, dead_letter_id: int) -> DeadLetter | None:
         letters = await self.store.run(lambda c: select(c, tenant_id, dead_letter_id=dead_letter_id))
@@ -145,8 +148,10 @@ def _is_object(piece: bytes) -> bool:
 
 
 def select(conn: sqlite3.Connection, tenant_id: str, listener_id: str | None = None, *,
-           dead_letter_id: int | None = None) -> list[DeadLetter]:
-    """A tenant's dead letters, oldest first, narrowed to one listener or one id."""
+           dead_letter_id: int | None = None, after: int | None = None, limit: int | None = None,
+           status_code: int | None = None) -> list[DeadLetter]:
+    """A tenant's dead letters, oldest first, narrowed to one listener, one id or one status code; with
+    `after`/`limit`, a page of those above the id `after` (keyset on `dead_letters_tenant`)."""
     sql = "SELECT id, listener_id, status_code, response, failed_at, events FROM dead_letters WHERE tenant_id = ?"
     params: tuple[Any, ...] = (tenant_id,)
     if listener_id is not None:
@@ -155,7 +160,17 @@ def select(conn: sqlite3.Connection, tenant_id: str, listener_id: str | None = N
     if dead_letter_id is not None:
         sql += " AND id = ?"
         params += (dead_letter_id,)
-    return [DeadLetter(*row) for row in conn.execute(sql + " ORDER BY id", params)]
+    if status_code is not None:
+        sql += " AND status_code = ?"
+        params += (status_code,)
+    if after is not None:
+        sql += " AND id > ?"
+        params += (after,)
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params += (limit,)
+    return [DeadLetter(*row) for row in conn.execute(sql, params)]
 
 
 def requeue(conn: sqlite3.Connection, tenant_id: str, dead_letter_id: int) -> tuple[int, int, float] | None:

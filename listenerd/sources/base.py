@@ -105,6 +105,7 @@ class SourceContext:
         self._tap_clients = tap_clients
         self._on_commit_count = self._committed_count
         self.heartbeat_bound: float | None = None
+        self.on_bound: Callable[[float], None] | None = None  # the supervisor's watchdog, told of a new bound
         self.last_alive = time.monotonic()
         self.paused = False  # waiting for outbox room: silence then is ours, not the provider's
         self._received = metrics.received.labels(tenant_id, listener.id)
@@ -132,6 +133,8 @@ class SourceContext:
         supervisor's guard restarts the listener well past it (`supervisor.guard_bound`)."""
         self.heartbeat_bound = seconds
         self.alive()
+        if seconds and self.on_bound is not None:
+            self.on_bound(seconds)
 
     def count(self, kind: str) -> None:
         """Count a non-fatal problem (unmappable payload, malformed frame, reconnect ...)."""

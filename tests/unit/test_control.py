@@ -1,7 +1,7 @@
 """Control: the order of each change (store, then the running listeners) and its refusals.
 
-A real store and a real supervisor with scripted sources; the reconcile handed to the control reads
-the store as the daemon's does.
+A real store and a real supervisor with scripted sources; the control's fleet reads the store by key
+as the daemon's does.
 """
 
 import asyncio
@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from listenerd.control import Conflict, Control, Invalid, NotFound, NotLoaded, Unavailable
-from listenerd.model import Config, load_integration, load_listener
+from listenerd.fleet import Fleet
+from listenerd.model import Config
 from listenerd.observability import redactor
-from listenerd.supervisor import Desired
 from listenerd.testing import InjectedDiskFull
 from tests.harness import Harness, wait_for
 
@@ -25,19 +25,9 @@ async def control(tmp_path):
                                     "supervisor": {"backoff-initial": 0.05, "backoff-max": 0.2}})
     async with Harness(tmp_path, config) as h:
         supervisor = h.supervisor()
-
-        async def reconcile() -> None:
-            wanted = {}
-            for row in await h.store.all_listeners():
-                spec = load_listener(row.body, row.managed_by)
-                stored = await h.store.get_integration(row.tenant_id, spec.type)
-                creds = load_integration(spec.type, stored.body, stored.managed_by) if stored else None
-                wanted[(row.tenant_id, row.key)] = Desired(spec, creds)
-            await supervisor.reconcile(wanted)
-
         await supervisor.start({})
         try:
-            yield Control(h.store, supervisor, reconcile)
+            yield Control(h.store, supervisor, Fleet(h.store, supervisor))
         finally:
             await supervisor.stop()
 
@@ -152,7 +142,8 @@ async def test_create_and_update_refusals_name_their_fields(control):
         assert refused.value.fields == at_fault
     updated = await control.update_listener("t", "A", {"name": "renamed", "id": "A"})
     assert updated == await control.get_listener("t", "A") and updated.name == "renamed"
-    assert [spec.id for spec in await control.listeners("t")] == ["A"] and await control.listeners("u") == []
+    assert [spec.id for spec in (await control.listeners("t"))[0]] == ["A"]
+    assert await control.listeners("u") == ([], False)
     with pytest.raises(NotFound):
         await control.get_listener("t", "../A")
 
@@ -197,7 +188,7 @@ async def test_a_failing_store_refuses_changes_as_unavailable_with_a_retry_after
         disk = InjectedDiskFull.install(h.store)
         supervisor = h.supervisor()
         await supervisor.start({})
-        control = Control(h.store, supervisor, lambda: asyncio.sleep(0), h.outbox.health)
+        control = Control(h.store, supervisor, Fleet(h.store, supervisor), h.outbox.health)
         new = {"name": "made while full", "type": "pusher", "options": {"channel": "c"}}
         disk.full = True
         with pytest.raises(Unavailable) as refused:
@@ -205,7 +196,7 @@ async def test_a_failing_store_refuses_changes_as_unavailable_with_a_retry_after
         assert "database or disk is full" in refused.value.message and refused.value.retry_after == 5
         with pytest.raises(Unavailable):
             await control.set_integration("t", "pusher", PUSHER)
-        assert await control.listeners("t") == []  # reads work on a full disk
+        assert await control.integrations("t") == []  # reads work on a full disk
         assert h.metrics.store_errors.labels("api-write")._value.get() == 2
         assert h.outbox.health.failing
         disk.full = False
