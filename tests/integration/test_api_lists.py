@@ -112,7 +112,8 @@ async def test_filters_by_runtime_status_and_type_page_like_the_whole_list(daemo
     _, api = daemon
     await create(api, 3)  # disabled: stopped
     broken = await create(api, 2, status=True, options={"channel": "broken-one"})
-    code, _ = await api.call("POST", "/1.0/tenants/t1/integrations/datasift", {"username": "u", "api-key": "k"})
+    code, _ = await api.call("POST", "/1.0/tenants/t1/integrations/datasift",
+                             {"username": "u", "api-key": "ds-key-4821"})
     assert code == 200
     code, ds = await api.call("POST", LISTENERS, {"type": "datasift", "options": {"hash": "h1"}})
     assert code == 201
@@ -220,11 +221,13 @@ async def test_an_integration_change_restarts_only_its_connection_group(daemon):
     code, ds = await api.call("POST", LISTENERS, {"type": "datasift", "options": {"hash": "h1"}})
     assert code == 201
     await api.wait_status("t1", ds["id"], "failed")  # no datasift credentials yet
-    assert (await api.call("POST", "/1.0/tenants/t1/integrations/datasift", {"username": "u", "api-key": "k1"}))[0] \
-        == 200
+    code, _ = await api.call("POST", "/1.0/tenants/t1/integrations/datasift",
+                             {"username": "u", "api-key": "ds-key-0001"})
+    assert code == 200
     await api.wait_status("t1", ds["id"], "started")
-    assert (await api.call("POST", "/1.0/tenants/t1/integrations/datasift", {"username": "u", "api-key": "k2"}))[0] \
-        == 200
+    code, _ = await api.call("POST", "/1.0/tenants/t1/integrations/datasift",
+                             {"username": "u", "api-key": "ds-key-0002"})
+    assert code == 200
     await wait_for(lambda: RUNS[ds["id"]] == 2, what="the datasift listener restarted with the new key")
     await api.wait_status("t1", ds["id"], "started")
     assert RUNS["CFG1"] == 1 and RUNS[pusher] == 1  # the pusher group was not touched
