@@ -16,6 +16,7 @@ from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
 from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
+from listenerd.sources.salesforce_pubsub import PubSubChannels
 from listenerd.testing import wait_for
 from tests.daemon import base_config, running_daemon
 from tests.tls import self_signed
@@ -222,14 +223,15 @@ async def test_a_pubsub_url_that_resolves_to_loopback_fails_at_connect_time(tmp_
 
 async def test_a_pubsub_url_allowed_is_dialled_at_its_checked_address_and_verified_under_its_name(tmp_path):
     """The allowed case: the channel dials the checked address (127.0.0.1) while TLS verifies the host's
-    name, which is the only name the certificate holds (no IP address), and events flow."""
+    name, which is the only name the certificate holds (no IP address), and events flow. After the stream
+    ends UNAVAILABLE, the next one is on a new channel, resolved again (a pinned address may be stale)."""
     tls, ca_bundle = named_only_tls(tmp_path)
     async with EngineSim() as engine, SalesforceSim(long_poll=0.5, **PUBSUB_USER) as org, \
             SalesforcePubsubSim(org, keepalive=0.3, tls=tls) as bus:
         text = with_egress(base_config(tmp_path, engine.url, TENANT),
                            'hosts = ["localhost"]\nnetworks = ["127.0.0.0/8", "::1/128"]\nplaintext = true')
         text = text.replace("[engine]", f'[sources]\nca-bundle = "{ca_bundle}"\n\n[engine]', 1)
-        async with running_daemon(tmp_path, text) as (_, api):
+        async with running_daemon(tmp_path, text) as (daemon, api):
             code, body = await api.call("POST", "/1.0/tenants/t1/integrations/salesforce",
                                         {**PUBSUB_LOGIN, "login-url": f"http://localhost:{org.port}",
                                          "pubsub-url": f"https://localhost:{bus.port}"})
@@ -240,3 +242,10 @@ async def test_a_pubsub_url_allowed_is_dialled_at_its_checked_address_and_verifi
             bus.publish("/event/Order__e", {"OrderNumber__c": "O-1"})
             await wait_for(lambda: engine.events(), what="the event forwarded")
             assert len(bus.streams) == 1
+            channels = daemon.supervisor.shared.get(PubSubChannels).channels
+            [first] = channels.values()
+            bus.drop_streams()
+            await wait_for(lambda: len(bus.streams) == 2 and channels and first not in channels.values(),
+                           what="a new channel, resolved again")
+            await api.wait_status("t1", body["id"], "started")
+            assert first.closed
