@@ -207,11 +207,12 @@ class Policy:
             self.check_address(host, ipaddress.ip_address(info[4][0].split("%", 1)[0]))
         return infos
 
-    async def open_socket(self, host: str, port: int) -> socket.socket:
-        """A connected, non-blocking TCP socket to a checked address of `host` (for websockets' `sock=`)."""
+    async def open_socket(self, host: str, port: int, infos: list[tuple[Any, ...]] | None = None) -> socket.socket:
+        """A connected, non-blocking TCP socket to a checked address of `host` (for websockets' `sock=`), the
+        first of `infos` (`resolve`'s answer, resolved now when not given) that accepts."""
         loop = asyncio.get_running_loop()
         last: OSError = OSError(f"{host} has no address")
-        for family, kind, proto, _, address in await self.resolve(host, port):
+        for family, kind, proto, _, address in infos if infos is not None else await self.resolve(host, port):
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             try:
@@ -272,6 +273,38 @@ async def websocket_options(policy: Policy | None, provider: str, url: str, wher
     policy.check_host(provider, host, where)
     async with asyncio.timeout(timeout):
         return {"sock": await policy.open_socket(host, port)}
+
+
+async def grpc_target(policy: Policy | None, provider: str, url: str, where: str,
+                      timeout: float) -> tuple[str, list[tuple[str, Any]]]:
+    """A gRPC channel's target and options that make its connections obey `policy`.
+
+    gRPC resolves names itself (its own resolver, out of our reach), so with a policy the host is checked
+    by name, resolved and checked here, and the channel dials those addresses (`ipv4:`/`ipv6:` target,
+    the first one that accepts a TCP connection first, others of its family after it) while TLS verifies
+    and names (SNI) the host (`grpc.ssl_target_name_override`) and `:authority` stays `host:port`
+    (`grpc.default_authority`): a name re-bound to an internal address is refused before a byte is sent.
+    The addresses are pinned for the channel's life; a channel that becomes unreachable is replaced, and
+    its successor resolves again. Without a policy: `host:port`, resolved by gRPC.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if policy is None:
+        return authority, []
+    policy.check_host(provider, host, where)
+    async with asyncio.timeout(timeout):
+        infos = await policy.resolve(host, port)
+        sock = await policy.open_socket(host, port, infos)
+    with sock:
+        family, first = sock.family, sock.getpeername()[0]
+    addresses = [first, *dict.fromkeys(i[4][0] for i in infos if i[0] == family and i[4][0] != first)]
+    if family == socket.AF_INET6:
+        target = "ipv6:" + ",".join(f"[{a}]:{port}" for a in addresses)
+    else:
+        target = "ipv4:" + ",".join(f"{a}:{port}" for a in addresses)
+    return target, [("grpc.default_authority", authority), ("grpc.ssl_target_name_override", host)]
 
 
 def refusal(exc: BaseException | None) -> EgressRefused | None:

@@ -13,12 +13,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def self_signed(tmp_path: Path, name: str = "listenerd test CA") -> tuple[ssl.SSLContext, str]:
-    """A CA-flagged self-signed certificate for localhost and 127.0.0.1: (server context, CA bundle path)."""
+def self_signed(tmp_path: Path, name: str = "listenerd test CA", ip_san: bool = True) -> tuple[ssl.SSLContext, str]:
+    """A CA-flagged self-signed certificate for localhost and 127.0.0.1 (localhost only without `ip_san`:
+    a client dialling 127.0.0.1 verifies it only under the name): (server context, CA bundle path)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    if ip_san:
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    san = x509.SubjectAlternativeName(names)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))

@@ -19,6 +19,7 @@ It is checked against aiosfstream-ng, a real Salesforce client written by others
         sim.enable_change_events("Account"); sim.publish_change("Account", "UPDATE", ["001..."], {"Name": "Acme"})
         sim.create_streaming_channel("/u/Notes"); sim.publish_generic("/u/Notes", "hello")
         sim.expire_sessions(); sim.forget_clients(); sim.advise("handshake"); sim.drop_long_polls()
+        sim.hold_handshakes(); sim.hold_handshakes(False); sim.slow_disconnects(0.5); sim.live_clients; sim.expired
         sim.silence(); sim.corrupt_next_connect(); await sim.send_raw(b"5"); await sim.restart(); sim.purge(upto=...)
 
 Logins: the username-password flow (`users`, `clients`), the JWT bearer flow (the assertion's RS256
@@ -39,8 +40,12 @@ Limits, as an org enforces them (Streaming API guide, "Streaming API Allocations
 clients below Enterprise edition; help article 000381578: 3,600 logins per user per hour):
 `max_clients` live CometD clients (a handshake past it is `403::Handshake denied` with
 `ext.sfdc.failureReason` `403::Organization concurrent user limit exceeded`, advice none, as reported
-in SalesforceFoundation/salesforce-streaming-client#15); a client leaves on `/meta/disconnect` or when
-it has not polled for 2 x the long poll + 40 s. `max_logins_per_hour` per username: past it the token
+in SalesforceFoundation/salesforce-streaming-client#15); a client leaves on `/meta/disconnect`, or
+expires when it has held no connect for `max_interval` seconds (40 s: "reconnect within 40 s", the
+guide's keepalive), as a CometD server sweeps sessions (cometd/cometd `ServerSessionImpl.java`: a held
+`/meta/connect` cancels the expiry, its answer schedules it `interval + maxInterval` ahead, `sweep`
+removes the session past it). A client that vanished mid-poll is thus freed `long_poll + max_interval`
+after its last connect began. `max_logins_per_hour` per username: past it the token
 endpoint answers HTTP 400 `{"error":"invalid_grant","error_description":"LOGIN_RATE_EXCEEDED: ..."}`
 (Salesforce documents the code, not the OAuth body: this shape is our reading). `logins` and
 `live_clients` count them for tests.
@@ -120,7 +125,8 @@ class _Client:
     connects: int = 0
     held: int = 0  # sequence number of the connect currently held
     advice_once: dict[str, Any] | None = None
-    last_seen: float = field(default_factory=time.monotonic)
+    polls: int = 0  # connects being held now: while one is, the client never expires
+    expires: float | None = None  # monotonic time it expires at, when no connect is held
 
 
 class SalesforceSim:
@@ -128,7 +134,7 @@ class SalesforceSim:
                  users: dict[str, str] | None = None, clients: dict[str, str] | None = None,
                  long_poll: float = 110.0, retention: float = 86400.0, batch: int = 1000,
                  org_id: str = ORG_ID, http_401: bool = False, ssl_context: ssl.SSLContext | None = None,
-                 max_clients: int = 20, max_logins_per_hour: int = 3600,
+                 max_clients: int = 20, max_logins_per_hour: int = 3600, max_interval: float = 40.0,
                  certificates: dict[str, str | bytes] | None = None, run_as: dict[str, str] | None = None,
                  approved: dict[str, set[str]] | None = None):
         """`users`: username -> password + security token; `clients`: consumer key -> consumer secret.
@@ -140,7 +146,8 @@ class SalesforceSim:
         `long_poll` is how long a connect is held (Salesforce: 110 s); `retention` how long events stay
         replayable (24 h); `http_401` answers an expired session on /cometd with HTTP 401 instead of
         a Bayeux `401::` error. With `ssl_context` it serves https (for TLS verification tests).
-        `max_clients`: concurrent CometD clients of the org; `max_logins_per_hour`: logins per user.
+        `max_clients`: concurrent CometD clients of the org; `max_logins_per_hour`: logins per user;
+        `max_interval`: seconds a client may go without a connect held before it expires (Salesforce: 40).
         """
         self.host = host
         self.port = port
@@ -154,6 +161,7 @@ class SalesforceSim:
         self.http_401 = http_401
         self.ssl_context = ssl_context
         self.max_clients = max_clients
+        self.max_interval = max_interval
         self.max_logins_per_hour = max_logins_per_hour
         self._login_times: dict[str, deque[float]] = {}
         self.certificates = {k: _public_key(v) for k, v in (certificates or {}).items()}
@@ -166,6 +174,7 @@ class SalesforceSim:
         self.topic_updates: list[dict[str, Any]] = []  # PATCH bodies received for PushTopics
         self._commit_numbers = itertools.count(1)
         self.handshakes = 0  # successful handshakes (clients made)
+        self._expired = 0  # clients dropped for not polling (see `expired`)
         self.login_attempts = 0  # token requests, answered or refused
         self.denied: dict[str, str] = {}  # channel -> the error its subscribes get (see `deny_subscribe`)
         self._failing_connects: list[int] = []  # HTTP statuses for the next connects (see `fail_connects`)
@@ -180,6 +189,9 @@ class SalesforceSim:
         self._last_replay = 0
         self._topic_ids = itertools.count(1)
         self._stalled = False
+        self._handshakes_open = asyncio.Event()  # cleared by `hold_handshakes`
+        self._handshakes_open.set()
+        self.disconnect_delay = 0.0  # see `slow_disconnects`
         self._corrupt = 0
         self.raw_pending: list[bytes | list[dict[str, Any]]] = []  # answers queued by send_raw/send_messages, in order
         self._runner: web.AppRunner | None = None
@@ -215,6 +227,7 @@ class SalesforceSim:
 
     async def stop(self) -> None:
         self._closing = True
+        self._handshakes_open.set()
         for client in self.bayeux.values():
             client.wake.set()
         if self._runner:
@@ -338,14 +351,21 @@ class SalesforceSim:
 
     @property
     def live_clients(self) -> int:
-        """CometD clients the org counts now (after dropping those that stopped polling)."""
+        """CometD clients the org counts now (after expiring those that stopped polling)."""
         self._drop_stale_clients()
         return len(self.bayeux)
 
+    @property
+    def expired(self) -> int:
+        """Clients the org expired because they stopped polling (not disconnected): leaks, for tests."""
+        self._drop_stale_clients()
+        return self._expired
+
     def _drop_stale_clients(self) -> None:
         now = time.monotonic()
-        for stale in [c for c in self.bayeux.values() if now - c.last_seen > 2 * self.long_poll + 40]:
+        for stale in [c for c in self.bayeux.values() if c.expires is not None and now > c.expires]:
             self.bayeux.pop(stale.client_id, None)
+            self._expired += 1
 
     # ------------------------------------------------------------ faults
 
@@ -383,6 +403,19 @@ class SalesforceSim:
         """Refuse subscribes to `channel` (a PushTopic deactivated or deleted after the listener looked it up);
         the error defaults to Salesforce's text for a channel that does not exist."""
         self.denied[channel] = error or f"400::The channel you requested to subscribe to doesn't exist {{{channel}}}"
+
+    def hold_handshakes(self, on: bool = True) -> None:
+        """Leave handshakes unanswered until called with False (a busy server); each is then answered, and
+        its client made, whether or not the one that asked is still waiting (as a server does)."""
+        if on:
+            self._handshakes_open.clear()
+        else:
+            self._handshakes_open.set()
+
+    def slow_disconnects(self, seconds: float) -> None:
+        """Take `seconds` over each `/meta/disconnect` (a server slow to let go): the client keeps its slot
+        in the org's count until the answer."""
+        self.disconnect_delay = seconds
 
     def silence(self, on: bool = True) -> None:
         """Hold connects forever and send nothing (a silent, half-dead connection)."""
@@ -595,6 +628,7 @@ class SalesforceSim:
             self.requests.append(message)
             channel = message.get("channel")
             if channel == "/meta/handshake":
+                await self._handshakes_open.wait()
                 reply, cookie = self._handshake(message, token)
                 if cookie:
                     response = web.Response()
@@ -602,6 +636,10 @@ class SalesforceSim:
                 replies.append(reply)
                 continue
             client = self.bayeux.get(str(message.get("clientId")))
+            if client is not None and client.expires is not None and time.monotonic() > client.expires:
+                self.bayeux.pop(client.client_id, None)  # swept: it stopped polling
+                self._expired += 1
+                client = None
             if token is None:
                 if client is not None:  # advice none: the server is done with this client, its slot is free
                     self.bayeux.pop(client.client_id, None)
@@ -620,6 +658,8 @@ class SalesforceSim:
                 client.subscriptions.discard(str(message.get("subscription")))
                 replies.append(_reply(message, True, subscription=message.get("subscription")))
             elif channel == "/meta/disconnect":
+                if self.disconnect_delay:
+                    await asyncio.sleep(self.disconnect_delay)
                 self.bayeux.pop(client.client_id, None)
                 client.wake.set()
                 replies.append(_reply(message, True))
@@ -650,7 +690,8 @@ class SalesforceSim:
                            ext={"sfdc": {"failureReason": "403::Organization concurrent user limit exceeded"}}),
                     None)
         self.handshakes += 1
-        client = _Client(secrets.token_hex(13), secrets.token_hex(16), token)
+        client = _Client(secrets.token_hex(13), secrets.token_hex(16), token,
+                         expires=time.monotonic() + self.max_interval)
         self.bayeux[client.client_id] = client
         return (_reply(message, True, clientId=client.client_id, version="1.0", minimumVersion="1.0",
                        supportedConnectionTypes=["long-polling"], ext={"replay": True, "payload.format": True}),
@@ -709,8 +750,19 @@ class SalesforceSim:
 
     async def _connect(self, request: web.Request, client: _Client,
                        message: dict[str, Any]) -> list[dict[str, Any]] | bytes | None:
+        """Hold one connect; while any is held the client cannot expire, and its end starts the clock."""
+        client.polls += 1
+        client.expires = None
+        try:
+            return await self._hold(request, client, message)
+        finally:
+            client.polls -= 1
+            if not client.polls:
+                client.expires = time.monotonic() + self.max_interval
+
+    async def _hold(self, request: web.Request, client: _Client,
+                    message: dict[str, Any]) -> list[dict[str, Any]] | bytes | None:
         client.connects += 1
-        client.last_seen = time.monotonic()
         seq = client.held = client.connects
         advice = {"reconnect": "retry", "interval": 0, "timeout": int(self.long_poll * 1000)}
         if self.raw_pending and client.subscriptions:
@@ -733,7 +785,6 @@ class SalesforceSim:
                     await asyncio.wait_for(client.wake.wait(), remaining if not self._stalled else 3600)
                 except TimeoutError:
                     pass
-        client.last_seen = time.monotonic()
         if client.held == -1 or (request.transport is None or request.transport.is_closing()):
             if request.transport is not None:
                 request.transport.close()

@@ -68,6 +68,9 @@ from listenerd.sources.group import follow, group_key, resolve
 from listenerd.sources.salesforce_auth import Login, Session, ensure_topic_for, topic_name
 
 STOP_TIMEOUT = 2.0  # bound on the unsubscribe/disconnect sent while stopping
+# Bound on a closing client's goodbye: an unanswered handshake awaited, then the disconnect. A listener
+# leaving last waits this long for it, and a new client of the tenant waits for it before its handshake.
+CLOSE_WAIT = 2 * STOP_TIMEOUT + 0.5
 MAX_ANSWER_BYTES = 64 << 20  # bound on one long-poll answer (EMP-Connector advises a 10 MB buffer)
 # Connects that fail fast are retried on the same clientId while Salesforce still holds it: it drops a
 # client about 40 s after its last connect (Streaming API limits: "keepalive 40 s").
@@ -141,6 +144,7 @@ class SalesforceClients:
     def __init__(self) -> None:
         self.logins: dict[str, Login] = {}
         self.connections: dict[str, list[Connection]] = {}
+        self.closing: dict[str, set[Connection]] = {}  # by tenant: clients still saying goodbye
 
     def login_for(self, ctx: SourceContext) -> Login:
         # the settings too: after a reload that changes them, restarted listeners get a login that uses them
@@ -159,15 +163,32 @@ class SalesforceClients:
             if not connection.closed and all(replay_key(c) != key_of for c in connection.members):
                 return connection
 
+        tenant = ctx.tenant_id
+
         def retire(done: Connection) -> None:
             if done in lanes:
                 lanes.remove(done)
             if not lanes and self.connections.get(key) is lanes:
                 del self.connections[key]
+            if done.task is not None and not done.task.done():  # its goodbye is still to come
+                closing = self.closing.setdefault(tenant, set())
+                closing.add(done)
+                done.task.add_done_callback(lambda _: self._said_goodbye(tenant, done))
 
-        connection = Connection(login, options.version, ctx.settings, tenant_id=ctx.tenant_id, retire=retire)
+        # Release before acquire: the org counts a client until its disconnect is answered, so a new one
+        # handshakes after the goodbyes of the tenant's clients closing now (an org below Enterprise
+        # edition has 20 slots; a client closing as another opens would take two for a moment).
+        after = [c.task for c in self.closing.get(tenant, ()) if c.task is not None]
+        connection = Connection(login, options.version, ctx.settings, tenant_id=tenant, retire=retire, after=after)
         lanes.append(connection)
         return connection
+
+    def _said_goodbye(self, tenant: str, done: Connection) -> None:
+        closing = self.closing.get(tenant)
+        if closing is not None:
+            closing.discard(done)
+            if not closing:
+                del self.closing[tenant]
 
 
 @dataclass(eq=False)
@@ -188,7 +209,7 @@ class Connection:
     """One Bayeux client of one integration, carrying a channel per listener; its task owns the HTTP."""
 
     def __init__(self, login: Login, version: str, settings: Sources, *, tenant_id: str = "",
-                 retire: Any = None):
+                 retire: Any = None, after: list[asyncio.Task[None]] | None = None):
         self.login = login
         self.version = version
         self.settings = settings
@@ -203,6 +224,8 @@ class Connection:
         self.task: asyncio.Task[None] | None = None
         self.max_answer = MAX_ANSWER_BYTES
         self._retire = retire
+        self._after = after or []  # closing clients' tasks: their goodbyes come before this handshake
+        self._unanswered: asyncio.Task[list[Any]] | None = None  # a handshake in flight when the client closed
         self._dirty = asyncio.Event()
         self._bound: float | None = None
         self._broken: Retry | None = None  # the control lane crashed: the client ends with this
@@ -262,6 +285,9 @@ class Connection:
     async def _follow(self) -> None:
         """The poll lane: handshake, first subscribes, then connect after connect, until something ends it."""
         machine = self.machine
+        if self._after:
+            await asyncio.wait(self._after, timeout=CLOSE_WAIT)
+            self._after = []
         self.session = await self.login.current()
         outputs: list[Any] = []
         while True:
@@ -276,16 +302,23 @@ class Connection:
             # Reconnect at once and hand the last answer's events on while the next poll is in flight:
             # Salesforce wants the next connect soon after an answer with events (40 s), and the two
             # overlap (the server prepares the next batch while the outbox takes this one).
-            in_flight = asyncio.create_task(self._send(machine.next_request()))
+            request = machine.next_request()
+            in_flight = asyncio.create_task(self._send(request))
+            # A handshake is never cut off: the server makes the client whether or not the answer is read,
+            # so a client closing meanwhile awaits it and disconnects that clientId (`_goodbye`).
+            handshake = request.kind == "handshake"
             try:
                 for output in outputs:
                     await self._emit(output)
-                outputs = await in_flight
+                outputs = await (asyncio.shield(in_flight) if handshake else in_flight)
             finally:
                 if not in_flight.done():
-                    in_flight.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await in_flight
+                    if handshake:
+                        self._unanswered = in_flight
+                    else:
+                        in_flight.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await in_flight
             self._dirty.set()  # a connect answered: the control lane may have work again
 
     async def _control(self) -> None:
@@ -427,7 +460,20 @@ class Connection:
     # -- ending
 
     async def _goodbye(self) -> None:
-        """Free the server's client slot: unsubscribe and disconnect, best effort, bounded."""
+        """Free the server's client slot: unsubscribe and disconnect, best effort, bounded. A handshake still
+        unanswered is awaited first (bounded): its answer names the client to disconnect, as cometd.js's
+        `disconnect()` sends `/meta/disconnect` from any state but disconnected (cometd/cometd
+        `cometd-javascript/.../cometd.js`) and EMP-Connector's `stop()` calls `client.disconnect()`
+        (forcedotcom/EMP-Connector `EmpConnector.java`)."""
+        pending, self._unanswered = self._unanswered, None
+        if pending is not None:
+            try:
+                with contextlib.suppress(Exception):  # refused, failed, timed out: no client to free
+                    async with asyncio.timeout(STOP_TIMEOUT):
+                        await pending  # the machine takes the answer: its clientId, if the server made one
+            finally:
+                if not pending.done():
+                    pending.cancel()
         request = self.machine.stop_request()
         if request is not None:
             await self._post_quietly(request)
@@ -474,4 +520,4 @@ async def run(ctx: SourceContext) -> None:
     replay = start_replay(options, stored, ctx.launch.attempt, ctx.launch.replay_from)
     ctx.starting(f"Subscribing to topic: {options.topic} (replay from {replay})")
     connection = clients.connection_for(ctx, login, options)
-    await follow(connection, connection.add(ctx, options, replay), STOP_TIMEOUT + 0.5)
+    await follow(connection, connection.add(ctx, options, replay), CLOSE_WAIT)

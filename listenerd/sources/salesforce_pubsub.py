@@ -14,6 +14,12 @@ metadata `accesstoken`, `instanceurl`, `tenantid` on every call; `GetSchema` onc
 replay id (decimal) as the checkpoint, which the outbox commits with it, so a restart resumes after
 the last durable event. Flow control: more events are asked for only while the outbox has room; at
 its bound nothing is asked and the server sends nothing more (it keeps sending keepalives).
+
+Egress: gRPC resolves names itself, so for an API-made integration (`ctx.egress`) the channel dials
+addresses resolved and checked here (`egress.grpc_target`), with TLS still verifying `pubsub-url`'s host:
+a name re-bound to loopback or an internal range is `failed` ("pubsub-url: egress refused: ...") before
+a byte is sent. The `instance_url` the login answers is sent only as the `instanceurl` metadata, never
+dialled (the CometD source dials it, checked there).
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import fastavro
 import grpc
 import orjson
 
+from listenerd.egress import EgressRefused, grpc_target
 from listenerd.model import SalesforceIntegration, SalesforcePubsubOptions
-from listenerd.outcome import Ended, Retry
+from listenerd.net import describe
+from listenerd.outcome import Ended, Fail, Retry
 from listenerd.proto import pubsub_api_pb2 as pb
 from listenerd.proto import pubsub_api_pb2_grpc as pb_grpc
 from listenerd.sources.base import SourceContext
@@ -79,28 +87,40 @@ class PubSubChannels:
     def __init__(self) -> None:
         self.channels: dict[str, PubSubChannel] = {}
 
-    def channel_for(self, ctx: SourceContext, login: Login) -> PubSubChannel:
+    async def channel_for(self, ctx: SourceContext, login: Login) -> PubSubChannel:
+        """The integration's open channel, else a new one (its addresses checked first under a policy).
+        Raises EgressRefused (the policy refuses the host or an address it resolves to), OSError."""
         integration: SalesforceIntegration = ctx.integration  # type: ignore[assignment]
         key = group_key(ctx.tenant_id, id(login), integration.pubsub_url)
         found = self.channels.get(key)
+        if found is not None and not found.closed:
+            return found
+        target, options = await grpc_target(ctx.egress, "salesforce", integration.pubsub_url, "pubsub-url",
+                                            ctx.settings.connect_timeout)
+        found = self.channels.get(key)  # another listener may have opened it meanwhile
         if found is None or found.closed:
             found = self.channels[key] = PubSubChannel(key, self.channels, login, integration.pubsub_url,
-                                                       ctx.settings.ca_bundle)
+                                                       ctx.settings.ca_bundle, target, options)
         return found
 
 
 class PubSubChannel(Registered):
     """One gRPC channel of one integration: every listener's stream on it, and the schemas it has seen."""
 
-    def __init__(self, key: str, registry: dict[str, Any], login: Login, url: str, ca_bundle: str | None):
+    def __init__(self, key: str, registry: dict[str, Any], login: Login, url: str, ca_bundle: str | None,
+                 target: str | None = None, pinning: list[tuple[str, Any]] | None = None):
+        """`target`/`pinning`: checked addresses to dial and the options that keep the host's name for TLS
+        and `:authority` (`egress.grpc_target`); absent, gRPC resolves `url`'s host itself."""
         self.key, self.registry, self.login, self.url = key, registry, login, url
+        self.pinned = bool(pinning)
         self.closed = False
         self.task = None
         self.members = 0
         self.schemas: dict[str, asyncio.Task[Schema]] = {}  # fetches, in flight or failed
         self.ready: dict[str, Schema] = {}  # fetched: the per-event path reads only this
-        target, tls = target_of(url)
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        named, tls = target_of(url)
+        target = target or named
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *(pinning or [])]
         if tls:
             roots = open(ca_bundle, "rb").read() if ca_bundle else None  # noqa: SIM115 - read at once
             self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
@@ -110,6 +130,10 @@ class PubSubChannel(Registered):
 
     def join(self) -> None:
         self.members += 1
+
+    def retire(self) -> None:
+        """No new stream joins this channel (the next one opens a fresh one); its members finish on it."""
+        self._close()
 
     async def leave(self) -> None:
         self.members -= 1
@@ -215,6 +239,8 @@ class Stream:
                     elif (silent := sub.silent(time.monotonic())) is not None:
                         return silent
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.channel.pinned:
+                self.channel.retire()  # its pinned addresses may be stale: the next stream resolves again
             return sub.failed(grpc_error(exc))
         finally:
             call.cancel()
@@ -274,7 +300,13 @@ async def run(ctx: SourceContext) -> None:
                        options.batch, fallback=LATEST if options.replay == "new" else EARLIEST,
                        margin=ctx.settings.salesforce_poll_margin, keepalive=ctx.settings.salesforce_pubsub_keepalive)
     ctx.set_heartbeat_bound(sub.bound)
-    channel = ctx.shared.get(PubSubChannels).channel_for(ctx, login)
+    try:
+        channel = await ctx.shared.get(PubSubChannels).channel_for(ctx, login)
+    except EgressRefused as exc:
+        raise Ended(Fail(f"pubsub-url: {exc}")) from None
+    except OSError as exc:  # TimeoutError too
+        raise Ended(Retry("network", f"Pub/Sub API at {integration.pubsub_url}: "
+                                     f"{describe(exc, limit=200)}")) from None
     channel.join()
     note = ""
     try:

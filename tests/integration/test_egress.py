@@ -2,9 +2,12 @@
 
 URLs set through the API are refused with a 400 naming the field unless they use TLS and a provider
 host (or `[server.egress]` allows them); a name that is allowed but resolves to an internal address
-makes the listener `failed` at connect time, before a byte is sent; the Salesforce login's
-`instance_url` is held to the same policy.
+makes the listener `failed` at connect time, before a byte is sent (also for the Pub/Sub API's gRPC
+channel, which would resolve names itself); the Salesforce login's `instance_url` is held to the same
+policy.
 """
+
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -12,7 +15,11 @@ from aiohttp import web
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
+from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
+from listenerd.sources.salesforce_pubsub import PubSubChannels
+from listenerd.testing import wait_for
 from tests.daemon import base_config, running_daemon
+from tests.tls import self_signed
 
 TENANT = """
 [[tenants]]
@@ -180,3 +187,65 @@ async def test_a_redirect_to_an_internal_address_is_refused(tmp_path):
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+PUBSUB_USER = {"users": {"user@example.com": "pass-word-1TOKEN-1234"}, "clients": {"ck": "cs-secret-value"}}
+PUBSUB_LOGIN = {**SALESFORCE, "password": "pass-word-1", "secret-token": "TOKEN-1234"}
+ORDERS = {"type": "salesforce-pubsub", "options": {"topic": "/event/Order__e"}}
+
+
+def named_only_tls(tmp_path):
+    """(key, certificate) PEM bytes of a certificate for `localhost` alone, and the CA bundle trusting it."""
+    _, ca_bundle = self_signed(tmp_path, ip_san=False)
+    return (Path(ca_bundle.replace("-cert.pem", "-key.pem")).read_bytes(), Path(ca_bundle).read_bytes()), ca_bundle
+
+
+async def test_a_pubsub_url_that_resolves_to_loopback_fails_at_connect_time(tmp_path):
+    """gRPC would resolve `localhost` itself and reach loopback: the channel dials only addresses checked
+    here, so the listener is `failed` with the policy's words and the Pub/Sub API never sees a stream.
+    (The login server is reached at 127.0.0.2, the one address `networks` allows.)"""
+    async with EngineSim() as engine, SalesforceSim(host="127.0.0.2", public_host="127.0.0.2", long_poll=0.5,
+                                                    **PUBSUB_USER) as org, SalesforcePubsubSim(org) as bus:
+        text = with_egress(base_config(tmp_path, engine.url, TENANT),
+                           'hosts = ["localhost"]\nnetworks = ["127.0.0.2/32"]\nplaintext = true')
+        async with running_daemon(tmp_path, text) as (_, api):
+            code, body = await api.call("POST", "/1.0/tenants/t1/integrations/salesforce",
+                                        {**PUBSUB_LOGIN, "login-url": f"http://127.0.0.2:{org.port}",
+                                         "pubsub-url": f"http://localhost:{bus.port}"})
+            assert code == 200, body
+            code, body = await api.call("POST", "/1.0/tenants/t1/listeners", ORDERS)
+            assert code == 201, body
+            status = await api.wait_status("t1", body["id"], "failed")
+            assert status["message"].startswith("pubsub-url: egress refused: localhost resolves to "), status
+            assert "loopback" in status["message"]
+            assert org.logins == 1 and bus.streams == []  # logged in, but no stream was ever opened
+
+
+async def test_a_pubsub_url_allowed_is_dialled_at_its_checked_address_and_verified_under_its_name(tmp_path):
+    """The allowed case: the channel dials the checked address (127.0.0.1) while TLS verifies the host's
+    name, which is the only name the certificate holds (no IP address), and events flow. After the stream
+    ends UNAVAILABLE, the next one is on a new channel, resolved again (a pinned address may be stale)."""
+    tls, ca_bundle = named_only_tls(tmp_path)
+    async with EngineSim() as engine, SalesforceSim(long_poll=0.5, **PUBSUB_USER) as org, \
+            SalesforcePubsubSim(org, keepalive=0.3, tls=tls) as bus:
+        text = with_egress(base_config(tmp_path, engine.url, TENANT),
+                           'hosts = ["localhost"]\nnetworks = ["127.0.0.0/8", "::1/128"]\nplaintext = true')
+        text = text.replace("[engine]", f'[sources]\nca-bundle = "{ca_bundle}"\n\n[engine]', 1)
+        async with running_daemon(tmp_path, text) as (daemon, api):
+            code, body = await api.call("POST", "/1.0/tenants/t1/integrations/salesforce",
+                                        {**PUBSUB_LOGIN, "login-url": f"http://localhost:{org.port}",
+                                         "pubsub-url": f"https://localhost:{bus.port}"})
+            assert code == 200, body
+            code, body = await api.call("POST", "/1.0/tenants/t1/listeners", ORDERS)
+            assert code == 201, body
+            await api.wait_status("t1", body["id"], "started")
+            bus.publish("/event/Order__e", {"OrderNumber__c": "O-1"})
+            await wait_for(lambda: engine.events(), what="the event forwarded")
+            assert len(bus.streams) == 1
+            channels = daemon.supervisor.shared.get(PubSubChannels).channels
+            [first] = channels.values()
+            bus.drop_streams()
+            await wait_for(lambda: len(bus.streams) == 2 and channels and first not in channels.values(),
+                           what="a new channel, resolved again")
+            await api.wait_status("t1", body["id"], "started")
+            assert first.closed

@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 
-from listenerd.egress import EgressRefused, Policy, literal_address, refusal, why_internal
+from listenerd.egress import EgressRefused, Policy, grpc_target, literal_address, refusal, why_internal
 from listenerd.model import Egress
 from listenerd.net import sanitised
 
@@ -96,3 +96,17 @@ def test_a_reload_that_changes_egress_restarts_api_made_listeners_only():
     stale = runs_stale(before, after)
     assert stale(api) and not stale(config)
     assert not runs_stale(after, after)(api)
+
+
+@pytest.mark.parametrize(("url", "target"), [
+    ("https://api.pubsub.salesforce.com:7443", "api.pubsub.salesforce.com:7443"),
+    ("https://api.pubsub.salesforce.com", "api.pubsub.salesforce.com:443"), ("http://[::1]:7443", "[::1]:7443"),
+])
+async def test_a_grpc_target_without_a_policy_is_the_name_grpc_resolves(url, target):
+    assert await grpc_target(None, "salesforce", url, "pubsub-url", 1.0) == (target, [])
+
+
+async def test_a_grpc_target_off_the_policy_is_refused_by_name_before_any_lookup():
+    with pytest.raises(EgressRefused) as refused:
+        await grpc_target(Policy(), "salesforce", "https://pubsub.internal.corp:7443", "pubsub-url", 1.0)
+    assert refused.value.field == "pubsub-url" and "is not a salesforce host" in str(refused.value)
