@@ -208,12 +208,12 @@ def take(client: Client, tenant: str | None, rows: int | None = DEFAULT_ROWS, co
                     if complete:
                         snapshot.rows.append({**_trouble_row(tid, trouble[listener["id"]]), "listener": listener})
                     continue
-                if bound is not None and shown >= bound:
-                    break
                 status = _status(client, base, listener["id"])
                 if status is not None:
                     snapshot.rows.append({"tenant-id": tid, "listener": listener, "status": status})
                     shown += 1
+                if bound is not None and shown >= bound:
+                    break  # before the generator asks for a page nobody will see
         snapshot.hidden += max(0, health["counts"].get("started", 0) - shown)
     return snapshot
 

@@ -225,6 +225,7 @@ async def test_a_tenant_of_many_pages_every_listener_by_its_pages_and_statuses_o
                "230 started not shown" in out
         assert sum(path.endswith("/status") and "/listeners/M" in path for path in asked) == 20
         assert not any("/listeners/B" in path for path in asked)  # the failed ones came with the summary
+        assert len(asked) == 1 + 1 + 20  # the summary, one page of 20, and those 20 statuses
 
         asked.clear()
         code, out, _ = await run(d.api_url, TOKEN, "big", rows=None)
