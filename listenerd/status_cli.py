@@ -158,10 +158,6 @@ class Client:
             parts = urlsplit(following)
             path = parts.path.removeprefix(self._parts.path.rstrip("/")) + (f"?{parts.query}" if parts.query else "")
 
-    def get_all(self, path: str) -> list[Any]:
-        """A list route, every page of it."""
-        return list(self.pages(path))
-
 
 @dataclass
 class Snapshot:
