@@ -33,7 +33,7 @@ async def test_the_console_works_from_the_keyboard(dev_stack, page):
     await page.keyboard.type(DEV_TOKEN)
     await page.keyboard.press("Enter")
     await expect(page.locator(f"#row-{TENANT}-LI1 .status")).to_have_text("started", timeout=30_000)
-    for _ in range(10):  # skip link, sign out, then the listener links in order
+    for _ in range(10):  # skip link, sign out, the status filter, then the listener links in order
         await page.keyboard.press("Tab")
         if await page.evaluate("document.activeElement.textContent") == "LI1":
             break
