@@ -59,7 +59,11 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     status.add_argument("--interval", type=_positive, default=2.0, help="seconds between refreshes with --watch "
                                                                     "(default 2)")
-    status.add_argument("--json", action="store_true", help="print the listener and status objects as JSON")
+    status.add_argument("--json", action="store_true", help="print every listener and status object as JSON")
+    status.add_argument("--rows", type=_count, default=100, metavar="N",
+                        help="at most N started listeners per tenant in the table (default 100); those not "
+                             "started are always shown")
+    status.add_argument("--all", action="store_true", help="every listener in the table (one request each)")
     commands.add_parser("version", help="print the version")
     return top
 
@@ -72,6 +76,12 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

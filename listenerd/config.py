@@ -19,7 +19,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from listenerd.model import INTEGRATION_TYPES, LISTENER_TYPES, SOURCE_TYPES, Config, Limits, Server, integration_type
+from listenerd.model import (
+    INTEGRATION_TYPES,
+    LISTENER_TYPES,
+    SOURCE_TYPES,
+    Config,
+    Limits,
+    Server,
+    integration_type,
+    reserved_listener_id,
+)
 
 DEFAULT_PATH = "/etc/listenerd/listenerd.toml"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -189,7 +198,9 @@ def cross_check(config: Config) -> Iterable[Problem]:
         listener_ids = set()
         for l_index, listener in enumerate(tenant.listeners):
             where = f"tenants[{t_index}].listeners[{l_index}]"
-            if listener.id in listener_ids:
+            if (reserved := reserved_listener_id(listener.id)) is not None:
+                yield Problem(f"{where}.id", reserved)
+            elif listener.id in listener_ids:
                 yield Problem(f"{where}.id", f"duplicate listener id {listener.id!r} in tenant {tenant.id!r}")
             listener_ids.add(listener.id)
             kind = integration_type(listener.type)

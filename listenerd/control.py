@@ -29,6 +29,7 @@ from listenerd.model import (
     ListenerBase,
     load_integration,
     load_listener,
+    reserved_listener_id,
     stored_listener,
 )
 from listenerd.observability import redactor, secrets_owner
@@ -181,8 +182,8 @@ class Control:
         given = fields.get("id")
         if given is not None and not isinstance(given, str):
             raise Invalid("id: must be a string", ["id"])
-        if given == "status":
-            raise Invalid("id: 'status' is reserved (GET .../listeners/status is the tenant's summary)", ["id"])
+        if (reserved := reserved_listener_id(given)) is not None:
+            raise Invalid(f"id: {reserved}", ["id"])
         limits = self.limits()
         spec = _validated({**fields, "id": given or "LI0"}, limits)  # a stand-in id until the store assigns one
         # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a

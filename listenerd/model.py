@@ -25,6 +25,14 @@ SOURCE_TYPES = ("datasift", "pusher", "salesforce")  # integration types (one pe
 LISTENER_INTEGRATIONS = {"datasift": "datasift", "pusher": "pusher", "salesforce": "salesforce",
                          "salesforce-pubsub": "salesforce"}
 LISTENER_TYPES = tuple(LISTENER_INTEGRATIONS)
+# a listener id the API's routes take for something else: refused in the config file and by the API alike
+RESERVED_LISTENER_IDS = {"status": "GET .../listeners/status is the tenant's summary"}
+
+
+def reserved_listener_id(listener_id: object) -> str | None:
+    """The problem with a reserved listener id (`'status' is reserved (...)`), None for any other."""
+    why = RESERVED_LISTENER_IDS.get(listener_id) if isinstance(listener_id, str) else None
+    return None if why is None else f"{listener_id!r} is reserved ({why})"
 
 
 def integration_type(listener_type: str) -> str:

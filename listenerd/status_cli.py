@@ -6,6 +6,11 @@ read, so the integrations' secrets need not be in the shell); `--token`, else $L
 the config's first token that may use `--tenant` (the first token without `--tenant`). The tenants
 shown are those `GET /1.0/tenants` lists for the token, or `--tenant` alone.
 
+What it costs at thousands of listeners: per tenant one summary (`GET .../listeners/status`: the
+counts, the exit code, and every listener not `started` with its status), then the `started` ones
+a page at a time (`?status=started`, following `Link: rel="next"`), each one's status asked only
+when its row is shown: at most `--rows` per tenant unless `--all` (or `--json`, which is complete).
+
 Exit codes: 0 every enabled listener `started`, 3 not, 1 the daemon is unreachable or refuses the
 token, 2 bad usage or config.
 """
@@ -18,6 +23,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
@@ -35,6 +41,8 @@ TOKEN_ENV = "LISTENERD_TOKEN"
 ORDER = {"failed": 0, "retrying": 1, "starting": 2, "stopped": 3, "started": 4}  # trouble first
 STYLES = {"failed": "bold red", "retrying": "yellow", "starting": "cyan", "started": "green", "stopped": "dim"}
 _NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+DEFAULT_ROWS = 100  # started listeners shown per tenant; those not started are always shown
+PAGE_SIZE = 1000  # the API's largest page: the fewest list requests
 
 
 class Unusable(Exception):
@@ -140,27 +148,29 @@ class Client:
         found = _NEXT.search(link) if link else None
         return data, (urljoin(self.target.url + path, found.group(1)) if found else None)
 
-    def get_all(self, path: str) -> list[Any]:
-        """A list route, following `Link: rel="next"` pages when the daemon paginates."""
-        items: list[Any] = []
+    def pages(self, path: str) -> Iterator[Any]:
+        """A list route's items, page after page through `Link: rel="next"`; stop early, and no more pages are read."""
         while True:
             page, following = self.get(path)
-            items.extend(page)
+            yield from page
             if following is None:
-                return items
+                return
             parts = urlsplit(following)
             path = parts.path.removeprefix(self._parts.path.rstrip("/")) + (f"?{parts.query}" if parts.query else "")
 
 
 @dataclass
 class Snapshot:
-    """What one look at the daemon found: per tenant, each listener object with its status object."""
+    """What one look at the daemon found: the rows shown, and the tenants' counts (shown or not)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)  # {"tenant-id", "listener", "status"}
     taken_at: float = field(default_factory=time.time)
+    counts: dict[str, int] | None = None  # per status, every listener of the tenants (None: count the rows)
+    hidden: int = 0  # `started` listeners not shown (beyond --rows)
 
     @property
     def all_started(self) -> bool:
+        # every listener not started is a row (the summary lists them all), so the rows decide
         return all(row["status"]["status"] == "started" for row in self.rows if row["listener"].get("status"))
 
     @property
@@ -168,23 +178,60 @@ class Snapshot:
         return EXIT_OK if self.all_started else EXIT_NOT_STARTED
 
 
-def take(client: Client, tenant: str | None) -> Snapshot:
+def take(client: Client, tenant: str | None, rows: int | None = DEFAULT_ROWS, complete: bool = False) -> Snapshot:
+    """Per tenant: the summary, then `started` listeners' statuses for the rows shown (see the module doc).
+
+    `rows` bounds the started rows per tenant (None: all); `complete` lists every listener with its
+    whole object (for --json), statuses of those not started still from the summary.
+    """
     tenants = [tenant] if tenant else [t["id"] for t in client.get("/1.0/tenants")[0]]
-    snapshot = Snapshot()
+    snapshot = Snapshot(counts={})
     for tid in tenants:
         base = f"/1.0/tenants/{quote(tid, safe='')}/listeners"
-        for listener in client.get_all(base):
-            try:
-                status, _ = client.get(f"{base}/{quote(listener['id'], safe='')}/status")
-            except Unusable as exc:
-                if exc.code == 404:  # deleted since the list was read
+        health, _ = client.get(f"{base}/status")
+        for state, count in health["counts"].items():
+            snapshot.counts[state] = snapshot.counts.get(state, 0) + count
+        trouble = {entry["id"]: entry for entry in health["not-started"]}
+        if not complete:
+            snapshot.rows.extend(_trouble_row(tid, entry) for entry in trouble.values())
+        bound = None if complete else rows
+        shown = 0
+        if bound != 0:
+            size = PAGE_SIZE if bound is None else max(1, min(PAGE_SIZE, bound))
+            query = f"?limit={size}" + ("" if complete else "&status=started")
+            for listener in client.pages(base + query):
+                if listener["id"] in trouble:
+                    if complete:
+                        snapshot.rows.append({**_trouble_row(tid, trouble[listener["id"]]), "listener": listener})
                     continue
-                if exc.code != 503:
-                    raise
-                # created a moment ago (not loaded yet), or the store fails: shown, and not `started`
-                status = {"status": "starting", "message": str(exc), "last-error": str(exc)}
-            snapshot.rows.append({"tenant-id": tid, "listener": listener, "status": status})
+                status = _status(client, base, listener["id"])
+                if status is not None:
+                    snapshot.rows.append({"tenant-id": tid, "listener": listener, "status": status})
+                    shown += 1
+                if bound is not None and shown >= bound:
+                    break  # before the generator asks for a page nobody will see
+        snapshot.hidden += max(0, health["counts"].get("started", 0) - shown)
     return snapshot
+
+
+def _trouble_row(tid: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A row from a summary's `not-started` entry: its status is the entry's, no request of its own."""
+    listener = {"id": entry["id"], "name": entry.get("name"), "type": entry.get("type"), "status": entry["enabled"]}
+    status = {key: value for key, value in entry.items() if key not in ("id", "name", "type", "enabled")}
+    return {"tenant-id": tid, "listener": listener, "status": status}
+
+
+def _status(client: Client, base: str, listener_id: str) -> dict[str, Any] | None:
+    try:
+        status, _ = client.get(f"{base}/{quote(listener_id, safe='')}/status")
+    except Unusable as exc:
+        if exc.code == 404:  # deleted since the list was read
+            return None
+        if exc.code != 503:
+            raise
+        # created a moment ago (not loaded yet), or the store fails: shown, and not `started`
+        status = {"status": "starting", "message": str(exc), "last-error": str(exc)}
+    return status
 
 
 def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -249,12 +296,15 @@ def table(snapshot: Snapshot) -> Table:
 
 
 def summary(snapshot: Snapshot) -> Text:
-    counts: dict[str, int] = {}
-    for row in snapshot.rows:
-        counts[row["status"]["status"]] = counts.get(row["status"]["status"], 0) + 1
-    parts = [f"{counts[s]} {s}" for s in ORDER if s in counts]
+    counts = snapshot.counts
+    if counts is None:
+        counts = {}
+        for row in snapshot.rows:
+            counts[row["status"]["status"]] = counts.get(row["status"]["status"], 0) + 1
+    parts = [f"{counts[s]} {s}" for s in ORDER if counts.get(s)]
     verdict = ("all enabled listeners started" if snapshot.all_started else "not every enabled listener is started")
-    return Text(f"{len(snapshot.rows)} listener(s): {', '.join(parts) or 'none'}; {verdict}",
+    hidden = f"; {snapshot.hidden} started not shown (--rows N or --all shows them)" if snapshot.hidden else ""
+    return Text(f"{sum(counts.values())} listener(s): {', '.join(parts) or 'none'}; {verdict}{hidden}",
                 style="green" if snapshot.all_started else "yellow")
 
 
@@ -263,8 +313,8 @@ def view(snapshot: Snapshot) -> Group:
 
 
 def status(config_path: str | None, url: str | None, token: str | None, tenant: str | None, *, watch: bool = False,
-           as_json: bool = False, interval: float = 2.0, console: Console | None = None, err: TextIO | None = None
-           ) -> int:
+           as_json: bool = False, interval: float = 2.0, rows: int | None = DEFAULT_ROWS,
+           console: Console | None = None, err: TextIO | None = None) -> int:
     """The `listenerd status` command; returns its exit code. Problems go to `err` (stderr) as one plain line."""
     console = console or Console()
     err = err or sys.stderr
@@ -275,8 +325,8 @@ def status(config_path: str | None, url: str | None, token: str | None, tenant: 
         return EXIT_USAGE
     try:
         if watch and not as_json:
-            return _watch(client, tenant, interval, console)
-        snapshot = take(client, tenant)
+            return _watch(client, tenant, interval, rows, console)
+        snapshot = take(client, tenant, rows, complete=as_json)
     except Unusable as exc:
         print(f"listenerd status: {exc}", file=err)
         return EXIT_FATAL
@@ -289,14 +339,14 @@ def status(config_path: str | None, url: str | None, token: str | None, tenant: 
     return snapshot.exit_code
 
 
-def _watch(client: Client, tenant: str | None, interval: float, console: Console) -> int:
+def _watch(client: Client, tenant: str | None, interval: float, rows: int | None, console: Console) -> int:
     """Refresh in place until Ctrl-C; a daemon that goes away is shown, and asked again, not an exit."""
     code = EXIT_FATAL
     with Live(console=console, auto_refresh=False, transient=False) as live:
         try:
             while True:
                 try:
-                    snapshot = take(client, tenant)
+                    snapshot = take(client, tenant, rows)
                     code = snapshot.exit_code
                     live.update(Group(view(snapshot), Text(f"every {interval:g}s; Ctrl-C to stop", style="dim")),
                                 refresh=True)
@@ -312,4 +362,4 @@ def _watch(client: Client, tenant: str | None, interval: float, console: Console
 
 def main_args(args: Any) -> int:
     return status(args.config, args.url, args.token, args.tenant, watch=args.watch, as_json=args.json,
-                  interval=args.interval)
+                  interval=args.interval, rows=None if args.all else args.rows)

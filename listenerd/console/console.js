@@ -6,12 +6,16 @@ const TOKEN_KEY = "listenerd-token";
 const POLL_MS = 2000;        // short polling of the API; the tap is a streamed response
 const SPARK_POINTS = 20;     // samples kept per listener for the sparkline (40 s at POLL_MS)
 const TAP_KEEP = 50;         // tapped events shown on a listener's page
+const PAGE_ROWS = 50;        // listeners per page of a tenant's table: a refresh asks for at most this many statuses
+const DEAD_ROWS = 50;        // dead letters shown per tenant (the oldest first)
+const STATES = ["failed", "retrying", "starting", "stopped", "started"];  // trouble first
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
   tenants: [],
   samples: new Map(),        // "tid/id" -> [{t, received}]
-  rows: new Map(),           // "tid/id" -> row elements of the overview
+  rows: new Map(),           // "tid/id" -> row elements of the overview (the pages shown only)
+  pages: new Map(),          // tid -> {filter, starts: [URL of each page seen], index, next: URL or null}
   deadIds: null,             // the dead letters shown, to rebuild only on change
   timer: null,
   pollRun: 0,                // each poll() bumps it: a poll that finds it changed was superseded, and stops
@@ -20,6 +24,7 @@ const state = {
 };
 
 class Refused extends Error {}
+class Superseded extends Error {}  // a newer poll started (a page turned, a filter chosen): this one stops drawing
 
 const $ = (id) => document.getElementById(id);
 
@@ -52,19 +57,14 @@ async function api(path, options = {}) {
 
 async function getJson(path) { return (await api(path)).json(); }
 
-// A list route, following `Link: <...>; rel="next"` pages when the daemon paginates (works without them too).
-async function getAll(path) {
-  const items = [];
-  let next = path;
-  while (next) {
-    const response = await api(next);
-    items.push(...await response.json());
-    const link = response.headers.get("Link");
-    const found = link && /<([^>]+)>\s*;\s*rel="?next"?/.exec(link);
-    const url = found ? new URL(found[1], new URL(next, location.href)) : null;
-    next = url ? url.pathname + url.search : null;
-  }
-  return items;
+// One page of a list route: its items, and the next page's path from `Link: <...>; rel="next"` (null on the last).
+async function getPage(path) {
+  const response = await api(path);
+  const items = await response.json();
+  const link = response.headers.get("Link");
+  const found = link && /<([^>]+)>\s*;\s*rel="?next"?/.exec(link);
+  const url = found ? new URL(found[1], new URL(path, location.href)) : null;
+  return { items, next: url ? url.pathname + url.search : null };
 }
 
 const enc = encodeURIComponent;
@@ -119,6 +119,7 @@ function signOut(message = "") {
   stopTap();
   clearTimeout(state.timer);
   state.rows.clear();
+  state.pages.clear();
   state.samples.clear();
   state.deadIds = null;
   $("tenants").replaceChildren();
@@ -136,8 +137,9 @@ async function poll() {
   if (!state.token) return;
   try {
     state.tenants = await getJson("/1.0/tenants");
-    await Promise.all([refreshEngine(), state.route.name === "listener" ? refreshListener() : refreshOverview()]);
+    await Promise.all([refreshEngine(), state.route.name === "listener" ? refreshListener() : refreshOverview(run)]);
   } catch (error) {
+    if (error instanceof Superseded) return;
     if (error instanceof Refused) { signOut(error.message); return; }
     $("overview-summary").textContent = `Could not refresh: ${error.message}`;
   }
@@ -192,17 +194,50 @@ function newSpark() {
   return svg;
 }
 
-function tenantTable(tenant) {
+// A tenant's box: its summary counts, a status filter, one page of its listeners, and the pager.
+function tenantBox(tenant) {
   const id = `tenant-${tenant.id}`;
   let table = $(id);
   if (table) return table;
+  const label = `Tenant ${tenant.id}${tenant.name ? ` (${tenant.name})` : ""}`;
+  const filter = el("select", { id: `filter-${tenant.id}`, onchange: () => {
+    state.pages.set(tenant.id, newPaging(filter.value));
+    poll();
+  } }, el("option", { value: "", text: "every status" }),
+  ...STATES.map((s) => el("option", { value: s, text: s })));
   table = el("table", { id, class: "listeners" },
-    el("caption", { text: `Tenant ${tenant.id}${tenant.name ? ` (${tenant.name})` : ""}` }),
+    el("caption", { class: "visually-hidden", text: `Listeners of ${label}` }),
     el("thead", {}, el("tr", {}, ...["Listener", "Type", "Status", "Message", "Received", "Forwarded", "Per second",
       "Recent rate"].map((h, i) => el("th", { scope: "col", class: i >= 4 && i < 7 ? "num" : "", text: h })))),
     el("tbody"));
-  $("tenants").append(table);
+  const pager = el("nav", { class: "pager", "aria-label": `Pages of ${label}` },
+    el("button", { type: "button", class: "previous", text: "Previous page", disabled: "",
+      onclick: () => turnPage(tenant.id, -1) }),
+    el("span", { class: "range", role: "status" }),
+    el("button", { type: "button", class: "next", text: "Next page", disabled: "",
+      onclick: () => turnPage(tenant.id, 1) }));
+  $("tenants").append(el("section", { id: `box-${tenant.id}`, class: "tenant", "data-tenant": tenant.id },
+    el("h3", { text: label }),
+    el("div", { class: "tenant-bar" }, el("p", { class: "tenant-summary", id: `summary-${tenant.id}` }),
+      el("p", { class: "filter" }, el("label", { for: `filter-${tenant.id}`, text: "Show " }), filter), pager),
+    table));
   return table;
+}
+
+function newPaging(filter = "") { return { filter, starts: [null], index: 0, next: null }; }
+
+function pageOf(tid) {
+  if (!state.pages.has(tid)) state.pages.set(tid, newPaging());
+  return state.pages.get(tid);
+}
+
+function turnPage(tid, step) {
+  const paging = pageOf(tid);
+  if (step > 0 && !paging.next) return;
+  if (step > 0) paging.starts[paging.index + 1] = paging.next;
+  paging.index = Math.max(0, paging.index + step);
+  paging.starts.length = paging.index + 1;  // pages after this one are asked again when turned to
+  poll();
 }
 
 function listenerRow(table, tid, listener) {
@@ -228,36 +263,79 @@ function listenerRow(table, tid, listener) {
   return row;
 }
 
-async function refreshOverview() {
+function countsText(counts, total) {
+  return `${total} listener(s): ` + (STATES.filter((s) => counts[s]).map((s) => `${counts[s]} ${s}`).join(", ")
+    || "none");
+}
+
+// Per tenant: the summary (counts, and the status of every listener not started), one page of listeners, and
+// the status of the page's started listeners: a refresh costs the page, not the tenant's thousands.
+async function refreshTenant(tenant, seen, counts, run) {
+  const base = `/1.0/tenants/${enc(tenant.id)}/listeners`;
+  const paging = pageOf(tenant.id);
+  const first = `${base}?limit=${PAGE_ROWS}${paging.filter ? `&status=${paging.filter}` : ""}`;
+  const [summary, page] = await Promise.all([getJson(`${base}/status`), getPage(paging.starts[paging.index] || first)]);
+  if (run !== state.pollRun) throw new Superseded();
+  if (!page.items.length && paging.index > 0) {  // its listeners went away: back to the first page
+    state.pages.set(tenant.id, newPaging(paging.filter));
+    return refreshTenant(tenant, seen, counts, run);
+  }
+  paging.next = page.next;
+  const known = new Map(summary["not-started"].map((entry) => [entry.id, entry]));
+  const statuses = await Promise.all(page.items.map((l) => known.get(l.id)
+    || getJson(`${listenerPath(tenant.id, l.id)}/status`)
+      .catch((error) => { if (error instanceof Refused) throw error; return null; })));
+  if (run !== state.pollRun) throw new Superseded();
+  const table = tenantBox(tenant);
+  const order = page.items.map((listener, i) => {
+    const status = statuses[i];
+    const key = `${tenant.id}/${listener.id}`;
+    seen.add(key);
+    const { tr, cells } = listenerRow(table, tenant.id, listener);
+    if (!status) { cells.message.textContent = "status not available yet"; return tr; }
+    badge(cells.status, status.status);
+    cells.message.textContent = status.message + (status["last-error"] && status.status !== "started"
+      ? ` (last error: ${status["last-error"]})` : "");
+    cells.received.textContent = status.received ?? 0;
+    cells.forwarded.textContent = status.forwarded ?? 0;
+    cells.rate.textContent = (status.rate ?? 0).toFixed(2);
+    sparkline(cells.spark, sample(key, status));
+    return tr;
+  });
+  const body = table.tBodies[0];
+  if (order.some((tr, i) => body.children[i] !== tr)) body.append(...order);  // moved only when out of order
+  for (const state_ of STATES) counts[state_] = (counts[state_] || 0) + (summary.counts[state_] || 0);
+  const filter = $(`filter-${tenant.id}`);
+  filter.value = paging.filter;
+  for (const option of filter.options) {
+    option.textContent = option.value ? `${option.value} (${summary.counts[option.value] || 0})`
+      : `every status (${summary.total})`;
+  }
+  $(`summary-${tenant.id}`).textContent = countsText(summary.counts, summary.total);
+  const of = paging.filter ? summary.counts[paging.filter] || 0 : summary.total;
+  const from = paging.index * PAGE_ROWS;
+  const box = $(`box-${tenant.id}`);
+  box.querySelector(".range").textContent = page.items.length
+    ? `Listeners ${from + 1}-${from + page.items.length} of ${Math.max(of, from + page.items.length)}`
+    : (paging.filter ? `No listener ${paging.filter}` : "No listeners");
+  box.querySelector(".previous").disabled = paging.index === 0;
+  box.querySelector(".next").disabled = !page.next;
+  return summary.total;
+}
+
+async function refreshOverview(run) {
   const seen = new Set();
   const counts = {};
-  for (const tenant of state.tenants) {
-    const listeners = await getAll(`/1.0/tenants/${enc(tenant.id)}/listeners`);
-    const statuses = await Promise.all(listeners.map((l) => getJson(`${listenerPath(tenant.id, l.id)}/status`)
-      .catch((error) => { if (error instanceof Refused) throw error; return null; })));
-    const table = tenantTable(tenant);
-    listeners.forEach((listener, i) => {
-      const status = statuses[i];
-      const key = `${tenant.id}/${listener.id}`;
-      seen.add(key);
-      const { cells } = listenerRow(table, tenant.id, listener);
-      if (!status) { cells.message.textContent = "status not available yet"; return; }
-      counts[status.status] = (counts[status.status] || 0) + 1;
-      badge(cells.status, status.status);
-      cells.message.textContent = status.message + (status["last-error"] && status.status !== "started"
-        ? ` (last error: ${status["last-error"]})` : "");
-      cells.received.textContent = status.received;
-      cells.forwarded.textContent = status.forwarded;
-      cells.rate.textContent = (status.rate ?? 0).toFixed(2);
-      sparkline(cells.spark, sample(key, status));
-    });
-  }
+  const totals = await Promise.all(state.tenants.map((tenant) => refreshTenant(tenant, seen, counts, run)));
   for (const [key, row] of state.rows) {
     if (!seen.has(key)) { row.tr.remove(); state.rows.delete(key); state.samples.delete(key); }
   }
-  const total = Object.values(counts).reduce((a, b) => a + b, 0);
-  $("overview-summary").textContent = `${total} listener(s): ` +
-    (Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(", ") || "none");
+  const tenants = new Set(state.tenants.map((t) => t.id));
+  for (const box of $("tenants").querySelectorAll("section.tenant")) {
+    if (!tenants.has(box.dataset.tenant)) { box.remove(); state.pages.delete(box.dataset.tenant); }
+  }
+  $("overview-summary").textContent = `${state.tenants.length} tenant(s), `
+    + countsText(counts, totals.reduce((a, b) => a + b, 0));
   await refreshDeadLetters();
 }
 
@@ -265,14 +343,19 @@ async function refreshOverview() {
 
 async function refreshDeadLetters() {
   const letters = [];
+  const more = [];  // tenants with more dead letters than shown
   for (const tenant of state.tenants) {
-    for (const letter of await getAll(`/1.0/tenants/${enc(tenant.id)}/dead-letters`)) letters.push([tenant.id, letter]);
+    const page = await getPage(`/1.0/tenants/${enc(tenant.id)}/dead-letters?limit=${DEAD_ROWS}`);
+    for (const letter of page.items) letters.push([tenant.id, letter]);
+    if (page.next) more.push(tenant.id);
   }
-  const ids = letters.map(([tid, l]) => `${tid}/${l.id}`).join(",");
+  const ids = letters.map(([tid, l]) => `${tid}/${l.id}`).join(",") + `|${more.join(",")}`;
   if (ids === state.deadIds) return;
   state.deadIds = ids;
   const box = $("dead-letters");
   if (!letters.length) { box.replaceChildren(el("p", { text: "No dead letters." })); return; }
+  const note = more.length ? [el("p", { class: "hint", text: `Showing the oldest ${DEAD_ROWS} dead letters of `
+    + `${more.join(", ")}; retry or discard them to see the next.` })] : [];
   const rows = letters.map(([tid, letter]) => el("tr", { id: `dead-${tid}-${letter.id}` },
     el("td", { text: tid }), el("th", { scope: "row", text: letter.id }), el("td", { text: letter["listener-id"] }),
     el("td", { class: "num", text: letter["status-code"] }), el("td", { class: "message", text: letter.response }),
@@ -283,7 +366,7 @@ async function refreshDeadLetters() {
       el("button", { type: "button", class: "danger", text: "Discard",
         "aria-label": `Discard dead letter ${letter.id} of ${tid}`,
         onclick: () => deadLetterAction(tid, letter.id, "discard") }))));
-  box.replaceChildren(el("table", {},
+  box.replaceChildren(...note, el("table", {},
     el("caption", { class: "visually-hidden", text: "Dead letters" }),
     el("thead", {}, el("tr", {}, ...["Tenant", "Id", "Listener", "Engine status", "Engine answer", "Failed",
       "Events", "Actions"].map((h) => el("th", { scope: "col", text: h })))),

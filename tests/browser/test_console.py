@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import aiohttp
 import orjson
 from playwright.async_api import expect
 
@@ -32,7 +33,7 @@ async def test_the_console_works_from_the_keyboard(dev_stack, page):
     await page.keyboard.type(DEV_TOKEN)
     await page.keyboard.press("Enter")
     await expect(page.locator(f"#row-{TENANT}-LI1 .status")).to_have_text("started", timeout=30_000)
-    for _ in range(10):  # skip link, sign out, then the listener links in order
+    for _ in range(10):  # skip link, sign out, the status filter, then the listener links in order
         await page.keyboard.press("Tab")
         if await page.evaluate("document.activeElement.textContent") == "LI1":
             break
@@ -143,3 +144,58 @@ async def _count_at_least(page, selector: str, count: int) -> bool:
 async def _dead_letters(stack, count: int):
     letters = await stack.daemon.dead_letters.of_tenant(TENANT, None)
     return letters if len(letters) >= count else None
+
+
+async def test_a_tenant_of_many_pages_is_paged_with_its_counts_on_top_and_statuses_asked_for_one_page(
+        dev_stack, page, tmp_path):
+    """120 more listeners (disabled) than the demo's: the table shows a page of 50 and turns pages through the
+    API's Link; the counts come from the summary route, and no refresh asks a status the page does not show."""
+    base = f"{dev_stack.daemon.api_url}/1.0/tenants/{TENANT}/listeners"
+    headers = {"Authorization": f"Bearer {DEV_TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        for n in range(1, 121):
+            body = {"id": f"X{n}", "type": "pusher", "status": False, "options": {"channel": f"bulk-{n}"}}
+            async with http.post(base, json=body) as response:
+                assert response.status == 201, await response.text()
+        async with http.get(f"{base}/status") as response:
+            total = (await response.json())["total"]
+    assert total > 120
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    await sign_in(page, dev_stack)
+    box = page.locator(f"#box-{TENANT}")
+    await expect(page.locator(f"#summary-{TENANT}")).to_contain_text(f"{total} listener(s)")
+    await expect(page.locator(f"#summary-{TENANT}")).to_contain_text("120 stopped")
+    await expect(box.locator(".range")).to_have_text(f"Listeners 1-50 of {total}")
+    await expect(page.locator(f"#row-{TENANT}-LI1")).to_be_visible()
+    await expect(box.locator("tbody tr")).to_have_count(50)
+    await expect(page.locator(f"#row-{TENANT}-X120")).to_have_count(0)
+    await expect(box.get_by_role("button", name="Previous page")).to_be_disabled()
+    await page.screenshot(path=screenshot_path(tmp_path, "console-pages.png"))
+
+    requests.clear()
+    await wait_for(lambda: _summaries(requests) >= 3, timeout=20, what="three refreshes")
+    one_by_one = [url for url in requests if re.search(r"/listeners/[^/]+/status$", url)]
+    assert len(one_by_one) <= 3 * 50  # a refresh asks for the page's statuses at most
+    assert not any("/listeners/X" in url for url in one_by_one)  # not-started ones come with the summary
+
+    await box.get_by_role("button", name="Next page").click()
+    await expect(box.locator(".range")).to_have_text(f"Listeners 51-100 of {total}")
+    await expect(page.locator(f"#row-{TENANT}-LI1")).to_have_count(0)
+    await box.get_by_role("button", name="Next page").click()
+    await expect(box.locator(".range")).to_have_text(f"Listeners 101-{total} of {total}")
+    await expect(page.locator(f"#row-{TENANT}-X120 .status")).to_have_text("stopped")
+    await expect(box.get_by_role("button", name="Next page")).to_be_disabled()
+    assert any("cursor=" in url for url in requests)  # the pages came from the Link header's URL
+    await box.get_by_role("button", name="Previous page").click()
+    await expect(box.locator(".range")).to_have_text(f"Listeners 51-100 of {total}")
+
+    await box.get_by_label("Show").select_option("stopped")
+    await expect(box.locator(".range")).to_have_text("Listeners 1-50 of 120")
+    await expect(page.locator(f"#row-{TENANT}-X1")).to_be_visible()
+    await expect(page.locator(f"#row-{TENANT}-LI1")).to_have_count(0)
+    await expect(box.get_by_role("button", name="Previous page")).to_be_disabled()
+
+
+def _summaries(urls: list[str]) -> int:
+    return sum(url.endswith(f"/tenants/{TENANT}/listeners/status") for url in urls)

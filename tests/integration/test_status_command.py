@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from listenerd import status_cli
+from listenerd.outcome import Ended, Fail
 from listenerd.sim.engine import EngineSim
 from listenerd.sim.pusher import PusherSim
 from tests.daemon import OTHER_TOKEN, TOKEN, base_config, running_daemon
@@ -183,3 +184,59 @@ def test_a_refused_token_and_an_unreachable_daemon_exit_1_without_a_traceback(tm
                                   "--token", "x" * 10], capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 1 and "cannot reach the daemon at http://127.0.0.1:9" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+
+
+async def test_a_tenant_of_many_pages_every_listener_by_its_pages_and_statuses_only_for_rows_shown(
+        tmp_path, scripted_source, monkeypatch):
+    """250 started and 3 failed listeners, pages of 100: the summary gives counts, trouble rows and the exit code;
+    statuses are asked only for the started rows shown, and `--all` follows the Link pages to the last one."""
+    async def source(ctx):
+        if ctx.listener.options.channel.startswith("broken"):
+            raise Ended(Fail(f"Unknown channel: {ctx.listener.options.channel}"))
+        ctx.started("Subscribed")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", source)
+    many = "".join(f'[[tenants.listeners]]\nid = "M{n}"\ntype = "pusher"\noptions = {{ channel = "c{n}" }}\n'
+                   for n in range(1, 251))
+    broken = "".join(f'[[tenants.listeners]]\nid = "B{n}"\ntype = "pusher"\noptions = {{ channel = "broken{n}" }}\n'
+                     for n in range(1, 4))
+    config = f'[[tenants]]\nid = "big"\n[tenants.integrations.pusher]\nkey = "k"\nsecret = "{SECRET}"\n' + many + broken
+    asked: list[str] = []
+    real_get = status_cli.Client.get
+
+    def counting_get(self, path):
+        asked.append(path)
+        return real_get(self, path)
+
+    monkeypatch.setattr(status_cli.Client, "get", counting_get)
+    monkeypatch.setattr(status_cli, "PAGE_SIZE", 100)
+    async with EngineSim() as engine, running_daemon(tmp_path, base_config(tmp_path, engine.url, config)) as (d, _):
+        await wait_for(lambda: sum(1 for n in range(1, 251) if (s := d.supervisor.status(("big", f"M{n}")))
+                                   and s.status == "started") == 250, timeout=30, what="250 listeners started")
+        await wait_for(lambda: all((s := d.supervisor.status(("big", f"B{n}"))) and s.status == "failed"
+                                   for n in range(1, 4)), timeout=30, what="three failed listeners")
+
+        code, out, err = await run(d.api_url, TOKEN, "big", rows=20)
+        assert code == status_cli.EXIT_NOT_STARTED and err == ""
+        shown = [line.split()[1] for line in out.splitlines() if line.startswith("big ")]
+        assert shown == ["B1", "B2", "B3"] + [f"M{n}" for n in range(1, 21)]
+        assert "253 listener(s): 3 failed, 250 started; not every enabled listener is started; " \
+               "230 started not shown" in out
+        assert sum(path.endswith("/status") and "/listeners/M" in path for path in asked) == 20
+        assert not any("/listeners/B" in path for path in asked)  # the failed ones came with the summary
+        assert len(asked) == 1 + 1 + 20  # the summary, one page of 20, and those 20 statuses
+
+        asked.clear()
+        code, out, _ = await run(d.api_url, TOKEN, "big", rows=None)
+        shown = [line.split()[1] for line in out.splitlines() if line.startswith("big ")]
+        assert code == status_cli.EXIT_NOT_STARTED and len(shown) == 253 and set(shown) >= {"M1", "M100", "M250"}
+        assert "not shown" not in out
+        pages = [path for path in asked if "?limit=100" in path]
+        assert len(pages) == 3 and all("cursor=" in path for path in pages[1:])  # followed Link twice
+
+        code, out, _ = await run(d.api_url, TOKEN, "big", as_json=True)
+        rows = json.loads(out)
+        assert len(rows) == 253 and {r["listener"]["id"] for r in rows} >= {"M250", "B3"}
+        b1 = next(r for r in rows if r["listener"]["id"] == "B1")
+        assert b1["status"]["status"] == "failed" and b1["listener"]["options"]["channel"] == "broken1"

@@ -116,6 +116,18 @@ id = "tenant1"
     assert "tenants[1].id: duplicate tenant id 'tenant1'" in found
 
 
+def test_the_listener_id_status_is_reserved_as_in_the_api():
+    found = problems(BASE + """
+[[tenants.listeners]]
+id = "status"
+type = "datasift"
+options = { hash = "def" }
+""")
+    assert found == ["tenants[0].listeners[1].id: 'status' is reserved "
+                     "(GET .../listeners/status is the tenant's summary)"]
+    config.parse(BASE.replace('id = "LI1"', 'id = "Status"'), {})  # only that exact id: ids are case-sensitive
+
+
 def test_token_naming_unknown_tenant():
     found = problems(BASE.replace('token = "ops-token-123456"', 'token = "ops-token-123456"\ntenants = ["nope"]'))
     assert found == ["server.tokens[0].tenants[0]: unknown tenant 'nope'"]
