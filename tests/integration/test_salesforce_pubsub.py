@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from listenerd.delivery.ids import event_id
+from listenerd.delivery.outbox import Outbox
 from listenerd.model import Config
 from listenerd.sim.salesforce import ORG_ID, SalesforceSim
 from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
@@ -26,6 +27,10 @@ from tests.tls import self_signed
 PASSWORD, TOKEN = "pa55-word", "SECTOKEN123"
 KEY = ("t1", "LP1")
 ORDERS = "/event/Order__e"
+# The simulator keeps its promise with room to spare, as Salesforce does (a keepalive "at least every 270 s"
+# against a bound of 270 x 1.2 s): a keepalive every 0.1 s against the listener's 0.5 x 1.2 s. With both at
+# 0.3 s the bound left 60 ms for scheduling, and a loaded machine's late keepalive made a spurious new stream.
+SIM_KEEPALIVE, KEEPALIVE = 0.1, 0.5
 
 
 def creds(org_url: str, pubsub_url: str, **over: str):
@@ -51,12 +56,12 @@ async def org():
 
 @pytest.fixture
 async def bus(org):
-    async with SalesforcePubsubSim(org, keepalive=0.3) as s:
+    async with SalesforcePubsubSim(org, keepalive=SIM_KEEPALIVE) as s:
         yield s
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path, org, pubsub_url, checkpoint=None, creds_over=None, bounds=None, keepalive=0.3,
+async def running(tmp_path, org, pubsub_url, checkpoint=None, creds_over=None, bounds=None, keepalive=KEEPALIVE,
                   specs=None, **options):
     config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")},
                                     "supervisor": {"backoff-initial": 0.05, "backoff-max": 0.3},
@@ -184,14 +189,19 @@ async def test_refused_replay_id_resumes_with_retained_events_and_says_so(tmp_pa
 
 
 async def test_silence_is_retrying_then_resumes(tmp_path, org, bus):
-    async with running(tmp_path, org, bus.url, keepalive=0.3) as (h, sup, record):
+    async with running(tmp_path, org, bus.url) as (h, sup, record):
         await started(record)
         await wait_for(lambda: bus.streams[0].keepalives >= 2, what="keepalives")
+        assert len(bus.streams) == 1 and record.attempts == 0  # keepalives hold the stream
         bus.silence()
         await wait_for(lambda: record.attempts >= 1, what="a retry after silence")
         assert "No Pub/Sub API response" in record.last_error
         bus.silence(False)
-        await wait_for(lambda: record.status == "started" and len(bus.streams) >= 2, what="subscribed again")
+        # a keepalive on a newer stream came after the silence: that stream lives (a "started" alone may be the
+        # status of a stream opened while still silent and about to be given up; an event published then would
+        # be before the next stream's LATEST start)
+        await wait_for(lambda: record.status == "started" and bus.streams[-1] is not bus.streams[0]
+                       and bus.streams[-1].keepalives >= 1, what="subscribed again")
         bus.publish(ORDERS, {"OrderNumber__c": "after silence"})  # after it: `resume` without a checkpoint is LATEST
         await wait_for(lambda: record.received == 1, what="resumed")
 
@@ -242,11 +252,11 @@ def tls_files(tmp_path):
 
 async def test_tls_is_verified_against_the_ca_bundle_and_refused_without_it(tmp_path, org):
     (key, cert), ca_bundle = tls_files(tmp_path)
-    async with SalesforcePubsubSim(org, keepalive=0.3, tls=(key, cert)) as secure:
+    async with SalesforcePubsubSim(org, keepalive=SIM_KEEPALIVE, tls=(key, cert)) as secure:
         assert secure.url.startswith("https://")
         config = Config.model_validate({"store": {"path": str(tmp_path / "t.db")},
                                         "supervisor": {"backoff-initial": 0.05, "backoff-max": 0.3},
-                                        "sources": {"ca-bundle": ca_bundle, "salesforce-pubsub-keepalive": 0.3}})
+                                        "sources": {"ca-bundle": ca_bundle, "salesforce-pubsub-keepalive": KEEPALIVE}})
         async with Harness(tmp_path, config) as h:
             sup = h.supervisor()
             await sup.start({KEY: desired(spec(), creds(org.url, secure.url))})
@@ -270,12 +280,39 @@ async def test_restart_mid_stream_resumes_after_the_last_committed_event(tmp_pat
         await wait_for(lambda: record.received >= 40, what="part of the backlog")
     # stopped mid-stream; `all` would start from EARLIEST again, but the checkpoint set through the API
     # (as `PUT .../checkpoint` does) and `resume` both continue after the last committed event
+    first_run = len(bus.streams)
     async with running(tmp_path, org, bus.url, replay="resume", batch=5) as (h, sup, record):
-        await wait_for(lambda: len(bus.streams) >= 2 and bus.streams[-1].sent > 0, what="the second stream")
+        await wait_for(lambda: len(bus.streams) > first_run and bus.streams[-1].sent > 0, what="the second stream")
         await wait_for(lambda: h.outbox.depth == total, what="the whole backlog, once", timeout=20)
+        # `depth` counts events queued for the store too: read what the store holds once they are committed
+        await h.outbox.flush()
         events = await h.events()
         assert orders(events) == [f"O-{i:03d}" for i in range(total)]  # no gap, no duplicate, in order
         assert len({e["id"] for e in events}) == total
+
+
+async def test_a_retry_while_a_commit_is_late_resumes_after_the_queued_events(tmp_path, org, bus, monkeypatch):
+    # a retry within a run resumes from the stored checkpoint: read while the writer still held the events
+    # queued before, it was behind them (here: none stored, so `all` from EARLIEST) and they came twice
+    total = 100
+    for i in range(total):
+        bus.publish(ORDERS, {"OrderNumber__c": f"O-{i:03d}"})
+    commit, late = Outbox._commit, asyncio.Event()
+
+    async def late_commit(outbox, group):  # a slow disk: the writer is behind
+        await late.wait()
+        await commit(outbox, group)
+
+    monkeypatch.setattr(Outbox, "_commit", late_commit)
+    async with running(tmp_path, org, bus.url, replay="all", batch=5) as (h, sup, record):
+        await wait_for(lambda: h.outbox.depth >= 20, what="events queued, not committed")
+        bus.drop_streams()
+        await wait_for(lambda: record.attempts >= 1, what="the retry")
+        await asyncio.sleep(0.2)  # the retry reads its resume point while the commits are late
+        late.set()
+        await wait_for(lambda: record.received >= total, what="the whole backlog", timeout=20)
+        await h.outbox.flush()
+        assert orders(await h.events()) == [f"O-{i:03d}" for i in range(total)]  # no duplicate, no gap
 
 
 async def test_a_payload_its_schema_cannot_decode_is_counted_and_skipped(tmp_path, org, bus):
