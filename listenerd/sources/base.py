@@ -185,6 +185,9 @@ class SourceContext:
         await self._outbox.flush()
 
     async def checkpoint(self) -> str | None:
+        """The stored resume point, read once what earlier runs queued has landed: a retry that read it while
+        their events waited in the outbox would resume before them and the outbox would hold them twice."""
+        await self._outbox.flush()
         return await self._outbox.store.get_checkpoint(self.tenant_id, self.listener_id)
 
     def _committed_count(self, count: int) -> None:

@@ -295,10 +295,7 @@ async def run(ctx: SourceContext) -> None:
     login = ctx.shared.get(SalesforceClients).login_for(ctx)
     ctx.starting(f"Logging in to {integration.login_url}")
     session = await login.current()
-    # a retry resumes from the checkpoint: the events the last run queued (and their checkpoint) land first,
-    # else it would start before them and the outbox would hold them twice
-    await ctx.flush()
-    stored = await ctx.checkpoint()
+    stored = await ctx.checkpoint()  # after the last run's queued events landed (see SourceContext.checkpoint)
     sub = Subscription(options.topic, start_for(options.replay, stored, ctx.launch.attempt, ctx.launch.replay_from),
                        options.batch, fallback=LATEST if options.replay == "new" else EARLIEST,
                        margin=ctx.settings.salesforce_poll_margin, keepalive=ctx.settings.salesforce_pubsub_keepalive)
