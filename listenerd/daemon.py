@@ -32,11 +32,20 @@ from listenerd.model import SOURCE_TYPES, Config, Integration, stored_listener, 
 from listenerd.observability import Metrics, redactor
 from listenerd.sealing import sealer_for
 from listenerd.store import Store
+from listenerd.store_pg import PostgresStore
 from listenerd.supervisor import Key, Supervisor
 from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
 log = structlog.get_logger("listenerd.daemon")
+
+
+def build_store(config: Config) -> Store:
+    """The store `[store]` names: PostgreSQL with `url`, else SQLite at `path` (the embedded default)."""
+    sealer = functools.partial(sealer_for, config.store, config.store.path)
+    if config.store.url is not None:
+        return PostgresStore(config.store.url, config.store.synchronous, sealer=sealer)
+    return Store(config.store.path, config.store.synchronous, config.store.create_directory, sealer=sealer)
 
 
 class Daemon:
@@ -45,8 +54,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
-        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory,
-                           sealer=functools.partial(sealer_for, config.store, config.store.path))
+        self.store = build_store(config)
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
                              max_bytes=config.store.outbox_max_bytes, metrics=self.metrics,
                              max_event_bytes=config.engine.max_event_bytes)
@@ -233,6 +241,8 @@ class Daemon:
             ("server.header-timeout", old.server.header_timeout, new.server.header_timeout),
             ("server.max-connections", old.server.max_connections, new.server.max_connections),
             ("store.path", old.store.path, new.store.path),
+            ("store.url", old.store.url, new.store.url),
+            ("cluster", old.cluster, new.cluster),
             ("store.synchronous", old.store.synchronous, new.store.synchronous),
             ("log.format", old.log.format, new.log.format)) if before != after]
         if needs_restart:

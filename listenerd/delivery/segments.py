@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from listenerd.store import in_transaction, put_checkpoint
+from listenerd.store_pg import dialect
 
 SHIFT = 20  # a Row's seq is (segment seq << SHIFT) | index of the event in its segment
 MASK = (1 << SHIFT) - 1  # so a segment holds at most MASK events
@@ -86,21 +87,25 @@ def insert(conn: sqlite3.Connection, rows: Sequence[SegmentRow], checkpoints: Se
     statements whatever the number of listeners in it.
     """
     if rows:
-        last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox_segments'").fetchone()
-        seq = last[0] if last else 0
+        if dialect(conn) == "postgresql":  # a shared sequence (other writers): one round trip for all seqs
+            numbers = [r[0] for r in conn.execute("SELECT nextval(pg_get_serial_sequence('outbox_segments', 'seq')) "
+                                                  "FROM generate_series(1, ?)", (len(rows),)).fetchall()]
+        else:
+            last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox_segments'").fetchone()
+            first = (last[0] if last else 0) + 1
+            numbers = range(first, first + len(rows))
         i = 0
         while i < len(rows):
             size = _INSERT_CHUNK
             while size > len(rows) - i:
                 size //= 2
             chunk = rows[i:i + size]
-            seqs = range(seq + 1, seq + 1 + size)
+            seqs = numbers[i:i + size]
             conn.execute(_insert_sql("outbox_segments (seq, tenant_id, listener_id, received_at, total, events, size)",
                                      7, size),
                          [v for s, r in zip(seqs, chunk, strict=True) for v in (s, r[0], r[1], r[2], r[3], r[3], r[4])])
             conn.execute(_insert_sql("outbox_bodies (seq, ends, bodies, checksum)", 4, size),
                          [v for s, r in zip(seqs, chunk, strict=True) for v in (s, r[5], r[6], checksum(r[5], r[6]))])
-            seq += size
             i += size
     for tenant_id, listener_id, value in checkpoints:
         put_checkpoint(conn, tenant_id, listener_id, value)
@@ -320,6 +325,8 @@ def relaxed(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], r
     (at least once still holds), and the WAL is sequential, so the next FULL commit syncs this one
     too. Appends, checkpoints and dead letters keep their fsync.
     """
+    if dialect(conn) == "postgresql":  # the same trade, for this transaction only
+        return in_transaction(conn, lambda c: (c.execute("SET LOCAL synchronous_commit = off"), fn(c))[1])
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
         return in_transaction(conn, fn)
