@@ -73,6 +73,8 @@ _REPLACE = re.compile(r"INSERT OR REPLACE INTO (\w+) \(([^)]*)\) VALUES (\(.*\))
 _REWRITES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\bBEGIN IMMEDIATE\b"), "BEGIN"),
     (re.compile(r"\bORDER BY rowid\b"), "ORDER BY pos"),
+    (re.compile(r"SELECT CAST\(value AS TEXT\) FROM json_each\(\?\)"),
+     "SELECT value FROM json_array_elements_text(convert_from(?, 'UTF8')::json)"),
     (re.compile(r"SELECT value FROM json_each\(\?\)"),
      "SELECT value::bigint FROM json_array_elements_text(convert_from(?, 'UTF8')::json)"),
     (re.compile(r"\bmax\(last, excluded\.last\)"), "greatest(listener_ids.last, excluded.last)"),

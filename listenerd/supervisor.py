@@ -205,6 +205,10 @@ class Supervisor:
         self.tap_clients = tap_clients
         self.records: dict[Key, ListenerStatus] = {}
         self.runners: dict[Key, Runner] = {}
+        # a cluster node: its records carry `node`, and a listener another node runs is answered from that
+        # node's last written record (cluster.Cluster.remote_status)
+        self.node: str | None = None
+        self.remote_status: Callable[[Key], Any] | None = None
         self.desired: dict[Key, Desired] = {}
         self.shared = Shared()
         self._replay_from: dict[Key, str] = {}  # resume points set through the API, for each key's next launch
@@ -323,7 +327,7 @@ class Supervisor:
             runner.start()
 
     def _new_record(self, key: Key) -> ListenerStatus:
-        record = ListenerStatus(key[0], key[1], on_change=self._status_changed)
+        record = ListenerStatus(key[0], key[1], on_change=self._status_changed, node=self.node)
         record.store_failing(self.outbox.health.problem)
         self.records[key] = record
         self._status_changed(record, record.status)
@@ -356,7 +360,10 @@ class Supervisor:
         return ctx
 
     def status(self, key: Key) -> ListenerStatus | None:
-        return self.records.get(key)
+        record = self.records.get(key)
+        if record is None and self.remote_status is not None:
+            return self.remote_status(key)
+        return record
 
     def forwarded(self, tenant_id: str, listener_id: str, count: int) -> None:
         record = self.records.get((tenant_id, listener_id))

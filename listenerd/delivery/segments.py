@@ -65,6 +65,15 @@ class Row(NamedTuple):
 SegmentRow = tuple[str, str, float, int, int, bytes | None, bytes]  # what `insert` stores for one segment
 
 
+def waiting(conn: sqlite3.Connection, tenant_id: str, listener_ids: Sequence[str]) -> tuple[int, int]:
+    """Waiting events and their bytes of some of a tenant's listeners (a cluster node adopting a group)."""
+    if not listener_ids:
+        return 0, 0
+    return conn.execute("SELECT coalesce(sum(events), 0), coalesce(sum(size), 0) FROM outbox_segments WHERE "
+                        "tenant_id = ? AND listener_id IN (SELECT CAST(value AS TEXT) FROM json_each(?))",
+                        (tenant_id, orjson.dumps(list(listener_ids)))).fetchone()
+
+
 def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
     """Waiting events, their bytes, and the receipt time of the oldest segment (None when empty)."""
     return conn.execute(
@@ -133,7 +142,8 @@ def checksum(ends: bytes | None, bodies: bytes) -> int:
 
 
 def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] | None = None,
-          verified: dict[int, tuple[bytes | None, bytes]] | None = None) -> list[Row]:
+          verified: dict[int, tuple[bytes | None, bytes]] | None = None,
+          keep: Callable[[str, str], bool] | None = None) -> list[Row]:
     """Split waiting segments into Rows, in order, skipping delivered events, until `limit`.
 
     A segment whose stored bytes fail their checksum gives no Row: its seq goes to `damaged` for
@@ -144,6 +154,9 @@ def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] |
     batch usually ends inside a segment, and the next lease reads it again; bytes equal to those
     already checked need no second crc32 (a comparison costs a fraction of it, and the store thread
     bounds delivery). Bytes that differ in any way are checked again.
+
+    `keep(tenant, listener)` (a cluster node: the listeners of the groups it holds) leaves out the
+    other nodes' segments.
     """
     out: list[Row] = []
     if limit <= 0:
@@ -156,7 +169,7 @@ def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] |
     try:
         for seq, tenant_id, listener_id, received, first, total, events, blob, bodies, check in cursor:
             start = max(first, after_index + 1) if after and seq == after_segment else first
-            if start >= total:  # nothing left to hand out here
+            if start >= total or (keep is not None and not keep(tenant_id, listener_id)):
                 continue
             if check is not None:
                 known = verified.get(seq) if verified is not None else None

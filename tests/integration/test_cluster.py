@@ -1,0 +1,175 @@
+"""Cluster mode, for real: daemon processes sharing one PostgreSQL database, a Pusher simulator and an
+engine simulator. The short versions of the chaos scenarios (bench/chaos/cluster.py): a node killed,
+a node stopped with SIGTERM (hand-over), a node paused past its lease; every route on every node."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from listenerd.sim.engine import EngineSim
+from listenerd.sim.pusher import PusherSim
+from listenerd.testing import wait_for
+from tests.daemon import Api, DaemonProcess, base_config
+
+KEY, SECRET = "cl-key", "cl-secret-value-123"
+TENANTS = ("t1", "t2", "t3", "t4")
+TTL = 2.0
+
+
+def tenants(pusher_port: int) -> str:
+    out = []
+    for tenant in TENANTS:
+        out.append(f"""
+[[tenants]]
+id = "{tenant}"
+[tenants.integrations.pusher]
+key = "{KEY}"
+secret = "{SECRET}"
+app-id = "1"
+host = "127.0.0.1"
+port = {pusher_port}
+tls = false
+[[tenants.listeners]]
+id = "P1"
+type = "pusher"
+options = {{ channel = "{tenant}-a" }}
+[[tenants.listeners]]
+id = "P2"
+type = "pusher"
+options = {{ channel = "{tenant}-b" }}
+""")
+    return "".join(out)
+
+
+def node_config(tmp_path, node, pg_url, engine, pusher):
+    text = base_config(tmp_path, engine.url, tenants(pusher.port))
+    store = f'[store]\npath = "{tmp_path / "listenerd.db"}"\n'
+    assert store in text
+    key = tmp_path / "secrets.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(32))
+    text = text.replace(store, f'[store]\nurl = "{pg_url}"\nsecrets-key-file = "{key}"\n\n'
+                               f'[cluster]\nnode-id = "{node}"\nlease-ttl = "{TTL}s"\n')
+    return text
+
+
+@pytest.fixture
+async def cluster(tmp_path, pg_url, started):
+    engine = await started(EngineSim())
+    pusher = await started(PusherSim("1", KEY, SECRET))
+    nodes = {}
+
+    async def start(name):
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        node = DaemonProcess(workdir, node_config(tmp_path, name, pg_url, engine, pusher), name=name)
+        await node.start()
+        nodes[name] = node
+        return node
+
+    yield engine, pusher, start, nodes, started
+    for node in nodes.values():
+        if node.process and node.process.poll() is None:
+            node.signal(signal.SIGCONT)
+        await node.stop()
+
+
+async def placement(api):
+    """(tenant, listener) -> (status, node) as one node's API answers for every listener."""
+    out = {}
+    for tenant in TENANTS:
+        for listener in ("P1", "P2"):
+            code, body = await api.call("GET", f"/1.0/tenants/{tenant}/listeners/{listener}/status")
+            out[(tenant, listener)] = (body.get("status"), body.get("node")) if code == 200 else (code, None)
+    return out
+
+
+async def settled(api, nodes):
+    """Every listener started, on `nodes` (each running some: the groups are spread), both listeners of a
+    tenant (one group) on the same node."""
+    async def check():
+        seen = await placement(api)
+        if all(s == "started" for s, _ in seen.values()) and {n for _, n in seen.values()} == set(nodes) and \
+                all(seen[(t, "P1")][1] == seen[(t, "P2")][1] for t in TENANTS):
+            return seen
+        return None
+    return await wait_for(check, timeout=30, interval=0.2, what=f"every listener started on {nodes}")
+
+
+async def publish_all(pusher, label, count=3):
+    for tenant in TENANTS:
+        for channel in ("a", "b"):
+            for i in range(count):
+                await pusher.publish(f"{tenant}-{channel}", "ev", {"label": label, "i": i})
+
+
+def delivered(engine, label):
+    return sorted((e["tenant-id"], e["listener-id"], e["event"]["i"]) for e in engine.received
+                  if isinstance(e["event"], dict) and e["event"].get("label") == label)
+
+
+def expected(count=3):
+    return sorted((t, lid, i) for t in TENANTS for lid in ("P1", "P2") for i in range(count))
+
+
+async def wait_delivered(engine, label, count=3):
+    await wait_for(lambda: set(delivered(engine, label)) >= set(expected(count)), timeout=30,
+                   what=f"events {label} delivered")
+
+
+async def test_two_nodes_share_the_groups_answer_for_every_listener_and_a_killed_node_moves_in_seconds(cluster):
+    engine, pusher, start, nodes, started = cluster
+    a, b = await start("a"), await start("b")
+    api_a, api_b = await started(Api(a.api_url)), await started(Api(b.api_url))
+    seen = await settled(api_a, {"a", "b"})
+    assert sorted(n for _, n in seen.values()) == ["a"] * 4 + ["b"] * 4, "four groups of two: two on each node"
+    assert await placement(api_b) == seen, "every node answers for every listener, with its owner's node"
+    code, ready = await api_a.call("GET", "/readyz", token=None)
+    assert code == 200 and ready["cluster"] is True
+    await publish_all(pusher, "before")
+    await wait_delivered(engine, "before")
+
+    killed = time.monotonic()
+    b.kill9()
+    moved = await settled(api_a, {"a"})
+    took = time.monotonic() - killed
+    assert took < TTL + 5, f"the killed node's groups started on the survivor {took:.1f}s after the kill"
+    assert all(n == "a" for _, n in moved.values())
+    await publish_all(pusher, "after")
+    await wait_delivered(engine, "after")
+
+
+async def test_sigterm_hands_the_groups_over_at_once(cluster):
+    engine, pusher, start, nodes, started = cluster
+    a, b = await start("a"), await start("b")
+    api_a = await started(Api(a.api_url))
+    await settled(api_a, {"a", "b"})
+    stopped = time.monotonic()
+    assert await b.stop() == 0
+    await settled(api_a, {"a"})
+    assert time.monotonic() - stopped < TTL, "handed over at once, not after the lease TTL"
+    await publish_all(pusher, "handed")
+    await wait_delivered(engine, "handed")
+
+
+async def test_a_paused_node_commits_nothing_after_its_lease_lapsed_and_stands_down(cluster):
+    engine, pusher, start, nodes, started = cluster
+    a, b = await start("a"), await start("b")
+    api_a = await started(Api(a.api_url))
+    await settled(api_a, {"a", "b"})
+    b.signal(signal.SIGSTOP)
+    await settled(api_a, {"a"})  # after the TTL: a took b's groups
+    await publish_all(pusher, "paused")  # b's sockets still hold its subscriptions: it reads these on resume
+    await wait_delivered(engine, "paused")
+    b.signal(signal.SIGCONT)
+    await wait_for(lambda: any(line.get("event", "").startswith(("standing down", "lease lost"))
+                               for line in b.lines()), timeout=15, what="the resumed node standing down")
+    await asyncio.sleep(1.0)
+    # each event once: what b read after its lease lapsed was refused by the fence, never committed
+    got = delivered(engine, "paused")
+    assert sorted(set(got)) == expected() and len(got) == len(expected()), got
+    await publish_all(pusher, "rejoined")
+    await wait_delivered(engine, "rejoined")
