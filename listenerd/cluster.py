@@ -136,11 +136,14 @@ class Cluster:
     """
 
     def __init__(self, store: Any, settings: Any, outbox: Any, fleet: Callable[[], Any],
-                 rewind: Callable[[], None] = lambda: None, metrics: Any = None):
+                 rewind: Callable[[], None] = lambda: None, metrics: Any = None, api_url: str | None = None):
         self.store = store
         self.node = settings.node_id
         self.ttl = settings.lease_ttl
-        self.advertise = settings.advertise or ""
+        # where the other nodes reach this one's API: the setting, else the API's own address unless it listens
+        # on every interface (0.0.0.0 or ::, which no other node can dial)
+        wildcard = api_url is None or any(h in api_url for h in ("//0.0.0.0", "//[::]", "//::"))
+        self.advertise = settings.advertise or ("" if wildcard else api_url or "")
         self.outbox = outbox
         self.fleet = fleet
         self.rewind = rewind
@@ -385,6 +388,7 @@ class Cluster:
     async def announce(self, payload: dict[str, Any]) -> None:
         """Tell the other nodes a listener or integration changed (the owner applies it at once)."""
         await self.store.run(lambda c: notify(c, {**payload, "from": self.node}))
+        self._wake.set()  # a new listener may change the weights, or be a new group to place
 
     async def _listen(self) -> None:
         import psycopg

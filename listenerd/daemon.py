@@ -107,7 +107,7 @@ class Daemon:
         self.api_url = f"http://{server.host}:{port}"
         if self.config.cluster is not None:
             self.cluster = Cluster(self.store, self.config.cluster, self.outbox, lambda: self.fleet,
-                                   rewind=self.forwarder.rewind, metrics=self.metrics)
+                                   rewind=self.forwarder.rewind, metrics=self.metrics, api_url=self.api_url)
             self.fleet.owns = self.cluster.owns
             self.fleet.announce = self.cluster.announce
             self.supervisor.node = self.config.cluster.node_id

@@ -3,6 +3,7 @@ engine simulator. The short versions of the chaos scenarios (bench/chaos/cluster
 a node stopped with SIGTERM (hand-over), a node paused past its lease; every route on every node."""
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -99,6 +100,16 @@ async def settled(api, nodes):
     return await wait_for(check, timeout=30, interval=0.2, what=f"every listener started on {nodes}")
 
 
+async def first_tapped(api, tenant, listener):
+    """The first event the tap of this listener streams through `api`'s node."""
+    async with api.session.get(f"{api.base_url}/1.0/tenants/{tenant}/listeners/{listener}/tap",
+                               headers={"Authorization": f"Bearer {api.token}"}) as response:
+        assert response.status == 200, await response.text()
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                return json.loads(line[6:])
+
+
 async def publish_all(pusher, label, count=3):
     for tenant in TENANTS:
         for channel in ("a", "b"):
@@ -129,7 +140,11 @@ async def test_two_nodes_share_the_groups_answer_for_every_listener_and_a_killed
     assert await placement(api_b) == seen, "every node answers for every listener, with its owner's node"
     code, ready = await api_a.call("GET", "/readyz", token=None)
     assert code == 200 and ready["cluster"] is True
+    elsewhere = next(k for k, (_, node) in seen.items() if node == "b")
+    tapping = asyncio.create_task(first_tapped(api_a, *elsewhere))  # a tap on a, of a listener that runs on b
+    await asyncio.sleep(0.5)
     await publish_all(pusher, "before")
+    assert (await asyncio.wait_for(tapping, 10))["event"]["label"] == "before"
     await wait_delivered(engine, "before")
 
     killed = time.monotonic()
@@ -173,3 +188,28 @@ async def test_a_paused_node_commits_nothing_after_its_lease_lapsed_and_stands_d
     assert sorted(set(got)) == expected() and len(got) == len(expected()), got
     await publish_all(pusher, "rejoined")
     await wait_delivered(engine, "rejoined")
+
+
+async def test_an_api_write_on_one_node_is_applied_by_the_owner_at_once(cluster):
+    engine, pusher, start, nodes, started = cluster
+    a, b = await start("a"), await start("b")
+    api_a, api_b = await started(Api(a.api_url)), await started(Api(b.api_url))
+    seen = await settled(api_a, {"a", "b"})
+    tenant = next(t for (t, _), (_, node) in seen.items() if node == "b")
+    written = time.monotonic()
+    code, created = await api_a.call("POST", f"/1.0/tenants/{tenant}/listeners",
+                                     {"id": "P3", "type": "pusher", "options": {"channel": f"{tenant}-c"}})
+    assert code == 201, created
+
+    async def running_on_b():
+        code, body = await api_b.call("GET", f"/1.0/tenants/{tenant}/listeners/P3/status")
+        return code == 200 and body["status"] == "started" and body.get("node") == "b"
+    await wait_for(running_on_b, timeout=10, interval=0.05, what="P3 started by its group's owner")
+    assert time.monotonic() - written < 2.0, "applied by the owner through NOTIFY, not a poll"
+
+    async def answered_on_a():  # a reads b's status record, written within a second
+        code, body = await api_a.call("GET", f"/1.0/tenants/{tenant}/listeners/P3/status")
+        return code == 200 and body["status"] == "started" and body.get("node") == "b"
+    await wait_for(answered_on_a, timeout=5, interval=0.1, what="a answering for P3 from b's record")
+    await pusher.publish(f"{tenant}-c", "ev", {"label": "new", "i": 0})
+    await wait_for(lambda: any(e["listener-id"] == "P3" for e in engine.received), what="P3's event delivered")
