@@ -421,8 +421,12 @@ class Outbox:
         """
         damaged: list[int] = []
         try:
-            rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified,
-                                                                 keep=self.keep))
+            keep = self.keep
+            if keep is None:
+                rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified))
+            else:  # a cluster node: its groups' segments only
+                rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified,
+                                                                     keep=keep))
         except sqlite3.Error as exc:
             self.health.failed("lease", exc)
             raise
