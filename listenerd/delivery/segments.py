@@ -163,9 +163,7 @@ def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] |
         return out
     last_checked: tuple[int, bytes | None, bytes] | None = None
     after_segment, after_index = after >> SHIFT, after & MASK
-    cursor = conn.execute("SELECT s.seq, tenant_id, listener_id, received_at, first, total, events, ends, bodies, "
-                          "checksum FROM outbox_segments s JOIN outbox_bodies b ON b.seq = s.seq WHERE s.seq >= ? "
-                          "ORDER BY s.seq", (after_segment,))
+    cursor = _waiting_segments(conn, after_segment, limit)
     try:
         for seq, tenant_id, listener_id, received, first, total, events, blob, bodies, check in cursor:
             start = max(first, after_index + 1) if after and seq == after_segment else first
@@ -214,6 +212,36 @@ def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] |
         if verified is not None and last_checked is not None:
             verified.clear()
             verified[last_checked[0]] = last_checked[1:]
+
+
+_LEASE_SQL = ("SELECT s.seq, tenant_id, listener_id, received_at, first, total, events, ends, bodies, checksum "
+              "FROM outbox_segments s JOIN outbox_bodies b ON b.seq = s.seq WHERE s.seq >= ? ORDER BY s.seq")
+
+
+class _Pages:
+    """Waiting segments from a seq on, a page at a time (PostgreSQL: a client-side cursor would fetch the
+    whole outbox for every lease; SQLite's steps lazily and stops where the lease does)."""
+
+    def __init__(self, conn: Any, after_segment: int, page: int):
+        self.conn, self.next_seq, self.page = conn, after_segment, page
+
+    def __iter__(self) -> Any:
+        while True:
+            rows = self.conn.execute(_LEASE_SQL + " LIMIT ?", (self.next_seq, self.page)).fetchall()
+            yield from rows
+            if len(rows) < self.page:
+                return
+            self.next_seq = rows[-1][0] + 1
+            self.page = min(self.page * 4, 4096)
+
+    def close(self) -> None:
+        pass
+
+
+def _waiting_segments(conn: Any, after_segment: int, limit: int) -> Any:
+    if dialect(conn) == "postgresql":
+        return _Pages(conn, after_segment, 8)  # segments, not events: a segment often holds hundreds
+    return conn.execute(_LEASE_SQL, (after_segment,))
 
 
 def remove(conn: sqlite3.Connection, rows: Sequence[Row]) -> set[int] | None:
