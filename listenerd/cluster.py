@@ -178,8 +178,18 @@ class Cluster:
                 and time.monotonic() - self.renewed_at < self.ttl * STAND_DOWN_FRACTION)
 
     def remote_status(self, key: tuple[str, str]) -> RemoteStatus | None:
+        """The owner's last record; `starting` when the node that wrote it no longer holds the group (a record
+        of a dead or paused node must not say `started` once its lease is gone)."""
         found = self.statuses.get(key)
-        return found[1] if found else None
+        if found is None:
+            return None
+        node, status = found
+        group = self._group_of_listener(*key)
+        lease = self.owners.get(group) if group else None
+        if lease is None or lease[0] != node:
+            return RemoteStatus({**status.as_json(), "status": "starting", "node": lease[0] if lease else None,
+                                 "message": f"Moving: node {node} no longer holds its connection group"})
+        return status
 
     def owner_of(self, tenant_id: str, listener_id: str) -> tuple[str, str] | None:
         """(node, advertise address) of the node running this listener's group, if any."""

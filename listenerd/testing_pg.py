@@ -97,6 +97,14 @@ class Postgres:
         self._as_user = as_user
         self._bin = bin_dir
 
+    def restart(self) -> None:
+        """Restart the throwaway server (`pg_ctl restart -m fast`): what a database failover looks like to
+        its clients, every connection dropped. Blocking: call it from a thread in an event loop."""
+        assert self.throwaway is not None, "only a throwaway cluster is restarted"
+        subprocess.run([*self._as_user, str(self._bin / "pg_ctl"), "-D", str(self.throwaway / "data"), "-m", "fast",
+                        "-l", str(self.throwaway / "log"), "-w", "-t", "60", "restart"], check=True,
+                       capture_output=True, timeout=90)
+
     def database(self) -> str:
         """A new empty database with a random name; its URL. Dropped by `drop` or `stop`."""
         import psycopg
