@@ -189,6 +189,7 @@ async def test_one_tenant_cannot_dead_letter_or_starve_another(tmp_path):
     assert limited["other_listeners"] <= 50 and any(code.startswith("429") for code in limited["codes"])
 
 
+@pytest.mark.timeout(300)
 async def test_cluster_short(tmp_path):
     """Three nodes on one PostgreSQL, 60 listeners, a 3 s lease: kill -9, pause, rolling restart, database restart."""
     from bench.chaos import cluster
