@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -185,7 +186,9 @@ class Cluster:
             return None
         node, status = found
         group = self._group_of_listener(*key)
-        lease = self.owners.get(group) if group else None
+        if group is None:  # deleted (the index follows every node's API writes): its last record is no answer
+            return None
+        lease = self.owners.get(group)
         if lease is None or lease[0] != node:
             return RemoteStatus({**status.as_json(), "status": "starting", "node": lease[0] if lease else None,
                                  "message": f"Moving: node {node} no longer holds its connection group"})
@@ -221,6 +224,12 @@ class Cluster:
     # -- lifecycle
 
     async def start(self) -> None:
+        # a node stopped in the middle of a transaction (SIGSTOP) must not hold lease rows locked for the others:
+        # the server ends such a transaction at half the TTL; and no statement waits on a lock past a quarter of
+        # it (a wait that long fails, and is retried, rather than stall the store thread)
+        await self.store.run(lambda c: (
+            c.apply("idle_in_transaction_session_timeout", f"{int(self.ttl * 500)}ms"),
+            c.apply("lock_timeout", f"{int(self.ttl * 250)}ms")))
         await self.store.run(lambda c: heartbeat(c, self.node, self.advertise, False))
         await self._tick()
         self._tasks = [asyncio.create_task(self._loop(), name="cluster-loop"),
@@ -309,7 +318,11 @@ class Cluster:
             placed = place(weights, nodes, {g: lease[0] for g, lease in self.owners.items()})
             for group, node in sorted(placed.items()):
                 if node == self.node and group not in self.held and group not in self.owners:
-                    epoch = await self.store.transaction(lambda c, g=group: acquire(c, g, self.node, self.ttl))
+                    try:
+                        epoch = await self.store.transaction(lambda c, g=group: acquire(c, g, self.node, self.ttl))
+                    except sqlite3.Error as exc:  # its row is locked (a paused holder mid-commit): next round
+                        log.info("group not taken this round", group=group, error=str(exc))
+                        continue
                     if epoch is not None:
                         self.held[group] = epoch
                         self.owners[group] = (self.node, epoch, self.ttl)

@@ -133,9 +133,10 @@ class PgConnection:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, connect_timeout: float = 5.0):
+    def __init__(self, url: str, connect_timeout: float = 5.0, settings: dict[str, str] | None = None):
         self.url = url
         self.connect_timeout = connect_timeout
+        self.settings = settings if settings is not None else {}  # SET on every (re)connection
         self._conn: Any = None
         self._in_transaction = False
         self._trace: Any = None
@@ -155,7 +156,17 @@ class PgConnection:
                                              connect_timeout=max(1, int(self.connect_timeout)))
             except psycopg.Error as exc:
                 raise PostgresError(f"cannot connect to {redacted(self.url)}: {_first_line(exc)}") from None
+            try:
+                for name, value in self.settings.items():
+                    self._conn.execute(f"SET {name} = '{value}'")
+            except psycopg.Error as exc:
+                raise PostgresError(_first_line(exc)) from None
         return self._conn
+
+    def apply(self, name: str, value: str) -> None:
+        """A session setting, now and on every reconnection."""
+        self.settings[name] = value
+        self.execute(f"SET {name} = '{value}'")
 
     def execute(self, sql: str, params: Any = ()) -> PgCursor:
         import psycopg
@@ -215,7 +226,7 @@ class PostgresStore(Store):
         try:
             migrate(conn)
             if self.synchronous == "NORMAL":  # as SQLite's NORMAL: a commit does not wait for the disk flush
-                conn.execute("SET synchronous_commit = off")
+                conn.apply("synchronous_commit", "off")
         except sqlite3.Error as exc:
             conn.close()
             raise StoreUnavailable(self.path, str(exc), "check [store] url, that PostgreSQL runs and the role may "

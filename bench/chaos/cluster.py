@@ -71,7 +71,10 @@ class ClusterRig:
         self.pusher = PusherSim("4242", "chaos-app-key", self.secrets.pusher_secret)
         self.datasift = DataSiftSim(users={"chaos": self.secrets.datasift_key}, tick_interval=1.0)
         self.salesforce = SalesforceSim(users={"sf@example.com": self.secrets.sf_password + self.secrets.sf_token},
-                                        clients={"chaos-ck": self.secrets.sf_consumer_secret}, long_poll=0.5)
+                                        clients={"chaos-ck": self.secrets.sf_consumer_secret}, long_poll=0.5,
+                                        # one simulated org stands for the 30 tenants' orgs: each holds one
+                                        # CometD client (two for a moment while a group moves)
+                                        max_clients=4 * tenants + 10)
         self.postgres = Postgres(mode="throwaway")
         self.url = ""
         self.nodes: dict[str, DaemonProcess] = {}
@@ -195,7 +198,10 @@ login-url = "{self.salesforce.url}"
                 return time.monotonic() - began
             if time.monotonic() - began > timeout:
                 bad = {k: v for k, v in seen.items() if v[0] != "started" or v[1] not in nodes}
-                raise AssertionError(f"not placed on {nodes} after {timeout}s: {list(bad.items())[:5]}")
+                (t, lid), _ = next(iter(bad.items()))
+                _, one = await self.apis[via].call("GET", f"/1.0/tenants/{t}/listeners/{lid}/status")
+                raise AssertionError(f"{len(bad)} not placed on {nodes} after {timeout}s: {list(bad.items())[:5]}; "
+                                     f"{t}/{lid}: {one}")
             await asyncio.sleep(0.2)
 
     # -- publishing (the rig's ledger: per-source sequence numbers)

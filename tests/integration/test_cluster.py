@@ -213,3 +213,11 @@ async def test_an_api_write_on_one_node_is_applied_by_the_owner_at_once(cluster)
     await wait_for(answered_on_a, timeout=5, interval=0.1, what="a answering for P3 from b's record")
     await pusher.publish(f"{tenant}-c", "ev", {"label": "new", "i": 0})
     await wait_for(lambda: any(e["listener-id"] == "P3" for e in engine.received), what="P3's event delivered")
+
+    assert (await api_a.call("DELETE", f"/1.0/tenants/{tenant}/listeners/P3"))[0] == 204
+
+    async def gone_everywhere():
+        codes = [(await api.call("GET", f"/1.0/tenants/{tenant}/listeners/P3/status"))[0] for api in (api_a, api_b)]
+        return codes == [404, 404]
+    await wait_for(gone_everywhere, timeout=5, interval=0.1, what="P3 gone on both nodes")
+    await wait_for(lambda: not pusher.subscribers(f"{tenant}-c"), what="P3's subscription closed by its owner")
