@@ -83,6 +83,18 @@ def acquire(conn: Any, group: str, node: str, ttl: float) -> int | None:
     return row[0] if row else None
 
 
+def acquire_many(conn: Any, groups: list[str], node: str, ttl: float) -> dict[str, int]:
+    """Take every one of these leases that is free or expired, in one statement; group -> new epoch."""
+    if not groups:
+        return {}
+    return dict(conn.execute(
+        "INSERT INTO cluster_leases (group_key, node, epoch, expires_at) SELECT g, ?, 1, clock_timestamp() + "
+        "make_interval(secs => ?) FROM unnest(?::text[]) AS g ON CONFLICT (group_key) DO UPDATE SET "
+        "node = excluded.node, epoch = cluster_leases.epoch + 1, expires_at = excluded.expires_at WHERE "
+        "cluster_leases.node IS NULL OR cluster_leases.expires_at <= clock_timestamp() RETURNING group_key, epoch",
+        (node, ttl, groups)).fetchall())
+
+
 def renew(conn: Any, node: str, held: dict[str, int], ttl: float) -> set[str]:
     """Extend the unexpired leases this node holds at their epochs; the groups renewed."""
     if not held:
@@ -159,6 +171,7 @@ class Cluster:
         self.stood_down = 0  # times this node stopped its groups for want of a renewal
         self._written: dict[tuple[str, str], bytes] = {}
         self._wake = asyncio.Event()
+        self._interval = self.ttl * RENEW_FRACTION  # until the next round: shorter when a lease can lapse sooner
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         outbox.fence = self._fence
@@ -246,9 +259,7 @@ class Cluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         async with self._lock:
-            groups = list(self.running)
-            for group in groups:
-                await self._stop_group(group)
+            await self._stop_groups(list(self.running))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.outbox.flush(), timeout)
             held, self.held = dict(self.held), {}
@@ -264,10 +275,9 @@ class Cluster:
     # -- the loops
 
     async def _loop(self) -> None:
-        interval = self.ttl * RENEW_FRACTION
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
             try:
                 await self._tick()
@@ -291,8 +301,7 @@ class Cluster:
             self.stood_down += 1
             log.error("standing down: stopping every source of this node", node=self.node, why=why,
                       groups=len(self.running))
-            for group in list(self.running):
-                await self._stop_group(group)
+            await self._stop_groups(list(self.running))
             self.held.clear()
 
     async def _tick(self) -> None:
@@ -307,34 +316,40 @@ class Cluster:
             renewed, self.nodes, self.owners = await self.store.transaction(round_trip)
             if time.monotonic() - sent < self.ttl * STAND_DOWN_FRACTION:
                 self.renewed_at = sent
-            for group in set(held) - renewed:  # expired meanwhile (a pause): someone may run it now
+            lost = sorted(set(held) - renewed)  # expired meanwhile (a pause): someone may run them now
+            for group in lost:
                 log.error("lease lost; stopping the group", group=group, node=self.node)
                 self.held.pop(group, None)
-                await self._stop_group(group)
+            await self._stop_groups(lost)
             weights = self._weights()
             nodes = [n for n, _, draining in self.nodes if not draining]
             if self.node not in nodes and not self.draining:
                 nodes.append(self.node)
             placed = place(weights, nodes, {g: lease[0] for g, lease in self.owners.items()})
-            for group, node in sorted(placed.items()):
-                if node == self.node and group not in self.held and group not in self.owners:
-                    try:
-                        epoch = await self.store.transaction(lambda c, g=group: acquire(c, g, self.node, self.ttl))
-                    except sqlite3.Error as exc:  # its row is locked (a paused holder mid-commit): next round
-                        log.info("group not taken this round", group=group, error=str(exc))
-                        continue
-                    if epoch is not None:
-                        self.held[group] = epoch
-                        self.owners[group] = (self.node, epoch, self.ttl)
-                        await self._start_group(group)
-            for group in sorted(set(self.held)):
-                target = placed.get(group)
-                if target is not None and target != self.node:  # balance: hand it to its new node now
-                    await self._stop_group(group)
-                    epoch = self.held.pop(group)
-                    await self.store.transaction(lambda c, g=group, e=epoch: (
-                        release(c, self.node, {g: e}), notify(c, {"members": self.node})))
-                    log.info("group handed over for balance", group=group, to=target)
+            wanted = sorted(g for g, n in placed.items()
+                            if n == self.node and g not in self.held and g not in self.owners)
+            if wanted:
+                try:
+                    taken = await self.store.transaction(lambda c: acquire_many(c, wanted, self.node, self.ttl))
+                except sqlite3.Error as exc:  # a row locked (a paused holder mid-commit): next round
+                    log.info("groups not taken this round", groups=len(wanted), error=str(exc))
+                    taken = {}
+                for group, epoch in sorted(taken.items()):
+                    self.held[group] = epoch
+                    self.owners[group] = (self.node, epoch, self.ttl)
+                    await self._start_group(group)
+            # wake when the first lease of another node can lapse: its group is placed again at once
+            lapsing = [left for n, _, left in self.owners.values() if n != self.node]
+            self._interval = min([self.ttl * RENEW_FRACTION, *(left + 0.05 for left in lapsing)])
+            moving = {g: e for g, e in self.held.items() if placed.get(g) not in (None, self.node)}
+            if moving:  # balance: hand them to their new nodes now
+                await self._stop_groups(list(moving))
+                for group in moving:
+                    self.held.pop(group)
+                await self.store.transaction(lambda c: (release(c, self.node, moving),
+                                                        notify(c, {"members": self.node})))
+                for group in moving:
+                    log.info("group handed over for balance", group=group, to=placed[group])
             for group in set(self.held) - self.running:
                 await self._start_group(group)
             if self.metrics is not None:
@@ -361,16 +376,20 @@ class Cluster:
         await self.fleet().integration_changed(tenant_id, kind, announce=False)
         log.info("group started here", group=group, node=self.node, epoch=self.held.get(group), backlog=events)
 
-    async def _stop_group(self, group: str) -> None:
-        if group not in self.running:
+    async def _stop_groups(self, groups: list[str]) -> None:
+        """Stop every listener of these groups together (before the leases can lapse), then stop counting their
+        waiting events as this node's."""
+        groups = [g for g in groups if g in self.running]
+        if not groups:
             return
-        self.running.discard(group)
-        tenant_id, kind = group.rsplit("/", 1)
-        await self.fleet().integration_changed(tenant_id, kind, announce=False)
-        with contextlib.suppress(Exception):
-            ids = self._listener_ids(tenant_id, kind)
-            events, size = await self.store.run(lambda c: segments.waiting(c, tenant_id, ids))
-            self.outbox.disown(events, size)
+        self.running.difference_update(groups)
+        members = {g: (g.rsplit("/", 1)[0], self._listener_ids(*g.rsplit("/", 1))) for g in groups}
+        await self.fleet().supervisor.release([(t, lid) for t, ids in members.values() for lid in ids],
+                                              "Stopped: its connection group moved to another node")
+        for tenant_id, ids in members.values():
+            with contextlib.suppress(Exception):
+                events, size = await self.store.run(lambda c, t=tenant_id, i=ids: segments.waiting(c, t, i))
+                self.outbox.disown(events, size)
 
     def _listener_ids(self, tenant_id: str, kind: str) -> list[str]:
         from listenerd.model import integration_type

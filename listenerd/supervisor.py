@@ -236,6 +236,19 @@ class Supervisor:
                                for r in self.runners.values()))
         self.runners.clear()
 
+    async def release(self, keys: list[Key], message: str, timeout: float | None = None) -> None:
+        """Stop these listeners at once, together, and forget them (a cluster node giving their groups up: all
+        must be stopped before its leases can expire, so not one after the other)."""
+        timeout = self.config.supervisor.stop_timeout if timeout is None else timeout
+        async with self._lock:
+            runners = [self.runners.pop(k) for k in keys if k in self.runners]
+            await asyncio.gather(*(r.stop(message, timeout) for r in runners))
+            for key in keys:
+                if self.desired.pop(key, None) is not None or key in self.records:
+                    self.records.pop(key, None)
+                    self._replay_from.pop(key, None)
+                    self.metrics.forget_listener(*key)
+
     # -- reconciliation
 
     async def reconcile(self, desired: dict[Key, Desired], config: Config | None = None) -> dict[str, list[Key]]:
