@@ -21,9 +21,10 @@ decides, the same way on every node from the same rows, which node runs which gr
 - **Delivery.** A node forwards only its groups' events (`Outbox.keep`); on taking a group it
   counts the group's backlog as its own and rewinds its forwarder, so the old owner's events go out
   first, in order per listener.
-- **One API.** Status records of the groups a node runs are written every second (and on a change,
-  at the next second) with `node`; every node reads them, so any node answers for any listener. API
-  writes go to the store and a NOTIFY makes the owner apply them at once.
+- **One API.** Status records of the groups a node runs are written every second and on every change
+  (then a NOTIFY makes the other nodes read them again), with `node`; every node reads them, so any
+  node answers for any listener. API writes go to the store and a NOTIFY makes the owner apply them
+  at once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from listenerd.placement import place
 
 log = structlog.get_logger("listenerd.cluster")
 
-CHANNEL = "listenerd_cluster"  # NOTIFY payloads: {"members": node} | {"listener": [t, id]} | {"integration": [t, kind]}
+# NOTIFY payloads: {"members": node} | {"status": node} | {"listener": [t, id]} | {"integration": [t, kind]}
+CHANNEL = "listenerd_cluster"
 RENEW_FRACTION = 1 / 3  # renew every third of the TTL
 STAND_DOWN_FRACTION = 0.75  # stop the sources this far into the TTL without a renewal
 
@@ -171,6 +173,7 @@ class Cluster:
         self.stood_down = 0  # times this node stopped its groups for want of a renewal
         self._written: dict[tuple[str, str], bytes] = {}
         self._wake = asyncio.Event()
+        self._status_dirty = asyncio.Event()
         self._interval = self.ttl * RENEW_FRACTION  # until the next round: shorter when a lease can lapse sooner
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
@@ -396,14 +399,24 @@ class Cluster:
 
         return [s.id for s in self.fleet().index.of_tenant(tenant_id) if integration_type(s.type) == kind]
 
-    async def _statuses(self) -> None:
-        """Write the status records of this node's running listeners every second, read everyone's."""
-        while True:
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                await self.publish_statuses()
+    def status_changed(self) -> None:
+        """A listener of this node changed status: write the records now (well, within 50 ms, batched)."""
+        self._status_dirty.set()
 
-    async def publish_statuses(self) -> None:
+    async def _statuses(self) -> None:
+        """Write the status records of this node's running listeners every second and on a change (then tell
+        the other nodes, which read them again at once); read everyone's."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._status_dirty.wait(), 1.0)
+            changed = self._status_dirty.is_set()
+            if changed:
+                await asyncio.sleep(0.05)  # a group's listeners change together: one write for them
+                self._status_dirty.clear()
+            with contextlib.suppress(Exception):
+                await self.publish_statuses(announce=changed)
+
+    async def publish_statuses(self, announce: bool = False) -> None:
         supervisor = self.fleet().supervisor
         rows = []
         for (tenant_id, listener_id), record in list(supervisor.records.items()):
@@ -422,10 +435,18 @@ class Cluster:
                               "(?, ?, ?, ?, clock_timestamp()) ON CONFLICT (tenant_id, listener_id) DO UPDATE SET "
                               "node = excluded.node, record = excluded.record, updated_at = excluded.updated_at",
                               fresh)
+            if announce and fresh:
+                notify(c, {"status": node, "from": node})
             return c.execute("SELECT tenant_id, listener_id, node, record FROM cluster_status").fetchall()
 
-        everyone = await self.store.transaction(write)
-        self.statuses = {(t, lid): (n, RemoteStatus(orjson.loads(bytes(r)))) for t, lid, n, r in everyone}
+        self._read_statuses(await self.store.transaction(write))
+
+    def _read_statuses(self, rows: list) -> None:
+        self.statuses = {(t, lid): (n, RemoteStatus(orjson.loads(bytes(r)))) for t, lid, n, r in rows}
+
+    async def refresh_statuses(self) -> None:
+        self._read_statuses(await self.store.run(lambda c: c.execute(
+            "SELECT tenant_id, listener_id, node, record FROM cluster_status").fetchall()))
 
     async def announce(self, payload: dict[str, Any]) -> None:
         """Tell the other nodes a listener or integration changed (the owner applies it at once)."""
@@ -451,7 +472,10 @@ class Cluster:
     async def _on_notify(self, payload: dict[str, Any]) -> None:
         if payload.get("from") == self.node:
             return
-        if "members" in payload:
+        if "status" in payload:
+            with contextlib.suppress(Exception):
+                await self.refresh_statuses()
+        elif "members" in payload:
             self._wake.set()
         elif "listener" in payload:
             await self.fleet().listener_changed(*payload["listener"], announce=False)

@@ -112,6 +112,7 @@ class Daemon:
             self.fleet.announce = self.cluster.announce
             self.supervisor.node = self.config.cluster.node_id
             self.supervisor.remote_status = self.cluster.remote_status
+            self.supervisor.on_status_change = self.cluster.status_changed
         await self.supervisor.start(await self.fleet.everything())
         if self.cluster is not None:
             await self.cluster.start()

@@ -209,6 +209,7 @@ class Supervisor:
         # node's last written record (cluster.Cluster.remote_status)
         self.node: str | None = None
         self.remote_status: Callable[[Key], Any] | None = None
+        self.on_status_change: Callable[[], None] | None = None  # a cluster node writes its records at once
         self.desired: dict[Key, Desired] = {}
         self.shared = Shared()
         self._replay_from: dict[Key, str] = {}  # resume points set through the API, for each key's next launch
@@ -353,6 +354,8 @@ class Supervisor:
         if record.status != previous:
             log.info("listener status", tenant=record.tenant_id, listener=record.listener_id,
                      status=record.status, message=record.message)
+            if self.on_status_change is not None:
+                self.on_status_change()
 
     def _store_failing(self, problem: str | None) -> None:
         """The store cannot write (or can again): every listener's status says so."""

@@ -177,24 +177,28 @@ login-url = "{self.salesforce.url}"
             await self.apis[name].close()
         self.apis[name] = Api(await node.start(timeout=90), token=self.secrets.ops_token)
 
-    async def placement(self, via: str) -> dict[tuple[str, str], tuple[str, str | None]]:
+    async def placement(self, via: str, only: set[tuple[str, str]] | None = None
+                        ) -> dict[tuple[str, str], tuple[str, str | None]]:
         api = self.apis[via]
+        listeners = [x for x in self.listeners if only is None or (x[1], x[2]) in only]
 
         async def one(t: str, lid: str) -> tuple[tuple[str, str], tuple[str, str | None]]:
             code, body = await api.call("GET", f"/1.0/tenants/{t}/listeners/{lid}/status")
             return (t, lid), ((body.get("status"), body.get("node")) if code == 200 else (str(code), None))
 
         out: dict[tuple[str, str], tuple[str, str | None]] = {}
-        for i in range(0, len(self.listeners), 50):
-            out.update(await asyncio.gather(*(one(t, lid) for _, t, lid, _ in self.listeners[i:i + 50])))
+        for i in range(0, len(listeners), 50):
+            out.update(await asyncio.gather(*(one(t, lid) for _, t, lid, _ in listeners[i:i + 50])))
         return out
 
     async def wait_placed(self, via: str, nodes: set[str], timeout: float) -> float:
         """Seconds until every listener is `started` on one of `nodes` (as `via` answers)."""
         began = time.monotonic()
-        while True:
-            seen = await self.placement(via)
-            if all(s == "started" and n in nodes for s, n in seen.values()):
+        left = {(t, lid) for _, t, lid, _ in self.listeners}
+        while True:  # a listener seen placed is not asked again: each round asks only those still moving
+            seen = await self.placement(via, left)
+            left = {k for k, (s, n) in seen.items() if not (s == "started" and n in nodes)}
+            if not left:
                 return time.monotonic() - began
             if time.monotonic() - began > timeout:
                 bad = {k: v for k, v in seen.items() if v[0] != "started" or v[1] not in nodes}
