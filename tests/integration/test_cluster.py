@@ -140,6 +140,9 @@ async def test_two_nodes_share_the_groups_answer_for_every_listener_and_a_killed
     assert await placement(api_b) == seen, "every node answers for every listener, with its owner's node"
     code, ready = await api_a.call("GET", "/readyz", token=None)
     assert code == 200 and ready["cluster"] is True
+    _, metrics = await api_a.call("GET", "/metrics", token=False)
+    assert "listenerd_cluster_nodes 2.0" in metrics and "listenerd_cluster_groups_owned 2.0" in metrics
+    assert "listenerd_cluster_lease_age_seconds" in metrics
     elsewhere = next(k for k, (_, node) in seen.items() if node == "b")
     tapping = asyncio.create_task(first_tapped(api_a, *elsewhere))  # a tap on a, of a listener that runs on b
     await asyncio.sleep(0.5)
