@@ -45,6 +45,7 @@ from listenerd.placement import place
 log = structlog.get_logger("listenerd.cluster")
 
 # NOTIFY payloads: {"members": node} | {"status": node} | {"listener": [t, id]} | {"integration": [t, kind]}
+# | {"checkpoint": [t, id, replay]}
 CHANNEL = "listenerd_cluster"
 RENEW_FRACTION = 1 / 3  # renew every third of the TTL
 STAND_DOWN_FRACTION = 0.75  # stop the sources this far into the TTL without a renewal
@@ -482,6 +483,13 @@ class Cluster:
             self._wake.set()  # a new listener may change the weights
         elif "integration" in payload:
             await self.fleet().integration_changed(*payload["integration"], announce=False)
+        elif "checkpoint" in payload:  # set through another node's API: stop, write, start from there (if ours)
+            tenant_id, listener_id, replay = payload["checkpoint"]
+
+            async def write() -> None:
+                await self.store.set_checkpoint(tenant_id, listener_id, str(replay))
+            await self.fleet().supervisor.restart((tenant_id, listener_id), while_stopped=write,
+                                                  replay_from=str(replay))
 
 
 Announce = Callable[[dict[str, Any]], Awaitable[None]]

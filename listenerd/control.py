@@ -271,6 +271,8 @@ class Control:
         # stop, then write, then start: the old run's last commit cannot overwrite the new checkpoint
         if not await self.supervisor.restart((tenant_id, listener_id), while_stopped=write, replay_from=str(replay)):
             await write()
+            if self.fleet.announce is not None:  # a cluster: the node that runs it restarts it from there
+                await self.fleet.announce({"checkpoint": [tenant_id, listener_id, replay]})
         return replay
 
     # -- integrations

@@ -224,3 +224,51 @@ async def test_an_api_write_on_one_node_is_applied_by_the_owner_at_once(cluster)
         return codes == [404, 404]
     await wait_for(gone_everywhere, timeout=5, interval=0.1, what="P3 gone on both nodes")
     await wait_for(lambda: not pusher.subscribers(f"{tenant}-c"), what="P3's subscription closed by its owner")
+
+
+async def test_a_checkpoint_set_on_another_node_restarts_the_listener_from_there_on_its_owner(tmp_path, pg_url,
+                                                                                              started):
+    from listenerd.sim.salesforce import SalesforceSim
+
+    engine = await started(EngineSim())
+    pusher = await started(PusherSim("1", KEY, SECRET))
+    salesforce = SalesforceSim(users={"sf@example.com": "pw" + "tok"}, clients={"ck": "cs-secret-1"}, long_poll=0.5)
+    salesforce.create_topic("Orders", "SELECT Id, n FROM Order__c")
+    await started(salesforce)
+    extra = f"""
+[[tenants]]
+id = "s1"
+[tenants.integrations.salesforce]
+consumer-key = "ck"
+consumer-secret = "cs-secret-1"
+username = "sf@example.com"
+password = "pw"
+secret-token = "tok"
+login-url = "{salesforce.url}"
+[[tenants.listeners]]
+id = "S1"
+type = "salesforce"
+options = {{ topic = "Orders" }}
+mapping = {{ seq = "n" }}
+"""
+    nodes = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        nodes[name] = await started(DaemonProcess(tmp_path / name, node_config(tmp_path, name, pg_url, engine, pusher)
+                                                  + extra, name=name))
+    apis = {name: await started(Api(node.api_url)) for name, node in nodes.items()}
+
+    async def owner():
+        code, body = await apis["a"].call("GET", "/1.0/tenants/s1/listeners/S1/status")
+        return body.get("node") if code == 200 and body.get("status") == "started" else None
+    runs_on = await wait_for(owner, timeout=30, interval=0.1, what="S1 started")
+    other = "b" if runs_on == "a" else "a"
+    replays = [salesforce.publish("Orders", {"Id": f"a00{i:015d}", "n": i}) for i in range(3)]
+
+    def seqs():
+        return [e["event"].get("seq") for e in engine.received if e["listener-id"] == "S1"]
+    await wait_for(lambda: sorted(seqs()) == [0, 1, 2], what="three events delivered")
+    code, body = await apis[other].call("PUT", "/1.0/tenants/s1/listeners/S1/checkpoint", {"replay": replays[0]})
+    assert code == 200, body
+    # the owner restarts S1 from the first event's replayId: the two after it come again (same ids)
+    await wait_for(lambda: sorted(seqs()) == [0, 1, 1, 2, 2], timeout=15, what="replayed from the checkpoint")
