@@ -45,7 +45,7 @@ from listenerd.placement import place
 log = structlog.get_logger("listenerd.cluster")
 
 # NOTIFY payloads: {"members": node} | {"status": node} | {"listener": [t, id]} | {"integration": [t, kind]}
-# | {"checkpoint": [t, id, replay]}
+# | {"checkpoint": [t, id, replay]} | {"restart": [t, id]}
 CHANNEL = "listenerd_cluster"
 RENEW_FRACTION = 1 / 3  # renew every third of the TTL
 STAND_DOWN_FRACTION = 0.75  # stop the sources this far into the TTL without a renewal
@@ -483,6 +483,8 @@ class Cluster:
             self._wake.set()  # a new listener may change the weights
         elif "integration" in payload:
             await self.fleet().integration_changed(*payload["integration"], announce=False)
+        elif "restart" in payload:  # asked through another node's API (restarts it only where it runs)
+            await self.fleet().supervisor.restart(tuple(payload["restart"]))
         elif "checkpoint" in payload:  # set through another node's API: stop, write, start from there (if ours)
             tenant_id, listener_id, replay = payload["checkpoint"]
 

@@ -229,7 +229,8 @@ class Control:
     @_uses_store("api-read")
     async def restart_listener(self, tenant_id: str, listener_id: str) -> None:
         await self.get_listener(tenant_id, listener_id)
-        await self.supervisor.restart((tenant_id, listener_id))
+        if not await self.supervisor.restart((tenant_id, listener_id)) and self.fleet.announce is not None:
+            await self.fleet.announce({"restart": [tenant_id, listener_id]})  # a cluster: its node restarts it
 
     @_uses_store("api-read")
     async def status(self, tenant_id: str, listener_id: str) -> ListenerStatus:

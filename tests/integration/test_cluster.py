@@ -217,6 +217,15 @@ async def test_an_api_write_on_one_node_is_applied_by_the_owner_at_once(cluster)
     await pusher.publish(f"{tenant}-c", "ev", {"label": "new", "i": 0})
     await wait_for(lambda: any(e["listener-id"] == "P3" for e in engine.received), what="P3's event delivered")
 
+    code, _ = await api_a.call("POST", f"/1.0/tenants/{tenant}/listeners/P3/restart")
+    assert code == 202
+
+    async def restarted_on_b():
+        code, body = await api_b.call("GET", f"/1.0/tenants/{tenant}/listeners/P3/status")
+        return code == 200 and body["status"] == "started" and sum(
+            1 for h in body["history"] if h["status"] == "started") >= 2
+    await wait_for(restarted_on_b, timeout=10, interval=0.1, what="P3 restarted by its owner, asked through a")
+
     assert (await api_a.call("DELETE", f"/1.0/tenants/{tenant}/listeners/P3"))[0] == 204
 
     async def gone_everywhere():
