@@ -1,6 +1,7 @@
 """Delivery benchmark: events appended durably and delivered to a local engine, and receipt-to-engine latency.
 
     .venv/bin/python bench/delivery.py [--quick] [--profile] [--synchronous NORMAL|FULL|both]
+                                       [--backend sqlite|postgresql|both] [--throughput-only]
 
 The daemon side (store, outbox, forwarder, and producer tasks standing in for sources) runs in this
 process exactly as in listenerd; the engine is an `EngineSim` in a separate process (as the real
@@ -12,6 +13,9 @@ engine would be), recording for each envelope the time from its `received-at` to
 
 For each batch size (engine.batch-max 1, 100, 500 (the default), 1000) and `store.synchronous` setting. Store-thread
 time is measured per operation (commit of appends, lease, ack) to show what bounds the run.
+
+`--backend postgresql` runs the same cases on the PostgreSQL store (a fresh database on the local
+server, else a throwaway cluster: `listenerd.testing_pg`), `both` side by side in the same run.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from listenerd.delivery.outbox import Outbox  # noqa: E402
 from listenerd.model import Engine  # noqa: E402
 from listenerd.observability import Metrics, configure_logging  # noqa: E402
 from listenerd.store import Store, in_transaction  # noqa: E402
+from listenerd.store_pg import PostgresStore  # noqa: E402
+from listenerd.testing_pg import Postgres  # noqa: E402
 
 T = TypeVar("T")
 EVENT = {"username": "alice_1234", "sentiment": 3, "id": "alice_tw", "lang": "en",
@@ -77,7 +83,7 @@ class BenchEngine(LatencyEngine):
 # ---------------------------------------------------------------- the daemon side
 
 
-class TimedStore(Store):
+class Timed:
     """The real store, with store-thread busy time summed per operation."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -102,10 +108,24 @@ class TimedStore(Store):
         return await self._call(self._timed(tag, lambda: in_transaction(self._require(), fn)))
 
 
+class TimedStore(Timed, Store):
+    pass
+
+
+class TimedPgStore(Timed, PostgresStore):
+    pass
+
+
+POSTGRES: Postgres | None = None
+
+
 async def run_case(url: str, *, batch: int, events: int, rate: float | None, synchronous: str,
-                   producers: int = 4, profile: cProfile.Profile | None = None) -> dict[str, Any]:
+                   producers: int = 4, profile: cProfile.Profile | None = None,
+                   backend: str = "sqlite") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
-        store = TimedStore(str(Path(tmp) / "bench.db"), synchronous)
+        database = POSTGRES.database() if backend == "postgresql" and POSTGRES else None
+        store = (TimedPgStore(database, synchronous) if database else
+                 TimedStore(str(Path(tmp) / "bench.db"), synchronous))
         await store.open()
         metrics = Metrics()
         outbox = Outbox(store, max_events=1_000_000, max_bytes=1 << 30, metrics=metrics)
@@ -156,11 +176,13 @@ async def run_case(url: str, *, batch: int, events: int, rate: float | None, syn
         await forwarder.stop(5)
         await outbox.close()
         await store.close()
+        if database and POSTGRES:
+            POSTGRES.drop(database)
     total = per * producers
     assert stats["accepted"] == total, stats
     elapsed = t_delivered - t0
     return {
-        "batch": batch, "synchronous": synchronous, "events": total, "rate": rate,
+        "backend": backend, "batch": batch, "synchronous": synchronous, "events": total, "rate": rate,
         "appended_per_s": total / (t_committed - t0), "delivered_per_s": total / elapsed,
         "requests": stats["requests"], "p50_ms": stats.get("p50", 0) * 1000, "p99_ms": stats.get("p99", 0) * 1000,
         "max_ms": stats.get("max", 0) * 1000, "elapsed": elapsed,
@@ -172,14 +194,15 @@ async def run_case(url: str, *, batch: int, events: int, rate: float | None, syn
 
 def fmt(r: dict[str, Any]) -> str:
     busy = ", ".join(f"{k} {v:.0%}" for k, v in list(r["store_busy"].items())[:4])
-    return (f"| {r['batch']} | {r['synchronous']} | {r['rate'] or 'max'} | {r['events']} | "
+    return (f"| {r['backend']} | {r['batch']} | {r['synchronous']} | {r['rate'] or 'max'} | {r['events']} | "
             f"{r['appended_per_s']:,.0f} | {r['delivered_per_s']:,.0f} | {r['requests']} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['post_ms']:.1f} | {r['cpu_us']:.1f} | {busy} |")
 
 
-HEADER = ("| batch-max | synchronous | offered (ev/s) | events | appended ev/s | delivered ev/s | engine requests | "
-          "p50 ms | p99 ms | mean POST ms | daemon CPU µs/event | store thread busy (share of wall time) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| store | batch-max | synchronous | offered (ev/s) | events | appended ev/s | delivered ev/s | "
+          "engine requests | p50 ms | p99 ms | mean POST ms | daemon CPU µs/event | "
+          "store thread busy (share of wall time) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -189,17 +212,28 @@ async def main(args: argparse.Namespace) -> None:
     engine.start()
     url = parent.recv()
     syncs = ["NORMAL", "FULL"] if args.synchronous == "both" else [args.synchronous]
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    global POSTGRES
+    if "postgresql" in backends:
+        POSTGRES = Postgres().start()
     scale = 0.2 if args.quick else 1.0
     sizes = {1: int(4000 * scale), 100: int(100_000 * scale), 500: int(200_000 * scale), 1000: int(200_000 * scale)}
+    if args.throughput_only:
+        sizes = {500: sizes[500]}
     print(HEADER, flush=True)
     try:
         for synchronous in syncs:
-            for batch, n in sizes.items():
-                print(fmt(await run_case(url, batch=batch, events=n, rate=None, synchronous=synchronous)), flush=True)
-            for batch in sizes:
-                n = int(5000 * 4 * scale)
-                print(fmt(await run_case(url, batch=batch, events=n, rate=5000, synchronous=synchronous)),
-                      flush=True)
+            for backend in backends:
+                for batch, n in sizes.items():
+                    print(fmt(await run_case(url, batch=batch, events=n, rate=None, synchronous=synchronous,
+                                             backend=backend)), flush=True)
+            if args.throughput_only:
+                continue
+            for backend in backends:
+                for batch in sizes:
+                    n = int(5000 * 4 * scale)
+                    print(fmt(await run_case(url, batch=batch, events=n, rate=5000, synchronous=synchronous,
+                                             backend=backend)), flush=True)
         if args.profile:
             profile = cProfile.Profile()
             result = await run_case(url, batch=1000, events=int(100_000 * scale), rate=None,
@@ -210,6 +244,8 @@ async def main(args: argparse.Namespace) -> None:
             print(out.getvalue())
     finally:
         engine.terminate()
+        if POSTGRES:
+            POSTGRES.stop()
 
 
 if __name__ == "__main__":
@@ -217,4 +253,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a fifth of the events (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="cProfile one batch-1000 throughput run")
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL", "both"], default="both")
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="sqlite")
+    parser.add_argument("--throughput-only", action="store_true", help="only the batch-500 throughput case")
     asyncio.run(main(parser.parse_args()))

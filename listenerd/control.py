@@ -230,7 +230,8 @@ class Control:
     @_uses_store("api-read")
     async def restart_listener(self, tenant_id: str, listener_id: str) -> None:
         await self.get_listener(tenant_id, listener_id)
-        await self.supervisor.restart((tenant_id, listener_id))
+        if not await self.supervisor.restart((tenant_id, listener_id)) and self.fleet.announce is not None:
+            await self.fleet.announce({"restart": [tenant_id, listener_id]})  # a cluster: its node restarts it
 
     @_uses_store("api-read")
     async def status(self, tenant_id: str, listener_id: str) -> ListenerStatus:
@@ -272,6 +273,8 @@ class Control:
         # stop, then write, then start: the old run's last commit cannot overwrite the new checkpoint
         if not await self.supervisor.restart((tenant_id, listener_id), while_stopped=write, replay_from=str(replay)):
             await write()
+            if self.fleet.announce is not None:  # a cluster: the node that runs it restarts it from there
+                await self.fleet.announce({"checkpoint": [tenant_id, listener_id, replay]})
         return replay
 
     # -- integrations

@@ -23,6 +23,7 @@ from aiohttp import web
 from listenerd import config as config_module
 from listenerd.api.app import ApiRunner, create_app
 from listenerd.api.guard import AcceptErrorLog, Guard, GuardedSite
+from listenerd.cluster import Cluster
 from listenerd.control import Control
 from listenerd.delivery.dead_letters import DeadLetters
 from listenerd.delivery.forwarder import Forwarder
@@ -32,11 +33,20 @@ from listenerd.model import SOURCE_TYPES, Config, Integration, stored_listener, 
 from listenerd.observability import Metrics, redactor
 from listenerd.sealing import sealer_for
 from listenerd.store import Store
+from listenerd.store_pg import PostgresStore
 from listenerd.supervisor import Key, Supervisor
 from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
 log = structlog.get_logger("listenerd.daemon")
+
+
+def build_store(config: Config) -> Store:
+    """The store `[store]` names: PostgreSQL with `url`, else SQLite at `path` (the embedded default)."""
+    sealer = functools.partial(sealer_for, config.store, config.store.path)
+    if config.store.url is not None:
+        return PostgresStore(config.store.url, config.store.synchronous, sealer=sealer)
+    return Store(config.store.path, config.store.synchronous, config.store.create_directory, sealer=sealer)
 
 
 class Daemon:
@@ -45,8 +55,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
-        self.store = Store(config.store.path, config.store.synchronous, config.store.create_directory,
-                           sealer=functools.partial(sealer_for, config.store, config.store.path))
+        self.store = build_store(config)
         self.outbox = Outbox(self.store, max_events=config.store.outbox_max_events,
                              max_bytes=config.store.outbox_max_bytes, metrics=self.metrics,
                              max_event_bytes=config.engine.max_event_bytes)
@@ -55,6 +64,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.fleet: Fleet | None = None
         self.forwarder: Forwarder | None = None
+        self.cluster: Cluster | None = None
         self.ready = False
         self.api_url: str | None = None
         self._runner: web.AppRunner | None = None
@@ -71,7 +81,7 @@ class Daemon:
         if resealed := await self.store.reseal():
             log.info("integration secrets sealed with the current key", integrations=resealed)
         await self.apply_config_objects(self.config)
-        await self.outbox.start()
+        await self.outbox.start(count_waiting=self.config.cluster is None)
         self.supervisor = Supervisor(self.config, self.outbox, self.metrics, tap=self.tap.publish,
                                      tap_clients=self.tap.clients)
         self.forwarder = Forwarder(self.config.engine, self.outbox, self.metrics, self.supervisor.forwarded)
@@ -95,7 +105,17 @@ class Daemon:
         await site.start()
         port = self._runner.addresses[0][1] if self._runner.addresses else server.port
         self.api_url = f"http://{server.host}:{port}"
+        if self.config.cluster is not None:
+            self.cluster = Cluster(self.store, self.config.cluster, self.outbox, lambda: self.fleet,
+                                   rewind=self.forwarder.rewind, metrics=self.metrics, api_url=self.api_url)
+            self.fleet.owns = self.cluster.owns
+            self.fleet.announce = self.cluster.announce
+            self.supervisor.node = self.config.cluster.node_id
+            self.supervisor.remote_status = self.cluster.remote_status
+            self.supervisor.on_status_change = self.cluster.status_changed
         await self.supervisor.start(await self.fleet.everything())
+        if self.cluster is not None:
+            await self.cluster.start()
         self.ready = True
         log.info("listenerd ready", api=self.api_url, listeners=len(self.supervisor.records),
                  engine=self.config.engine.public_url)
@@ -112,6 +132,8 @@ class Daemon:
 
         await self._finish_reloads(timeout=left())  # first: a reload's READY=1 must not follow STOPPING=1
         self.notifier.notify(STOPPING=1, STATUS="Stopping: flushing events to the engine")
+        if self.cluster is not None:  # first: hand the groups over at once, not after the lease TTL
+            await self.cluster.stop(timeout=left())
         if self.supervisor:
             await self.supervisor.stop(timeout=left())
         await self.outbox.close(timeout=left())
@@ -175,8 +197,11 @@ class Daemon:
 
     def components(self) -> dict[str, bool]:
         """Whether each part /readyz reports on is up; the store is up while open and writing."""
-        return {"store": self.store.is_open and not self.outbox.health.failing,
-                "supervisor": self.supervisor is not None and self.supervisor.running}
+        components = {"store": self.store.is_open and not self.outbox.health.failing,
+                      "supervisor": self.supervisor is not None and self.supervisor.running}
+        if self.config.cluster is not None:  # this node holds its leases (renewed within the TTL's stand-down bound)
+            components["cluster"] = self.cluster is not None and self.cluster.holds_leases()
+        return components
 
     def status_line(self) -> str:
         listeners = self.supervisor.summary() if self.supervisor else "starting"
@@ -233,6 +258,8 @@ class Daemon:
             ("server.header-timeout", old.server.header_timeout, new.server.header_timeout),
             ("server.max-connections", old.server.max_connections, new.server.max_connections),
             ("store.path", old.store.path, new.store.path),
+            ("store.url", old.store.url, new.store.url),
+            ("cluster", old.cluster, new.cluster),
             ("store.synchronous", old.store.synchronous, new.store.synchronous),
             ("log.format", old.log.format, new.log.format)) if before != after]
         if needs_restart:

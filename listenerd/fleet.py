@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
@@ -46,6 +46,10 @@ class Fleet:
         self.tenants = tenants
         self.configured = configured
         self.index = ListenerIndex()
+        # a cluster node (cluster.py): runs only the connection groups it holds (`owns(tenant, kind)`), and
+        # `announce(payload)` tells the other nodes about an API change (the index lists every listener)
+        self.owns: Callable[[str, str], bool] = lambda tenant_id, kind: True
+        self.announce: Callable[[dict], Awaitable[None]] | None = None
         self._integrations: dict[tuple[str, str], tuple[dict, str, Integration]] = {}
         # one read-and-reconcile at a time: a reload's whole read never lands after an API change it missed
         self._lock = asyncio.Lock()
@@ -76,17 +80,20 @@ class Fleet:
                 desired[key] = Desired(spec, integrations.get((tenant_id, integration_type(spec.type))))
         self._parsed = parsed
         self.index.replace((tenant_id, want.listener) for (tenant_id, _), want in desired.items())
-        return desired
+        return {key: want for key, want in desired.items() if self.owns(key[0], integration_type(want.listener.type))}
 
     async def reconcile_all(self, config: Config | None = None) -> dict[str, list[Key]]:
         """Read the whole set and bring the running listeners in line (a reload: `config` is the new one)."""
         async with self._lock:
             return await self.supervisor.reconcile(await self.everything(), config=config)
 
-    async def listener_changed(self, tenant_id: str, listener_id: str) -> dict[str, list[Key]]:
+    async def listener_changed(self, tenant_id: str, listener_id: str, announce: bool = True) -> dict[str, list[Key]]:
         """One listener was created, changed or deleted: read it (and its integration) by key, run that."""
         async with self._lock:
-            return await self._listener_changed(tenant_id, listener_id)
+            changes = await self._listener_changed(tenant_id, listener_id)
+        if announce and self.announce is not None:
+            await self.announce({"listener": [tenant_id, listener_id]})
+        return changes
 
     async def _listener_changed(self, tenant_id: str, listener_id: str) -> dict[str, list[Key]]:
         key = (tenant_id, listener_id)
@@ -101,21 +108,28 @@ class Fleet:
             self._parsed.pop(key, None)
         else:
             self._parsed[key] = (body, managed_by, spec)
-            integration = await self.store.get_integration(tenant_id, integration_type(spec.type))
-            want = Desired(spec, self._integration(integration) if integration is not None else None)
             self.index.put(tenant_id, spec)
+            if self.owns(tenant_id, integration_type(spec.type)):
+                integration = await self.store.get_integration(tenant_id, integration_type(spec.type))
+                want = Desired(spec, self._integration(integration) if integration is not None else None)
         return await self.supervisor.reconcile_some({key: want})
 
-    async def integration_changed(self, tenant_id: str, kind: str) -> dict[str, list[Key]]:
-        """A tenant's credentials of one type changed: that connection group's listeners, and no others."""
+    async def integration_changed(self, tenant_id: str, kind: str, announce: bool = True) -> dict[str, list[Key]]:
+        """A tenant's credentials of one type changed, or (a cluster) the group moved: that connection group's
+        listeners, and no others."""
         async with self._lock:
-            return await self._integration_changed(tenant_id, kind)
+            changes = await self._integration_changed(tenant_id, kind)
+        if announce and self.announce is not None:
+            await self.announce({"integration": [tenant_id, kind]})
+        return changes
 
     async def _integration_changed(self, tenant_id: str, kind: str) -> dict[str, list[Key]]:
+        specs = [spec for spec in self.index.of_tenant(tenant_id) if integration_type(spec.type) == kind]
+        if not self.owns(tenant_id, kind):
+            return await self.supervisor.reconcile_some({(tenant_id, spec.id): None for spec in specs})
         stored = await self.store.get_integration(tenant_id, kind)
         integration = self._integration(stored) if stored is not None else None
-        group = {(tenant_id, spec.id): Desired(spec, integration)
-                 for spec in self.index.of_tenant(tenant_id) if integration_type(spec.type) == kind}
+        group: dict[Key, Desired | None] = {(tenant_id, spec.id): Desired(spec, integration) for spec in specs}
         return await self.supervisor.reconcile_some(group)
 
     def _integration(self, row: Row) -> Integration | None:

@@ -64,6 +64,9 @@ class ListenerIndex:
         if not tenant.specs:
             del self._tenants[tenant_id]
 
+    def tenants(self) -> list[str]:
+        return list(self._tenants)
+
     def get(self, tenant_id: str, listener_id: str) -> ListenerBase | None:
         tenant = self._tenants.get(tenant_id)
         return tenant.specs.get(listener_id) if tenant else None

@@ -11,6 +11,7 @@ import base64
 import binascii
 import ipaddress
 import re
+import socket
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -182,6 +183,55 @@ class Store(Model):
     # the key that seals API-set secrets at rest (sealing.py); None: a key generated beside the store
     secrets_key_file: str | None = None
     secrets_old_key_files: list[str] = Field(default_factory=list)  # still open, never seal: for rotation
+    url: str | None = None  # postgresql://user@host/db instead of `path`: the PostgreSQL store (store_pg.py)
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("a postgresql://user@host/database URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> Store:
+        if self.url is not None and "path" in self.model_fields_set:
+            raise ValueError("give either path (SQLite) or url (PostgreSQL), not both")
+        return self
+
+
+class Cluster(Model):
+    """Several nodes sharing one PostgreSQL store (`cluster.py`); only with `[store] url`."""
+
+    node_id: str = Field(default_factory=lambda: socket.gethostname() or "node", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    lease_ttl: float = 10.0  # seconds; "10s", "500ms", "1m" or a number
+    advertise: str | None = None  # how other nodes reach this node's API (the tap is proxied there)
+
+    @field_validator("lease_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", value)
+            if not match:
+                raise ValueError('a duration such as "10s", "500ms" or "1m"')
+            number, unit = float(match[1]), match[2] or "s"
+            value = number / 1000 if unit == "ms" else number * 60 if unit == "m" else number
+        return value
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _ttl_bounds(cls, value: float) -> float:
+        if not 1.0 <= value <= 600.0:
+            raise ValueError("must be between 1s and 10m (a node renews at a third of it)")
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError("an http(s) base URL such as http://10.0.0.5:8088")
+        return value
 
 
 class Supervisor(Model):
@@ -565,6 +615,15 @@ class Config(Model):
     log: Log = Field(default_factory=Log)
     limits: Limits = Field(default_factory=Limits)
     tenants: list[Tenant] = Field(default_factory=list)
+    cluster: Cluster | None = None
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_needs_postgresql(cls, value: Cluster | None, info: ValidationInfo) -> Cluster | None:
+        store = info.data.get("store")
+        if value is not None and (store is None or store.url is None):
+            raise ValueError("only with a PostgreSQL store: set [store] url (a cluster's nodes share it)")
+        return value
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Config:
@@ -582,6 +641,8 @@ class Config(Model):
         if self.engine.token:
             values.append(self.engine.token)
         values.extend(self.engine.userinfo())
+        if self.store.url and (password := urlsplit(self.store.url).password):
+            values.append(password)
         for tenant in self.tenants:
             for source_type in SOURCE_TYPES:
                 integration = tenant.integrations.get(source_type)

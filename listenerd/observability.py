@@ -283,6 +283,23 @@ class Metrics:
                                      "descriptors): logged once per 10 s", registry=r)
         self.store_errors = Counter("listenerd_store_errors", "Store operations that failed (disk full, I/O error)",
                                     ("op",), registry=r)
+        # a cluster node's view (cluster.py): absent on a single node
+        self._registry = r
+        self.cluster_nodes: Gauge | None = None
+
+    def cluster(self, view: dict) -> None:
+        """The cluster as this node sees it: live nodes, groups it holds, seconds since its last renewal."""
+        if self.cluster_nodes is None:
+            r = self._registry
+            self.cluster_nodes = Gauge("listenerd_cluster_nodes", "Live nodes (not draining) this node sees",
+                                       registry=r)
+            self.cluster_groups = Gauge("listenerd_cluster_groups_owned", "Connection groups this node holds "
+                                        "leases on", registry=r)
+            self.cluster_lease_age = Gauge("listenerd_cluster_lease_age_seconds", "Seconds since this node last "
+                                           "renewed its leases", registry=r)
+        self.cluster_nodes.set(view["nodes"])
+        self.cluster_groups.set(view["groups_owned"])
+        self.cluster_lease_age.set(view["lease_age"] or 0.0)
 
     def forget_listener(self, tenant_id: str, listener_id: str) -> None:
         for metric in (self.received, self.forwarded, self.reconnects):

@@ -45,6 +45,7 @@ class ListenerStatus:
     attempts: int = 0
     started_at: float | None = None  # when it last became `started`, for the healthy-period reset
     on_change: Callable[[ListenerStatus, State], None] | None = field(default=None, repr=False)
+    node: str | None = None  # in a cluster, the node that runs it (in the JSON only then)
     store_problem: str | None = field(default=None, init=False, repr=False)
     _paused: bool = field(default=False, init=False, repr=False)
     _suffix: str = field(default="", init=False, repr=False)  # the waiting note at the end of `message`
@@ -148,4 +149,5 @@ class ListenerStatus:
             "attempts": self.attempts,
             "rate": round(self.rate(), 3),
             "history": self.history(),
+            **({"node": self.node} if self.node is not None else {}),
         }

@@ -24,116 +24,14 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 import structlog
 
+from listenerd.schema import STORE_MIGRATIONS
 from listenerd.sealing import PREFIX, Sealer, SealError
 from listenerd.store_checks import StoreUnavailable, prepare_location, private_file, salvage, unusable
 
 T = TypeVar("T")
 log = structlog.get_logger("listenerd.store")
 
-MIGRATIONS: list[str] = [
-    # 1: objects, checkpoints, outbox, dead letters
-    """
-    CREATE TABLE tenants (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL DEFAULT '',
-        managed_by TEXT NOT NULL
-    );
-    CREATE TABLE integrations (
-        tenant_id TEXT NOT NULL,
-        type TEXT NOT NULL,
-        fields BLOB NOT NULL,
-        managed_by TEXT NOT NULL,
-        updated_at REAL NOT NULL,
-        PRIMARY KEY (tenant_id, type)
-    );
-    CREATE TABLE listeners (
-        tenant_id TEXT NOT NULL,
-        id TEXT NOT NULL,
-        spec BLOB NOT NULL,
-        managed_by TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        PRIMARY KEY (tenant_id, id)
-    );
-    CREATE TABLE checkpoints (
-        tenant_id TEXT NOT NULL,
-        listener_id TEXT NOT NULL,
-        value TEXT NOT NULL,
-        updated_at REAL NOT NULL,
-        PRIMARY KEY (tenant_id, listener_id)
-    );
-    CREATE TABLE outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        tenant_id TEXT NOT NULL,
-        listener_id TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        body BLOB NOT NULL,
-        received_at REAL NOT NULL
-    );
-    CREATE INDEX outbox_listener ON outbox (tenant_id, listener_id, seq);
-    CREATE TABLE dead_letters (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        tenant_id TEXT NOT NULL,
-        listener_id TEXT NOT NULL,
-        status_code INTEGER NOT NULL,
-        response TEXT NOT NULL,
-        failed_at REAL NOT NULL,
-        events BLOB NOT NULL
-    );
-    CREATE INDEX dead_letters_tenant ON dead_letters (tenant_id, id);
-    """,
-    # 2: the outbox is read and deleted only by seq (its primary key); the per-listener index cost a
-    # third of every append's insert time and served no query
-    """
-    DROP INDEX IF EXISTS outbox_listener;
-    """,
-    # 3: the outbox stores one row per group-committed *segment* (one listener's events of one commit),
-    # so insert, lease and ack cost a row per segment, not per event. `outbox_segments` holds what
-    # changes, in small rows: `total` events stored, `first` the index of the first undelivered one,
-    # `events`/`size` what is still undelivered. `outbox_bodies` holds what does not: the envelopes
-    # concatenated in `bodies`, `ends` their end offsets (uint32 little-endian; NULL for a one-event
-    # segment; a delivered event past `first` is a zero-length tombstone). A partial ack so rewrites a
-    # small row, never the envelopes. Existing rows become one-event segments keeping their seq (so
-    # their order) and their bytes (so their ids).
-    """
-    CREATE TABLE outbox_segments (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        tenant_id TEXT NOT NULL,
-        listener_id TEXT NOT NULL,
-        received_at REAL NOT NULL,
-        total INTEGER NOT NULL,
-        events INTEGER NOT NULL,
-        size INTEGER NOT NULL,
-        first INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE outbox_bodies (
-        seq INTEGER PRIMARY KEY,
-        ends BLOB,
-        bodies BLOB NOT NULL
-    );
-    INSERT INTO outbox_segments (seq, tenant_id, listener_id, received_at, total, events, size, first)
-        SELECT seq, tenant_id, listener_id, received_at, 1, 1, length(body), 0 FROM outbox ORDER BY seq;
-    INSERT INTO outbox_bodies (seq, ends, bodies) SELECT seq, NULL, body FROM outbox ORDER BY seq;
-    DROP TABLE outbox;
-    """,
-    # 4: listener ids assigned by the API (LI<n>) only grow, so a deleted listener's id, and with it its
-    # dead letters and event ids, is never handed to a new one
-    """
-    CREATE TABLE listener_ids (
-        tenant_id TEXT PRIMARY KEY,
-        last INTEGER NOT NULL
-    );
-    INSERT INTO listener_ids (tenant_id, last)
-        SELECT tenant_id, max(CAST(substr(id, 3) AS INTEGER)) FROM listeners
-        WHERE id GLOB 'LI[0-9]*' AND substr(id, 3) NOT GLOB '*[^0-9]*' GROUP BY tenant_id;
-    """,
-    # 5: a checksum of each segment's stored bytes (zlib.crc32 of `bodies`, then of `ends`), checked
-    # before any of its events is leased, so a damaged page never reaches the engine; NULL (rows
-    # written before this version) is not checked
-    """
-    ALTER TABLE outbox_bodies ADD COLUMN checksum INTEGER;
-    """,
-]
+MIGRATIONS: list[str] = [m.sqlite for m in STORE_MIGRATIONS]  # the SQLite text of each version
 
 
 class Row(NamedTuple):
@@ -280,14 +178,10 @@ class Store:
         """
         now = time.time()
 
-        def put(c: sqlite3.Connection, new_id: str) -> bool:
-            try:
-                c.execute("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
-                          "VALUES (?, ?, ?, ?, ?, ?)", (tenant_id, new_id, orjson.dumps(build(new_id)), managed_by,
-                                                        now, now))
-            except sqlite3.IntegrityError:
-                return False
-            return True
+        def put(c: sqlite3.Connection, new_id: str) -> bool:  # DO NOTHING: PostgreSQL aborts on a violation
+            return c.execute("INSERT INTO listeners (tenant_id, id, spec, managed_by, created_at, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, id) DO NOTHING",
+                             (tenant_id, new_id, orjson.dumps(build(new_id)), managed_by, now, now)).rowcount == 1
 
         def insert(c: sqlite3.Connection) -> str | None:
             if max_count is not None:

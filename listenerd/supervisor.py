@@ -205,6 +205,11 @@ class Supervisor:
         self.tap_clients = tap_clients
         self.records: dict[Key, ListenerStatus] = {}
         self.runners: dict[Key, Runner] = {}
+        # a cluster node: its records carry `node`, and a listener another node runs is answered from that
+        # node's last written record (cluster.Cluster.remote_status)
+        self.node: str | None = None
+        self.remote_status: Callable[[Key], Any] | None = None
+        self.on_status_change: Callable[[], None] | None = None  # a cluster node writes its records at once
         self.desired: dict[Key, Desired] = {}
         self.shared = Shared()
         self._replay_from: dict[Key, str] = {}  # resume points set through the API, for each key's next launch
@@ -231,6 +236,19 @@ class Supervisor:
         await asyncio.gather(*(r.stop("Stopped: listenerd is shutting down", timeout)
                                for r in self.runners.values()))
         self.runners.clear()
+
+    async def release(self, keys: list[Key], message: str, timeout: float | None = None) -> None:
+        """Stop these listeners at once, together, and forget them (a cluster node giving their groups up: all
+        must be stopped before its leases can expire, so not one after the other)."""
+        timeout = self.config.supervisor.stop_timeout if timeout is None else timeout
+        async with self._lock:
+            runners = [self.runners.pop(k) for k in keys if k in self.runners]
+            await asyncio.gather(*(r.stop(message, timeout) for r in runners))
+            for key in keys:
+                if self.desired.pop(key, None) is not None or key in self.records:
+                    self.records.pop(key, None)
+                    self._replay_from.pop(key, None)
+                    self.metrics.forget_listener(*key)
 
     # -- reconciliation
 
@@ -323,7 +341,7 @@ class Supervisor:
             runner.start()
 
     def _new_record(self, key: Key) -> ListenerStatus:
-        record = ListenerStatus(key[0], key[1], on_change=self._status_changed)
+        record = ListenerStatus(key[0], key[1], on_change=self._status_changed, node=self.node)
         record.store_failing(self.outbox.health.problem)
         self.records[key] = record
         self._status_changed(record, record.status)
@@ -336,6 +354,8 @@ class Supervisor:
         if record.status != previous:
             log.info("listener status", tenant=record.tenant_id, listener=record.listener_id,
                      status=record.status, message=record.message)
+            if self.on_status_change is not None:
+                self.on_status_change()
 
     def _store_failing(self, problem: str | None) -> None:
         """The store cannot write (or can again): every listener's status says so."""
@@ -356,7 +376,10 @@ class Supervisor:
         return ctx
 
     def status(self, key: Key) -> ListenerStatus | None:
-        return self.records.get(key)
+        record = self.records.get(key)
+        if record is None and self.remote_status is not None:
+            return self.remote_status(key)
+        return record
 
     def forwarded(self, tenant_id: str, listener_id: str, count: int) -> None:
         record = self.records.get((tenant_id, listener_id))

@@ -41,3 +41,34 @@ def small_disk(tmp_path):
         pytest.skip(why)
     with Tmpfs(tmp_path / "disk", size_mb=8) as disk:
         yield disk
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL for the session (`listenerd.testing_pg.Postgres`: the local one, else a throwaway
+    cluster); never skipped: without one the tests that need it fail and say what to install."""
+    from listenerd.testing_pg import Postgres
+
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """A fresh database of its own for one test, dropped afterwards."""
+    url = postgres.database()
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_store(request, tmp_path):
+    """`make_store(**kwargs)`: an unopened `Store` of each backend (the test runs once per backend); the same
+    database every time it is called within one test, so a test can close and reopen it."""
+    from listenerd.store import Store
+    from listenerd.store_pg import PostgresStore
+
+    if request.param == "sqlite":
+        return lambda **kw: Store(str(tmp_path / "store.db"), **kw)
+    url = request.getfixturevalue("pg_url")
+    return lambda **kw: PostgresStore(url, **kw)

@@ -187,3 +187,14 @@ async def test_one_tenant_cannot_dead_letter_or_starve_another(tmp_path):
     assert "still open" not in loris["fates"] and loris["during"]["failures"] == 0
     limited = await security.quota(tmp_path / "quota", writes=300)
     assert limited["other_listeners"] <= 50 and any(code.startswith("429") for code in limited["codes"])
+
+
+@pytest.mark.timeout(300)
+async def test_cluster_short(tmp_path):
+    """Three nodes on one PostgreSQL, 60 listeners, a 3 s lease: kill -9, pause, rolling restart, database restart."""
+    from bench.chaos import cluster
+
+    result = await cluster.run(tmp_path, tenants=6, per_tenant=10, rate=200, ttl=3.0, short=True, say=_say)
+    assert cluster.check(result) == [], result
+    assert result["lost_committed"] == 0 and result["pause_stood_down"] and result["pause_fenced_events"] >= 0
+    assert result["kill9_moved_s"] <= 3.0 + 5 and all(m < 2.0 for m in result["rolling_moves_s"])

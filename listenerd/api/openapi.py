@@ -170,7 +170,8 @@ def document() -> dict[str, Any]:
                                        [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                                        404, auth=False)},
         "/healthz": {"get": _op("Liveness", {"200": _json({"type": "object"}, "running")}, [], auth=False)},
-        "/readyz": {"get": _op("Readiness", {"200": _json({"type": "object"}, "ready"),
+        "/readyz": {"get": _op("Readiness: store, supervisor and, in a cluster, `cluster` (this node holds its "
+                               "leases)", {"200": _json({"type": "object"}, "ready"),
                                              "503": _json({"type": "object"}, "not ready")}, [], auth=False)},
         "/metrics": {"get": _op("Prometheus metrics; with server.metrics-token set, that bearer token is needed",
                                 {"200": {"description": "text format", "content": {
@@ -201,6 +202,8 @@ def document() -> dict[str, Any]:
                                   "received": {"type": "integer"}, "forwarded": {"type": "integer"},
                                   "last-event-at": nullable_time, "last-error": {"type": ["string", "null"]},
                                   "attempts": {"type": "integer"},
+                                  "node": {"type": ["string", "null"], "description": "in a cluster only: the node "
+                                           "that runs the listener (null while its group moves)"},
                                   "rate": {"type": "number", "description": "events per second, averaged over "
                                                                            "the last 60 s"},
                                   "history": {"type": "array", "description": "the last 20 status changes, "

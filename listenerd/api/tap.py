@@ -2,16 +2,22 @@
 
 A slow client never slows delivery: its queue is bounded, and when it misses events it is sent a
 `missed` event with the count before the next delivered one.
+
+In a cluster the events pass through the node that runs the listener's group: any other node
+relays the owner's tap (a proxy to its `[cluster] advertise` address, with the caller's token), so
+the tap works from every node; it ends when the group moves, and a client that reconnects follows it.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from listenerd.api.context import CONTROL, DAEMON
+from listenerd.api.errors import ApiError
 from listenerd.api.listeners import BASE, ids
 
 routes = web.RouteTableDef()
@@ -22,6 +28,9 @@ KEEPALIVE_SECONDS = 15.0
 async def tap(request: web.Request) -> web.StreamResponse:
     hub, (tenant_id, listener_id) = request.app[DAEMON].tap, ids(request)
     await request.app[CONTROL].get_listener(tenant_id, listener_id)
+    cluster = getattr(request.app[DAEMON], "cluster", None)
+    if cluster is not None and not cluster.keeps(tenant_id, listener_id):
+        return await _relay(request, cluster.owner_of(tenant_id, listener_id))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -45,3 +54,28 @@ async def tap(request: web.Request) -> web.StreamResponse:
     finally:
         hub.unsubscribe(tenant_id, listener_id, sub)
     return response
+
+
+async def _relay(request: web.Request, owner: tuple[str, str] | None) -> web.StreamResponse:
+    """The owner node's tap of this listener, streamed through (a cluster node that does not run it)."""
+    if owner is None:
+        raise ApiError(503, "no node runs this listener right now; try again in a few seconds")
+    node, advertise = owner
+    if not advertise:
+        raise ApiError(503, f"the listener runs on node {node}, which has no [cluster] advertise address; tap it there")
+    headers = {"Authorization": request.headers.get("Authorization", "")}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session, \
+            session.get(advertise.rstrip("/") + request.path_qs, headers=headers) as upstream:
+        if upstream.status != 200:
+            raise ApiError(upstream.status if upstream.status in (401, 403, 404) else 502,
+                           f"node {node} answered the tap with {upstream.status}")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no", "X-Listenerd-Node": node})
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (ConnectionResetError, aiohttp.ClientError, asyncio.CancelledError):
+            pass
+        return response

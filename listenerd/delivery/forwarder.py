@@ -99,6 +99,12 @@ class Forwarder:
         self._cursor = 0  # seq of the last row sent and accepted (or refused); leases continue after it
         self._acking: asyncio.Task[list[Row] | None] | None = None  # the previous batch's ack: rows left to ack
 
+    def rewind(self) -> None:
+        """Lease from the head again at the next batch (a cluster node took a group with a backlog whose seqs
+        are below the cursor; an event sent twice is de-duplicated by the engine by its id)."""
+        self._cursor = 0
+        self.outbox.committed.set()
+
     # -- lifecycle
 
     async def start(self) -> None:

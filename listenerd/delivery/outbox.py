@@ -64,6 +64,14 @@ class _Segment:
         self.checkpoint: str | None = None
 
 
+class Fenced(Exception):
+    """A commit held events of listeners whose groups this node no longer holds (`Outbox.fence`)."""
+
+    def __init__(self, listeners: set[tuple[str, str]]):
+        super().__init__(f"{len(listeners)} listener(s) fenced")
+        self.listeners = listeners
+
+
 class _Lane:
     """What append needs per listener, looked up once: the envelope's bytes between id and receipt time."""
 
@@ -123,11 +131,18 @@ class Outbox:
         self._head_received: float | None = None  # receipt_clock() stamp of the oldest waiting event
         self._lanes: dict[tuple[str, str, str], _Lane] = {}  # per listener: its envelope prefix
         self._verified: dict[int, tuple[bytes | None, bytes]] = {}  # the segment the last lease checked
+        # a cluster node (cluster.py): `fence(conn, listeners)` names, inside a commit's transaction, the
+        # listeners whose groups this node no longer holds; `keep(tenant, listener)` what its leases hand out
+        self.fence: Callable[[Any, set[tuple[str, str]]], set[tuple[str, str]]] | None = None
+        self.keep: Callable[[str, str], bool] | None = None
+        self.fenced = 0  # events refused by the fence: never committed
         if metrics is not None:
             metrics.outbox_oldest_age.set_function(self.oldest_age)
 
-    async def start(self) -> None:
-        events, size, head = await self.store.run(segments.totals)
+    async def start(self, count_waiting: bool = True) -> None:
+        """Start the writer; count what the store holds (a cluster node counts only its groups', as it takes
+        them: `count_waiting=False`, then `adopt`)."""
+        events, size, head = await self.store.run(segments.totals) if count_waiting else (0, 0, None)
         self._usage.events, self._usage.bytes = events, size
         if events:
             self._head_received = head
@@ -338,7 +353,14 @@ class Outbox:
                        if s.checkpoint is not None]
 
         def commit(conn: sqlite3.Connection) -> None:
-            in_transaction(conn, lambda c: segments.insert(c, rows, checkpoints))
+            def write(c: sqlite3.Connection) -> None:
+                if self.fence is not None:  # a cluster node: only for the groups it still holds, checked here
+                    refused = self.fence(c, {(r[0], r[1]) for r in rows})
+                    if refused:
+                        raise Fenced(refused)
+                segments.insert(c, rows, checkpoints)
+
+            in_transaction(conn, write)
             group.on_disk = True
 
         while True:
@@ -346,12 +368,49 @@ class Outbox:
                 await self.store.run(commit)
                 self.health.succeeded("commit")
                 return
+            except Fenced as fenced:
+                self._drop_fenced(group, fenced.listeners)
+                rows = [segments.segment_row(s.tenant_id, s.listener_id, s.received, s.bodies)
+                        for s in group.segments.values()]
+                checkpoints = [(s.tenant_id, s.listener_id, s.checkpoint) for s in group.segments.values()
+                               if s.checkpoint is not None]
+                if not rows:
+                    return
             except sqlite3.Error as exc:
                 attempt += 1
                 self.commit_failures += 1
                 self.health.failed("commit", exc)
                 self._publish_usage()  # the depth gauge counts what memory holds meanwhile: it must not freeze
                 await asyncio.sleep(backoff_delay(attempt, 0.05, 5.0))
+
+    def _drop_fenced(self, group: _Group, listeners: set[tuple[str, str]]) -> None:
+        """Take the events of groups this node no longer holds out of a commit: never written, never counted
+        as received, their checkpoints not moved (the new owner resumes from the stored one)."""
+        dropped = [group.segments.pop(key) for key in listeners if key in group.segments]
+        bodies = {id(b) for segment in dropped for b in segment.bodies}
+        events, size = sum(len(s.bodies) for s in dropped), sum(len(b) for s in dropped for b in s.bodies)
+        group.callbacks = [(c, b) for c, b in group.callbacks if id(b) not in bodies]
+        group.events -= events
+        group.bytes -= size
+        self._queued -= events
+        self._queued_bytes -= size
+        self.fenced += events
+        self._release_counts(events, size)
+        log.error("events not committed: this node no longer holds their connection group (fenced)",
+                  listeners=sorted(f"{t}/{lid}" for t, lid in listeners), events=events)
+
+    def adopt(self, events: int, size: int) -> None:
+        """Count a group's waiting events as this outbox's (a cluster node took the group over)."""
+        self._usage.events += events
+        self._usage.bytes += size
+        if events and self._head_received is None:
+            self._head_received = receipt_clock()
+        self._usage.changed.set()
+        self._publish_usage()
+
+    def disown(self, events: int, size: int) -> None:
+        """Stop counting a group's waiting events (a cluster node handed the group over)."""
+        self._release_counts(min(events, self._usage.events), min(size, self._usage.bytes))
 
     # -- consuming (the forwarder)
 
@@ -362,7 +421,12 @@ class Outbox:
         """
         damaged: list[int] = []
         try:
-            rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified))
+            keep = self.keep
+            if keep is None:
+                rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified))
+            else:  # a cluster node: its groups' segments only
+                rows = await self.store.run(lambda c: segments.lease(c, limit, after, damaged, verified=self._verified,
+                                                                     keep=keep))
         except sqlite3.Error as exc:
             self.health.failed("lease", exc)
             raise

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from listenerd.store import in_transaction, put_checkpoint
+from listenerd.store_pg import dialect
 
 SHIFT = 20  # a Row's seq is (segment seq << SHIFT) | index of the event in its segment
 MASK = (1 << SHIFT) - 1  # so a segment holds at most MASK events
@@ -64,6 +65,15 @@ class Row(NamedTuple):
 SegmentRow = tuple[str, str, float, int, int, bytes | None, bytes]  # what `insert` stores for one segment
 
 
+def waiting(conn: sqlite3.Connection, tenant_id: str, listener_ids: Sequence[str]) -> tuple[int, int]:
+    """Waiting events and their bytes of some of a tenant's listeners (a cluster node adopting a group)."""
+    if not listener_ids:
+        return 0, 0
+    return conn.execute("SELECT coalesce(sum(events), 0), coalesce(sum(size), 0) FROM outbox_segments WHERE "
+                        "tenant_id = ? AND listener_id IN (SELECT CAST(value AS TEXT) FROM json_each(?))",
+                        (tenant_id, orjson.dumps(list(listener_ids)))).fetchone()
+
+
 def totals(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
     """Waiting events, their bytes, and the receipt time of the oldest segment (None when empty)."""
     return conn.execute(
@@ -86,21 +96,25 @@ def insert(conn: sqlite3.Connection, rows: Sequence[SegmentRow], checkpoints: Se
     statements whatever the number of listeners in it.
     """
     if rows:
-        last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox_segments'").fetchone()
-        seq = last[0] if last else 0
+        if dialect(conn) == "postgresql":  # a shared sequence (other writers): one round trip for all seqs
+            numbers = [r[0] for r in conn.execute("SELECT nextval(pg_get_serial_sequence('outbox_segments', 'seq')) "
+                                                  "FROM generate_series(1, ?)", (len(rows),)).fetchall()]
+        else:
+            last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox_segments'").fetchone()
+            first = (last[0] if last else 0) + 1
+            numbers = range(first, first + len(rows))
         i = 0
         while i < len(rows):
             size = _INSERT_CHUNK
             while size > len(rows) - i:
                 size //= 2
             chunk = rows[i:i + size]
-            seqs = range(seq + 1, seq + 1 + size)
+            seqs = numbers[i:i + size]
             conn.execute(_insert_sql("outbox_segments (seq, tenant_id, listener_id, received_at, total, events, size)",
                                      7, size),
                          [v for s, r in zip(seqs, chunk, strict=True) for v in (s, r[0], r[1], r[2], r[3], r[3], r[4])])
             conn.execute(_insert_sql("outbox_bodies (seq, ends, bodies, checksum)", 4, size),
                          [v for s, r in zip(seqs, chunk, strict=True) for v in (s, r[5], r[6], checksum(r[5], r[6]))])
-            seq += size
             i += size
     for tenant_id, listener_id, value in checkpoints:
         put_checkpoint(conn, tenant_id, listener_id, value)
@@ -128,7 +142,8 @@ def checksum(ends: bytes | None, bodies: bytes) -> int:
 
 
 def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] | None = None,
-          verified: dict[int, tuple[bytes | None, bytes]] | None = None) -> list[Row]:
+          verified: dict[int, tuple[bytes | None, bytes]] | None = None,
+          keep: Callable[[str, str], bool] | None = None) -> list[Row]:
     """Split waiting segments into Rows, in order, skipping delivered events, until `limit`.
 
     A segment whose stored bytes fail their checksum gives no Row: its seq goes to `damaged` for
@@ -139,19 +154,20 @@ def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] |
     batch usually ends inside a segment, and the next lease reads it again; bytes equal to those
     already checked need no second crc32 (a comparison costs a fraction of it, and the store thread
     bounds delivery). Bytes that differ in any way are checked again.
+
+    `keep(tenant, listener)` (a cluster node: the listeners of the groups it holds) leaves out the
+    other nodes' segments.
     """
     out: list[Row] = []
     if limit <= 0:
         return out
     last_checked: tuple[int, bytes | None, bytes] | None = None
     after_segment, after_index = after >> SHIFT, after & MASK
-    cursor = conn.execute("SELECT s.seq, tenant_id, listener_id, received_at, first, total, events, ends, bodies, "
-                          "checksum FROM outbox_segments s JOIN outbox_bodies b ON b.seq = s.seq WHERE s.seq >= ? "
-                          "ORDER BY s.seq", (after_segment,))
+    cursor = _waiting_segments(conn, after_segment, limit)
     try:
         for seq, tenant_id, listener_id, received, first, total, events, blob, bodies, check in cursor:
             start = max(first, after_index + 1) if after and seq == after_segment else first
-            if start >= total:  # nothing left to hand out here
+            if start >= total or (keep is not None and not keep(tenant_id, listener_id)):
                 continue
             if check is not None:
                 known = verified.get(seq) if verified is not None else None
@@ -196,6 +212,36 @@ def lease(conn: sqlite3.Connection, limit: int, after: int, damaged: list[int] |
         if verified is not None and last_checked is not None:
             verified.clear()
             verified[last_checked[0]] = last_checked[1:]
+
+
+_LEASE_SQL = ("SELECT s.seq, tenant_id, listener_id, received_at, first, total, events, ends, bodies, checksum "
+              "FROM outbox_segments s JOIN outbox_bodies b ON b.seq = s.seq WHERE s.seq >= ? ORDER BY s.seq")
+
+
+class _Pages:
+    """Waiting segments from a seq on, a page at a time (PostgreSQL: a client-side cursor would fetch the
+    whole outbox for every lease; SQLite's steps lazily and stops where the lease does)."""
+
+    def __init__(self, conn: Any, after_segment: int, page: int):
+        self.conn, self.next_seq, self.page = conn, after_segment, page
+
+    def __iter__(self) -> Any:
+        while True:
+            rows = self.conn.execute(_LEASE_SQL + " LIMIT ?", (self.next_seq, self.page)).fetchall()
+            yield from rows
+            if len(rows) < self.page:
+                return
+            self.next_seq = rows[-1][0] + 1
+            self.page = min(self.page * 4, 4096)
+
+    def close(self) -> None:
+        pass
+
+
+def _waiting_segments(conn: Any, after_segment: int, limit: int) -> Any:
+    if dialect(conn) == "postgresql":
+        return _Pages(conn, after_segment, 8)  # segments, not events: a segment often holds hundreds
+    return conn.execute(_LEASE_SQL, (after_segment,))
 
 
 def remove(conn: sqlite3.Connection, rows: Sequence[Row]) -> set[int] | None:
@@ -320,6 +366,8 @@ def relaxed(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], r
     (at least once still holds), and the WAL is sequential, so the next FULL commit syncs this one
     too. Appends, checkpoints and dead letters keep their fsync.
     """
+    if dialect(conn) == "postgresql":  # the same trade, for this transaction only
+        return in_transaction(conn, lambda c: (c.execute("SET LOCAL synchronous_commit = off"), fn(c))[1])
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
         return in_transaction(conn, fn)

@@ -234,3 +234,24 @@ pubsub-url = "http://127.0.0.1:7443"
     assert any(p.startswith("tenants[0].listeners[1].options.topic: must be /event/") for p in found), found
     assert any(p.startswith("tenants[0].listeners[1].options.batch: ") for p in found), found
     assert any(p.startswith("tenants[0].integrations.salesforce.pubsub-url: must be https://") for p in found), found
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ('[cluster]\nnode-id = "a"\n', "cluster: only with a PostgreSQL store: set [store] url"),
+    ('[store]\nurl = "mysql://u@h/d"\n', "store.url: a postgresql://user@host/database URL"),
+    ('[store]\nurl = "postgresql://u@h/d"\npath = "/x.db"\n', "store: give either path (SQLite) or url"),
+    ('[store]\nurl = "postgresql://u@h/d"\n[cluster]\nlease-ttl = "5 parsecs"\n', "cluster.lease-ttl: a duration"),
+    ('[store]\nurl = "postgresql://u@h/d"\n[cluster]\nlease-ttl = "500ms"\n', "cluster.lease-ttl: must be between"),
+    ('[store]\nurl = "postgresql://u@h/d"\n[cluster]\nadvertise = "ftp://x"\n', "cluster.advertise: an http(s)"),
+    ('[store]\nurl = "postgresql://u@h/d"\n[cluster]\nnode-id = "a b"\n', "cluster.node-id:"),
+])
+def test_cluster_keys_are_checked_with_their_location(extra, expected):
+    found = problems(extra + BASE)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_a_cluster_on_postgresql_with_its_defaults_and_the_url_password_kept_secret():
+    cfg = config.parse('[store]\nurl = "postgresql://lst:pg-pass-31337@db/l"\n[cluster]\nlease-ttl = "1m"\n' + BASE, {})
+    assert cfg.cluster.lease_ttl == 60.0 and cfg.cluster.node_id and cfg.cluster.advertise is None
+    assert "pg-pass-31337" in cfg.secret_values()
+    assert config.parse(BASE, {}).cluster is None

@@ -1,0 +1,449 @@
+"""Cluster chaos: three listenerd nodes (separate processes, ports, directories) sharing one PostgreSQL.
+
+    .venv/bin/python -m bench.chaos.cluster [--short] [--tenants 30] [--per-tenant 10] [--rate 2000] [--ttl 10]
+
+30 tenants x 10 listeners (4 Pusher, 3 DataSift, 3 Salesforce: each tenant's integration of a type is
+one connection group, 90 groups), events published at `--rate` across all of them, delivered to one
+engine simulator that records every envelope (the rig's `Ledger`: loss and duplication per source by
+the payload's own sequence number). PostgreSQL is a throwaway cluster of this run (so it can be
+restarted) started from the installed binaries.
+
+Scenarios, in order, under load:
+1. `kill -9` one node and delete its directory: seconds until every listener it ran is `started` on
+   a survivor (bound: TTL + 5 s);
+2. the killed node back (empty directory): the groups spread again;
+3. SIGSTOP one node for `3 x TTL` (`--short`) or 30 s, then SIGCONT: it must stand down; what it
+   read after its lease lapsed is refused by the fence (logged `fenced`), never committed;
+4. rolling restart: each node SIGTERM'd in turn (and started again): seconds until its groups run
+   elsewhere (bound 2 s each);
+5. PostgreSQL restarted (`pg_ctl restart -m fast`) under load;
+then the pump stops, everything is delivered, and the ledger says what was lost (committed events
+lost must be 0; Salesforce: every published event delivered).
+
+Two nodes running one group at once is read from the nodes' own logs (each `group started here`
+and each stop: stand-down, lease lost, hand-over, exit or kill) and reported as the longest overlap
+per group, which must stay within the TTL. A SIGSTOPped process runs nothing, but the provider still
+sees its sockets open until it resumes and stands down (no process can close a socket while
+stopped): its runs are counted as ending when its leases lapse, and what it reads on resuming is
+refused by the fence (`pause_fenced_events`). (Not yet: the simulators recording each connection's
+node and time, which would measure the subscriptions themselves rather than the nodes' logs.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.chaos.rig import SOURCES, Ledger, Secrets, SlowAckEngine, loadavg, machine
+from listenerd.sim.datasift import DataSiftSim
+from listenerd.sim.pusher import PusherSim
+from listenerd.sim.salesforce import SalesforceSim
+from listenerd.testing import Api, DaemonProcess, wait_for
+from listenerd.testing_pg import Postgres
+
+KINDS = {"pusher": 4, "datasift": 3, "salesforce": 3}
+PREFIX = {"pusher": "P", "datasift": "D", "salesforce": "S"}
+TICK = 0.02
+
+
+class ClusterRig:
+    def __init__(self, workdir: Path, tenants: int, per_tenant: int, ttl: float):
+        self.workdir = workdir
+        self.tenants = [f"t{i}" for i in range(tenants)]
+        scale = per_tenant / sum(KINDS.values())
+        self.kinds = {k: max(1, round(v * scale)) for k, v in KINDS.items()}
+        self.ttl = ttl
+        self.secrets = Secrets()
+        self.ledger = Ledger()
+        self.engine = SlowAckEngine(token=self.secrets.engine_token, on_events=self.ledger.on_engine, keep=False)
+        self.pusher = PusherSim("4242", "chaos-app-key", self.secrets.pusher_secret)
+        self.datasift = DataSiftSim(users={"chaos": self.secrets.datasift_key}, tick_interval=1.0)
+        self.salesforce = SalesforceSim(users={"sf@example.com": self.secrets.sf_password + self.secrets.sf_token},
+                                        clients={"chaos-ck": self.secrets.sf_consumer_secret}, long_poll=0.5,
+                                        # one simulated org stands for the 30 tenants' orgs: each holds one
+                                        # CometD client (two for a moment while a group moves)
+                                        max_clients=4 * tenants + 10)
+        self.postgres = Postgres(mode="throwaway")
+        self.url = ""
+        self.nodes: dict[str, DaemonProcess] = {}
+        self.apis: dict[str, Api] = {}
+        self.ended: dict[str, float] = {}  # node -> wall time it was killed (its log cannot say)
+        self.paused: dict[str, float] = {}  # node -> wall time of its SIGSTOP
+        self._seq = dict.fromkeys(SOURCES, 0)
+        self._pump: asyncio.Task[None] | None = None
+        # every listener: (source, tenant, listener id, global index)
+        self.listeners = [(kind, t, f"{PREFIX[kind]}{j}", ti * 100 + j) for ti, t in enumerate(self.tenants)
+                          for kind in SOURCES for j in range(self.kinds[kind])]
+
+    async def start(self) -> None:
+        self.postgres.start()
+        self.url = self.postgres.database()
+        await self.engine.start()
+        await self.pusher.start()
+        await self.datasift.start()
+        for kind, _, _, g in self.listeners:
+            if kind == "salesforce":
+                self.salesforce.create_topic(f"Chaos{g}", f"SELECT Id, n FROM Chaos{g}__c")
+        await self.salesforce.start()
+        (self.workdir / "secrets.key").write_bytes(os.urandom(32))
+
+    def config_text(self, node: str) -> str:
+        s = self.secrets
+        out = [f"""
+[server]
+listen = "127.0.0.1:0"
+
+[[server.tokens]]
+name = "ops"
+token = "{s.ops_token}"
+
+[engine]
+url = "{self.engine.url}"
+token = "{s.engine_token}"
+linger-ms = 5
+retry-initial = 0.05
+retry-max = 0.5
+
+[store]
+url = "{self.url}"
+secrets-key-file = "{self.workdir / 'secrets.key'}"
+
+[cluster]
+node-id = "{node}"
+lease-ttl = "{self.ttl}s"
+
+[supervisor]
+backoff-initial = 0.05
+backoff-max = 0.5
+stop-timeout = 5
+"""]
+        for tenant in self.tenants:
+            out.append(f"""
+[[tenants]]
+id = "{tenant}"
+
+[tenants.integrations.pusher]
+key = "{self.pusher.key}"
+secret = "{s.pusher_secret}"
+app-id = "{self.pusher.app_id}"
+host = "{self.pusher.host}"
+port = {self.pusher.port}
+tls = false
+
+[tenants.integrations.datasift]
+username = "chaos"
+api-key = "{s.datasift_key}"
+stream-url = "{self.datasift.url}"
+
+[tenants.integrations.salesforce]
+consumer-key = "chaos-ck"
+consumer-secret = "{s.sf_consumer_secret}"
+username = "sf@example.com"
+password = "{s.sf_password}"
+secret-token = "{s.sf_token}"
+login-url = "{self.salesforce.url}"
+""")
+            for kind, t, lid, g in self.listeners:
+                if t != tenant:
+                    continue
+                option = {"pusher": f'channel = "private-chaos-{g}"', "datasift": f'hash = "{g:032x}"',
+                          "salesforce": f'topic = "Chaos{g}"'}[kind]
+                out.append(f'[[tenants.listeners]]\nid = "{lid}"\ntype = "{kind}"\noptions = {{ {option} }}\n'
+                           f'mapping = {{ seq = "n" }}\n')
+        return "\n".join(out)
+
+    async def start_node(self, name: str, fresh: bool = False) -> None:
+        workdir = self.workdir / name
+        if fresh:
+            shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(exist_ok=True)
+        node = self.nodes.get(name)
+        if node is None or fresh:
+            node = self.nodes[name] = DaemonProcess(workdir, self.config_text(name), name=name)
+        self.ended.pop(name, None)
+        if name in self.apis:
+            await self.apis[name].close()
+        self.apis[name] = Api(await node.start(timeout=90), token=self.secrets.ops_token)
+
+    async def placement(self, via: str, only: set[tuple[str, str]] | None = None
+                        ) -> dict[tuple[str, str], tuple[str, str | None]]:
+        api = self.apis[via]
+        listeners = [x for x in self.listeners if only is None or (x[1], x[2]) in only]
+
+        async def one(t: str, lid: str) -> tuple[tuple[str, str], tuple[str, str | None]]:
+            code, body = await api.call("GET", f"/1.0/tenants/{t}/listeners/{lid}/status")
+            return (t, lid), ((body.get("status"), body.get("node")) if code == 200 else (str(code), None))
+
+        out: dict[tuple[str, str], tuple[str, str | None]] = {}
+        for i in range(0, len(listeners), 50):
+            out.update(await asyncio.gather(*(one(t, lid) for _, t, lid, _ in listeners[i:i + 50])))
+        return out
+
+    async def wait_placed(self, via: str, nodes: set[str], timeout: float) -> float:
+        """Seconds until every listener is `started` on one of `nodes` (as `via` answers)."""
+        began = time.monotonic()
+        left = {(t, lid) for _, t, lid, _ in self.listeners}
+        while True:  # a listener seen placed is not asked again: each round asks only those still moving
+            seen = await self.placement(via, left)
+            left = {k for k, (s, n) in seen.items() if not (s == "started" and n in nodes)}
+            if not left:
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                bad = {k: v for k, v in seen.items() if v[0] != "started" or v[1] not in nodes}
+                (t, lid), _ = next(iter(bad.items()))
+                _, one = await self.apis[via].call("GET", f"/1.0/tenants/{t}/listeners/{lid}/status")
+                raise AssertionError(f"{len(bad)} not placed on {nodes} after {timeout}s: {list(bad.items())[:5]}; "
+                                     f"{t}/{lid}: {one}")
+            await asyncio.sleep(0.2)
+
+    # -- publishing (the rig's ledger: per-source sequence numbers)
+
+    async def publish(self, index: int) -> None:
+        kind, _, _, g = self.listeners[index]
+        n = self._seq[kind]
+        self._seq[kind] = n + 1
+        if kind == "pusher":
+            reached = await self.pusher.publish(f"private-chaos-{g}", "chaos", {"n": n})
+        elif kind == "datasift":
+            reached = await self.datasift.publish(f"{g:032x}", {"interaction": {"id": f"ds-{n}"}, "n": n})
+        else:
+            self.salesforce.publish(f"Chaos{g}", {"Id": f"a00{n:015d}", "n": n})
+            reached = 1
+        self.ledger.published[kind][n] = reached
+        self.ledger.published_at[kind][n] = time.monotonic()
+
+    def start_pump(self, rate: float) -> None:
+        self._pump = asyncio.create_task(self._run_pump(rate))
+
+    async def stop_pump(self) -> None:
+        if self._pump:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+
+    async def _run_pump(self, rate: float) -> None:
+        start, done, i = time.monotonic(), 0, 0
+        burst = max(1, int(rate * TICK * 4))
+        while True:
+            due = int((time.monotonic() - start) * rate)
+            for _ in range(min(burst, due - done)):
+                await self.publish(i)
+                i = (i + 1) % len(self.listeners)
+                done += 1
+            if due - done > burst:
+                done = due - burst
+            await asyncio.sleep(TICK)
+
+    def achieved_rate(self, since: float) -> float:
+        count = sum(1 for by in self.ledger.published_at.values() for at in by.values() if at >= since)
+        return count / max(1e-9, time.monotonic() - since)
+
+    # -- what the logs say: each node's run intervals per group
+
+    def overlaps(self) -> dict[str, float]:
+        runs: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
+        for name, node in self.nodes.items():
+            open_: dict[str, float] = {}
+            for line in node.lines():
+                event, at = line.get("event", ""), line.get("timestamp")
+                if not at:
+                    continue
+                ts = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+                if event == "group started here":
+                    open_[line["group"]] = ts
+                elif event in ("lease lost; stopping the group", "group handed over for balance"):
+                    if line["group"] in open_:
+                        runs[line["group"]].append((name, open_.pop(line["group"]), ts))
+                elif event.startswith(("standing down", "cluster groups handed over", "listenerd stopping")):
+                    for group, began in open_.items():
+                        runs[group].append((name, began, ts))
+                    open_.clear()
+            end = self.ended.get(name, time.time())
+            for group, began in open_.items():
+                runs[group].append((name, began, end))
+            if name in self.paused:  # a stopped process runs nothing: its runs end when its leases lapse
+                lapse = self.paused[name] + self.ttl
+                runs = defaultdict(list, {g: [(n, a, min(b, lapse) if n == name and a < self.paused[name] < b else b)
+                                               for n, a, b in spans] for g, spans in runs.items()})
+        worst: dict[str, float] = {}
+        for group, spans in runs.items():
+            for i, (n1, a1, b1) in enumerate(spans):
+                for n2, a2, b2 in spans[i + 1:]:
+                    if n1 != n2:
+                        worst[group] = max(worst.get(group, 0.0), min(b1, b2) - max(a1, a2))
+        return worst
+
+    def events_since(self, name: str, wall: float, prefix: str) -> int:
+        count = 0
+        for line in self.nodes[name].lines():
+            at = line.get("timestamp")
+            if at and line.get("event", "").startswith(prefix) and \
+                    datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp() >= wall:
+                count += 1
+        return count
+
+    async def wait_delivered(self, timeout: float) -> None:
+        """Salesforce: everything published; the others: everything committed (delivered or in the outbox)."""
+        began = time.monotonic()
+        while time.monotonic() - began < timeout:
+            sf = self.ledger.report("salesforce")
+            if sf["delivered_unique"] >= sf["published"] and await self.outbox_empty():
+                return
+            await asyncio.sleep(0.5)
+
+    async def outbox_empty(self) -> bool:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(self.url) as conn:
+            row = await (await conn.execute("SELECT count(*) FROM outbox_segments")).fetchone()
+            return row[0] == 0
+
+    async def stop(self) -> None:
+        await self.stop_pump()
+        for api in self.apis.values():
+            await api.close()
+        for node in self.nodes.values():
+            if node.process and node.process.poll() is None:
+                node.signal(signal.SIGCONT)
+                with contextlib.suppress(Exception):
+                    await node.stop()
+        for sim in (self.salesforce, self.datasift, self.pusher, self.engine):
+            with contextlib.suppress(Exception):
+                await sim.stop()
+        self.postgres.stop()
+
+
+async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: float = 2000, ttl: float = 10.0,
+              short: bool = False, say: Any = print) -> dict[str, Any]:
+    rig = ClusterRig(workdir, tenants, per_tenant, ttl)
+    result: dict[str, Any] = {"machine": machine(), "listeners": len(rig.listeners), "tenants": tenants,
+                              "groups": tenants * len(SOURCES), "ttl": ttl, "rate_offered": rate}
+    try:
+        await rig.start()
+        for name in ("a", "b", "c"):
+            await rig.start_node(name)
+        result["all_started_s"] = round(await rig.wait_placed("a", {"a", "b", "c"}, 120), 1)
+        for i in range(len(rig.listeners)):  # prime: a checkpoint for every Salesforce listener
+            await rig.publish(i)
+        await asyncio.sleep(2)
+        began = time.monotonic()
+        rig.start_pump(rate)
+        await asyncio.sleep(3 if short else 10)
+
+        say("kill -9 c, its directory deleted")
+        rig.nodes["c"].kill9()
+        killed = time.monotonic()
+        rig.ended["c"] = time.time()
+        shutil.rmtree(workdir / "c", ignore_errors=True)
+        await rig.wait_placed("a", {"a", "b"}, ttl + 30)
+        result["kill9_moved_s"] = round(time.monotonic() - killed, 1)
+
+        say("c back, from an empty directory")
+        await rig.start_node("c", fresh=True)
+        await rig.wait_placed("a", {"a", "b", "c"}, 60)
+
+        pause = 3 * ttl if short else 30.0
+        say(f"SIGSTOP b for {pause:.0f} s")
+        rig.nodes["b"].signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        rig.paused["b"] = time.time()
+        await rig.wait_placed("a", {"a", "c"}, ttl + 30)
+        result["pause_moved_s"] = round(time.monotonic() - stopped, 1)
+        await asyncio.sleep(max(0.0, pause - (time.monotonic() - stopped)))
+        rig.nodes["b"].signal(signal.SIGCONT)
+        with contextlib.suppress(AssertionError):
+            await wait_for(lambda: any(line.get("event", "").startswith(("standing down", "lease lost"))
+                                       for line in rig.nodes["b"].lines()), timeout=20, interval=0.2)
+        lines = rig.nodes["b"].lines()
+        result["pause_stood_down"] = any(line.get("event", "").startswith(("standing down", "lease lost"))
+                                         for line in lines)
+        result["pause_fenced_events"] = sum(line.get("events", 0) for line in lines
+                                            if "fenced" in line.get("event", ""))
+        await rig.wait_placed("a", {"a", "b", "c"}, 60)
+
+        say("rolling restart")
+        moves = []
+        for name in ("a", "b", "c"):
+            via = "b" if name == "a" else "a"
+            sent = time.monotonic()
+            rig.nodes[name].signal(signal.SIGTERM)  # the move is timed from here, not from the exit
+            await rig.wait_placed(via, {"a", "b", "c"} - {name}, 30)
+            moves.append(round(time.monotonic() - sent, 2))
+            assert await rig.nodes[name].wait_exit() == 0
+            rig.ended[name] = time.time()
+            await rig.start_node(name)
+            await rig.wait_placed(via, {"a", "b", "c"}, 60)
+        result["rolling_moves_s"] = moves
+
+        say("PostgreSQL restarted under load")
+        pg_began, pg_wall = time.monotonic(), time.time()
+        await asyncio.to_thread(rig.postgres.restart)
+        result["pg_restart_s"] = round(time.monotonic() - pg_began, 1)
+        await rig.wait_placed("a", {"a", "b", "c"}, 60)
+        result["pg_restart_stood_down"] = sum(rig.events_since(n, pg_wall, "standing down") for n in rig.nodes)
+        await asyncio.sleep(3)
+
+        result["rate_achieved"] = round(rig.achieved_rate(began))
+        await rig.stop_pump()
+        say("draining")
+        await rig.wait_delivered(180)
+        result["sources"] = {s: rig.ledger.report(s) for s in SOURCES}
+        result["lost_committed"] = sum(r["lost_committed"] for r in result["sources"].values())
+        overlaps = rig.overlaps()
+        result["max_overlap_s"] = round(max(overlaps.values(), default=0.0), 2)
+        result["load"] = loadavg()
+    finally:
+        await rig.stop()
+    return result
+
+
+def check(result: dict[str, Any]) -> list[str]:
+    problems = []
+    ttl = result["ttl"]
+    if result["lost_committed"]:
+        problems.append(f"{result['lost_committed']} committed events lost")
+    sf = result["sources"]["salesforce"]
+    if sf["delivered_unique"] < sf["published"]:
+        problems.append(f"salesforce: {sf['published'] - sf['delivered_unique']} published events not delivered")
+    if result["kill9_moved_s"] > ttl + 5:
+        problems.append(f"kill -9: moved after {result['kill9_moved_s']} s (bound {ttl + 5})")
+    if not result["pause_stood_down"]:
+        problems.append("the paused node did not stand down")
+    if result["max_overlap_s"] > ttl:
+        problems.append(f"a group ran on two nodes for {result['max_overlap_s']} s (> TTL)")
+    if any(m > 2.0 for m in result["rolling_moves_s"]):
+        problems.append(f"a rolling-restart move took over 2 s: {result['rolling_moves_s']}")
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true")
+    parser.add_argument("--tenants", type=int, default=30)
+    parser.add_argument("--per-tenant", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=2000)
+    parser.add_argument("--ttl", type=float, default=10.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="listenerd-cluster-") as tmp:
+        result = asyncio.run(run(Path(tmp), args.tenants, args.per_tenant, args.rate, args.ttl, args.short,
+                                 say=lambda m: print(f"-- {m}", file=sys.stderr, flush=True)))
+    print(json.dumps(result, indent=2))
+    problems = check(result)
+    print("OK" if not problems else "PROBLEMS: " + "; ".join(problems))
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
