@@ -46,7 +46,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.chaos.rig import SOURCES, Ledger, Secrets, SlowAckEngine, loadavg, machine
+from bench.chaos.rig import SOURCES, Ledger, Secrets, SlowAckEngine, integrations_toml, loadavg, machine
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
@@ -134,27 +134,7 @@ stop-timeout = 5
 [[tenants]]
 id = "{tenant}"
 
-[tenants.integrations.pusher]
-key = "{self.pusher.key}"
-secret = "{s.pusher_secret}"
-app-id = "{self.pusher.app_id}"
-host = "{self.pusher.host}"
-port = {self.pusher.port}
-tls = false
-
-[tenants.integrations.datasift]
-username = "chaos"
-api-key = "{s.datasift_key}"
-stream-url = "{self.datasift.url}"
-
-[tenants.integrations.salesforce]
-consumer-key = "chaos-ck"
-consumer-secret = "{s.sf_consumer_secret}"
-username = "sf@example.com"
-password = "{s.sf_password}"
-secret-token = "{s.sf_token}"
-login-url = "{self.salesforce.url}"
-""")
+{integrations_toml(s, self.pusher, self.datasift, self.salesforce)}""")
             for kind, t, lid, g in self.listeners:
                 if t != tenant:
                     continue

@@ -232,6 +232,31 @@ class Secrets:
         return list(vars(self).values())
 
 
+
+def integrations_toml(s: Secrets, pusher: Any, datasift: Any, salesforce: Any) -> str:
+    """One tenant's three integration tables against the simulators, with the run's secrets."""
+    return f"""[tenants.integrations.pusher]
+key = "{pusher.key}"
+secret = "{s.pusher_secret}"
+app-id = "{pusher.app_id}"
+host = "{pusher.host}"
+port = {pusher.port}
+tls = false
+
+[tenants.integrations.datasift]
+username = "chaos"
+api-key = "{s.datasift_key}"
+stream-url = "{datasift.url}"
+
+[tenants.integrations.salesforce]
+consumer-key = "chaos-ck"
+consumer-secret = "{s.sf_consumer_secret}"
+username = "sf@example.com"
+password = "{s.sf_password}"
+secret-token = "{s.sf_token}"
+login-url = "{salesforce.url}"
+"""
+
 class Rig:
     """Sims + engine in this loop, the daemon as a child process, and the ledger between them.
 
@@ -365,27 +390,7 @@ id = "{OTHER_TENANT}"
 [[tenants]]
 id = "{TENANT}"
 
-[tenants.integrations.pusher]
-key = "{self.pusher.key}"
-secret = "{s.pusher_secret}"
-app-id = "{self.pusher.app_id}"
-host = "{self.pusher.host}"
-port = {self.pusher.port}
-tls = false
-
-[tenants.integrations.datasift]
-username = "chaos"
-api-key = "{s.datasift_key}"
-stream-url = "{self.datasift.url}"
-
-[tenants.integrations.salesforce]
-consumer-key = "chaos-ck"
-consumer-secret = "{s.sf_consumer_secret}"
-username = "sf@example.com"
-password = "{s.sf_password}"
-secret-token = "{s.sf_token}"
-login-url = "{self.salesforce.url}"
-
+{integrations_toml(s, self.pusher, self.datasift, self.salesforce)}
 {body}
 {self.tenant_toml}
 """
