@@ -90,11 +90,10 @@ def _never(want: Desired) -> bool:
 
 
 def runs_stale(old: Config, new: Config) -> Callable[[Desired], bool]:
-    """Which running listeners a new config makes stale though their definitions are unchanged: all of them
-    when `[sources]` changed (every run reads it), the API-made integrations' when `[server.egress]` did
-    (they run under it); none otherwise."""
-    if old.sources.dump() != new.sources.dump():
-        return lambda want: True
+    """Which running listeners a new config makes stale though their definitions are unchanged: the API-made
+    integrations' when `[server.egress]` changed (they run under it: a narrowed policy must reach connections
+    already open); none otherwise. `[sources]` tuning applies as listeners (re)start: a reload restarts only
+    changed definitions, as the contract says."""
     if old.server.egress.dump() != new.server.egress.dump():
         return lambda want: want.integration is not None and want.integration.managed_by == "api"
     return _never
