@@ -64,6 +64,7 @@ from listenerd.testing import Api, DaemonProcess, wait_for
 from listenerd.testing_pg import Postgres
 
 NODE_IN_AGENT = re.compile(r"\(node ([^)]+)\)")  # `listenerd/<version> (node <id>)`: net.user_agent
+IDLE = 2.0  # seconds without a connect held: a CometD client polling (long poll 0.5 s) never idles so long
 KINDS = {"pusher": 4, "datasift": 3, "salesforce": 3}
 PREFIX = {"pusher": "P", "datasift": "D", "salesforce": "S"}
 TICK = 0.02
@@ -103,6 +104,7 @@ class ClusterRig:
         self.apis: dict[str, Api] = {}
         self.ended: dict[str, float] = {}  # node -> wall time it was killed (its log cannot say)
         self.paused: dict[str, float] = {}  # node -> wall time of its SIGSTOP
+        self.began_wall = time.time()
         self._seq = dict.fromkeys(SOURCES, 0)
         self._pump: asyncio.Task[None] | None = None
         # every listener: (source, tenant, listener id, global index)
@@ -321,7 +323,10 @@ id = "{tenant}"
                     group = self.group_of(kind, sub.name)
                     if group is None:
                         continue
-                    begin, end = sub.at, sub.until if sub.until is not None else now
+                    # a CometD client that stopped polling (its node killed) ended at its last connect
+                    ended = record.ended(now, idle=IDLE)
+                    begin = sub.at
+                    end = sub.until if sub.until is not None else ended if ended is not None else now
                     paused = self.paused.get(node)
                     if clip_pause and paused is not None and begin < paused < end:
                         end = min(end, paused + self.ttl)
@@ -401,6 +406,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         await asyncio.sleep(3 if short else 10)
 
         say("kill -9 c, its directory deleted")
+        result["killed_at_s"] = round(time.time() - rig.began_wall, 1)
         rig.nodes["c"].kill9()
         killed = time.monotonic()
         rig.ended["c"] = time.time()
@@ -414,6 +420,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
 
         pause = 3 * ttl if short else 30.0
         say(f"SIGSTOP b for {pause:.0f} s")
+        result["paused_at_s"] = round(time.time() - rig.began_wall, 1)
         rig.nodes["b"].signal(signal.SIGSTOP)
         stopped = time.monotonic()
         rig.paused["b"] = time.time()
@@ -467,6 +474,12 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         result["sim_max_overlap_by_source_s"] = {
             kind: round(max((v for g, v in sim_overlaps.items() if g.endswith("/" + kind)), default=0.0), 2)
             for kind in SOURCES}
+        if sim_overlaps:
+            worst = max(sim_overlaps, key=sim_overlaps.__getitem__)
+            spans, _ = rig.sim_spans(clip_pause=True)
+            result["sim_worst_group"] = {"group": worst, "spans_s": {
+                node: [(round(a - rig.began_wall, 1), round(b - rig.began_wall, 1)) for a, b in _merge(v)]
+                for node, v in spans[worst].items()}}
         result["sim_max_overlap_raw_s"] = round(max(raw_overlaps.values(), default=0.0), 2)
         result["sim_connections"] = sum(len(sim.connection_log) for sim in (rig.pusher, rig.datasift, rig.salesforce))
         result["sim_connections_unnamed"] = unnamed

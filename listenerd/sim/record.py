@@ -26,6 +26,9 @@ class ConnectionRecord:
     credential: str = ""  # the app key, user name or login user it connected with
     opened_at: float = field(default_factory=time.time)
     closed_at: float | None = None
+    # a CometD client between connects: since when it holds none (None while one is held); one that stopped
+    # polling is delivered nothing more, though the org counts it until it expires
+    idle_since: float | None = None
     subscriptions: list[Subscribed] = field(default_factory=list)
 
     def subscribe(self, name: str) -> None:
@@ -36,6 +39,15 @@ class ConnectionRecord:
         for s in self.subscriptions:
             if s.name == name and s.until is None:
                 s.until = time.time()
+
+    def ended(self, now: float, idle: float) -> float | None:
+        """When the connection ended as far as delivery goes: closed, or idle (no connect held) for more than
+        `idle` seconds by `now`; None while live."""
+        if self.closed_at is not None:
+            return self.closed_at
+        if self.idle_since is not None and now - self.idle_since > idle:
+            return self.idle_since
+        return None
 
     def close(self, at: float | None = None) -> None:
         """Closed at `at` (default now; idempotent): every subscription still open ends with it."""

@@ -129,8 +129,7 @@ class _Client:
     advice_once: dict[str, Any] | None = None
     polls: int = 0  # connects being held now: while one is, the client never expires
     expires: float | None = None  # monotonic time it expires at, when no connect is held
-    record: ConnectionRecord = field(default_factory=lambda: ConnectionRecord(""))
-    idle_since: float = field(default_factory=time.time)  # wall time its last connect ended (or its handshake)
+    record: ConnectionRecord = field(default_factory=lambda: ConnectionRecord(""))  # `idle_since`: no connect held
 
 
 class SalesforceSim:
@@ -373,7 +372,7 @@ class SalesforceSim:
         last polled: from then on nothing was delivered to it, though the org kept its slot)."""
         client = self.bayeux.pop(client_id, None)
         if client is not None:
-            client.record.close(client.idle_since if expired else None)
+            client.record.close(client.record.idle_since if expired else None)
 
     def _drop_stale_clients(self) -> None:
         now = time.monotonic()
@@ -708,7 +707,8 @@ class SalesforceSim:
                     None)
         self.handshakes += 1
         client = _Client(secrets.token_hex(13), secrets.token_hex(16), token,
-                         expires=time.monotonic() + self.max_interval, record=ConnectionRecord(user_agent))
+                         expires=time.monotonic() + self.max_interval,
+                         record=ConnectionRecord(user_agent, idle_since=time.time()))
         self.bayeux[client.client_id] = client
         self.connection_log.append(client.record)
         return (_reply(message, True, clientId=client.client_id, version="1.0", minimumVersion="1.0",
@@ -772,13 +772,14 @@ class SalesforceSim:
         """Hold one connect; while any is held the client cannot expire, and its end starts the clock."""
         client.polls += 1
         client.expires = None
+        client.record.idle_since = None
         try:
             return await self._hold(request, client, message)
         finally:
             client.polls -= 1
             if not client.polls:
                 client.expires = time.monotonic() + self.max_interval
-                client.idle_since = time.time()
+                client.record.idle_since = time.time()
 
     async def _hold(self, request: web.Request, client: _Client,
                     message: dict[str, Any]) -> list[dict[str, Any]] | bytes | None:
