@@ -6,6 +6,7 @@ import functools
 import re
 import ssl
 
+from listenerd import version
 from listenerd.model import SECRET_MASK
 
 # aiohttp's connection errors name the TLS context by its repr (`ssl:<ssl.SSLContext object at 0x7f..>`):
@@ -19,6 +20,13 @@ def client_tls(ca_bundle: str | None = None) -> ssl.SSLContext:
     """A verifying client context, against `ca_bundle` or the system's CAs; one per bundle, shared by every
     connection (a context costs memory, and they are many)."""
     return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+
+
+@functools.lru_cache(maxsize=8)
+def user_agent(node: str | None = None) -> str:
+    """The `User-Agent` of every provider connection: the product and version, and in a cluster the node, so a
+    provider (and our simulators) can tell which node holds a connection."""
+    return f"listenerd/{version()} (node {node})" if node else f"listenerd/{version()}"
 
 
 def describe(exc: BaseException, limit: int | None = None) -> str:

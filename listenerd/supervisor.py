@@ -29,6 +29,7 @@ from listenerd.backoff import backoff_delay
 from listenerd.egress import Policy
 from listenerd.model import Config, Integration, ListenerBase
 from listenerd.model import Supervisor as SupervisorSettings
+from listenerd.net import user_agent
 from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources import source_for
 from listenerd.sources.base import Launch, Shared, SourceContext
@@ -370,7 +371,8 @@ class Supervisor:
                             settings=self.config.sources, launch=launch, status=record, outbox=self.outbox,
                             metrics=self.metrics, shared=self.shared, tap=self.tap, tap_clients=self.tap_clients,
                             egress=(Policy.from_settings(self.config.server.egress)
-                                    if want.integration.managed_by == "api" else None))
+                                    if want.integration.managed_by == "api" else None),
+                            user_agent=user_agent(self.node))
         ctx.on_bound = self._bound_declared
         return ctx
 

@@ -25,8 +25,17 @@ and each stop: stand-down, lease lost, hand-over, exit or kill) and reported as 
 per group, which must stay within the TTL. A SIGSTOPped process runs nothing, but the provider still
 sees its sockets open until it resumes and stands down (no process can close a socket while
 stopped): its runs are counted as ending when its leases lapse, and what it reads on resuming is
-refused by the fence (`pause_fenced_events`). (Not yet: the simulators recording each connection's
-node and time, which would measure the subscriptions themselves rather than the nodes' logs.)
+refused by the fence (`pause_fenced_events`).
+
+The providers' side is measured too: every provider connection names its node in its `User-Agent`
+(`listenerd/<version> (node <id>)`), and each simulator records per connection (per CometD client) its
+user agent, open and close times and each subscription's times (`connection_log`). From those,
+`sim_max_overlap_s` is the longest time any group (tenant + source type, from the rig's channel, hash and
+topic names) was subscribed from two nodes at once, and it must stay within the TTL. A SIGSTOPped node's
+subscriptions count there until its leases lapse; `sim_max_overlap_raw_s` counts them until its sockets
+actually close (after it resumes and stands down), which no stopped process can do sooner. A CometD
+client that stops polling ends when its last connect ended (the org keeps its slot until it expires, but
+delivers nothing to it).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -53,9 +63,22 @@ from listenerd.sim.salesforce import SalesforceSim
 from listenerd.testing import Api, DaemonProcess, wait_for
 from listenerd.testing_pg import Postgres
 
+NODE_IN_AGENT = re.compile(r"\(node ([^)]+)\)")  # `listenerd/<version> (node <id>)`: net.user_agent
+IDLE = 2.0  # seconds without a connect held: a CometD client polling (long poll 0.5 s) never idles so long
 KINDS = {"pusher": 4, "datasift": 3, "salesforce": 3}
 PREFIX = {"pusher": "P", "datasift": "D", "salesforce": "S"}
 TICK = 0.02
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping or touching intervals joined: one node's subscriptions of a group as one span each time."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 class ClusterRig:
@@ -81,6 +104,7 @@ class ClusterRig:
         self.apis: dict[str, Api] = {}
         self.ended: dict[str, float] = {}  # node -> wall time it was killed (its log cannot say)
         self.paused: dict[str, float] = {}  # node -> wall time of its SIGSTOP
+        self.began_wall = time.time()
         self._seq = dict.fromkeys(SOURCES, 0)
         self._pump: asyncio.Task[None] | None = None
         # every listener: (source, tenant, listener id, global index)
@@ -265,6 +289,65 @@ id = "{tenant}"
                         worst[group] = max(worst.get(group, 0.0), min(b1, b2) - max(a1, a2))
         return worst
 
+    # -- what the providers saw: each simulator connection's node (its User-Agent) and subscription times
+
+    def group_of(self, kind: str, name: str) -> str | None:
+        """The group (tenant/kind) a subscription belongs to, from the rig's own channel, hash and topic names."""
+        try:
+            if kind == "pusher":
+                g = int(name.removeprefix("private-chaos-"))
+            elif kind == "datasift":
+                g = int(name, 16)
+            else:
+                g = int(name.removeprefix("/topic/Chaos").split("?", 1)[0])
+        except ValueError:
+            return None
+        return f"{self.tenants[g // 100]}/{kind}" if g // 100 < len(self.tenants) else None
+
+    def sim_spans(self, clip_pause: bool) -> tuple[dict[str, dict[str, list[tuple[float, float]]]], int]:
+        """Per group, per node: the intervals it was subscribed, as the simulators recorded them; and how many
+        subscribed connections named no node. `clip_pause`: a SIGSTOPped node's subscriptions end when its
+        leases lapse (the provider still sees its sockets; the fence refuses whatever it reads later)."""
+        now = time.time()
+        self.salesforce.live_clients  # noqa: B018 - sweeps the CometD clients that stopped polling
+        spans: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+        unnamed = 0
+        for kind, sim in (("pusher", self.pusher), ("datasift", self.datasift), ("salesforce", self.salesforce)):
+            for record in sim.connection_log:
+                named = NODE_IN_AGENT.search(record.user_agent)
+                if not named:
+                    unnamed += bool(record.subscriptions)
+                    continue
+                node = named.group(1)
+                for sub in record.subscriptions:
+                    group = self.group_of(kind, sub.name)
+                    if group is None:
+                        continue
+                    # a CometD client that stopped polling (its node killed) ended at its last connect
+                    ended = record.ended(now, idle=IDLE)
+                    begin = sub.at
+                    end = sub.until if sub.until is not None else ended if ended is not None else now
+                    paused = self.paused.get(node)
+                    if clip_pause and paused is not None and begin < paused < end:
+                        end = min(end, paused + self.ttl)
+                    spans[group][node].append((begin, end))
+        return spans, unnamed
+
+    def sim_overlaps(self, clip_pause: bool = True) -> tuple[dict[str, float], int]:
+        """Per group, the longest time it was subscribed from two nodes at once (simulators' records)."""
+        spans, unnamed = self.sim_spans(clip_pause)
+        worst: dict[str, float] = {}
+        for group, by_node in spans.items():
+            merged = {node: _merge(intervals) for node, intervals in by_node.items()}
+            nodes = sorted(merged)
+            for i, n1 in enumerate(nodes):
+                for n2 in nodes[i + 1:]:
+                    for a1, b1 in merged[n1]:
+                        for a2, b2 in merged[n2]:
+                            if min(b1, b2) > max(a1, a2):
+                                worst[group] = max(worst.get(group, 0.0), min(b1, b2) - max(a1, a2))
+        return worst, unnamed
+
     def events_since(self, name: str, wall: float, prefix: str) -> int:
         count = 0
         for line in self.nodes[name].lines():
@@ -323,6 +406,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         await asyncio.sleep(3 if short else 10)
 
         say("kill -9 c, its directory deleted")
+        result["killed_at_s"] = round(time.time() - rig.began_wall, 1)
         rig.nodes["c"].kill9()
         killed = time.monotonic()
         rig.ended["c"] = time.time()
@@ -336,6 +420,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
 
         pause = 3 * ttl if short else 30.0
         say(f"SIGSTOP b for {pause:.0f} s")
+        result["paused_at_s"] = round(time.time() - rig.began_wall, 1)
         rig.nodes["b"].signal(signal.SIGSTOP)
         stopped = time.monotonic()
         rig.paused["b"] = time.time()
@@ -383,6 +468,21 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         result["lost_committed"] = sum(r["lost_committed"] for r in result["sources"].values())
         overlaps = rig.overlaps()
         result["max_overlap_s"] = round(max(overlaps.values(), default=0.0), 2)
+        sim_overlaps, unnamed = rig.sim_overlaps(clip_pause=True)
+        raw_overlaps, _ = rig.sim_overlaps(clip_pause=False)
+        result["sim_max_overlap_s"] = round(max(sim_overlaps.values(), default=0.0), 2)
+        result["sim_max_overlap_by_source_s"] = {
+            kind: round(max((v for g, v in sim_overlaps.items() if g.endswith("/" + kind)), default=0.0), 2)
+            for kind in SOURCES}
+        if sim_overlaps:
+            worst = max(sim_overlaps, key=sim_overlaps.__getitem__)
+            spans, _ = rig.sim_spans(clip_pause=True)
+            result["sim_worst_group"] = {"group": worst, "spans_s": {
+                node: [(round(a - rig.began_wall, 1), round(b - rig.began_wall, 1)) for a, b in _merge(v)]
+                for node, v in spans[worst].items()}}
+        result["sim_max_overlap_raw_s"] = round(max(raw_overlaps.values(), default=0.0), 2)
+        result["sim_connections"] = sum(len(sim.connection_log) for sim in (rig.pusher, rig.datasift, rig.salesforce))
+        result["sim_connections_unnamed"] = unnamed
         result["load"] = loadavg()
     finally:
         await rig.stop()
@@ -403,6 +503,11 @@ def check(result: dict[str, Any]) -> list[str]:
         problems.append("the paused node did not stand down")
     if result["max_overlap_s"] > ttl:
         problems.append(f"a group ran on two nodes for {result['max_overlap_s']} s (> TTL)")
+    if result["sim_max_overlap_s"] > ttl:
+        problems.append(f"the simulators saw a group subscribed from two nodes for {result['sim_max_overlap_s']} s "
+                        "(> TTL)")
+    if result["sim_connections_unnamed"]:
+        problems.append(f"{result['sim_connections_unnamed']} provider connections did not name their node")
     if any(m > 2.0 for m in result["rolling_moves_s"]):
         problems.append(f"a rolling-restart move took over 2 s: {result['rolling_moves_s']}")
     return problems

@@ -198,3 +198,5 @@ async def test_cluster_short(tmp_path):
     assert cluster.check(result) == [], result
     assert result["lost_committed"] == 0 and result["pause_stood_down"] and result["pause_fenced_events"] >= 0
     assert result["kill9_moved_s"] <= 3.0 + 5 and all(m < 2.0 for m in result["rolling_moves_s"])
+    # the providers' view: no group subscribed from two nodes at once beyond the TTL, every connection named
+    assert result["sim_max_overlap_s"] <= 3.0 and result["sim_connections_unnamed"] == 0, result

@@ -57,6 +57,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from listenerd.sim.record import ConnectionRecord
+
 # websockets logs request lines (credentials in the query) at DEBUG; keep them out even of dev logs.
 _WS_LOG = logging.getLogger("listenerd.sim.datasift.websockets")
 _WS_LOG.setLevel(logging.INFO)
@@ -78,6 +80,7 @@ class SimConnection:
     username: str
     hashes: set[str] = field(default_factory=set)
     ticker: asyncio.Task[None] | None = None
+    record: ConnectionRecord = field(default_factory=lambda: ConnectionRecord(""))
 
 
 class DataSiftSim:
@@ -95,6 +98,7 @@ class DataSiftSim:
         self.confirm = confirm  # False: subscribes are applied but never confirmed
         self.missing = missing  # how an unknown hash is answered: "failure" or "warning"
         self.connections: list[SimConnection] = []
+        self.connection_log: list[ConnectionRecord] = []  # every accepted socket, closed ones too
         self.actions: list[dict[str, Any]] = []  # every action received: {"username", "action", "hash"}
         self.connects = 0  # sockets accepted with valid credentials
         self.rejected = 0  # sockets refused for their credentials
@@ -313,8 +317,9 @@ class DataSiftSim:
                 await ws.send(orjson.dumps({"status": "failure", "message": message}).decode())
                 await ws.close(1008, "authentication failed")
             return
-        conn = SimConnection(ws, username)
+        conn = SimConnection(ws, username, record=ConnectionRecord(ws.request.headers.get("User-Agent", ""), username))
         self.connections.append(conn)
+        self.connection_log.append(conn.record)
         self.connects += 1
         conn.ticker = asyncio.create_task(self._tick(conn))
         try:
@@ -325,6 +330,7 @@ class DataSiftSim:
         finally:
             conn.ticker.cancel()
             self.connections.remove(conn)
+            conn.record.close()
 
     async def _on_message(self, conn: SimConnection, raw: str | bytes) -> None:
         try:
@@ -343,11 +349,13 @@ class DataSiftSim:
                 await conn.ws.send(orjson.dumps(answer).decode())
                 return
             conn.hashes.add(stream_hash)
+            conn.record.subscribe(stream_hash)
             if self.confirm:
                 await conn.ws.send(orjson.dumps({"status": "success", "hash": stream_hash,
                                                  "message": f"Successfully subscribed to hash {stream_hash}"}).decode())
         elif action == "unsubscribe" and isinstance(stream_hash, str):
             conn.hashes.discard(stream_hash)
+            conn.record.unsubscribe(stream_hash)
             await conn.ws.send(orjson.dumps({"status": "success", "hash": stream_hash,
                                              "message": f"Successfully unsubscribed from hash {stream_hash}"}).decode())
         elif action == "stop":

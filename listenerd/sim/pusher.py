@@ -63,6 +63,8 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from listenerd.sim.record import ConnectionRecord
+
 SUPPORTED_PROTOCOLS = (5, 6, 7)
 TIMESTAMP_GRACE = 600  # seconds, as Pusher allows
 
@@ -136,6 +138,7 @@ class SimConnection:
         self.writer = asyncio.create_task(self._write_loop(), name=f"pusher-sim-writer:{socket_id}")
         self.closed = asyncio.Event()
         self.accepted = False  # counted against the app's connection quota
+        self.record = ConnectionRecord(request.headers.get("User-Agent", ""), request.match_info.get("key", ""))
 
     def send(self, frame: Any) -> None:
         """Queue a frame (text, bytes, or a close/drop marker) behind everything queued before."""
@@ -225,6 +228,7 @@ class PusherSim:
         self.backlog = backlog
         self.ssl_context = ssl_context  # serve wss:// and https:// (tests of TLS verification)
         self.connections: list[SimConnection] = []
+        self.connection_log: list[ConnectionRecord] = []  # every connection ever made, closed ones too
         self.subscriptions: list[SubscribeRecord] = []
         self.unsubscriptions: list[tuple[str, str]] = []  # (socket_id, channel) of each pusher:unsubscribe
         self.published = 0  # channel events accepted (HTTP API and publish())
@@ -418,6 +422,7 @@ class PusherSim:
         protocol = int(raw_protocol) if raw_protocol and raw_protocol.isdigit() else 0
         conn = SimConnection(self, ws, request, socket_id, protocol)
         self.connections.append(conn)
+        self.connection_log.append(conn.record)
         try:
             refusal = self._handshake_refusal(request.match_info["key"], raw_protocol, protocol)
             if refusal is None and self.max_connections is not None and self.open_connections >= self.max_connections:
@@ -447,6 +452,7 @@ class PusherSim:
                     conn.send(_frame("pusher:error", {"code": None, "message": "Binary frames are not supported"}))
         finally:
             self.connections.remove(conn)
+            conn.record.close()
             self._forget(conn)
             conn.writer.cancel()
             conn.closed.set()
@@ -489,6 +495,7 @@ class PusherSim:
             self._changed.set()
             if channel in conn.channels:
                 conn.channels.discard(channel)
+                conn.record.unsubscribe(channel)
                 self._left_presence(conn, channel)
         elif event.startswith("client-"):
             self._client_event(conn, event, msg.get("channel"), data)
@@ -511,6 +518,7 @@ class PusherSim:
                              {"type": "AuthError", "error": message, "status": status}, channel))
             return
         conn.channels.add(channel)
+        conn.record.subscribe(channel)
         if channel.startswith("presence-"):
             user = json.loads(channel_data)
             user_id = str(user["user_id"])

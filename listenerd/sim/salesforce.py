@@ -74,6 +74,8 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from listenerd.sim.record import ConnectionRecord
+
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ORG_ID = "00D5g000000SimAAA"
 USER_ID = "0055g000000SimAAA"
@@ -127,6 +129,7 @@ class _Client:
     advice_once: dict[str, Any] | None = None
     polls: int = 0  # connects being held now: while one is, the client never expires
     expires: float | None = None  # monotonic time it expires at, when no connect is held
+    record: ConnectionRecord = field(default_factory=lambda: ConnectionRecord(""))  # `idle_since`: no connect held
 
 
 class SalesforceSim:
@@ -180,6 +183,7 @@ class SalesforceSim:
         self._failing_connects: list[int] = []  # HTTP statuses for the next connects (see `fail_connects`)
         self.topics: dict[str, dict[str, Any]] = {}
         self.tokens: set[str] = set()
+        self.connection_log: list[ConnectionRecord] = []  # every Bayeux client, handshake to disconnect or expiry
         self.bayeux: dict[str, _Client] = {}
         self.events: deque[_Event] = deque()  # in replayId order, oldest first
         self.purged_upto = 0
@@ -243,6 +247,8 @@ class SalesforceSim:
     async def restart(self) -> None:
         """The streaming servers restart: every Bayeux client is forgotten; tokens and events stay."""
         await self.stop()
+        for client in self.bayeux.values():
+            client.record.close()
         self.bayeux.clear()
         await self.start()
 
@@ -361,10 +367,17 @@ class SalesforceSim:
         self._drop_stale_clients()
         return self._expired
 
+    def _end(self, client_id: str, expired: bool = False) -> None:
+        """The client is gone from the org: disconnected, refused, or `expired` (its record then ends when it
+        last polled: from then on nothing was delivered to it, though the org kept its slot)."""
+        client = self.bayeux.pop(client_id, None)
+        if client is not None:
+            client.record.close(client.record.idle_since if expired else None)
+
     def _drop_stale_clients(self) -> None:
         now = time.monotonic()
         for stale in [c for c in self.bayeux.values() if c.expires is not None and now > c.expires]:
-            self.bayeux.pop(stale.client_id, None)
+            self._end(stale.client_id, expired=True)
             self._expired += 1
 
     # ------------------------------------------------------------ faults
@@ -379,6 +392,7 @@ class SalesforceSim:
         """Drop every Bayeux client: the next request answers `403::Unknown client`."""
         clients, self.bayeux = self.bayeux, {}
         for client in clients.values():
+            client.record.close()
             client.wake.set()
 
     def advise(self, reconnect: str, error: str | None = None) -> None:
@@ -629,7 +643,7 @@ class SalesforceSim:
             channel = message.get("channel")
             if channel == "/meta/handshake":
                 await self._handshakes_open.wait()
-                reply, cookie = self._handshake(message, token)
+                reply, cookie = self._handshake(message, token, request.headers.get("User-Agent", ""))
                 if cookie:
                     response = web.Response()
                     response.set_cookie("BAYEUX_BROWSER", cookie, httponly=True, path="/")
@@ -637,12 +651,12 @@ class SalesforceSim:
                 continue
             client = self.bayeux.get(str(message.get("clientId")))
             if client is not None and client.expires is not None and time.monotonic() > client.expires:
-                self.bayeux.pop(client.client_id, None)  # swept: it stopped polling
+                self._end(client.client_id, expired=True)  # swept: it stopped polling
                 self._expired += 1
                 client = None
             if token is None:
                 if client is not None:  # advice none: the server is done with this client, its slot is free
-                    self.bayeux.pop(client.client_id, None)
+                    self._end(client.client_id)
                 replies.append(_reply(message, False, error="401::Authentication invalid",
                                       advice={"reconnect": "none", "interval": 0}))
             elif client is None:
@@ -656,11 +670,12 @@ class SalesforceSim:
                 replies.append(self._subscribe(client, message))
             elif channel == "/meta/unsubscribe":
                 client.subscriptions.discard(str(message.get("subscription")))
+                client.record.unsubscribe(str(message.get("subscription")))
                 replies.append(_reply(message, True, subscription=message.get("subscription")))
             elif channel == "/meta/disconnect":
                 if self.disconnect_delay:
                     await asyncio.sleep(self.disconnect_delay)
-                self.bayeux.pop(client.client_id, None)
+                self._end(client.client_id)
                 client.wake.set()
                 replies.append(_reply(message, True))
             elif channel == "/meta/connect":
@@ -677,7 +692,8 @@ class SalesforceSim:
         out.content_type = "application/json"
         return out
 
-    def _handshake(self, message: dict[str, Any], token: str | None) -> tuple[dict[str, Any], str | None]:
+    def _handshake(self, message: dict[str, Any], token: str | None,
+                   user_agent: str = "") -> tuple[dict[str, Any], str | None]:
         if token is None:
             return (_reply(message, False, error="403::Handshake denied", advice={"reconnect": "none"},
                            ext={"sfdc": {"failureReason": "401::Authentication invalid"}}), None)
@@ -691,8 +707,10 @@ class SalesforceSim:
                     None)
         self.handshakes += 1
         client = _Client(secrets.token_hex(13), secrets.token_hex(16), token,
-                         expires=time.monotonic() + self.max_interval)
+                         expires=time.monotonic() + self.max_interval,
+                         record=ConnectionRecord(user_agent, idle_since=time.time()))
         self.bayeux[client.client_id] = client
+        self.connection_log.append(client.record)
         return (_reply(message, True, clientId=client.client_id, version="1.0", minimumVersion="1.0",
                        supportedConnectionTypes=["long-polling"], ext={"replay": True, "payload.format": True}),
                 client.cookie)
@@ -742,6 +760,7 @@ class SalesforceSim:
                           error=f"400::The replayId {{{replay_id}}} you provided was invalid. Please provide a "
                                 "valid ID, -2 to replay all events, or -1 to replay only new events.")
         client.subscriptions.add(channel)
+        client.record.subscribe(channel)
         client.queue.extend({**e.message, "channel": channel, "clientId": client.client_id}
                             for e in backlog if _matches(conditions, e.fields))
         if backlog:
@@ -753,12 +772,14 @@ class SalesforceSim:
         """Hold one connect; while any is held the client cannot expire, and its end starts the clock."""
         client.polls += 1
         client.expires = None
+        client.record.idle_since = None
         try:
             return await self._hold(request, client, message)
         finally:
             client.polls -= 1
             if not client.polls:
                 client.expires = time.monotonic() + self.max_interval
+                client.record.idle_since = time.time()
 
     async def _hold(self, request: web.Request, client: _Client,
                     message: dict[str, Any]) -> list[dict[str, Any]] | bytes | None:
@@ -795,7 +816,7 @@ class SalesforceSim:
             return [_reply(message, False, error="403::Unknown client",
                            advice={"reconnect": "handshake", "interval": 0})]
         if client.token not in self.tokens:
-            self.bayeux.pop(client.client_id, None)  # advice none: the slot is free
+            self._end(client.client_id)  # advice none: the slot is free
             return [_reply(message, False, error="401::Authentication invalid",
                            advice={"reconnect": "none", "interval": 0})]
         if self._corrupt:
@@ -806,7 +827,7 @@ class SalesforceSim:
             once, client.advice_once = client.advice_once, None
             error = once.pop("error")
             if once["reconnect"] == "handshake":
-                self.bayeux.pop(client.client_id, None)
+                self._end(client.client_id)
             if error:
                 return [_reply(message, False, error=error, advice=once)]
             return [_reply(message, True, advice=once)]

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import structlog
 
 from listenerd.mapping import CompiledMapping, EventTooLarge, compile_mapping
+from listenerd.net import user_agent as net_user_agent
 from listenerd.status import ListenerStatus
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ class SourceContext:
     def __init__(self, *, tenant_id: str, listener: ListenerBase, integration: Integration, settings: Sources,
                  status: ListenerStatus, outbox: Outbox, metrics: Metrics, shared: Shared,
                  launch: Launch = Launch(), tap: Callable[[str, str, dict[str, Any]], None] | None = None,
-                 tap_clients: Callable[[str, str], int] | None = None, egress: Policy | None = None):
+                 tap_clients: Callable[[str, str], int] | None = None, egress: Policy | None = None,
+                 user_agent: str | None = None):
         self.tenant_id = tenant_id
         self.listener = listener
         self.listener_id = listener.id
@@ -95,6 +97,7 @@ class SourceContext:
         self.shared = shared
         # where an API-made integration may connect (checked again at connect time); None: the operator's own
         self.egress = egress
+        self.user_agent = user_agent or net_user_agent()  # names the node in a cluster (`net.user_agent`)
         self._status = status
         self._outbox = outbox
         self._metrics = metrics

@@ -93,6 +93,7 @@ class Stream(Registered):
     base_url: str
     settings: Sources
     egress: Policy | None = None  # an API-made integration's connections obey it
+    user_agent: str = ""  # `net.user_agent`: names the node in a cluster
     subscribers: list[_Subscriber] = field(default_factory=list)
     closed: bool = False
     task: asyncio.Task[None] | None = None
@@ -174,7 +175,7 @@ class Stream(Registered):
                 url, **checked, open_timeout=settings.connect_timeout,
                 ssl=client_tls(settings.ca_bundle) if url.lower().startswith("wss:") else None,
                 max_size=settings.max_frame_bytes * 16, close_timeout=_CLOSE_WAIT,
-                user_agent_header="listenerd", logger=_WS_LOG)
+                user_agent_header=self.user_agent, logger=_WS_LOG)
         except InvalidURI:
             raise Ended(machine.invalid_url()) from None
         except InvalidStatus as exc:
@@ -284,7 +285,7 @@ def _stream_for(ctx: SourceContext) -> Stream:
     if stream is None or stream.closed:
         stream = Stream(key=key, registry=registry, tenant_id=ctx.tenant_id, username=creds.username,
                         api_key=creds.api_key, base_url=creds.stream_url, settings=ctx.settings,
-                        egress=ctx.egress)
+                        egress=ctx.egress, user_agent=ctx.user_agent)
         registry[key] = stream
     return stream
 

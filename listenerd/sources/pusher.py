@@ -39,7 +39,6 @@ from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Fail, Outcome, Retry
 from listenerd.sources.group import Registered, follow, group_key, resolve
 from listenerd.sources.pusher_protocol import (
-    CLIENT_VERSION,
     Action,
     Count,
     Emit,
@@ -81,6 +80,7 @@ class Connection(Registered):
     integration: PusherIntegration
     settings: Sources
     egress: Policy | None = None  # an API-made integration's connections obey it
+    user_agent: str = ""  # `net.user_agent`: names the node in a cluster
     subscribers: dict[int, _Subscriber] = field(default_factory=dict)
     closed: bool = False
     task: asyncio.Task[None] | None = None
@@ -164,7 +164,7 @@ class Connection(Registered):
             self.ws = await connect(url, **checked, open_timeout=settings.connect_timeout, ping_interval=None,
                                     max_size=settings.max_frame_bytes, compression=None, proxy=None,
                                     close_timeout=_CLOSE_WAIT, ssl=client_tls(settings.ca_bundle) if self.tls else None,
-                                    user_agent_header=f"listenerd/{CLIENT_VERSION}")
+                                    user_agent_header=self.user_agent)
         except InvalidStatus as exc:
             return Retry("refused", f"Pusher refused the WebSocket handshake at {url}: HTTP {exc.response.status_code}")
         except InvalidURI as exc:
@@ -300,7 +300,7 @@ def _connection_for(ctx: SourceContext) -> Connection:
     connection = registry.get(key)
     if connection is None or connection.closed:
         connection = Connection(key=key, registry=registry, tenant_id=ctx.tenant_id, integration=integration,
-                                settings=ctx.settings, egress=ctx.egress)
+                                settings=ctx.settings, egress=ctx.egress, user_agent=ctx.user_agent)
         registry[key] = connection
     return connection
 

@@ -48,7 +48,7 @@ import aiohttp
 import orjson
 import structlog
 
-from listenerd.egress import refusal, session_options
+from listenerd.egress import refusal
 from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources, salesforce_channel_kind
 from listenerd.net import describe, kind_of, sanitised
 from listenerd.outcome import Ended, Fail, Outcome, Retry
@@ -151,7 +151,8 @@ class SalesforceClients:
         key = group_key(ctx.tenant_id, ctx.integration.dump(), ctx.settings.dump(), repr(ctx.egress))
         found = self.logins.get(key)
         if found is None:
-            found = self.logins[key] = Login(ctx.integration, ctx.settings, ctx.egress)  # type: ignore[arg-type]
+            found = self.logins[key] = Login(ctx.integration, ctx.settings, ctx.egress,  # type: ignore[arg-type]
+                                                 user_agent=ctx.user_agent)
         return found
 
     def connection_for(self, ctx: SourceContext, login: Login, options: SalesforceOptions) -> Connection:
@@ -349,8 +350,7 @@ class Connection:
         if request.kind == "handshake":
             if self.http is not None:
                 await self.http.close()
-            self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                              **session_options(self.login.egress))
+            self.http = aiohttp.ClientSession(**self.login.http_options(cookie_jar=aiohttp.CookieJar(unsafe=True)))
         if request.delay:
             await asyncio.sleep(request.delay)
         try:

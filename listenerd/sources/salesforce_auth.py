@@ -36,6 +36,7 @@ from listenerd.backoff import backoff_delay
 from listenerd.egress import EgressRefused, Policy, refusal, session_options
 from listenerd.model import SalesforceIntegration, SalesforceOptions, Sources
 from listenerd.net import client_tls, describe, kind_of, mask, sanitised
+from listenerd.net import user_agent as net_user_agent
 from listenerd.outcome import Ended, Fail, Retry
 
 # OAuth errors that stay until someone changes the credentials or the connected app: `failed`, with
@@ -291,15 +292,22 @@ class Login:
     flight), so a session expiry under any number of listeners costs exactly one login.
     """
 
-    def __init__(self, integration: SalesforceIntegration, settings: Sources, egress: Policy | None = None):
+    def __init__(self, integration: SalesforceIntegration, settings: Sources, egress: Policy | None = None,
+                 user_agent: str = ""):
         self.integration = integration
         self.egress = egress
+        self.user_agent = user_agent or net_user_agent()  # names the node in a cluster
         self.ssl = client_tls(settings.ca_bundle)
         self.timeout = settings.connect_timeout
         self.session: Session | None = None
         self._flight: asyncio.Task[Session] | None = None
         self._limit_hits = 0
         self.topics_found: set[str] = set()  # PushTopics seen to exist: a retry does not look them up again
+
+    def http_options(self, **more: Any) -> dict[str, Any]:
+        """`ClientSession` keyword arguments for every HTTP request of this integration (OAuth, REST, CometD):
+        its egress policy and the `User-Agent` that names the node."""
+        return {**session_options(self.egress), "headers": {"User-Agent": self.user_agent}, **more}
 
     async def current(self) -> Session:
         return self.session if self.session is not None else await self._login()
@@ -332,7 +340,7 @@ class Login:
 
     async def _post(self) -> Session:
         try:
-            async with aiohttp.ClientSession(**session_options(self.egress)) as http:
+            async with aiohttp.ClientSession(**self.http_options()) as http:
                 session = await login(http, self.integration, self.ssl, self.timeout, egress=self.egress)
         except LoginRateExceeded as exc:
             raise Ended(Retry("refused", f"Salesforce's login rate limit for this user is reached "
@@ -345,7 +353,7 @@ class Login:
 async def ensure_topic_for(login: Login, options: SalesforceOptions, settings: Sources) -> str:
     """`ensure_topic` with the shared token; a 401 there refreshes it once (single flight)."""
     session = await login.current()
-    async with aiohttp.ClientSession(**session_options(login.egress)) as http:
+    async with aiohttp.ClientSession(**login.http_options()) as http:
         for attempt in (1, 2):
             try:
                 return await ensure_topic(http, session, options, login.ssl, settings.connect_timeout)

@@ -120,7 +120,8 @@ class PubSubChannel(Registered):
         self.ready: dict[str, Schema] = {}  # fetched: the per-event path reads only this
         named, tls = target_of(url)
         target = target or named
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *(pinning or [])]
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.primary_user_agent", login.user_agent), *(pinning or [])]
         if tls:
             roots = open(ca_bundle, "rb").read() if ca_bundle else None  # noqa: SIM115 - read at once
             self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)

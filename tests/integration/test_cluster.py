@@ -138,6 +138,11 @@ async def test_two_nodes_share_the_groups_answer_for_every_listener_and_a_killed
     seen = await settled(api_a, {"a", "b"})
     assert sorted(n for _, n in seen.values()) == ["a"] * 4 + ["b"] * 4, "four groups of two: two on each node"
     assert await placement(api_b) == seen, "every node answers for every listener, with its owner's node"
+    # the provider sees each group's connection come from its owner: the User-Agent names the node
+    live = {s.name: r.user_agent for r in pusher.connection_log if r.closed_at is None for s in r.subscriptions}
+    for (tenant, listener), (_, node) in seen.items():
+        channel = f"{tenant}-{'a' if listener == 'P1' else 'b'}"
+        assert live[channel].endswith(f" (node {node})") and live[channel].startswith("listenerd/"), live
     code, ready = await api_a.call("GET", "/readyz", token=None)
     assert code == 200 and ready["cluster"] is True
     _, metrics = await api_a.call("GET", "/metrics", token=False)

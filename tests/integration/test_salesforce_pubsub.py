@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from listenerd import version
 from listenerd.delivery.ids import event_id
 from listenerd.delivery.outbox import Outbox
 from listenerd.model import Config
@@ -100,6 +101,8 @@ async def test_events_flow_with_metadata_checkpoint_and_one_schema_fetch(tmp_pat
         assert bus.schema_requests == 1
         meta = bus.streams[0].metadata
         assert meta["instanceurl"] == org.url and meta["tenantid"] == ORG_ID and org.valid_token(meta["accesstoken"])
+        # the channel's primary user agent (`net.user_agent`: a single node names no node), before gRPC's own
+        assert meta["user-agent"].startswith(f"listenerd/{version()} grpc-"), meta["user-agent"]
 
 
 async def test_change_data_capture_header_and_bitmaps_as_field_names(tmp_path, org, bus):
