@@ -85,9 +85,10 @@ class _Lane:
 class _Group:
     """What one transaction commits: a segment per listener, and who to tell once it is on disk."""
 
-    __slots__ = ("segments", "events", "bytes", "sealed", "callbacks", "counters", "on_disk")
+    __slots__ = ("seq", "segments", "events", "bytes", "sealed", "callbacks", "counters", "on_disk")
 
-    def __init__(self) -> None:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # groups are numbered in append order: `flush` waits for the newest one at its call
         self.segments: dict[tuple[str, str], _Segment] = {}
         self.events = 0
         self.bytes = 0
@@ -121,8 +122,9 @@ class Outbox:
         self._queued_bytes = 0
         self.never_written = 0  # events given up at a shutdown while the store could not commit them
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._opened = 0  # seq of the newest group
+        self._landed = 0  # seq of the newest group committed (or given up at close): all before it landed too
+        self._landing = asyncio.Event()  # set, then replaced, as each group lands: what `flush` waits on
         self._usage = _Usage()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -181,7 +183,7 @@ class Outbox:
                           events=self.never_written, error=self.health.problem)
             self._groups.clear()
             self._queued = self._queued_bytes = 0
-            self._idle.set()
+            self._land(self._opened)
             self._publish_usage()
 
     # -- appending
@@ -226,7 +228,8 @@ class Outbox:
         if groups and not groups[-1].sealed:
             group = groups[-1]
         else:
-            group = _Group()
+            self._opened += 1
+            group = _Group(self._opened)
             groups.append(group)
         segment = group.segments.get(lane.listener)
         if segment is None:
@@ -244,7 +247,6 @@ class Outbox:
             group.sealed = True
         self._queued += 1
         self._queued_bytes += len(body)
-        self._idle.clear()
         self._wake.set()
         return True
 
@@ -314,9 +316,21 @@ class Outbox:
             await self._wait_for_room(0, on_wait)
 
     async def flush(self) -> None:
-        """Wait until everything appended so far is committed."""
-        while self._groups or not self._idle.is_set():
-            await self._idle.wait()
+        """Wait until everything appended before this call is committed.
+
+        Not until the writer is idle: under steady appends from other listeners it may never be, and a
+        source that flushes before reading its resume point must not wait on everyone else's traffic."""
+        if not self._groups:
+            return
+        target = self._groups[-1].seq
+        while self._landed < target:
+            await self._landing.wait()
+
+    def _land(self, seq: int) -> None:
+        """Groups up to `seq` are on disk (or given up): wake the flushes waiting for them."""
+        self._landed = seq
+        self._landing.set()
+        self._landing = asyncio.Event()
 
     async def _write_loop(self) -> None:
         while True:
@@ -336,7 +350,7 @@ class Outbox:
                     callback(orjson.loads(body))
                 self.committed.set()
                 self._publish_usage()
-            self._idle.set()
+                self._land(group.seq)
 
     async def _commit(self, group: _Group) -> None:
         """Commit one group, retrying until it is on disk.

@@ -205,3 +205,32 @@ async def test_close_with_a_timeout_does_not_hang_on_a_failing_store(tmp_path):
         await wait_for(lambda: h.outbox.commit_failures >= 1, what="a failed commit")
         await asyncio.wait_for(h.outbox.close(timeout=0.2), 5)
         assert committed == [] and await h.store.get_checkpoint("t", "sf") is None
+
+
+async def test_flush_waits_for_what_came_before_it_not_for_everyone_elses_traffic(tmp_path):
+    """A source flushing before it reads its resume point returns once its own appends are committed, while
+    other listeners keep appending without a pause (the writer is never idle then)."""
+    cap = 200_000
+    async with Harness(tmp_path) as h:
+        flushed = asyncio.Event()
+        others = 0
+
+        async def busy_listener() -> None:
+            nonlocal others
+            while not flushed.is_set() and others < cap:
+                await h.outbox.append("t", "busy", "pusher", {"n": others})
+                others += 1
+                await asyncio.sleep(0)
+
+        busy = asyncio.create_task(busy_listener())
+        await wait_for(lambda: others >= 100, what="the busy listener appending")
+        mine = []
+        await h.outbox.append("t", "sf", "salesforce", {"replay": 7}, key="7", checkpoint="7", on_commit=mine.append)
+        await asyncio.wait_for(h.outbox.flush(), 30)
+        flushed.set()
+        at_flush = others
+        await busy
+        assert [e["event"]["replay"] for e in mine] == [7] and await h.store.get_checkpoint("t", "sf") == "7"
+        assert at_flush < cap, "flush waited for the other listener to stop appending"
+        await h.outbox.flush()  # and what is left lands too
+        assert len(await h.events("t", "busy")) == others
