@@ -97,13 +97,23 @@ class Forwarder:
         self.last_error: str | None = None
         self.attempt = 0  # consecutive failed attempts of the current batch
         self._cursor = 0  # seq of the last row sent and accepted (or refused); leases continue after it
+        self._rewinds = 0  # how many times `rewind` was asked: a batch out during one must not move the cursor
+        self._batch_rewinds = 0  # `_rewinds` when the batch under way was leased
         self._acking: asyncio.Task[list[Row] | None] | None = None  # the previous batch's ack: rows left to ack
 
     def rewind(self) -> None:
         """Lease from the head again at the next batch (a cluster node took a group with a backlog whose seqs
-        are below the cursor; an event sent twice is de-duplicated by the engine by its id)."""
+        are below the cursor; an event sent twice is de-duplicated by the engine by its id). A batch at the
+        engine meanwhile leaves the cursor at the head when it ends (`_advance`), or the backlog would wait
+        behind the group's newer events."""
         self._cursor = 0
+        self._rewinds += 1
         self.outbox.committed.set()
+
+    def _advance(self, rows: list[Row]) -> None:
+        """Leases go on after `rows` (sent and accepted, or refused), unless a rewind came while they were out."""
+        if self._batch_rewinds == self._rewinds:
+            self._cursor = rows[-1].seq
 
     # -- lifecycle
 
@@ -212,12 +222,19 @@ class Forwarder:
         committed = self.outbox.committed
         while True:
             committed.clear()
+            if not self._cursor:
+                await self._settle()  # from the head: the batch whose ack is still being recorded is no row to send
+            self._batch_rewinds = self._rewinds
             rows = await self.outbox.lease(self.engine.batch_max, after=self._cursor)
             if rows:
                 break
             await self._settle()
-            if self._cursor and self.outbox.depth == 0:
-                self._cursor = 0  # everything sent is acked: lease from the head again
+            if self._cursor:
+                # everything sent is acked: lease from the head again, at once. Not only when the depth says
+                # the outbox is empty: rows below the cursor (a group this node took, its backlog) are counted
+                # in the depth, which so would never reach 0 while they wait
+                self._cursor = 0
+                continue
             if self._stopping and self.outbox.depth == 0:
                 return None
             with contextlib.suppress(TimeoutError):
@@ -268,7 +285,7 @@ class Forwarder:
             if outcome is not None:
                 await self._settle()
                 await self.outbox.dead_letter(rows, outcome.status, outcome.response)
-                self._cursor = rows[-1].seq
+                self._advance(rows)
                 self.metrics.dead_lettered.inc(len(rows))
                 self.last_error = outcome.reason
                 log.error("engine refused a batch; it is in the dead-letter table", status=outcome.status,
@@ -276,7 +293,7 @@ class Forwarder:
                 return
             self.last_error = None
             await self._settle()
-            self._cursor = rows[-1].seq
+            self._advance(rows)
             self._acking = asyncio.create_task(self._ack(rows))
             return
 

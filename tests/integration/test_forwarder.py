@@ -208,3 +208,25 @@ async def test_retry_after_zero_is_not_a_tight_loop(tmp_path):
         await r.emit(1)
         await wait_for(lambda: len(r.sim.received) == 1, what="delivered")
         assert time.monotonic() - started >= 0.3  # the floor is engine.retry-initial
+
+
+async def test_a_group_taken_while_a_batch_is_out_has_its_backlog_sent_next(tmp_path):
+    """A cluster node takes a group (its backlog has lower seqs) while a batch is at the engine: the backlog
+    goes in the next batch, before the node's newer events, not stranded below the cursor."""
+    async with Rig(tmp_path, **{"batch-max": 20}) as r:
+        held = {"H"}
+        r.h.outbox.keep = lambda tenant, listener: listener in held  # what cluster.Cluster.keeps answers
+        await r.emit(3, "G")  # the old owner's events: not this node's group yet
+        await r.h.outbox.flush()
+        r.sim.silence()
+        await r.emit(5, "H")
+        await wait_for(lambda: r.fw.in_flight == 5, what="H's batch at the engine")
+        held.add("G")
+        r.fw.rewind()  # what the cluster does on taking G
+        r.sim.silence(False)
+        await r.emit(2, "H", start=5)
+        await wait_for(lambda: r.h.outbox.depth == 0, what="G's backlog and H's events delivered")
+        order = [(e["listener-id"], e["event"]["n"]) for e in r.sim.received]
+        assert [n for lid, n in order if lid == "G"] == [0, 1, 2]
+        assert [n for lid, n in order if lid == "H"] == list(range(7))
+        assert order.index(("G", 0)) < order.index(("H", 5)), order  # and none sent twice
