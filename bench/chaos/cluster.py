@@ -106,6 +106,7 @@ class ClusterRig:
         self.paused: dict[str, float] = {}  # node -> wall time of its SIGSTOP
         self.began_wall = time.time()
         self._seq = dict.fromkeys(SOURCES, 0)
+        self.sf_topic: dict[int, int] = {}  # Salesforce sequence number -> the listener's global index
         self._pump: asyncio.Task[None] | None = None
         # every listener: (source, tenant, listener id, global index)
         self.listeners = [(kind, t, f"{PREFIX[kind]}{j}", ti * 100 + j) for ti, t in enumerate(self.tenants)
@@ -224,6 +225,7 @@ id = "{tenant}"
             reached = await self.datasift.publish(f"{g:032x}", {"interaction": {"id": f"ds-{n}"}, "n": n})
         else:
             self.salesforce.publish(f"Chaos{g}", {"Id": f"a00{n:015d}", "n": n})
+            self.sf_topic[n] = g
             reached = 1
         self.ledger.published[kind][n] = reached
         self.ledger.published_at[kind][n] = time.monotonic()
@@ -357,6 +359,13 @@ id = "{tenant}"
                 count += 1
         return count
 
+    def undelivered_salesforce(self) -> list[dict[str, Any]]:
+        """Each Salesforce event published and never delivered: its topic and when (s into the run)."""
+        delivered = self.ledger.delivered.get("salesforce", {})
+        wall = time.time() - time.monotonic()  # published_at is monotonic
+        return [{"seq": n, "topic": f"Chaos{self.sf_topic.get(n)}", "at_s": round(at + wall - self.began_wall, 2)}
+                for n, at in sorted(self.ledger.published_at.get("salesforce", {}).items()) if n not in delivered]
+
     async def wait_delivered(self, timeout: float) -> None:
         """Salesforce: everything published; the others: everything committed (delivered or in the outbox)."""
         began = time.monotonic()
@@ -365,6 +374,19 @@ id = "{tenant}"
             if sf["delivered_unique"] >= sf["published"] and await self.outbox_empty():
                 return
             await asyncio.sleep(0.5)
+
+    async def outbox_left(self) -> dict[str, Any]:
+        """What the shared outbox still holds per listener, and who leases each group: why a drain did not end."""
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(self.url) as conn:
+            rows = await (await conn.execute(
+                "SELECT tenant_id, listener_id, sum(events), min(seq), max(seq) FROM outbox_segments "
+                "GROUP BY tenant_id, listener_id ORDER BY tenant_id, listener_id")).fetchall()
+            leases = await (await conn.execute(
+                "SELECT group_key, node, epoch, expires_at > now() FROM cluster_leases ORDER BY group_key")).fetchall()
+        return {"rows": [f"{t}/{lid}: {n} events, seq {a}..{b}" for t, lid, n, a, b in rows],
+                "leases": [f"{g}: {n} epoch {e}{'' if live else ' (expired)'}" for g, n, e, live in leases]}
 
     async def outbox_empty(self) -> bool:
         import psycopg
@@ -443,6 +465,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         for name in ("a", "b", "c"):
             via = "b" if name == "a" else "a"
             sent = time.monotonic()
+            result.setdefault("rolling_at_s", []).append(round(time.time() - rig.began_wall, 1))
             rig.nodes[name].signal(signal.SIGTERM)  # the move is timed from here, not from the exit
             await rig.wait_placed(via, {"a", "b", "c"} - {name}, 30)
             moves.append(round(time.monotonic() - sent, 2))
@@ -454,6 +477,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
 
         say("PostgreSQL restarted under load")
         pg_began, pg_wall = time.monotonic(), time.time()
+        result["pg_restart_at_s"] = round(pg_wall - rig.began_wall, 1)
         await asyncio.to_thread(rig.postgres.restart)
         result["pg_restart_s"] = round(time.monotonic() - pg_began, 1)
         await rig.wait_placed("a", {"a", "b", "c"}, 60)
@@ -466,6 +490,9 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         await rig.wait_delivered(180)
         result["sources"] = {s: rig.ledger.report(s) for s in SOURCES}
         result["lost_committed"] = sum(r["lost_committed"] for r in result["sources"].values())
+        result["salesforce_undelivered"] = rig.undelivered_salesforce()
+        if result["salesforce_undelivered"] or not await rig.outbox_empty():
+            result["outbox_left"] = await rig.outbox_left()
         overlaps = rig.overlaps()
         result["max_overlap_s"] = round(max(overlaps.values(), default=0.0), 2)
         sim_overlaps, unnamed = rig.sim_overlaps(clip_pause=True)
@@ -496,7 +523,8 @@ def check(result: dict[str, Any]) -> list[str]:
         problems.append(f"{result['lost_committed']} committed events lost")
     sf = result["sources"]["salesforce"]
     if sf["delivered_unique"] < sf["published"]:
-        problems.append(f"salesforce: {sf['published'] - sf['delivered_unique']} published events not delivered")
+        problems.append(f"salesforce: {sf['published'] - sf['delivered_unique']} published events not delivered: "
+                        f"{result.get('salesforce_undelivered', [])[:10]}")
     if result["kill9_moved_s"] > ttl + 5:
         problems.append(f"kill -9: moved after {result['kill9_moved_s']} s (bound {ttl + 5})")
     if not result["pause_stood_down"]:
