@@ -20,7 +20,8 @@ decides, the same way on every node from the same rows, which node runs which gr
   the same way (the placement moves as few groups as the balance needs).
 - **Delivery.** A node forwards only its groups' events (`Outbox.keep`); on taking a group it
   counts the group's backlog as its own and rewinds its forwarder, so the old owner's events go out
-  first, in order per listener.
+  first, in order per listener. The events a deleted listener left waiting go out from one node (the
+  holder of its tenant's first group).
 - **One API.** Status records of the groups a node runs are written every second and on every change
   (then a NOTIFY makes the other nodes read them again), with `node`; every node reads them, so any
   node answers for any listener. API writes go to the store and a NOTIFY makes the owner apply them
@@ -187,8 +188,22 @@ class Cluster:
         return group_of(tenant_id, kind) in self.running
 
     def keeps(self, tenant_id: str, listener_id: str) -> bool:
+        """Whether this node forwards the listener's waiting events: those of its groups, and the orphans'."""
         group = self._group_of_listener(tenant_id, listener_id)
-        return group is not None and group in self.held
+        if group is not None:
+            return group in self.held
+        return self._forwards_orphans_of(tenant_id)
+
+    def _forwards_orphans_of(self, tenant_id: str) -> bool:
+        """Events of a listener no longer defined (deleted through the API, or from the config) were committed:
+        they are delivered as on one node, by one node, the one every node picks from the same rows: the
+        holder of the tenant's first group, else the first member not draining."""
+        prefix = tenant_id + "/"
+        first = min((g for g in self.owners if g.startswith(prefix)), default=None)
+        if first is not None:
+            return first in self.held
+        members = [node for node, _, draining in self.nodes if not draining]
+        return bool(members) and members[0] == self.node
 
     def holds_leases(self) -> bool:
         """Ready: a member whose leases are renewed (and at least the first renewal round done)."""

@@ -509,8 +509,9 @@ class Outbox:
         self._release_counts(len(rows), sum([len(r.body) for r in rows]))
 
     def _release_counts(self, events: int, size: int) -> None:
-        self._usage.events -= events
-        self._usage.bytes -= size
+        # never below 0: a cluster node also forwards events it never counted (a deleted listener's)
+        self._usage.events = max(0, self._usage.events - events)
+        self._usage.bytes = max(0, self._usage.bytes - size)
         if self._usage.events <= 0:
             self._head_received = None
         self._usage.changed.set()
