@@ -487,7 +487,7 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         result["rate_achieved"] = round(rig.achieved_rate(began))
         await rig.stop_pump()
         say("draining")
-        await rig.wait_delivered(180)
+        await rig.wait_delivered(60 if short else 180)
         result["sources"] = {s: rig.ledger.report(s) for s in SOURCES}
         result["lost_committed"] = sum(r["lost_committed"] for r in result["sources"].values())
         result["salesforce_undelivered"] = rig.undelivered_salesforce()
@@ -516,7 +516,9 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
     return result
 
 
-def check(result: dict[str, Any]) -> list[str]:
+def check(result: dict[str, Any], rolling_bound: float = 2.0) -> list[str]:
+    """What the run broke. `rolling_bound`: seconds a SIGTERM'd node's groups may take to run elsewhere (the
+    short run in the test suite, on a shared machine, asks only that they move before the TTL could lapse)."""
     problems = []
     ttl = result["ttl"]
     if result["lost_committed"]:
@@ -536,8 +538,8 @@ def check(result: dict[str, Any]) -> list[str]:
                         "(> TTL)")
     if result["sim_connections_unnamed"]:
         problems.append(f"{result['sim_connections_unnamed']} provider connections did not name their node")
-    if any(m > 2.0 for m in result["rolling_moves_s"]):
-        problems.append(f"a rolling-restart move took over 2 s: {result['rolling_moves_s']}")
+    if any(m > rolling_bound for m in result["rolling_moves_s"]):
+        problems.append(f"a rolling-restart move took over {rolling_bound} s: {result['rolling_moves_s']}")
     return problems
 
 

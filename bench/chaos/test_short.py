@@ -195,8 +195,9 @@ async def test_cluster_short(tmp_path):
     from bench.chaos import cluster
 
     result = await cluster.run(tmp_path, tenants=6, per_tenant=10, rate=200, ttl=3.0, short=True, say=_say)
-    assert cluster.check(result) == [], result
+    # handed over at once: before the 3 s lease could lapse (the full run holds them to 2 s with a 10 s TTL)
+    assert cluster.check(result, rolling_bound=3.0) == [], result
     assert result["lost_committed"] == 0 and result["pause_stood_down"] and result["pause_fenced_events"] >= 0
-    assert result["kill9_moved_s"] <= 3.0 + 5 and all(m < 2.0 for m in result["rolling_moves_s"])
+    assert result["kill9_moved_s"] <= 3.0 + 5
     # the providers' view: no group subscribed from two nodes at once beyond the TTL, every connection named
     assert result["sim_max_overlap_s"] <= 3.0 and result["sim_connections_unnamed"] == 0, result
