@@ -16,9 +16,10 @@ import orjson
 from aiohttp import web
 
 from listenerd.api import paging
-from listenerd.api.context import DAEMON
+from listenerd.api.context import CONTROL, DAEMON
 from listenerd.api.errors import ApiError
 from listenerd.delivery.dead_letters import DeadLetter
+from listenerd.model import LISTENER_TYPES
 from listenerd.status import rfc3339
 
 routes = web.RouteTableDef()
@@ -44,17 +45,30 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
 
 @routes.get(BASE)
 async def list_dead_letters(request: web.Request) -> web.Response:
-    """A page, oldest first; `?listener-id=LI1` narrows to one listener, `?status-code=422` to one answer."""
+    """A page, oldest first; `?listener-id=LI1` narrows to one listener, `?status-code=422` to one answer,
+    `?type=pusher` to the tenant's listeners of that type (those it has now: a deleted listener has no type)."""
     daemon = request.app[DAEMON]
     query = request.query
+    tenant_id = request.match_info["tid"]
     listener_id = query.get("listener-id") or None
     raw_code = query.get("status-code") or None
     if raw_code is not None and not (raw_code.isascii() and raw_code.isdigit() and len(raw_code) <= 3):
         raise ApiError(400, "status-code: must be an HTTP status code (0-999)", fields=["status-code"])
+    kind = query.get("type") or None
+    listener_ids = None
+    if kind is not None:
+        if kind not in LISTENER_TYPES:
+            raise ApiError(400, f"type: unknown listener type {kind[:64]!r} (known: {', '.join(LISTENER_TYPES)})",
+                           fields=["type"])
+        listener_ids = [spec.id for spec in request.app[CONTROL].fleet.index.of_tenant(tenant_id)
+                        if spec.type == kind]
     limit = paging.limit(query)
-    letters = await daemon.dead_letters.of_tenant(request.match_info["tid"], listener_id,
-                                                  after=paging.cursor(query, int), limit=limit + 1,
-                                                  status_code=int(raw_code) if raw_code is not None else None)
+    after = paging.cursor(query, int)
+    if listener_ids == []:
+        return paging.answer(request, [], None)
+    letters = await daemon.dead_letters.of_tenant(tenant_id, listener_id, after=after, limit=limit + 1,
+                                                  status_code=int(raw_code) if raw_code is not None else None,
+                                                  listener_ids=listener_ids)
     more = len(letters) > limit
     letters = letters[:limit]
     return paging.answer(request, [dead_letter_json(letter) for letter in letters], letters[-1].id if more else None)

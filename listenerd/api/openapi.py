@@ -39,7 +39,9 @@ DEAD_LETTER_FILTERS = [
      "description": "only this listener's dead letters"},
     {"name": "status-code", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
                                                                           "maximum": 999},
-     "description": "only batches the engine answered with this status code"}]
+     "description": "only batches the engine answered with this status code"},
+    {"name": "type", "in": "query", "required": False, "schema": {"enum": list(LISTENER_TYPES)},
+     "description": "only the dead letters of the tenant's listeners of this type"}]
 LINK = {"Link": {"description": "<url>; rel=\"next\": the next page, when there is one",
                  "schema": {"type": "string"}}}
 

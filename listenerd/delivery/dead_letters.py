@@ -57,11 +57,12 @@ class DeadLetters:
         self.outbox = outbox
 
     async def of_tenant(self, tenant_id: str, listener_id: str | None = None, *, after: int | None = None,
-                        limit: int | None = None, status_code: int | None = None) -> list[DeadLetter]:
-        """A tenant's dead letters (or one listener's, or those of one status code), oldest first: with
-        `after` and `limit`, up to `limit` of those with a greater id (a page, read through the index)."""
+                        limit: int | None = None, status_code: int | None = None,
+                        listener_ids: Sequence[str] | None = None) -> list[DeadLetter]:
+        """A tenant's dead letters (or one listener's, some listeners', or those of one status code), oldest
+        first: with `after` and `limit`, up to `limit` of those with a greater id (a page, read through the index)."""
         return await self.store.run(lambda c: select(c, tenant_id, listener_id, after=after, limit=limit,
-                                                     status_code=status_code))
+                                                     status_code=status_code, listener_ids=listener_ids))
 
     async def get(self, tenant_id: str, dead_letter_id: int) -> DeadLetter | None:
         letters = await self.store.run(lambda c: select(c, tenant_id, dead_letter_id=dead_letter_id))
@@ -149,14 +150,17 @@ def _is_object(piece: bytes) -> bool:
 
 def select(conn: sqlite3.Connection, tenant_id: str, listener_id: str | None = None, *,
            dead_letter_id: int | None = None, after: int | None = None, limit: int | None = None,
-           status_code: int | None = None) -> list[DeadLetter]:
-    """A tenant's dead letters, oldest first, narrowed to one listener, one id or one status code; with
-    `after`/`limit`, a page of those above the id `after` (keyset on `dead_letters_tenant`)."""
+           status_code: int | None = None, listener_ids: Sequence[str] | None = None) -> list[DeadLetter]:
+    """A tenant's dead letters, oldest first, narrowed to one listener, some listeners, one id or one status
+    code; with `after`/`limit`, a page of those above the id `after` (keyset on `dead_letters_tenant`)."""
     sql = "SELECT id, listener_id, status_code, response, failed_at, events FROM dead_letters WHERE tenant_id = ?"
     params: tuple[Any, ...] = (tenant_id,)
     if listener_id is not None:
         sql += " AND listener_id = ?"
         params += (listener_id,)
+    if listener_ids is not None:
+        sql += f" AND listener_id IN ({', '.join('?' * len(listener_ids))})"  # both backends' SQL; never empty
+        params += tuple(listener_ids)
     if dead_letter_id is not None:
         sql += " AND id = ?"
         params += (dead_letter_id,)

@@ -192,6 +192,10 @@ async def test_dead_letters_page_oldest_first_and_filter(tmp_path, scripted_sour
             assert ids(await api.every_page("/1.0/tenants/t1/dead-letters?status-code=422&limit=2")) == every
             assert await api.every_page("/1.0/tenants/t1/dead-letters?status-code=400") == [[]]
             assert await api.every_page("/1.0/tenants/t1/dead-letters?listener-id=LI9") == [[]]
+            assert ids(await api.every_page("/1.0/tenants/t1/dead-letters?type=pusher&limit=4")) == every
+            assert await api.every_page("/1.0/tenants/t1/dead-letters?type=datasift") == [[]]
+            code, body = await api.call("GET", "/1.0/tenants/t1/dead-letters?type=nope")
+            assert code == 400 and body["fields"] == ["type"], body
             code, first, link = await api.page("/1.0/tenants/t1/dead-letters?limit=2")
             assert (await api.call("DELETE", f"/1.0/tenants/t1/dead-letters/{first[1]['id']}"))[0] == 204
             assert ids(await api.every_page(link)) == every[2:]  # the cursor survives the delete of its own item
