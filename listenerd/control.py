@@ -117,6 +117,7 @@ class Control:
         self.supervisor = supervisor
         self.fleet = fleet  # brings the running listener (or connection group) a change touched in line with the store
         self.health = health
+        self._creating: dict[str, int] = {}  # tenant -> creates under way (in the store, not yet in the index)
 
     def unavailable(self, op: str, exc: BaseException) -> Unavailable:
         """The refusal for a request the store failed (`op`: api-read or api-write), counted in its health."""
@@ -126,6 +127,17 @@ class Control:
                            f"try again in {RETRY_AFTER}s")
 
     # -- listeners
+
+    def _count_in_store(self, tenant_id: str, bound: int) -> int | None:
+        """The bound for the store to check by counting the tenant's listeners in the insert's transaction, or
+        None when it cannot be reached. The index, plus the creates under way (in the store before the index),
+        is at least what the store holds on one node: far below the bound, a create need not count (a count
+        reads every listener of the tenant). Near it, and on a cluster node (others create too), it counts."""
+        if not bound:
+            return None
+        if self.fleet.announce is None and self.fleet.index.count(tenant_id) + self._creating[tenant_id] < bound:
+            return None
+        return bound
 
     @_uses_store("api-read")
     async def get_listener(self, tenant_id: str, listener_id: str) -> ListenerBase:
@@ -189,13 +201,18 @@ class Control:
         # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a
         # conflict (never an overwrite), an assigned LI<n> is above every id this tenant ever had, and the
         # tenant's listener count (config-file ones included) is checked against its bound
+        self._creating[tenant_id] = self._creating.get(tenant_id, 0) + 1
         try:
             listener_id = await self.store.insert_listener(
                 tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})),
-                max_count=limits.tenant_max_listeners or None)
+                max_count=self._count_in_store(tenant_id, limits.tenant_max_listeners))
         except TenantFull as exc:
             raise TooMany(f"tenant {tenant_id!r} has {exc.count} listeners, its limit "
                           f"(limits.tenant-max-listeners); delete one first", RETRY_AFTER) from None
+        finally:
+            self._creating[tenant_id] -= 1
+            if not self._creating[tenant_id]:
+                del self._creating[tenant_id]
         if listener_id is None:
             raise Conflict(f"id: listener {given!r} already exists in tenant {tenant_id!r}", ["id"])
         await self.fleet.listener_changed(tenant_id, listener_id)

@@ -235,3 +235,54 @@ async def test_an_integration_change_restarts_only_its_connection_group(daemon):
     await wait_for(lambda: RUNS[ds["id"]] == 2, what="the datasift listener restarted with the new key")
     await api.wait_status("t1", ds["id"], "started")
     assert RUNS["CFG1"] == 1 and RUNS[pusher] == 1  # the pusher group was not touched
+
+
+async def test_requests_about_one_listener_do_the_same_store_work_at_10_and_at_1000_listeners(tmp_path,
+                                                                                               scripted_source):
+    """Issue 16: create, retrieve, status, update, restart and delete of one listener touch that listener
+    only. Counted as SQLite virtual-machine steps on the store's connection (a scan of every listener would
+    grow a hundredfold from 10 to 1,000; a keyed read or write stays put)."""
+    scripted_source("pusher", counting_source)
+    unlimited = "[limits]\ntenant-write-rate = 100000\ntenant-write-burst = 100000\n"
+    async with EngineSim() as engine, running_daemon(tmp_path, base_config(tmp_path, engine.url, TENANT,
+                                                                           unlimited)) as (d, api):
+        await _same_store_work(d, api)
+
+
+async def _same_store_work(d, api):
+    steps = [0]
+
+    def step() -> int:
+        steps[0] += 1
+        return 0
+
+    await d.store.run(lambda c: c.set_progress_handler(step, 1))
+
+    async def work(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        await d.store.run(lambda c: None)  # what earlier requests left on the store thread is done
+        steps[0] = 0
+        code, answer = await api.call(method, path, body)
+        assert code < 300, (method, path, code, answer)
+        await d.store.run(lambda c: None)
+        return steps[0], answer
+
+    async def work_of_each_request() -> dict[str, int]:
+        out: dict[str, int] = {}
+        out["create"], made = await work("POST", LISTENERS, {"type": "pusher", "options": {"channel": "probe"},
+                                                             "status": False})
+        one = f"{LISTENERS}/{made['id']}"
+        out["retrieve"], _ = await work("GET", one)
+        out["status"], _ = await work("GET", f"{one}/status")
+        out["update"], _ = await work("PUT", one, {"name": "x"})
+        out["restart"], _ = await work("POST", f"{one}/restart")
+        out["delete"], _ = await work("DELETE", one)
+        return out
+
+    await create(api, 9)
+    small = await work_of_each_request()
+    await create(api, 990)
+    large = await work_of_each_request()
+    assert small["create"] > 0 and small["delete"] > 0, small  # the handler sees the store's work
+    for what, few in small.items():
+        assert large[what] <= few * 1.5 + 50, (what, small, large)
+    await d.store.run(lambda c: c.set_progress_handler(None, 1))
