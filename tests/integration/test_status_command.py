@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from rich.console import Console
@@ -240,3 +245,74 @@ async def test_a_tenant_of_many_pages_every_listener_by_its_pages_and_statuses_o
         assert len(rows) == 253 and {r["listener"]["id"] for r in rows} >= {"M250", "B3"}
         b1 = next(r for r in rows if r["listener"]["id"] == "B1")
         assert b1["status"]["status"] == "failed" and b1["listener"]["options"]["channel"] == "broken1"
+
+
+
+def _watching(*args: str) -> tuple[subprocess.Popen, int]:
+    """`listenerd status --watch` on a pseudo-terminal, as a person runs it: (process, the terminal's master)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "40"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen([sys.executable, "-m", "listenerd", "status", "--watch", "--interval", "0.2", *args],
+                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    return process, master
+
+
+def _plain(screen: str) -> str:
+    """The words a person reads: escape sequences out, wrapped lines joined."""
+    return " ".join(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen).split())
+
+
+def _screen_until(master: int, predicate, timeout: float = 30.0) -> str:
+    """What the terminal showed (raw), read until `predicate(its plain words)` holds."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:  # the process ended and closed the terminal
+                break
+            if predicate(_plain(seen.decode("utf-8", "replace"))):
+                return seen.decode("utf-8", "replace")
+    raise AssertionError(f"the terminal never showed what was awaited; it showed: {seen[-2000:]!r}")
+
+
+def _ended(process: subprocess.Popen, master: int) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    os.close(master)
+
+
+async def test_watch_redraws_in_place_follows_the_daemon_and_ctrl_c_exits_with_the_fleets_code(daemon):
+    d, pusher = daemon
+    process, master = _watching("--url", d.api_url, "--token", TOKEN)
+    try:
+        first = await asyncio.to_thread(_screen_until, master, lambda s: "Ctrl-C to stop" in s and "Q1" in s)
+        assert "\x1b[" in first, "on a terminal: colour, and the cursor moved back to redraw in place"
+        await pusher.publish("orders", "order.created", {"id": 2})
+        await wait_for(lambda: d.supervisor.status(("t1", "P1")).received >= 2, what="a second event for P1")
+        # a later frame shows P1's received count at 2: redrawn from the daemon, not printed once
+        def counted_twice(screen: str) -> bool:  # in the last whole frame
+            return "Ctrl-C" in screen and bool(re.search(r"P1 pusher started \S+ 2 ", screen.rsplit("Ctrl-C", 2)[-2]))
+
+        frames = await asyncio.to_thread(_screen_until, master, counted_twice)
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(process.wait, 30) == status_cli.EXIT_NOT_STARTED  # Q1 retrying
+        assert "Traceback" not in frames
+    finally:
+        _ended(process, master)
+
+
+async def test_watch_keeps_asking_a_daemon_that_is_away_and_says_so():
+    process, master = _watching("--url", "http://127.0.0.1:9", "--token", "x" * 12)
+    try:
+        shown = await asyncio.to_thread(_screen_until, master, lambda s: "asking again every 0.2s" in s)
+        assert "cannot reach the daemon at http://127.0.0.1:9" in _plain(shown) and "Traceback" not in shown
+        assert process.poll() is None, "a daemon away is shown and asked again, not an exit"
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(process.wait, 30) == status_cli.EXIT_FATAL
+    finally:
+        _ended(process, master)
