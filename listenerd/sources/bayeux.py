@@ -58,7 +58,7 @@ MAX_BODY = 30_000
 CLIENT_LIMIT = "concurrent user limit"
 # A server's `error` and `failureReason`, as quoted in a status message: its first words, printable (a hostile
 # or broken server could otherwise relay any body, with terminal escapes, to the tenant who reads the status).
-ERROR_LIMIT = 300
+ERROR_LIMIT = 160  # as every other upstream reason (README "Security model")
 
 
 # ---------------------------------------------------------------- what the machine asks for
