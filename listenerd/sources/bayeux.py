@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import orjson
 
+from listenerd.net import sanitised
 from listenerd.outcome import Fail, Outcome, Retry
 
 Kind = Literal["handshake", "subscribe", "unsubscribe", "connect", "disconnect"]
@@ -55,6 +56,9 @@ _REPLAY_INVALID = re.compile(r"replayId", re.IGNORECASE)
 MAX_BODY = 30_000
 # What Salesforce says when an org's concurrent streaming clients are all taken (handshake).
 CLIENT_LIMIT = "concurrent user limit"
+# A server's `error` and `failureReason`, as quoted in a status message: its first words, printable (a hostile
+# or broken server could otherwise relay any body, with terminal escapes, to the tenant who reads the status).
+ERROR_LIMIT = 160  # as every other upstream reason (README "Security model")
 
 
 # ---------------------------------------------------------------- what the machine asks for
@@ -420,9 +424,9 @@ class BayeuxClient:
             return []
         error = _error(message)
         reason = _failure_reason(message)
+        words = sanitised(f"{error}" + (f" ({reason})" if reason else ""), ERROR_LIMIT)
         if error.startswith("401") or reason.startswith("401"):
-            return self._relogin(f"handshake denied: {error}" + (f" ({reason})" if reason else ""))
-        words = f"{error}" + (f" ({reason})" if reason else "")
+            return self._relogin(f"handshake denied: {words}")
         if CLIENT_LIMIT in words.lower():
             self.limited = True
             return [self._retry("refused", f"the org's limit of concurrent streaming clients is reached, "
@@ -588,11 +592,11 @@ def replay_key(channel: str) -> str:
 
 def _error(message: dict[str, Any]) -> str:
     error = message.get("error")
-    return str(error) if error else "no error given"
+    return sanitised(str(error), ERROR_LIMIT) if error else "no error given"
 
 
 def _failure_reason(message: dict[str, Any]) -> str:
     ext = message.get("ext")
     sfdc = ext.get("sfdc") if isinstance(ext, dict) else None
     reason = sfdc.get("failureReason") if isinstance(sfdc, dict) else None
-    return str(reason) if reason else ""
+    return sanitised(str(reason), ERROR_LIMIT) if reason else ""

@@ -45,7 +45,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from listenerd.net import mask
+from listenerd.net import mask, sanitised
 from listenerd.outcome import Fail, Outcome, Retry
 
 CONFIRM_WAIT = 30.0  # seconds a subscribe may go unconfirmed before the status says so (read at each new socket)
@@ -514,11 +514,11 @@ class DataSiftProtocol:
         if notice.hash is not None and confirms(notice):
             return [*self._subscribed(notice.hash), masked]
         if notice.hash in self.wanted and says_missing(notice):
-            return [masked, *self._refuse(frozenset({notice.hash}), masked.message)]
+            return [masked, *self._refuse(frozenset({notice.hash}), sanitised(masked.message))]
         return [masked]
 
     def _failure(self, failure: Failure) -> list[Action]:
-        text = self.mask(failure.message)
+        text = sanitised(self.mask(failure.message))  # a status quotes the server's first words, printable
         if not failure.hashes:
             if failure.credentials:
                 return [End(Fail(f"DataSift refused the credentials: {text}"))]

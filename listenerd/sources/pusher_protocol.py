@@ -48,6 +48,7 @@ from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
 from listenerd import version
+from listenerd.net import sanitised
 from listenerd.outcome import Fail, Outcome, Retry
 
 PROTOCOL = 7
@@ -207,9 +208,9 @@ def describe_close(code: int | None, reason: str | None) -> str:
     meaning = CLOSE_CODES.get(code)
     if meaning:
         text += f": {meaning}"
-    said = (reason or "").strip()
+    said = sanitised(reason or "")
     if said and (meaning is None or said.lower() != meaning.lower()):
-        text += f" (server said: {said[:200]})"
+        text += f" (server said: {said})"
     return text
 
 
@@ -546,7 +547,7 @@ class PusherProtocol:
         data = decode_data(raw)
         code = data.get("code") if isinstance(data, dict) else None
         message = data.get("message") if isinstance(data, dict) else (data if isinstance(data, str) else None)
-        message = str(message or "no message")[:200]
+        message = sanitised(str(message or "no message"))
         self.last_error = message
         named = channel if channel in self.by_channel else None
         if named is None and channel is None:
@@ -570,7 +571,7 @@ class PusherProtocol:
         data = decode_data(raw)
         status = data.get("status") if isinstance(data, dict) else None
         error = (data.get("error") or data.get("message") or data.get("type")) if isinstance(data, dict) else data
-        detail = str(error or "no reason given")[:200]
+        detail = sanitised(str(error or "no reason given"))
         if status is not None:
             detail += f" (status {status})"
         reason = f"Pusher refused the subscription to channel {channel}: {detail}"

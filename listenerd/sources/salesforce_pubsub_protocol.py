@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from listenerd.net import sanitised
 from listenerd.outcome import Fail, Retry
 
 KEEPALIVE_INTERVAL = 270.0  # Salesforce: an empty FetchResponse at least this often on an idle stream
@@ -105,6 +106,11 @@ class Resubscribe:
 Action = Relogin | Resubscribe | Retry | Fail
 
 
+# A status's details as quoted: longer than other servers' words, as gRPC's own connection errors put the
+# reason last ("...Tls handshake failed (TSI_PROTOCOL_FAILURE): ... CERTIFICATE_VERIFY_FAILED")
+DETAILS_LIMIT = 300
+
+
 @dataclass(frozen=True, slots=True)
 class GrpcError:
     """A stream's end as the driver saw it: the status code's name, its details, Salesforce's trailer code."""
@@ -114,8 +120,10 @@ class GrpcError:
     error_code: str = ""  # trailer `error-code`
 
     def words(self) -> str:
+        """What the server said, for a status message: short and printable, never its raw details."""
         said = self.details or self.code
-        return f"{said} ({self.error_code})" if self.error_code and self.error_code not in said else said
+        said = f"{said} ({self.error_code})" if self.error_code and self.error_code not in said else said
+        return sanitised(said, DETAILS_LIMIT)
 
 
 class Subscription:

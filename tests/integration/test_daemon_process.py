@@ -1,7 +1,10 @@
 """The daemon as a real process: sd_notify, SIGHUP reload, SIGTERM, and no secret in its logs."""
 
+import base64
+import json
 import signal
 import socket
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -175,3 +178,51 @@ async def test_bad_config_exits_2_and_names_the_variable(tmp_path, engine):
     assert [x["problem"] for x in lines] == [
         "tenants[1].integrations.pusher.secret: environment variable PUSHER_SECRET is not set"]
     assert lines[0]["event"] == "invalid config" and lines[0]["level"] == "error"
+
+
+async def test_engine_url_userinfo_never_reaches_the_logs_or_the_api(tmp_path):
+    """`engine.url` with `user:password@`: the daemon authenticates with it (Basic, as aiohttp sends it) and
+    no log line or API answer holds the password in any form it could take: as written in the URL
+    (percent-encoded), decoded, form-encoded, JSON-escaped, or inside the Basic header's base64. The engine
+    is made to fail several ways so the forwarder writes what it writes about the engine: errors, a
+    refused connection, and a redirect to a URL that repeats the credentials."""
+    password = 'Engine p@ss/w0rd:x%7"'
+    user = "svc-listenerd"
+    async with EngineSim() as engine:
+        url = engine.url.replace("http://", f"http://{user}:{quote(password, safe='')}@", 1)
+        text = base_config(tmp_path, url, tenants())
+        daemon = DaemonProcess(tmp_path, text, scripted=True, env={"PUSHER_SECRET": SECRETS["pusher"]})
+        api = Api(await daemon.start())
+        answers = []
+        try:
+            await api.wait_status("t", "A", "started")
+            await wait_for(lambda: len(engine.events()) > 5, what="events delivered with the URL's credentials")
+            basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            assert engine.requests[-1].authorization == basic
+            engine.script([(503, {}, "engine busy"), (401, {}, {"error": "bad credentials"}),
+                           (307, {"Location": url.replace("/1.0/events", "/2.0/events")}),
+                           (400, {}, {"error": "malformed batch"})])
+            await wait_for(lambda: engine.scripted_left == 0, what="the scripted engine answers")
+            answers.append(await api.call("GET", "/1.0/engine"))
+            await engine.refuse()
+            await wait_for(lambda: any("POST to the engine failed" in str(x) for x in daemon.lines()),
+                           what="a refused connection to the engine logged")
+            answers.append(await api.call("GET", "/1.0/engine"))
+            await engine.accept()
+            for path in ("/1.0/engine", "/1.0/tenants/t/listeners", "/1.0/tenants/t/listeners/A/status",
+                         "/1.0/tenants/t/dead-letters", "/metrics"):
+                answers.append(await api.call("GET", path))
+                assert answers[-1][0] == 200, (path, answers[-1])
+        finally:
+            await api.close()
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait_exit() == 0
+    log = daemon.log_text()
+    assert "engine refused a batch" in log and "the engine redirects to" in log  # the paths were taken
+    assert f"***@{engine.host}" in log  # the URL as logged at start
+    seen = log + "\n".join(repr(answer) for answer in answers)
+    forms = {password, quote(password, safe=""), quote(password), quote_plus(password),
+             json.dumps(password)[1:-1], base64.b64encode(f"{user}:{password}".encode()).decode(),
+             base64.b64encode(f"{user}:{quote(password, safe='')}".encode()).decode()}
+    for form in forms:
+        assert form not in seen, form
