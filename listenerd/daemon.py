@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from listenerd import config as config_module
+from listenerd import sources
 from listenerd.api.app import ApiRunner, create_app
 from listenerd.api.guard import AcceptErrorLog, Guard, GuardedSite
 from listenerd.cluster import Cluster
@@ -77,6 +78,7 @@ class Daemon:
     # -- lifecycle
 
     async def start(self) -> None:
+        sources.load_all()  # not on the loop later, while requests wait: a first listener of a type imports nothing
         await self.store.open()
         if resealed := await self.store.reseal():
             log.info("integration secrets sealed with the current key", integrations=resealed)
