@@ -82,10 +82,23 @@ if OUT:
             _gc_start[0] = _clock()
         else:
             t0 = _gc_start[0]
-            records.append({"kind": "gc", "at": t0, "ms": (_clock() - t0) * 1000, "gen": info["generation"],
-                            "collected": info["collected"]})
+            record = {"kind": "gc", "at": t0, "ms": (_clock() - t0) * 1000, "gen": info["generation"],
+                      "collected": info["collected"]}
+            if info["generation"] == 2:  # what it went through: every object but the frozen ones
+                record["tracked"] = len(gc.get_objects())
+                record["frozen"] = gc.get_freeze_count()
+            if gc.garbage:  # LOOPDIAG_SAVEALL: what the collection found unreachable, by type (then freed)
+                kinds: dict[str, int] = {}
+                for obj in gc.garbage:
+                    name = type(obj).__module__ + "." + type(obj).__qualname__
+                    kinds[name] = kinds.get(name, 0) + 1
+                record["garbage"] = sorted(kinds.items(), key=lambda kv: -kv[1])[:25]
+                gc.garbage.clear()
+            records.append(record)
 
     gc.callbacks.append(_gc)
+    if os.environ.get("LOOPDIAG_SAVEALL"):
+        gc.set_debug(gc.DEBUG_SAVEALL)
 
     argv = " ".join(sys.argv)[:120] if hasattr(sys, "argv") else ""
 
