@@ -87,6 +87,12 @@ if OUT:
             if info["generation"] == 2:  # what it went through: every object but the frozen ones
                 record["tracked"] = len(gc.get_objects())
                 record["frozen"] = gc.get_freeze_count()
+                if os.environ.get("LOOPDIAG_CENSUS"):  # what it walked, by type (the 30 most numerous)
+                    census: dict[str, int] = {}
+                    for obj in gc.get_objects():
+                        name = type(obj).__module__ + "." + type(obj).__qualname__
+                        census[name] = census.get(name, 0) + 1
+                    record["census"] = sorted(census.items(), key=lambda kv: -kv[1])[:30]
             if gc.garbage:  # LOOPDIAG_SAVEALL: what the collection found unreachable, by type (then freed)
                 kinds: dict[str, int] = {}
                 for obj in gc.garbage:
