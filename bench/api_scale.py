@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import os
@@ -93,12 +94,16 @@ class Client:
         self.http = http
         self.api = api
         self.headers = {"Authorization": f"Bearer {OPS_TOKEN}"}
+        self.trace: list[dict] | None = None  # every request's start (time.monotonic()) and duration, if kept
+
 
     async def call(self, method: str, path: str, body: Any = None, want: int = 200) -> tuple[float, Any]:
-        t0 = time.perf_counter()
+        t0, at = time.perf_counter(), time.monotonic()
         async with self.http.request(method, self.api + path, json=body, headers=self.headers) as response:
             text = await response.text()
             elapsed = time.perf_counter() - t0
+        if self.trace is not None:
+            self.trace.append({"at": at, "ms": elapsed * 1000, "method": method, "path": path})
             if response.status != want:
                 raise AssertionError(f"{method} {path}: {response.status} {text[:300]}")
         return elapsed, json.loads(text) if text else None
@@ -175,8 +180,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                    name="scale")
             api = await daemon.start(timeout=60)
             assert daemon.process is not None
+            gc.collect()  # this process's own full collections (~20 ms, loopdiag) are not the daemon's latency
+            gc.freeze()
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
                 client = Client(http, api)
+                if args.trace:
+                    client.trace = result["trace"] = []
                 serial = itertools.count(sizes[-1] * 10)  # probe listeners' option values, apart from the fleet's
                 fleet, fill_seconds = 1, 0.0  # R1 is the first
                 for size in sizes:
@@ -308,10 +317,14 @@ def main() -> int:
     parser.add_argument("--probe", type=int, default=200, help="requests of each kind at each size")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every listener started")
+    parser.add_argument("--trace", help="write every request of the fill and probes (start, ms) here, as JSON lines")
     parser.add_argument("--note", default="", help="a line written above the table (what code was measured)")
     parser.add_argument("--write", action="store_true", help="replace the `## api scale` section of bench/RESULTS.md")
     args = parser.parse_args()
     result = asyncio.run(run(args))
+    if args.trace:
+        with open(args.trace, "w") as out:
+            out.writelines(json.dumps(entry) + "\n" for entry in result.pop("trace"))
     body = table(args, result)
     print(header(args.note))
     print()

@@ -134,6 +134,10 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(self.task), timeout)
         self.record.set("stopped", message)
+        # let go of the run: a cancelled task keeps its CancelledError, whose traceback's frames hold this
+        # runner, so a runner holding its tasks is a reference cycle; thousands of stopped listeners then wait
+        # for the cyclic GC's full collection, which stops the loop for as long as it walks them
+        self.task = self._attempt_task = self.ctx = None
 
     def kick(self, reason: str) -> None:
         """End the current attempt as `Retry("heartbeat", reason)` (the watchdog's guard)."""

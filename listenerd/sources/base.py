@@ -106,7 +106,6 @@ class SourceContext:
         # when the tap can say whether anyone is listening, envelopes are handed to it only while someone
         # is (the outbox otherwise reports commits as counts, not per event); without it, always
         self._tap_clients = tap_clients
-        self._on_commit_count = self._committed_count
         self.heartbeat_bound: float | None = None
         self.on_bound: Callable[[float], None] | None = None  # the supervisor's watchdog, told of a new bound
         self.last_alive = time.monotonic()
@@ -169,9 +168,11 @@ class SourceContext:
             return
         tapped = self._tap is not None and (self._tap_clients is None
                                             or self._tap_clients(self.tenant_id, self.listener_id) > 0)
+        # `_committed_count` bound at each call (equal bound methods are one key of the outbox's counters): kept
+        # on self, it would make every context a reference cycle, left to the cyclic GC when its listener stops
         queued = await self._outbox.append(self.tenant_id, self.listener_id, self.listener.type, event,
                                            key=key, checkpoint=checkpoint, on_commit=self._tapped if tapped else None,
-                                           on_commit_count=self._on_commit_count, on_wait=self._paused)
+                                           on_commit_count=self._committed_count, on_wait=self._paused)
         if not queued:
             self.count("oversized")
 

@@ -2,7 +2,9 @@
 source is told (its launch, its own settings, typed shared resources)."""
 
 import asyncio
+import gc
 import time
+import weakref
 
 import pytest
 
@@ -296,3 +298,34 @@ async def test_a_resume_point_set_while_disabled_reaches_the_next_launch(tmp_pat
         assert launches == []  # disabled: nothing runs, the resume point waits
         await sup.reconcile({("t", "D"): desired(spec("D"), CREDS)})
         await wait_for(lambda: launches == [Launch(0, "7")], what="launched from the resume point")
+
+
+async def test_a_stopped_listener_is_freed_at_once_not_left_to_the_cyclic_gc(tmp_path, scripted_source):
+    """A deleted or restarted listener's runner and context go when the last reference does: left in reference
+    cycles, thousands of them made the full collections of a busy daemon (bench/RESULTS.md, "api scale") longer
+    and more frequent, and those stop every request while they run."""
+    async def run(ctx):
+        ctx.started("Subscribed")
+        await ctx.emit({"n": 1})  # the outbox's commit callback is held, too
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        want = {("t1", "A"): desired(spec("A"), CREDS), ("t1", "B"): desired(spec("B"), CREDS)}
+        await sup.start(want)
+        await wait_for(lambda: all(sup.status(k).status == "started" for k in want), what="both started")
+        await h.outbox.flush()
+        gone = [weakref.ref(obj) for key in want for obj in (sup.runners[key], sup.runners[key].ctx,
+                                                             sup.runners[key].task)]
+        gc.collect()
+        gc.disable()  # only reference counting frees them from here
+        try:
+            # A deleted, B restarted with a new definition
+            moved = listener(id="B", type="pusher", options={"channel": "B2"})
+            await sup.reconcile({("t1", "B"): desired(moved, CREDS)})
+            # B's new run's event committed: the outbox's writer has let go of the group of the old runs' events
+            await wait_for(lambda: sup.status(("t1", "B")).received == 2, what="B's second event committed")
+            assert [ref() for ref in gone] == [None] * len(gone)
+        finally:
+            gc.enable()
