@@ -33,7 +33,7 @@ from listenerd.net import user_agent
 from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources import source_for
 from listenerd.sources.base import Launch, Shared, SourceContext
-from listenerd.status import STATES, ListenerStatus, State, rfc3339
+from listenerd.status import ListenerStatus, State, rfc3339
 
 if TYPE_CHECKING:
     from listenerd.delivery.outbox import Outbox
@@ -208,6 +208,7 @@ class Supervisor:
         self.tap = tap
         self.tap_clients = tap_clients
         self.records: dict[Key, ListenerStatus] = {}
+        metrics.status.watch(self.records)  # listenerd_listener_status is made from these at each scrape
         self.runners: dict[Key, Runner] = {}
         # a cluster node: its records carry `node`, and a listener another node runs is answered from that
         # node's last written record (cluster.Cluster.remote_status)
@@ -352,9 +353,6 @@ class Supervisor:
         return record
 
     def _status_changed(self, record: ListenerStatus, previous: State) -> None:
-        for state in STATES:
-            self.metrics.status.labels(record.tenant_id, record.listener_id, state).set(
-                1 if state == record.status else 0)
         if record.status != previous:
             log.info("listener status", tenant=record.tenant_id, listener=record.listener_id,
                      status=record.status, message=record.message)
