@@ -201,21 +201,22 @@ class Control:
         # assigned and inserted in one transaction: concurrent creates never share an id, a taken id is a
         # conflict (never an overwrite), an assigned LI<n> is above every id this tenant ever had, and the
         # tenant's listener count (config-file ones included) is checked against its bound
-        self._creating[tenant_id] = self._creating.get(tenant_id, 0) + 1
+        self._creating[tenant_id] = self._creating.get(tenant_id, 0) + 1  # until the index has it too
         try:
-            listener_id = await self.store.insert_listener(
-                tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})),
-                max_count=self._count_in_store(tenant_id, limits.tenant_max_listeners))
-        except TenantFull as exc:
-            raise TooMany(f"tenant {tenant_id!r} has {exc.count} listeners, its limit "
-                          f"(limits.tenant-max-listeners); delete one first", RETRY_AFTER) from None
+            try:
+                listener_id = await self.store.insert_listener(
+                    tenant_id, given, lambda lid: stored_listener(spec.model_copy(update={"id": lid})),
+                    max_count=self._count_in_store(tenant_id, limits.tenant_max_listeners))
+            except TenantFull as exc:
+                raise TooMany(f"tenant {tenant_id!r} has {exc.count} listeners, its limit "
+                              f"(limits.tenant-max-listeners); delete one first", RETRY_AFTER) from None
+            if listener_id is None:
+                raise Conflict(f"id: listener {given!r} already exists in tenant {tenant_id!r}", ["id"])
+            await self.fleet.listener_changed(tenant_id, listener_id)
         finally:
             self._creating[tenant_id] -= 1
             if not self._creating[tenant_id]:
                 del self._creating[tenant_id]
-        if listener_id is None:
-            raise Conflict(f"id: listener {given!r} already exists in tenant {tenant_id!r}", ["id"])
-        await self.fleet.listener_changed(tenant_id, listener_id)
         return spec.model_copy(update={"id": listener_id})
 
     @_uses_store("api-write")

@@ -201,6 +201,20 @@ async def test_max_listeners_counts_config_listeners_and_answers_429(tmp_path, e
         assert (await post(api, "/1.0/tenants/t1/listeners", NEW))[0] == 201
 
 
+async def test_creates_all_at_once_never_pass_the_bound(tmp_path, engine, scripted_source):
+    """Far below the bound a create does not count the tenant's listeners in the store; eighty creates from
+    eight clients at once against a bound of 20 (one declared in the config) still make exactly 19."""
+    scripted_source("pusher", ticking)
+    limits = "tenant-max-listeners = 20\ntenant-write-rate = 1000\ntenant-write-burst = 1000"
+    async with running_daemon(tmp_path, config(tmp_path, engine.url, limits=limits)) as (d, api):
+        async def worker() -> list[int]:  # eight clients creating one after another: requests arrive all along
+            return [(await post(api, "/1.0/tenants/t1/listeners", NEW))[0] for _ in range(10)]
+
+        codes = [code for codes in await asyncio.gather(*(worker() for _ in range(8))) for code in codes]
+        assert sorted(codes) == [201] * 19 + [429] * 61
+        assert d.fleet.index.count("t1") == 20
+
+
 async def test_config_listeners_past_the_bound_still_start(tmp_path, engine, scripted_source):
     scripted_source("pusher", ticking)
     async with running_daemon(tmp_path, config(tmp_path, engine.url, limits="tenant-max-listeners = 1",
