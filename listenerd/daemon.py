@@ -41,6 +41,7 @@ from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
 
 log = structlog.get_logger("listenerd.daemon")
+SHUTDOWN_TIMEOUT = 2.0  # seconds a stop waits for API answers under way before it cancels them
 
 
 def build_store(config: Config) -> Store:
@@ -109,8 +110,10 @@ class Daemon:
                           limits=lambda: self.config.limits)
         server = self.config.server
         # idle-timeout is aiohttp's keep-alive timeout: it runs from the connection's start and after each answer
+        # a stop waits for answers under way at most this long (aiohttp's default is a minute): a slow client, or
+        # a tap relayed from another node, must not hold `systemctl stop`
         self._runner = ApiRunner(create_app(self, control), access_log=None, handle_signals=False,
-                                     keepalive_timeout=server.idle_timeout)
+                                 keepalive_timeout=server.idle_timeout, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         loop = asyncio.get_running_loop()
         self._previous_exception_handler = loop.get_exception_handler()
@@ -158,6 +161,7 @@ class Daemon:
         await self.outbox.close(timeout=left())
         if self.forwarder:
             await self.forwarder.stop(flush_timeout=left())
+        self.tap.close()  # open taps end now, not at their next keep-alive
         if self._runner:
             await self._runner.cleanup()
             asyncio.get_running_loop().set_exception_handler(self._previous_exception_handler)

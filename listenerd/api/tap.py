@@ -43,6 +43,9 @@ async def tap(request: web.Request) -> web.StreamResponse:
             except TimeoutError:
                 await response.write(b": keep-alive\n\n")
                 continue
+            if envelope is None:  # listenerd is stopping
+                await response.write(b"event: end\ndata: {\"reason\": \"listenerd is stopping\"}\n\n")
+                break
             if sub.missed > sub.reported_missed:
                 missed = sub.missed - sub.reported_missed
                 sub.reported_missed = sub.missed

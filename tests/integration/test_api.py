@@ -415,3 +415,37 @@ async def test_a_failing_store_answers_503_with_retry_after_never_500(daemon, en
     assert code == 202
     await wait_for(lambda: not d.outbox.health.failing, what="the store healthy again")
     assert (await api.call("GET", "/readyz", token=False))[0] == 200
+
+
+async def test_a_stop_ends_open_taps_at_once_instead_of_waiting_for_them(tmp_path, engine, scripted_source):
+    """An operator's stop never waits on a console's open tap (its next keep-alive is 15 s away, and a client
+    that stays connected would hold aiohttp's shutdown for a minute): taps get an `end` event and close."""
+    from listenerd import config as config_module
+    from listenerd.api.tap import KEEPALIVE_SECONDS
+    from listenerd.daemon import Daemon
+    from listenerd.systemd import Notifier
+
+    scripted_source("pusher", ticking_source)
+    path = tmp_path / "listenerd.toml"
+    path.write_text(base_config(tmp_path, engine.url, TENANT))
+    d = Daemon(config_module.load(path, {}), str(path), notifier=Notifier(None))
+    await d.start()
+    stopped = False
+    try:
+        url = d.api_url + "/1.0/tenants/t1/listeners/CFG1/tap"
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as reading, aiohttp.ClientSession() as stalled:
+            tap = await reading.get(url, headers=headers)
+            idle = await stalled.get(url, headers=headers)  # connected, never read
+            await wait_for(lambda: d.tap.clients("t1", "CFG1") == 2, what="two tap clients")
+            await read_sse(tap, 1)
+            stopping = asyncio.create_task(d.stop())
+            seen = await asyncio.wait_for(read_sse(tap, 10_000), KEEPALIVE_SECONDS / 3)  # to the stream's end
+            assert seen and seen[-1] == {"event": "end", "data": {"reason": "listenerd is stopping"}}, seen[-3:]
+            await asyncio.wait_for(stopping, KEEPALIVE_SECONDS / 3)
+            stopped = True
+            assert d.tap.clients("t1", "CFG1") == 0
+            idle.close()
+    finally:
+        if not stopped:
+            await d.stop()
