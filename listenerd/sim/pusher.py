@@ -416,7 +416,10 @@ class PusherSim:
         if self._refuse_status is not None:
             return web.json_response({"error": "connection refused by the simulator"}, status=self._refuse_status)
         ws = web.WebSocketResponse(autoping=True, heartbeat=None, max_msg_size=1 << 20, timeout=2.0)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:  # the client went while the upgrade was answered: nothing to serve
+            return ws
         socket_id = f"{random.randint(10**8, 10**9 - 1)}.{next(self._ids)}"
         raw_protocol = request.query.get("protocol")
         protocol = int(raw_protocol) if raw_protocol and raw_protocol.isdigit() else 0
