@@ -18,7 +18,8 @@ Scenarios, in order, under load:
    elsewhere (bound 2 s each);
 5. PostgreSQL restarted (`pg_ctl restart -m fast`) under load;
 then the pump stops, everything is delivered, and the ledger says what was lost (committed events
-lost must be 0; Salesforce: every published event delivered).
+lost must be 0; Salesforce: every published event delivered) and whether each listener's events were
+first delivered in the order they were published, across every failover (`out_of_order` must be 0).
 
 Two nodes running one group at once is read from the nodes' own logs (each `group started here`
 and each stop: stand-down, lease lost, hand-over, exit or kill) and reported as the longest overlap
@@ -527,6 +528,10 @@ def check(result: dict[str, Any], rolling_bound: float = 2.0) -> list[str]:
     if sf["delivered_unique"] < sf["published"]:
         problems.append(f"salesforce: {sf['published'] - sf['delivered_unique']} published events not delivered: "
                         f"{result.get('salesforce_undelivered', [])[:10]}")
+    for source, report in result["sources"].items():
+        if report["out_of_order"]:
+            problems.append(f"{source}: {report['out_of_order']} listeners' events first delivered out of publish "
+                            f"order ({report['out_of_order_events']} late, e.g. {report['out_of_order_examples']})")
     if result["kill9_moved_s"] > ttl + 5:
         problems.append(f"kill -9: moved after {result['kill9_moved_s']} s (bound {ttl + 5})")
     if not result["pause_stood_down"]:

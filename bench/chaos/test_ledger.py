@@ -1,0 +1,54 @@
+"""The chaos rig's ledger: what it calls loss, duplication and disorder (pure bookkeeping, no daemon)."""
+
+from bench.chaos.rig import Ledger
+
+
+def envelope(n: int, listener: str = "P0", id_: str | None = None, source: str = "pusher") -> dict:
+    return {"id": id_ or f"ev-{n}", "tenant-id": "t0", "listener-id": listener, "source": source,
+            "event": {"seq": n}}
+
+
+def test_first_deliveries_in_publish_order_per_listener_are_in_order_despite_gaps_duplicates_and_interleaving():
+    ledger = Ledger()
+    for n in range(8):
+        ledger.published["pusher"][n] = 1
+    # P0 gets 0, 2, 5 (1 and 3 never received), P1 gets 4 between them; 2 is delivered again after 5
+    ledger.on_engine([envelope(0), envelope(2), envelope(4, "P1"), envelope(5), envelope(2), envelope(6, "P1")])
+    report = ledger.report("pusher")
+    assert report["out_of_order"] == 0 and report["out_of_order_events"] == 0
+    assert report["duplicates"] == 1
+
+
+def test_a_first_delivery_after_a_later_event_of_the_same_listener_is_out_of_order():
+    ledger = Ledger()
+    for n in range(6):
+        ledger.published["pusher"][n] = 1
+    # a failover where the new owner forwarded its own events (3, 4) before the old owner's backlog (1, 2)
+    ledger.on_engine([envelope(0), envelope(3), envelope(4), envelope(1), envelope(2), envelope(5, "P1")])
+    report = ledger.report("pusher")
+    assert report["out_of_order"] == 1 and report["out_of_order_events"] == 2
+    assert report["out_of_order_examples"] == [("t0/P0", 1, 4), ("t0/P0", 2, 4)]
+    assert ledger.report("datasift")["out_of_order"] == 0
+
+
+def cluster_result(**changes) -> dict:
+    """A cluster chaos result that `check` passes, as `bench.chaos.cluster.run` returns it, with `changes`."""
+    sources = {s: Ledger().report(s) for s in ("pusher", "datasift", "salesforce")}
+    result = {"ttl": 3.0, "lost_committed": 0, "sources": sources, "kill9_moved_s": 4.0, "pause_stood_down": True,
+              "max_overlap_s": 0.5, "sim_max_overlap_s": 0.5, "sim_connections_unnamed": 0,
+              "rolling_moves_s": [0.5, 0.6, 0.7], "pg_restart_s": 1.0, "pg_restart_stood_down": 0}
+    result.update(changes)
+    return result
+
+
+def test_the_cluster_check_fails_a_run_whose_events_were_first_delivered_out_of_order():
+    from bench.chaos.cluster import check
+
+    assert check(cluster_result()) == []
+    ledger = Ledger()
+    ledger.published["datasift"].update({0: 1, 1: 1})
+    ledger.on_engine([envelope(1, "D0", source="datasift"), envelope(0, "D0", source="datasift")])
+    sources = {**cluster_result()["sources"], "datasift": ledger.report("datasift")}
+    problems = check(cluster_result(sources=sources))
+    assert len(problems) == 1 and problems[0].startswith("datasift: 1 listeners' events first delivered out of"), \
+        problems
