@@ -240,6 +240,11 @@ class PostgresStore(Store):
                                        "check [store] secrets-key-file and secrets-old-key-files") from None
         self._conn = conn  # type: ignore[assignment]
 
+    def _listeners_deleted(self, conn: Any, key: tuple[str, str] | None) -> None:
+        from listenerd.cluster import drop_statuses
+
+        drop_statuses(conn, key)  # a deleted listener's status record (one, or all whose listener is gone)
+
 
 def migrate(conn: PgConnection) -> tuple[int, int]:
     """Bring both schemas to their newest versions (store, cluster); refuses a database from the future."""
