@@ -16,7 +16,9 @@ Scenarios, in order, under load:
    read after its lease lapsed is refused by the fence (logged `fenced`), never committed;
 4. rolling restart: each node SIGTERM'd in turn (and started again): seconds until its groups run
    elsewhere (bound 2 s each);
-5. PostgreSQL restarted (`pg_ctl restart -m fast`) under load;
+5. PostgreSQL restarted (`pg_ctl restart -m fast`) under load: a restart shorter than the leases'
+   margin (`check`: three quarters of the TTL, less the third between renewals and a second) must
+   leave every node running; one of three quarters of the TTL or more must make every node stand down;
 then the pump stops, everything is delivered, and the ledger says what was lost (committed events
 lost must be 0; Salesforce: every published event delivered) and whether each listener's events were
 first delivered in the order they were published, across every failover (`out_of_order` must be 0).
@@ -58,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos.rig import SOURCES, Ledger, Secrets, SlowAckEngine, integrations_toml, loadavg, machine
+from listenerd.cluster import RENEW_FRACTION, STAND_DOWN_FRACTION
 from listenerd.sim.datasift import DataSiftSim
 from listenerd.sim.pusher import PusherSim
 from listenerd.sim.salesforce import SalesforceSim
@@ -482,7 +485,8 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         await asyncio.to_thread(rig.postgres.restart)
         result["pg_restart_s"] = round(time.monotonic() - pg_began, 1)
         await rig.wait_placed("a", {"a", "b", "c"}, 60)
-        result["pg_restart_stood_down"] = sum(rig.events_since(n, pg_wall, "standing down") for n in rig.nodes)
+        result["pg_restart_stood_down"] = sum(1 for n in rig.nodes if rig.events_since(n, pg_wall, "standing down"))
+        result["nodes"] = len(rig.nodes)
         await asyncio.sleep(3)
 
         result["rate_achieved"] = round(rig.achieved_rate(began))
@@ -543,6 +547,20 @@ def check(result: dict[str, Any], rolling_bound: float = 2.0) -> list[str]:
                         "(> TTL)")
     if result["sim_connections_unnamed"]:
         problems.append(f"{result['sim_connections_unnamed']} provider connections did not name their node")
+    # PostgreSQL restarted: a node stands down after STAND_DOWN_FRACTION x TTL without a renewal. It renews every
+    # RENEW_FRACTION x TTL, so its last renewal may be that old when the database goes, and it renews again within
+    # a second of the database answering (its LISTEN reconnect wakes it): a restart shorter than the difference,
+    # less that second, must leave every node running. One of STAND_DOWN_FRACTION x TTL or more (and a second for
+    # the restart's own start and end) must stop every node: none can prove it still holds its leases. Between the
+    # two, either is right.
+    restart, stood = result["pg_restart_s"], result["pg_restart_stood_down"]
+    keeps_running = ttl * (STAND_DOWN_FRACTION - RENEW_FRACTION) - 1.0
+    if restart < keeps_running and stood:
+        problems.append(f"PostgreSQL restarted in {restart} s (< {keeps_running:.2f} s, within which leases are "
+                        f"renewed in time) and {stood} nodes stood down")
+    if restart >= ttl * STAND_DOWN_FRACTION + 1.0 and stood < result["nodes"]:
+        problems.append(f"PostgreSQL restarted in {restart} s (>= {STAND_DOWN_FRACTION} x TTL): only {stood} of "
+                        f"{result['nodes']} nodes stood down; the others ran on without proof of their leases")
     if any(m > rolling_bound for m in result["rolling_moves_s"]):
         problems.append(f"a rolling-restart move took over {rolling_bound} s: {result['rolling_moves_s']}")
     return problems

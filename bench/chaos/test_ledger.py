@@ -36,7 +36,8 @@ def cluster_result(**changes) -> dict:
     sources = {s: Ledger().report(s) for s in ("pusher", "datasift", "salesforce")}
     result = {"ttl": 3.0, "lost_committed": 0, "sources": sources, "kill9_moved_s": 4.0, "pause_stood_down": True,
               "max_overlap_s": 0.5, "sim_max_overlap_s": 0.5, "sim_connections_unnamed": 0,
-              "rolling_moves_s": [0.5, 0.6, 0.7], "pg_restart_s": 1.0, "pg_restart_stood_down": 0}
+              "rolling_moves_s": [0.5, 0.6, 0.7], "pg_restart_s": 1.0, "pg_restart_stood_down": 0,
+              "nodes": 3}
     result.update(changes)
     return result
 
@@ -52,3 +53,21 @@ def test_the_cluster_check_fails_a_run_whose_events_were_first_delivered_out_of_
     problems = check(cluster_result(sources=sources))
     assert len(problems) == 1 and problems[0].startswith("datasift: 1 listeners' events first delivered out of"), \
         problems
+
+
+def test_the_cluster_check_holds_nodes_running_through_a_short_database_restart_and_stopped_through_a_long_one():
+    from bench.chaos.cluster import check
+
+    def problems(ttl, restart, stood):
+        return check(cluster_result(ttl=ttl, kill9_moved_s=1.0, pg_restart_s=restart, pg_restart_stood_down=stood))
+
+    # TTL 10 s: renewed every 3.3 s, stood down after 7.5 s without one; a restart under 3.2 s stops no node
+    assert problems(10.0, 0.4, 0) == []
+    assert problems(10.0, 0.4, 1) == ["PostgreSQL restarted in 0.4 s (< 3.17 s, within which leases are renewed in "
+                                      "time) and 1 nodes stood down"]
+    assert problems(10.0, 5.0, 0) == [] and problems(10.0, 5.0, 3) == [], "either, depending on the last renewal"
+    assert problems(10.0, 9.0, 3) == []
+    assert problems(10.0, 9.0, 2) == ["PostgreSQL restarted in 9.0 s (>= 0.75 x TTL): only 2 of 3 nodes stood down; "
+                                      "the others ran on without proof of their leases"]
+    # the CI run's 3 s TTL: only a restart under 0.25 s must leave every node running
+    assert problems(3.0, 0.3, 3) == [] and problems(3.0, 1.0, 0) == []
