@@ -17,8 +17,9 @@ Scenarios, in order, under load:
 4. rolling restart: each node SIGTERM'd in turn (and started again): seconds until its groups run
    elsewhere (bound 2 s each);
 5. PostgreSQL restarted (`pg_ctl restart -m fast`) under load: a restart shorter than the leases'
-   margin (`check`: three quarters of the TTL, less the third between renewals and a second) must
-   leave every node running; one of three quarters of the TTL or more must make every node stand down;
+   margin (`check`: three quarters of the TTL, less the third between renewals and 1.5 s) must
+   leave every node running (2.67 s at the default TTL); one of three quarters of the TTL or more must make
+   every node stand down;
 then the pump stops, everything is delivered, and the ledger says what was lost (committed events
 lost must be 0; Salesforce: every published event delivered) and whether each listener's events were
 first delivered in the order they were published, across every failover (`out_of_order` must be 0).
@@ -549,12 +550,13 @@ def check(result: dict[str, Any], rolling_bound: float = 2.0) -> list[str]:
         problems.append(f"{result['sim_connections_unnamed']} provider connections did not name their node")
     # PostgreSQL restarted: a node stands down after STAND_DOWN_FRACTION x TTL without a renewal. It renews every
     # RENEW_FRACTION x TTL, so its last renewal may be that old when the database goes, and it renews again within
-    # a second of the database answering (its LISTEN reconnect wakes it): a restart shorter than the difference,
-    # less that second, must leave every node running. One of STAND_DOWN_FRACTION x TTL or more (and a second for
-    # the restart's own start and end) must stop every node: none can prove it still holds its leases. Between the
-    # two, either is right.
+    # a second of the database answering (its LISTEN connection retries every second, and wakes it): a restart
+    # shorter than the difference, less that second and half a second for a loaded machine, must leave every node
+    # running (2.67 s with the default 10 s TTL; with the CI run's 3 s, no restart is that short). One of
+    # STAND_DOWN_FRACTION x TTL or more (and a second for the restart's own start and end) must stop every node:
+    # none can prove it still holds its leases. Between the two, either is right.
     restart, stood = result["pg_restart_s"], result["pg_restart_stood_down"]
-    keeps_running = ttl * (STAND_DOWN_FRACTION - RENEW_FRACTION) - 1.0
+    keeps_running = ttl * (STAND_DOWN_FRACTION - RENEW_FRACTION) - 1.5
     if restart < keeps_running and stood:
         problems.append(f"PostgreSQL restarted in {restart} s (< {keeps_running:.2f} s, within which leases are "
                         f"renewed in time) and {stood} nodes stood down")

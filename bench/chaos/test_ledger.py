@@ -61,13 +61,14 @@ def test_the_cluster_check_holds_nodes_running_through_a_short_database_restart_
     def problems(ttl, restart, stood):
         return check(cluster_result(ttl=ttl, kill9_moved_s=1.0, pg_restart_s=restart, pg_restart_stood_down=stood))
 
-    # TTL 10 s: renewed every 3.3 s, stood down after 7.5 s without one; a restart under 3.2 s stops no node
+    # TTL 10 s: renewed every 3.3 s, stood down after 7.5 s without one; a restart under 2.67 s stops no node
     assert problems(10.0, 0.4, 0) == []
-    assert problems(10.0, 0.4, 1) == ["PostgreSQL restarted in 0.4 s (< 3.17 s, within which leases are renewed in "
+    assert problems(10.0, 0.4, 1) == ["PostgreSQL restarted in 0.4 s (< 2.67 s, within which leases are renewed in "
                                       "time) and 1 nodes stood down"]
     assert problems(10.0, 5.0, 0) == [] and problems(10.0, 5.0, 3) == [], "either, depending on the last renewal"
     assert problems(10.0, 9.0, 3) == []
     assert problems(10.0, 9.0, 2) == ["PostgreSQL restarted in 9.0 s (>= 0.75 x TTL): only 2 of 3 nodes stood down; "
                                       "the others ran on without proof of their leases"]
-    # the CI run's 3 s TTL: only a restart under 0.25 s must leave every node running
-    assert problems(3.0, 0.3, 3) == [] and problems(3.0, 1.0, 0) == []
+    # the CI run's 3 s TTL: the reconnect's second alone may take a node to its stand-down, so either is right
+    assert problems(3.0, 0.1, 3) == [] and problems(3.0, 1.0, 0) == []
+
