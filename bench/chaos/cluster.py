@@ -534,6 +534,8 @@ def check(result: dict[str, Any], rolling_bound: float = 2.0) -> list[str]:
         problems.append(f"salesforce: {sf['published'] - sf['delivered_unique']} published events not delivered: "
                         f"{result.get('salesforce_undelivered', [])[:10]}")
     for source, report in result["sources"].items():
+        if report["mixed_ids"]:  # two nodes committed one event (a Pusher event's id is fresh per commit)
+            problems.append(f"{source}: {report['mixed_ids']} events delivered under two ids")
         if report["out_of_order"]:
             problems.append(f"{source}: {report['out_of_order']} listeners' events first delivered out of publish "
                             f"order ({report['out_of_order_events']} late, e.g. {report['out_of_order_examples']})")

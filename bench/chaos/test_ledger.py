@@ -72,3 +72,12 @@ def test_the_cluster_check_holds_nodes_running_through_a_short_database_restart_
     # the CI run's 3 s TTL: the reconnect's second alone may take a node to its stand-down, so either is right
     assert problems(3.0, 0.1, 3) == [] and problems(3.0, 1.0, 0) == []
 
+
+def test_the_cluster_check_fails_a_run_where_two_nodes_committed_one_event():
+    from bench.chaos.cluster import check
+
+    ledger = Ledger()
+    ledger.published["pusher"][0] = 2
+    ledger.on_engine([envelope(0, id_="from-a"), envelope(0, id_="from-b")])  # read on both sockets, both committed
+    sources = {**cluster_result()["sources"], "pusher": ledger.report("pusher")}
+    assert check(cluster_result(sources=sources)) == ["pusher: 1 events delivered under two ids"]
