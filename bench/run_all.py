@@ -4,8 +4,8 @@ Each benchmark prints its table; the figures in bench/RESULTS.md come from these
 and chaos scenarios replace their own sections with `--write`). `THROUGHPUT` and `CHAOS` below are
 the list: every script in bench/ and bench/chaos/ (bench/common.py and bench/chaos/rig.py are their
 shared code). Without `--full` the chaos scenarios run their short versions (seconds each; the cluster
-one about a minute, as bench/chaos/test_short.py runs it); `--full` runs them at the sizes the
-RESULTS.md tables name (the engine outage takes 10 minutes, the soak 30, the cluster about 5) and
+one 40-45 s, as bench/chaos/test_short.py runs it); `--full` runs them at the sizes the
+RESULTS.md tables name (the engine outage takes 10 minutes, the soak 30, the cluster about 90 s) and
 writes their sections where the scenario has one to write (the cluster's figures are copied by hand).
 The disk-full scenario mounts a tmpfs, so it needs root; run as another user it fails and says so.
 """
