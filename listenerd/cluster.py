@@ -46,6 +46,7 @@ import structlog
 
 from listenerd.delivery import segments
 from listenerd.placement import place
+from listenerd.store_pg import drop_statuses
 
 log = structlog.get_logger("listenerd.cluster")
 
@@ -159,15 +160,6 @@ def read_statuses(conn: Any, since: str | None) -> tuple[str, list[tuple[str, st
         rows = conn.execute("SELECT tenant_id, listener_id, node, record FROM cluster_status WHERE written >= "
                             "?::xid8", (since,)).fetchall()
     return xmin, rows
-
-
-def drop_statuses(conn: Any, key: tuple[str, str] | None = None) -> None:
-    """Delete the status record of this deleted listener, or (None) of every listener that no longer exists."""
-    if key is not None:
-        conn.execute("DELETE FROM cluster_status WHERE tenant_id = ? AND listener_id = ?", key)
-    else:
-        conn.execute("DELETE FROM cluster_status s WHERE NOT EXISTS (SELECT 1 FROM listeners l WHERE "
-                     "l.tenant_id = s.tenant_id AND l.id = s.listener_id)")
 
 
 def notify(conn: Any, payload: dict[str, Any]) -> None:
