@@ -386,8 +386,14 @@ class Cluster:
             wanted = sorted(g for g, n in placed.items()
                             if n == self.node and g not in self.held and g not in self.owners)
             if wanted:
+                def take(c: Any) -> dict[str, int]:
+                    got = acquire_many(c, wanted, self.node, self.ttl)
+                    if got:  # the other nodes learn the new owner now, not at their next round (up to TTL/3 on):
+                        notify(c, {"members": self.node})  # until then their API answers `starting` for the group
+                    return got
+
                 try:
-                    taken = await self.store.transaction(lambda c: acquire_many(c, wanted, self.node, self.ttl))
+                    taken = await self.store.transaction(take)
                 except sqlite3.Error as exc:  # a row locked (a paused holder mid-commit): next round
                     log.info("groups not taken this round", groups=len(wanted), error=str(exc))
                     taken = {}
