@@ -22,10 +22,14 @@ decides, the same way on every node from the same rows, which node runs which gr
   counts the group's backlog as its own and rewinds its forwarder, so the old owner's events go out
   first, in order per listener. The events a deleted listener left waiting go out from one node (the
   holder of its tenant's first group).
-- **One API.** Status records of the groups a node runs are written every second and on every change
-  (then a NOTIFY makes the other nodes read them again), with `node`; every node reads them, so any
-  node answers for any listener. API writes go to the store and a NOTIFY makes the owner apply them
-  at once.
+- **One API.** Status records of the groups a node runs are written, with `node`, within a second of
+  every change (at once for a change of status, then a NOTIFY makes the other nodes read at once); an
+  unchanged record is not written again. Every node reads them every second, so any node answers for
+  any listener: only the records written since its last read (`read_statuses`, by transaction id), and
+  all of them every `STATUS_FULL_READ` seconds, so the cost per second follows the changes, not the
+  number of listeners. A deleted listener's record goes in the transaction that deletes it (API or
+  config reload), and any left of a listener that no longer exists at the next full read. API writes go
+  to the store and a NOTIFY makes the owner apply them at once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import structlog
 
 from listenerd.delivery import segments
 from listenerd.placement import place
+from listenerd.store_pg import drop_statuses
 
 log = structlog.get_logger("listenerd.cluster")
 
@@ -50,6 +55,7 @@ log = structlog.get_logger("listenerd.cluster")
 CHANNEL = "listenerd_cluster"
 RENEW_FRACTION = 1 / 3  # renew every third of the TTL
 STAND_DOWN_FRACTION = 0.75  # stop the sources this far into the TTL without a renewal
+STATUS_FULL_READ = 30.0  # seconds between full reads of the status records (the reads between fetch changes only)
 
 
 def group_of(tenant_id: str, kind: str) -> str:
@@ -128,6 +134,34 @@ def holding(conn: Any, node: str, held: dict[str, int]) -> set[str]:
         "FOR SHARE OF l", (list(held), [held[g] for g in held], node)).fetchall()}
 
 
+def write_statuses(conn: Any, node: str, rows: list[tuple[str, str, bytes]]) -> None:
+    """Upsert these (tenant, listener, record) status records as `node`'s, of listeners that still exist (a
+    record written after its listener was deleted would outlive it)."""
+    conn.executemany(
+        "INSERT INTO cluster_status (tenant_id, listener_id, node, record, updated_at, written) SELECT ?::text, "
+        "?::text, ?::text, ?::bytea, clock_timestamp(), pg_current_xact_id() WHERE EXISTS (SELECT 1 FROM listeners "
+        "WHERE tenant_id = ? AND id = ?) ON CONFLICT (tenant_id, listener_id) DO UPDATE SET node = excluded.node, "
+        "record = excluded.record, updated_at = excluded.updated_at, written = excluded.written",
+        [(t, lid, node, body, t, lid) for t, lid, body in rows])
+
+
+def read_statuses(conn: Any, since: str | None) -> tuple[str, list[tuple[str, str, str, bytes]]]:
+    """The status records written since the read that returned `since` (every record when None), and the
+    `since` of the next read: (tenant, listener, node, record) rows.
+
+    `since` is the oldest transaction still running when a read began (its snapshot's xmin, taken before the
+    read's own snapshot): every record not visible to that read was written by that transaction or a later
+    one, so a read of `written >= since` misses nothing and fetches again only what was in flight. The
+    database's transaction ids, not any clock: a write that commits late is still found."""
+    xmin = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()[0]
+    if since is None:
+        rows = conn.execute("SELECT tenant_id, listener_id, node, record FROM cluster_status").fetchall()
+    else:
+        rows = conn.execute("SELECT tenant_id, listener_id, node, record FROM cluster_status WHERE written >= "
+                            "?::xid8", (since,)).fetchall()
+    return xmin, rows
+
+
 def notify(conn: Any, payload: dict[str, Any]) -> None:
     conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, orjson.dumps(payload).decode()))
 
@@ -173,7 +207,11 @@ class Cluster:
         self.statuses: dict[tuple[str, str], tuple[str, RemoteStatus]] = {}
         self.draining = False
         self.stood_down = 0  # times this node stopped its groups for want of a renewal
-        self._written: dict[tuple[str, str], bytes] = {}
+        self._written: dict[tuple[str, str], bytes] = {}  # the record of each listener of ours as last written
+        self._since: str | None = None  # where the next status read starts (read_statuses); None: read them all
+        self._full_read_at = 0.0  # monotonic time of the last full read
+        self._read_lock = asyncio.Lock()  # reads apply in the order they were made
+        self.status_reads = {"delta": 0, "delta_rows": 0, "full": 0, "full_rows": 0}  # reads, rows they fetched
         self._wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
         self._interval = self.ttl * RENEW_FRACTION  # until the next round: shorter when a lease can lapse sooner
@@ -348,8 +386,14 @@ class Cluster:
             wanted = sorted(g for g, n in placed.items()
                             if n == self.node and g not in self.held and g not in self.owners)
             if wanted:
+                def take(c: Any) -> dict[str, int]:
+                    got = acquire_many(c, wanted, self.node, self.ttl)
+                    if got:  # the other nodes learn the new owner now, not at their next round (up to TTL/3 on):
+                        notify(c, {"members": self.node})  # until then their API answers `starting` for the group
+                    return got
+
                 try:
-                    taken = await self.store.transaction(lambda c: acquire_many(c, wanted, self.node, self.ttl))
+                    taken = await self.store.transaction(take)
                 except sqlite3.Error as exc:  # a row locked (a paused holder mid-commit): next round
                     log.info("groups not taken this round", groups=len(wanted), error=str(exc))
                     taken = {}
@@ -420,8 +464,8 @@ class Cluster:
         self._status_dirty.set()
 
     async def _statuses(self) -> None:
-        """Write the status records of this node's running listeners every second and on a change (then tell
-        the other nodes, which read them again at once); read everyone's."""
+        """Every second, and on a change of status (then telling the other nodes, which read at once): write the
+        records of this node's running listeners that changed, and read what everyone wrote since."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._status_dirty.wait(), 1.0)
@@ -433,40 +477,78 @@ class Cluster:
                 await self.publish_statuses(announce=changed)
 
     async def publish_statuses(self, announce: bool = False) -> None:
+        """Write the records of this node's listeners that changed since last written (an unchanged record is
+        not written again: nor fetched by the other nodes' reads), then read what the other nodes wrote."""
         supervisor = self.fleet().supervisor
-        rows = []
+        rows, ours = [], set()
         for (tenant_id, listener_id), record in list(supervisor.records.items()):
-            body = orjson.dumps({**record.as_json(), "node": self.node})
             group = self._group_of_listener(tenant_id, listener_id)
-            if group is not None and group in self.held:
+            if group is None or group not in self.held:
+                continue
+            key = (tenant_id, listener_id)
+            ours.add(key)
+            body = orjson.dumps({**record.as_json(), "node": self.node})
+            if self._written.get(key) != body:
                 rows.append((group, tenant_id, listener_id, body))
-        held = dict(self.held)
-        node = self.node
+        for key in [k for k in self._written if k not in ours]:  # given up: written afresh if it comes back
+            del self._written[key]
+        if rows:
+            held = dict(self.held)
+            node = self.node
 
-        def write(c: Any) -> list:
-            allowed = holding(c, node, {g: held[g] for g in {r[0] for r in rows} if g in held})
-            fresh = [(t, lid, node, b) for g, t, lid, b in rows if g in allowed]
-            if fresh:
-                c.executemany("INSERT INTO cluster_status (tenant_id, listener_id, node, record, updated_at) VALUES "
-                              "(?, ?, ?, ?, clock_timestamp()) ON CONFLICT (tenant_id, listener_id) DO UPDATE SET "
-                              "node = excluded.node, record = excluded.record, updated_at = excluded.updated_at",
-                              fresh)
-            if announce and fresh:
-                notify(c, {"status": node, "from": node})
-            return c.execute("SELECT tenant_id, listener_id, node, record FROM cluster_status").fetchall()
+            def write(c: Any) -> list[tuple[str, str, bytes]]:
+                allowed = holding(c, node, {g: held[g] for g in {r[0] for r in rows} if g in held})
+                fresh = [(t, lid, b) for g, t, lid, b in rows if g in allowed]
+                write_statuses(c, node, fresh)
+                if announce and fresh:
+                    notify(c, {"status": node, "from": node})
+                return fresh
 
-        self._read_statuses(await self.store.transaction(write))
+            for tenant_id, listener_id, body in await self.store.transaction(write):
+                self._written[(tenant_id, listener_id)] = body
+        await self.refresh_statuses()
 
-    def _read_statuses(self, rows: list) -> None:
-        self.statuses = {(t, lid): (n, RemoteStatus(orjson.loads(bytes(r)))) for t, lid, n, r in rows}
+    async def refresh_statuses(self, full: bool = False) -> None:
+        """Read the status records written since the last read; all of them every STATUS_FULL_READ seconds (or
+        when `full`), which also deletes those of listeners that no longer exist: the reads between cost what
+        changed, not the number of listeners."""
+        async with self._read_lock:
+            full = full or self._since is None or time.monotonic() - self._full_read_at >= STATUS_FULL_READ
+            since = None if full else self._since
 
-    async def refresh_statuses(self) -> None:
-        self._read_statuses(await self.store.run(lambda c: c.execute(
-            "SELECT tenant_id, listener_id, node, record FROM cluster_status").fetchall()))
+            def read(c: Any) -> tuple[str, list]:
+                if since is None:
+                    drop_statuses(c)
+                return read_statuses(c, since)
+
+            began = time.monotonic()
+            self._since, rows = await self.store.run(read)
+            raw = {(t, lid): (n, bytes(r)) for t, lid, n, r in rows}
+            read_now = {key: (n, RemoteStatus(orjson.loads(body))) for key, (n, body) in raw.items()}
+            if since is None:
+                self._full_read_at = began
+                self.statuses = read_now
+                # ours as the table holds them: one lost or changed meanwhile (a database failover) is written again
+                for key in [k for k, body in self._written.items() if raw.get(k, ("", b""))[1] != body]:
+                    del self._written[key]
+            else:
+                self.statuses.update(read_now)
+            kind = "full" if since is None else "delta"
+            self.status_reads[kind] += 1
+            self.status_reads[kind + "_rows"] += len(rows)
+
+    def _listener_touched(self, tenant_id: str, listener_id: str) -> None:
+        """A listener was created, changed or deleted (through any node): its record is written afresh by its
+        owner, and a deleted one's last record is no answer any more."""
+        self._written.pop((tenant_id, listener_id), None)
+        if self.fleet().index.get(tenant_id, listener_id) is None:
+            self.statuses.pop((tenant_id, listener_id), None)
 
     async def announce(self, payload: dict[str, Any]) -> None:
         """Tell the other nodes a listener or integration changed (the owner applies it at once)."""
         await self.store.run(lambda c: notify(c, {**payload, "from": self.node}))
+        if "listener" in payload:
+            self._listener_touched(*payload["listener"])
         self._wake.set()  # a new listener may change the weights, or be a new group to place
 
     async def _listen(self) -> None:
@@ -495,6 +577,7 @@ class Cluster:
             self._wake.set()
         elif "listener" in payload:
             await self.fleet().listener_changed(*payload["listener"], announce=False)
+            self._listener_touched(*payload["listener"])
             self._wake.set()  # a new listener may change the weights
         elif "integration" in payload:
             await self.fleet().integration_changed(*payload["integration"], announce=False)

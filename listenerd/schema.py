@@ -189,4 +189,10 @@ CLUSTER_MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant_id, listener_id)
     );
     """,
+    # 2: the transaction that last wrote each status record (its id, `written`), indexed: a node reads only
+    # the records written since its last read (`cluster.read_statuses`), not the whole table every second
+    """
+    ALTER TABLE cluster_status ADD COLUMN written xid8 NOT NULL DEFAULT pg_current_xact_id();
+    CREATE INDEX cluster_status_written ON cluster_status (written);
+    """,
 ]

@@ -214,10 +214,16 @@ class Store:
         """Delete a listener and its checkpoint in one transaction; False when there was none."""
         def delete(c: sqlite3.Connection) -> bool:
             c.execute("DELETE FROM checkpoints WHERE tenant_id = ? AND listener_id = ?", (tenant_id, listener_id))
-            return c.execute("DELETE FROM listeners WHERE tenant_id = ? AND id = ?",
+            gone = c.execute("DELETE FROM listeners WHERE tenant_id = ? AND id = ?",
                              (tenant_id, listener_id)).rowcount > 0
+            self._listeners_deleted(c, (tenant_id, listener_id))
+            return gone
 
         return await self.transaction(delete)
+
+    def _listeners_deleted(self, conn: sqlite3.Connection, key: tuple[str, str] | None) -> None:
+        """In the transaction that deleted a listener (`key`) or replaced the config's listeners (None): what the
+        backend keeps of listeners besides their rows goes too (PostgreSQL: cluster status records)."""
 
     async def get_integration(self, tenant_id: str, kind: str) -> Row | None:
         row = await self._one("SELECT tenant_id, type, fields, managed_by FROM integrations "
@@ -295,6 +301,7 @@ class Store:
                           "DO UPDATE SET last = max(last, excluded.last)",
                           [(t, int(k[2:])) for t, k, _ in listeners if k.startswith("LI") and k[2:].isdigit()
                            and len(k) < 20])
+            self._listeners_deleted(c, None)
 
         await self.transaction(sync)
 

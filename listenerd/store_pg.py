@@ -240,6 +240,19 @@ class PostgresStore(Store):
                                        "check [store] secrets-key-file and secrets-old-key-files") from None
         self._conn = conn  # type: ignore[assignment]
 
+    def _listeners_deleted(self, conn: Any, key: tuple[str, str] | None) -> None:
+        drop_statuses(conn, key)  # a deleted listener's cluster status record (one, or all whose listener is gone)
+
+
+def drop_statuses(conn: Any, key: tuple[str, str] | None = None) -> None:
+    """Delete the cluster status record of this deleted listener, or (None) of every listener that no longer
+    exists (`cluster.py` writes and reads them)."""
+    if key is not None:
+        conn.execute("DELETE FROM cluster_status WHERE tenant_id = ? AND listener_id = ?", key)
+    else:
+        conn.execute("DELETE FROM cluster_status s WHERE NOT EXISTS (SELECT 1 FROM listeners l WHERE "
+                     "l.tenant_id = s.tenant_id AND l.id = s.listener_id)")
+
 
 def migrate(conn: PgConnection) -> tuple[int, int]:
     """Bring both schemas to their newest versions (store, cluster); refuses a database from the future."""

@@ -102,6 +102,12 @@ class Ledger:
 
     `delivered` keeps each event's distinct ids (one, unless a duplicate came under another id) and
     `copies` how many times it arrived, so a duplicate storm costs a count, not memory.
+
+    Order per listener: the rig publishes each listener's events with increasing `n`, so their first
+    deliveries must come in increasing `n` too (events never received leave gaps, which is not disorder;
+    a duplicate of an event already delivered is not a first delivery). `newest` keeps the highest `n`
+    first-delivered per listener, `disorder` each listener's first deliveries that came after a higher
+    one (source -> (tenant, listener) -> [(n, the higher n already delivered)]).
     """
 
     published: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
@@ -110,6 +116,9 @@ class Ledger:
     durable: dict[str, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))  # outbox snapshots
     published_at: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
     windows: list[tuple[float, float]] = field(default_factory=list)  # forced disconnects (monotonic)
+    newest: dict[str, dict[tuple[str, str], int]] = field(default_factory=lambda: defaultdict(dict))
+    disorder: dict[str, dict[tuple[str, str], list[tuple[int, int]]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     deliveries = 0
 
     def disrupted(self, source: str, n: int) -> bool:
@@ -120,7 +129,15 @@ class Ledger:
         for envelope in envelopes:
             seq = envelope["event"].get("seq")
             if isinstance(seq, int):
-                ids = self.delivered[envelope["source"]][seq]
+                source = envelope["source"]
+                if seq not in self.delivered[source]:  # a first delivery: in publish order per listener?
+                    listener = (envelope.get("tenant-id", ""), envelope.get("listener-id", ""))
+                    newest = self.newest[source].get(listener)
+                    if newest is not None and seq < newest:
+                        self.disorder[source][listener].append((seq, newest))
+                    else:
+                        self.newest[source][listener] = seq
+                ids = self.delivered[source][seq]
                 if envelope["id"] not in ids:
                     ids.append(envelope["id"])
                 self.copies[envelope["source"]][seq] += 1
@@ -150,7 +167,10 @@ class Ledger:
         - not_received: published but never committed: for sockets without replay (Pusher, DataSift)
           that is what arrived while the daemon was dead or sat in socket buffers at the kill;
           `not_received_no_subscriber` is the part published while no socket was subscribed at all;
-        - duplicates: deliveries beyond the first; `mixed_ids`: events delivered under two ids (must be 0).
+        - duplicates: deliveries beyond the first; `mixed_ids`: events delivered under two ids (must be 0);
+        - out_of_order: listeners whose events' first deliveries were not in publish order (must be 0 where
+          order per listener is promised), `out_of_order_events` how many first deliveries came late, and
+          `out_of_order_examples` a few (listener, n, the higher n delivered before it).
         """
         published = self.published.get(source, {})
         delivered = self.delivered.get(source, {})
@@ -172,6 +192,10 @@ class Ledger:
             "duplicates": self.copies.get(source, Counter()).total() - len(delivered),
             "mixed_ids": len(set(mixed)),
             "invented": len(set(delivered) - set(published)),
+            "out_of_order": len(self.disorder.get(source, {})),
+            "out_of_order_events": sum(len(v) for v in self.disorder.get(source, {}).values()),
+            "out_of_order_examples": [(f"{t}/{lid}", n, newer) for (t, lid), late in
+                                      sorted(self.disorder.get(source, {}).items())[:5] for n, newer in late[:2]],
         }
 
 

@@ -197,7 +197,13 @@ async def test_cluster_short(tmp_path):
     result = await cluster.run(tmp_path, tenants=6, per_tenant=10, rate=200, ttl=3.0, short=True, say=_say)
     # handed over at once: before the 3 s lease could lapse (the full run holds them to 2 s with a 10 s TTL)
     assert cluster.check(result, rolling_bound=3.0) == [], result
-    assert result["lost_committed"] == 0 and result["pause_stood_down"] and result["pause_fenced_events"] >= 0
+    assert result["lost_committed"] == 0 and result["pause_stood_down"]
+    # the paused node committed nothing after its lease lapsed: every event it read on resuming was also read
+    # by the group's new owner (Pusher sends to both sockets), and a Pusher event gets a fresh id per commit, so
+    # one committed by both nodes would be delivered under two ids. (How many the fence refused,
+    # `pause_fenced_events`, may be 0: the resumed node often stands down before it reads anything; the refusal
+    # itself is tests/unit/test_outbox.py::test_a_fenced_commit_..., run on both stores.)
+    assert all(report["mixed_ids"] == 0 for report in result["sources"].values()), result["sources"]
     assert result["kill9_moved_s"] <= 3.0 + 5
     # the providers' view: no group subscribed from two nodes at once beyond the TTL, every connection named
     assert result["sim_max_overlap_s"] <= 3.0 and result["sim_connections_unnamed"] == 0, result

@@ -31,7 +31,7 @@ SQLITE_ONLY = {
     "test_migration_4_seeds_listener_ids_from_existing_listeners",
     "test_migration_3_runs_once_and_refuses_nothing_on_an_empty_outbox",
     "test_upgrade_from_the_per_event_outbox_keeps_every_waiting_event_in_order",
-    # PRAGMA synchronous (PostgreSQL's relaxed ack is tested in test_store_backends.py)
+    # PRAGMA synchronous (PostgreSQL's relaxed ack is test_relaxed_on_postgres_turns_off_the_commit_sync_... below)
     "test_relaxed_runs_one_transaction_without_full_sync_and_restores_it_even_on_failure",
     "test_with_full_durability_acks_skip_the_fsync_and_the_setting_is_restored",
     # read or damage the SQLite file directly

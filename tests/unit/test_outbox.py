@@ -234,3 +234,29 @@ async def test_flush_waits_for_what_came_before_it_not_for_everyone_elses_traffi
         assert at_flush < cap, "flush waited for the other listener to stop appending"
         await h.outbox.flush()  # and what is left lands too
         assert len(await h.events("t", "busy")) == others
+
+
+async def test_a_fenced_commit_writes_only_the_listeners_whose_groups_this_node_still_holds(tmp_path):
+    """A cluster node's fence (cluster.Cluster._fence, checked inside the commit's transaction) refuses the
+    listeners of groups it no longer holds: their events are never written nor counted as received, and
+    their checkpoint does not move; the others in the same commit are written."""
+    async with Harness(tmp_path) as h:
+        await h.store.set_checkpoint("t", "lost", "0")
+        checked = []
+
+        def fence(conn, listeners):
+            checked.append(sorted(listeners))
+            return {key for key in listeners if key[1] == "lost"}
+
+        h.outbox.fence = fence
+        committed = []
+        for n in range(1, 4):
+            for lid in ("kept", "lost"):
+                await h.outbox.append("t", lid, "salesforce", {"replay": n}, key=f"{lid}{n}", checkpoint=str(n),
+                                      on_commit=lambda e, lid=lid: committed.append((lid, e["event"]["replay"])))
+        await h.outbox.flush()
+        assert any(("t", "lost") in c for c in checked), checked
+        assert [(e["listener-id"], e["event"]["replay"]) for e in await h.events()] == [("kept", 1), ("kept", 2),
+                                                                                      ("kept", 3)]
+        assert committed == [("kept", 1), ("kept", 2), ("kept", 3)] and h.outbox.fenced == 3
+        assert await h.store.get_checkpoint("t", "kept") == "3" and await h.store.get_checkpoint("t", "lost") == "0"
