@@ -44,6 +44,14 @@ log = structlog.get_logger("listenerd.daemon")
 SHUTDOWN_TIMEOUT = 2.0  # seconds a stop waits for API answers under way before it cancels them
 
 
+def log_tasks() -> None:
+    """SIGUSR1: one log line per asyncio task with where it waits (an operator's 'what is it doing now')."""
+    for task in asyncio.all_tasks():
+        frames = [f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+                  for f in task.get_stack(limit=12)]
+        log.warning("task", task=task.get_name(), where=frames)
+
+
 def build_store(config: Config) -> Store:
     """The store `[store]` names: PostgreSQL with `url`, else SQLite at `path` (the embedded default)."""
     sealer = functools.partial(sealer_for, config.store, config.store.path)
@@ -180,6 +188,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        loop.add_signal_handler(signal.SIGUSR1, log_tasks)  # kept through the stop: a stop that hangs says where
         status_task: asyncio.Task[None] | None = None
         self.freeze_gc = True
         try:
@@ -193,7 +202,10 @@ class Daemon:
                     await status_task
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.stop()
+            try:
+                await self.stop()
+            finally:
+                loop.remove_signal_handler(signal.SIGUSR1)
 
     def _reload_in_background(self) -> None:
         task = asyncio.create_task(self.reload(), name="reload")

@@ -230,8 +230,10 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while self.process.poll() is None:
             if time.monotonic() > deadline:
+                self.process.send_signal(signal.SIGUSR1)  # its log then says where each task waits
+                await asyncio.sleep(1.0)
                 self.process.kill()
-                raise AssertionError("daemon did not exit in time")
+                raise AssertionError(f"daemon did not exit in time; where its tasks waited: {self.log_path}")
             await asyncio.sleep(0.05)
         return self.process.returncode
 

@@ -155,6 +155,10 @@ async def test_sigterm_flushes_and_exits_zero_and_logs_hold_no_secret(tmp_path, 
         code, body = await api.call("GET", "/1.0/tenants/t/integrations")
         assert code == 200
         assert not any(secret in str(body) for secret in SECRETS.values())
+        # SIGUSR1: where each task waits, one log line each (what a hung stop is asked before a kill)
+        daemon.signal(signal.SIGUSR1)
+        tasks = await wait_for(lambda: [x for x in daemon.lines() if x.get("event") == "task"], what="task lines")
+        assert any(any("supervisor.py" in frame for frame in x["where"]) for x in tasks), tasks[:3]
     finally:
         await api.close()
     daemon.signal(signal.SIGTERM)
