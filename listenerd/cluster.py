@@ -313,7 +313,11 @@ class Cluster:
         self.draining = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a round that does not end when asked must not hold the hand-over
+            _, late = await asyncio.wait(self._tasks, timeout=timeout)
+            if late:
+                log.error("cluster tasks did not end when asked; handing over regardless",
+                          tasks=sorted(t.get_name() for t in late))
         self._tasks = []
         async with self._lock:
             await self._stop_groups(list(self.running))
@@ -332,7 +336,7 @@ class Cluster:
     # -- the loops
 
     async def _loop(self) -> None:
-        while True:
+        while not self.draining:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()

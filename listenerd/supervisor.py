@@ -131,8 +131,21 @@ class Runner:
     async def stop(self, message: str, timeout: float) -> None:
         if self.task and not self.task.done():
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+            try:
                 await asyncio.wait_for(asyncio.shield(self.task), timeout)
+            except asyncio.CancelledError:
+                # the run's own end is a CancelledError, and so is the caller's: swallowing the caller's would
+                # leave it running on (a cluster round cancelled by a stop went on and started groups, and the
+                # stop waited for it for good)
+                caller = asyncio.current_task()
+                if caller is not None and caller.cancelling():
+                    self._let_go(message)
+                    raise
+            except (TimeoutError, Exception):
+                pass
+        self._let_go(message)
+
+    def _let_go(self, message: str) -> None:
         self.record.set("stopped", message)
         # let go of the run: a cancelled task keeps its CancelledError, whose traceback's frames hold this
         # runner, so a runner holding its tasks is a reference cycle; thousands of stopped listeners then wait

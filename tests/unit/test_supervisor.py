@@ -329,3 +329,29 @@ async def test_a_stopped_listener_is_freed_at_once_not_left_to_the_cyclic_gc(tmp
             assert [ref() for ref in gone] == [None] * len(gone)
         finally:
             gc.enable()
+
+
+async def test_a_caller_cancelled_while_it_stops_listeners_is_cancelled_not_left_running(tmp_path, scripted_source):
+    """Stopping a listener awaits its run's end, which is a CancelledError; the caller's own cancellation is one
+    too and must reach it: a cluster round cancelled by a node's stop once went on, and the stop waited for good."""
+    ending = asyncio.Event()
+
+    async def slow_to_end(ctx):
+        ctx.started("Subscribed to channel: slow")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ending.set()
+            await asyncio.sleep(0.3)  # a source closing its socket
+
+    scripted_source("pusher", slow_to_end)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "L"): desired(spec("L"), CREDS)})
+        await wait_for(lambda: sup.status(("t", "L")).status == "started", what="started")
+        releasing = asyncio.create_task(sup.reconcile_some({("t", "L"): None}))  # deleted: stopped in line
+        await asyncio.wait_for(ending.wait(), 5)  # the release is waiting for the run to end
+        releasing.cancel()
+        await asyncio.wait([releasing], timeout=5)
+        assert releasing.cancelled(), "the caller's cancellation was swallowed"
+        assert sup.status(("t", "L")) is None or sup.status(("t", "L")).status == "stopped"
