@@ -218,6 +218,32 @@ id = "{tenant}"
                                      f"{t}/{lid}: {one}")
             await asyncio.sleep(0.2)
 
+    async def wait_settled(self, timeout: float, quiet: float = 2.0) -> None:
+        """Until no lease changed hands (owner and epoch of every group) for `quiet` seconds: the placement done."""
+        import psycopg
+
+        began, last, since = time.monotonic(), None, time.monotonic()
+        while time.monotonic() - began < timeout:
+            async with await psycopg.AsyncConnection.connect(self.url) as conn:
+                now = await (await conn.execute(
+                    "SELECT group_key, node, epoch FROM cluster_leases ORDER BY group_key")).fetchall()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the groups were still moving after {timeout}s")
+
+    async def wait_checkpoints(self, timeout: float) -> None:
+        """Until every Salesforce listener has a stored checkpoint."""
+        api = next(iter(self.apis.values()))
+        wanted = [(t, lid) for kind, t, lid, _ in self.listeners if kind == "salesforce"]
+
+        async def stored() -> bool:
+            codes = [(await api.call("GET", f"/1.0/tenants/{t}/listeners/{lid}/checkpoint"))[0] for t, lid in wanted]
+            return all(code == 200 for code in codes)
+        await wait_for(stored, timeout=timeout, interval=0.2, what="a checkpoint for every Salesforce listener")
+
     # -- publishing (the rig's ledger: per-source sequence numbers)
 
     async def publish(self, index: int) -> None:
@@ -425,9 +451,13 @@ async def run(workdir: Path, tenants: int = 30, per_tenant: int = 10, rate: floa
         for name in ("a", "b", "c"):
             await rig.start_node(name)
         result["all_started_s"] = round(await rig.wait_placed("a", {"a", "b", "c"}, 120), 1)
-        for i in range(len(rig.listeners)):  # prime: a checkpoint for every Salesforce listener
+        # prime: a checkpoint for every Salesforce listener, published once the groups stopped moving (a
+        # listener with no checkpoint yet subscribes for new events only, as `replay = "resume"` says: what is
+        # published while its group moves before its first event is not replayed), then awaited
+        await rig.wait_settled(timeout=60)
+        for i in range(len(rig.listeners)):
             await rig.publish(i)
-        await asyncio.sleep(2)
+        await rig.wait_checkpoints(timeout=60)
         began = time.monotonic()
         rig.start_pump(rate)
         await asyncio.sleep(3 if short else 10)
