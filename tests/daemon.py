@@ -56,6 +56,14 @@ id = "other"
 """
 
 
+def with_egress(text: str, egress: str) -> str:
+    """`base_config`'s text with a `[server.egress]` table (`egress`: its keys, one per line)."""
+    return text.replace("[engine]", f"[server.egress]\n{egress}\n\n[engine]", 1)
+
+
+LOOPBACK_EGRESS = 'hosts = ["localhost"]\nnetworks = ["127.0.0.1/32", "::1/128"]\nplaintext = true'
+
+
 class Api(testing.Api):
     """The API client, with the suite's ops token unless told otherwise."""
 

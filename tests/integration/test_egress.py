@@ -18,7 +18,7 @@ from listenerd.sim.salesforce import SalesforceSim
 from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
 from listenerd.sources.salesforce_pubsub import PubSubChannels
 from listenerd.testing import wait_for
-from tests.daemon import base_config, running_daemon
+from tests.daemon import LOOPBACK_EGRESS, base_config, running_daemon, with_egress
 from tests.tls import self_signed
 
 TENANT = """
@@ -28,10 +28,6 @@ id = "t1"
 SALESFORCE = {"consumer-key": "ck", "consumer-secret": "cs-secret-value", "username": "user@example.com",
               "password": "password-value"}
 PUSHER = {"key": "app-key", "secret": "app-secret-value"}
-
-
-def with_egress(text: str, egress: str) -> str:
-    return text.replace("[engine]", f"[server.egress]\n{egress}\n\n[engine]", 1)
 
 
 @pytest.fixture
@@ -152,8 +148,7 @@ async def test_the_instance_url_a_login_answers_is_held_to_the_policy(tmp_path):
     async with EngineSim() as engine, SalesforceSim(public_host="127.0.0.2", long_poll=0.5,
                                                     users={"user@example.com": "pass-word-1TOKEN-1234"},
                                                     clients={"ck": "cs-secret-value"}) as salesforce:
-        text = with_egress(base_config(tmp_path, engine.url, TENANT),
-                           'hosts = ["localhost"]\nnetworks = ["127.0.0.1/32", "::1/128"]\nplaintext = true')
+        text = with_egress(base_config(tmp_path, engine.url, TENANT), LOOPBACK_EGRESS)
         async with running_daemon(tmp_path, text) as (_, api):
             fields = {**SALESFORCE, "password": "pass-word-1", "secret-token": "TOKEN-1234",
                       "login-url": f"http://localhost:{salesforce.port}"}
@@ -191,8 +186,7 @@ async def test_a_redirect_to_an_internal_address_is_refused(tmp_path):
     redirect_port = redirect_site._server.sockets[0].getsockname()[1]
     try:
         async with EngineSim() as engine:
-            text = with_egress(base_config(tmp_path, engine.url, TENANT),
-                               'hosts = ["localhost"]\nnetworks = ["127.0.0.1/32", "::1/128"]\nplaintext = true')
+            text = with_egress(base_config(tmp_path, engine.url, TENANT), LOOPBACK_EGRESS)
             async with running_daemon(tmp_path, text) as (_, api):
                 code, body = await api.call("POST", "/1.0/tenants/t1/integrations/salesforce",
                                             {**SALESFORCE, "login-url": f"http://localhost:{redirect_port}"})

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from listenerd.sim.engine import EngineSim
 from listenerd.testing import wait_for
-from tests.daemon import base_config, running_daemon
+from tests.daemon import LOOPBACK_EGRESS, base_config, running_daemon, with_egress
 
 TENANT = """
 [[tenants]]
@@ -103,9 +103,7 @@ def strings(value):
 async def test_an_upstream_body_reaches_the_tenant_only_as_a_short_sanitised_reason(tmp_path, hostile):
     scenario, port, hits = hostile
     async with EngineSim() as engine:
-        text = base_config(tmp_path, engine.url, TENANT).replace(
-            "[engine]", '[server.egress]\nhosts = ["localhost"]\nnetworks = ["127.0.0.1/32", "::1/128"]\n'
-                        'plaintext = true\n\n[engine]', 1)
+        text = with_egress(base_config(tmp_path, engine.url, TENANT), LOOPBACK_EGRESS)
         async with running_daemon(tmp_path, text) as (_, api):
             code, body = await api.call("POST", "/1.0/tenants/t1/integrations/salesforce",
                                         {**SALESFORCE, "login-url": f"http://localhost:{port}"})
