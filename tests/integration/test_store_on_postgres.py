@@ -6,12 +6,10 @@ Left out are the tests of SQLite itself (its files, PRAGMAs, `quick_check`, its 
 old databases, bytes damaged on its pages): `SQLITE_ONLY`, each with why.
 """
 
-import asyncio
 
 import pytest
 
 from listenerd.store_pg import PgConnection, PostgresStore, migrate, redacted, translate
-from listenerd.testing import wait_for
 from tests import harness
 from tests.unit import (
     test_dead_letters,
@@ -38,9 +36,6 @@ SQLITE_ONLY = {
     "test_outbox_rows_are_raw_envelope_json", "test_a_zeroed_page_on_disk_is_caught_though_integrity_check_passes",
     "test_damaged_end_offsets_set_the_whole_segment_aside",  # zeroblob()
     "test_migration_5_on_a_store_written_before_it",
-    # SQLite trigger syntax (the PostgreSQL trigger version is test_a_failed_commit_on_postgres_... below)
-    "test_failed_commit_rolls_back_event_and_checkpoint_together_then_retries",
-    "test_close_with_a_timeout_does_not_hang_on_a_failing_store",
 }
 
 for _module in MODULES:
@@ -74,27 +69,6 @@ def conn(pg_url):
     migrate(connection)
     yield connection
     connection.close()
-
-
-async def test_a_failed_commit_on_postgres_rolls_back_event_and_checkpoint_together_then_retries(tmp_path):
-    async with harness.Harness(tmp_path) as h:
-        await h.outbox.append("t", "sf", "salesforce", {"replay": 1}, key="1", checkpoint="1")
-        await h.outbox.flush()
-        await h.store.run(lambda c: c.execute("CREATE TABLE block (x int)"))
-        await h.store.run(lambda c: c.execute("INSERT INTO block VALUES (1)"))
-        await h.store.run(lambda c: c.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF EXISTS (SELECT 1 FROM block) THEN "
-            "RAISE EXCEPTION 'disk says no'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"))
-        await h.store.run(lambda c: c.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON outbox_segments FOR EACH ROW EXECUTE FUNCTION refuse()"))
-        await h.outbox.append("t", "sf", "salesforce", {"replay": 2}, key="2", checkpoint="2")
-        await wait_for(lambda: h.outbox.commit_failures >= 1, what="a failed commit")
-        assert await h.store.get_checkpoint("t", "sf") == "1"
-        assert [e["event"]["replay"] for e in await h.events()] == [1]
-        await h.store.run(lambda c: c.execute("DELETE FROM block"))
-        await asyncio.wait_for(h.outbox.flush(), 10)
-        assert await h.store.get_checkpoint("t", "sf") == "2"
-        assert [e["event"]["replay"] for e in await h.events()] == [1, 2]
 
 
 def test_relaxed_on_postgres_turns_off_the_commit_sync_for_its_transaction_only(conn):

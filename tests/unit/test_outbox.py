@@ -11,7 +11,25 @@ from listenerd.delivery.outbox import Outbox
 from listenerd.delivery.segments import stored_envelopes
 from listenerd.observability import Metrics
 from listenerd.store import Store
+from listenerd.store_pg import dialect
 from tests.harness import Harness, wait_for
+
+
+async def refuse_outbox_inserts_while_blocked(h: Harness) -> None:
+    """A real failure inside the commit's transaction: a trigger aborts outbox inserts while the table `block`
+    has a row (it has one at once), in SQLite's or PostgreSQL's syntax: the tests run on both stores."""
+    def install(c) -> None:
+        c.execute("CREATE TABLE block (x INTEGER)")
+        c.execute("INSERT INTO block VALUES (1)")
+        if dialect(c) == "postgresql":
+            c.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF EXISTS (SELECT 1 FROM block) THEN "
+                      "RAISE EXCEPTION 'disk says no'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+            c.execute("CREATE TRIGGER refuse BEFORE INSERT ON outbox_segments FOR EACH ROW EXECUTE FUNCTION refuse()")
+        else:
+            c.execute("CREATE TRIGGER refuse BEFORE INSERT ON outbox_segments WHEN EXISTS (SELECT 1 FROM block) "
+                      "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+
+    await h.store.run(install)
 
 
 async def test_append_commits_envelopes_in_order_with_stable_ids(tmp_path):
@@ -67,12 +85,7 @@ async def test_failed_commit_rolls_back_event_and_checkpoint_together_then_retri
     async with Harness(tmp_path) as h:
         await h.outbox.append("t", "sf", "salesforce", {"replay": 1}, key="1", checkpoint="1")
         await h.outbox.flush()
-        # a real failure inside the transaction: a trigger aborts outbox inserts while `block` has a row
-        await h.store.run(lambda c: c.execute("CREATE TABLE block (x)"))
-        await h.store.run(lambda c: c.execute("INSERT INTO block VALUES (1)"))
-        await h.store.run(lambda c: c.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON outbox_segments WHEN EXISTS (SELECT 1 FROM block) "
-            "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+        await refuse_outbox_inserts_while_blocked(h)
         await h.outbox.append("t", "sf", "salesforce", {"replay": 2}, key="2", checkpoint="2")
         await wait_for(lambda: h.outbox.commit_failures >= 1, what="a failed commit")
         assert await h.store.get_checkpoint("t", "sf") == "1"
@@ -197,8 +210,7 @@ async def test_chunked_inserts_keep_append_order_across_chunk_sizes(tmp_path):
 
 async def test_close_with_a_timeout_does_not_hang_on_a_failing_store(tmp_path):
     async with Harness(tmp_path) as h:
-        await h.store.run(lambda c: c.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON outbox_segments BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+        await refuse_outbox_inserts_while_blocked(h)
         committed = []
         await h.outbox.append("t", "sf", "salesforce", {"replay": 1}, key="1", checkpoint="1",
                               on_commit=committed.append)
