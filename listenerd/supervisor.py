@@ -398,10 +398,12 @@ class Supervisor:
         return record
 
     def forwarded(self, tenant_id: str, listener_id: str, count: int) -> None:
+        """The engine took `count` of this listener's events. A deleted listener's (its waiting events still go
+        out) count in the engine's totals only: a series made for it now would never be removed."""
         record = self.records.get((tenant_id, listener_id))
         if record:
             record.forwarded += count
-        self.metrics.forwarded.labels(tenant_id, listener_id).inc(count)
+            self.metrics.forwarded.labels(tenant_id, listener_id).inc(count)
 
     def summary(self) -> str:
         """One line of counts per status, for systemd's STATUS=."""

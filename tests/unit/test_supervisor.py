@@ -355,3 +355,21 @@ async def test_a_caller_cancelled_while_it_stops_listeners_is_cancelled_not_left
         await asyncio.wait([releasing], timeout=5)
         assert releasing.cancelled(), "the caller's cancellation was swallowed"
         assert sup.status(("t", "L")) is None or sup.status(("t", "L")).status == "stopped"
+
+
+async def test_events_forwarded_for_a_deleted_listener_make_no_series_that_nothing_removes(tmp_path, scripted_source):
+    async def run(ctx):
+        ctx.started("Subscribed to channel: L")
+        await asyncio.Event().wait()
+
+    scripted_source("pusher", run)
+    async with Harness(tmp_path, fast_config(tmp_path)) as h:
+        sup = h.supervisor()
+        await sup.start({("t", "L"): desired(spec("L"), CREDS)})
+        await wait_for(lambda: sup.status(("t", "L")).status == "started", what="started")
+        sup.forwarded("t", "L", 2)
+        await sup.reconcile_some({("t", "L"): None})  # deleted; its waiting events still go out
+        sup.forwarded("t", "L", 3)
+        series = [s for family in h.metrics.forwarded.collect() for s in family.samples
+                  if s.labels.get("listener") == "L"]
+        assert series == [], series
