@@ -10,7 +10,6 @@ sources, commit what they handed over, flush to the engine within the stop bound
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
@@ -39,6 +38,7 @@ from listenerd.store_pg import PostgresStore
 from listenerd.supervisor import Key, Supervisor
 from listenerd.systemd import Notifier
 from listenerd.tap import TapHub
+from listenerd.tasks import cancel_and_wait
 
 log = structlog.get_logger("listenerd.daemon")
 SHUTDOWN_TIMEOUT = 2.0  # seconds a stop waits for API answers under way before it cancels them
@@ -197,9 +197,7 @@ class Daemon:
             await self._stopping.wait()
         finally:
             if status_task is not None:
-                status_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await status_task
+                await cancel_and_wait(status_task)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             try:

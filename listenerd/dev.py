@@ -39,6 +39,7 @@ from listenerd.sim.salesforce import SalesforceSim, throwaway_certificate
 from listenerd.sim.salesforce_pubsub import SalesforcePubsubSim
 from listenerd.store import StoreUnavailable
 from listenerd.systemd import Notifier
+from listenerd.tasks import cancel_and_wait
 
 log = structlog.get_logger("listenerd.dev")
 DEV_TOKEN = "listenerd-dev-token"
@@ -243,9 +244,7 @@ class DevStack:
 
     async def stop(self) -> None:
         if self._publisher:
-            self._publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher
+            await cancel_and_wait(self._publisher)
             self._publisher = None
         if self.daemon and self.daemon.ready:
             await self.daemon.stop()

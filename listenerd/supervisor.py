@@ -34,6 +34,7 @@ from listenerd.outcome import Ended, Fail, Outcome, Retry
 from listenerd.sources import source_for
 from listenerd.sources.base import Launch, Shared, SourceContext
 from listenerd.status import ListenerStatus, State, rfc3339
+from listenerd.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from listenerd.delivery.outbox import Outbox
@@ -129,21 +130,12 @@ class Runner:
         self.task = asyncio.create_task(self._loop(), name=f"listener:{self.key[0]}/{self.key[1]}")
 
     async def stop(self, message: str, timeout: float) -> None:
-        if self.task and not self.task.done():
-            self.task.cancel()
-            try:
-                await asyncio.wait_for(asyncio.shield(self.task), timeout)
-            except asyncio.CancelledError:
-                # the run's own end is a CancelledError, and so is the caller's: swallowing the caller's would
-                # leave it running on (a cluster round cancelled by a stop went on and started groups, and the
-                # stop waited for it for good)
-                caller = asyncio.current_task()
-                if caller is not None and caller.cancelling():
-                    self._let_go(message)
-                    raise
-            except (TimeoutError, Exception):
-                pass
-        self._let_go(message)
+        try:
+            if self.task:
+                with contextlib.suppress(Exception):  # its end, a timeout: never the caller's own cancellation
+                    await cancel_and_wait(self.task, timeout)
+        finally:
+            self._let_go(message)
 
     def _let_go(self, message: str) -> None:
         self.record.set("stopped", message)

@@ -9,11 +9,12 @@ a wedged loop stops the pings and systemd restarts the service.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 
 import structlog
+
+from listenerd.tasks import cancel_and_wait
 
 log = structlog.get_logger("listenerd.systemd")
 
@@ -69,9 +70,7 @@ class Notifier:
 
     async def close(self) -> None:
         if self._watchdog:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            await cancel_and_wait(self._watchdog)
         if self._socket:
             self._socket.close()
             self._socket = None

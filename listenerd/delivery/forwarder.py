@@ -40,6 +40,7 @@ from listenerd.backoff import backoff_delay
 from listenerd.delivery.ids import age
 from listenerd.net import client_tls, describe, kind_of
 from listenerd.outcome import Fail, Retry, http_kind
+from listenerd.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from listenerd.delivery.outbox import Outbox
@@ -136,9 +137,7 @@ class Forwarder:
             except TimeoutError:
                 log.warning("engine flush bound reached; undelivered events stay in the outbox",
                             waiting=self.outbox.depth, bound=flush_timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._acking is not None:  # an accepted batch: record it, or it is sent again next start
             with contextlib.suppress(Exception):
                 await self._acking
